@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to the releases these machines serve from local disk; override on other hosts,
+# e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.fxforge-installed
+
+.PHONY: demo test lint bench graphviz clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The `dot` binary comes from the OS package graphviz; install it when we can (root), otherwise say how.
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null) \
+	      || echo "warning: could not install graphviz; graphs will be written as .dot only"; \
+	  else \
+	    echo "note: 'dot' not found; install the graphviz OS package (e.g. 'sudo apt-get install graphviz') to render SVG/PNG; .dot files are written meanwhile"; \
+	  fi; }
+
+demo: $(STAMP) graphviz
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP) graphviz
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check compiler passes backends viz tests benchmarks examples
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis

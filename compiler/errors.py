@@ -1,0 +1,49 @@
+"""Typed errors. Every message says what went wrong *and* what to do about it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CompileError(Exception):
+    """Base class of every error fxforge raises on purpose."""
+
+
+class ConfigError(CompileError, ValueError):
+    """A bad argument: unknown target or pass, bad pass option, bad pipeline text, model in train mode."""
+
+
+class TraceError(CompileError):
+    """The model could not be captured as a torch.fx graph, even with automatic leaf fallback."""
+
+
+class PassError(CompileError):
+    """A pass failed, or left the graph in a state that does not verify."""
+
+    def __init__(self, message: str, *, pass_name: str, ran_before: list[str]) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.ran_before = ran_before
+
+
+class NumericMismatchError(PassError):
+    """verify="numeric": a pass changed the model's output beyond tolerance."""
+
+
+class BackendUnavailableError(CompileError):
+    """The target exists but this machine cannot run it (no GPU, missing kernel engine)."""
+
+
+class UnsupportedOpError(CompileError):
+    """The graph holds an operation the chosen target cannot run."""
+
+
+class CalibrationError(CompileError):
+    """Calibration data is missing, empty or does not fit the model."""
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""

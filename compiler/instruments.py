@@ -1,0 +1,91 @@
+"""Instruments: hooks that run before and after every pass (timing, dumps, numeric checks).
+
+They observe; they never print. Results go to the report, to files, or raise a typed error.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from .context import PassContext
+from .errors import NumericMismatchError
+from .numerics import max_errors
+from .pass_api import Pass, PassResult
+from .report import PassRecord
+
+
+class Instrument:
+    """Base instrument: override either hook. ``ran_before`` lists the specs of the passes already run."""
+
+    def before_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        pass
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    return len(gm.graph.nodes)
+
+
+class TimingInstrument(Instrument):
+    """Per-pass wall time and node counts, appended to ``ctx.report.passes``."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._nodes_before = 0
+
+    def before_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self._nodes_before = count_nodes(gm)
+        self._start = time.perf_counter()
+
+    def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        seconds = time.perf_counter() - self._start
+        ctx.report.passes.append(
+            PassRecord(p.name, str(p.spec()), seconds, self._nodes_before, count_nodes(result.gm),
+                       result.modified, list(result.notes))
+        )
+
+
+class DumpAfterChange(Instrument):
+    """Write the code and a Graphviz ``.dot`` of the graph after every pass that changed it."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._index = 0
+
+    def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        from fxforge.viz import to_dot  # viz builds on the compiler, not the other way round
+
+        self._index += 1
+        if not result.modified:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = self.directory / f"{self._index:02d}-{p.name}"
+        stem.with_suffix(".py").write_text(result.gm.code)
+        stem.with_suffix(".dot").write_text(to_dot(result.gm, title=f"after {p.spec()}"))
+
+
+class NumericCheck(Instrument):
+    """Re-run the example inputs after every changing pass; fail on the first pass that moves the output."""
+
+    def __init__(self, rtol: float = 1e-4) -> None:
+        self.rtol = rtol
+
+    def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        if not result.modified or ctx.reference_outputs is None:
+            return
+        with torch.inference_mode():
+            actual = result.gm(*ctx.example_inputs)
+        abs_err, rel_err = max_errors(actual, ctx.reference_outputs)
+        if rel_err > self.rtol:
+            raise NumericMismatchError(
+                f"pass '{p.spec()}' changed the model output: max abs error {abs_err:.3g}, relative {rel_err:.3g} "
+                f"(tolerance {self.rtol:g}). Passes before it: {', '.join(ran_before) or 'none'}. "
+                f"Run without it (pipeline=...) and report a bug with the model.",
+                pass_name=p.name, ran_before=ran_before,
+            )

@@ -1,0 +1,36 @@
+"""Per-node state lives in ``node.meta["fxforge"]`` (never as attributes on nodes or graphs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+KEY = "fxforge"
+
+
+def fxmeta(node: fx.Node) -> dict[str, Any]:
+    """The fxforge metadata dict of a node, created on first use."""
+    return node.meta.setdefault(KEY, {})
+
+
+def record_rewrite(new: fx.Node, pass_name: str, *replaced: fx.Node) -> None:
+    """Provenance: ``new`` was written by ``pass_name`` in place of ``replaced`` (for reports and diffs).
+
+    ``new`` computes the value of the last replaced node, so it inherits that node's shape metadata.
+    """
+    origins: list[str] = []
+    for old in replaced:
+        origins.extend(fxmeta(old).get("origins", [old.name]))
+    meta = fxmeta(new)
+    meta["origins"] = list(dict.fromkeys(origins))
+    meta["rewritten_by"] = pass_name
+    if replaced and "tensor_meta" in replaced[-1].meta:
+        new.meta["tensor_meta"] = replaced[-1].meta["tensor_meta"]
+
+
+def tensor_shape(node: fx.Node) -> torch.Size | None:
+    """Shape recorded by shape propagation, or None when unknown / not a tensor."""
+    tm = node.meta.get("tensor_meta")
+    return getattr(tm, "shape", None)

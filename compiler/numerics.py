@@ -1,0 +1,29 @@
+"""Comparing outputs (tensors or nested tuples/lists/dicts of tensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def max_errors(actual: Any, expected: Any) -> tuple[float, float]:
+    """(max absolute error, max absolute error / max |expected|) over all floating-point outputs."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for a, e in zip(_tensors(actual), _tensors(expected), strict=True):
+        if a.shape != e.shape:
+            return float("inf"), float("inf")
+        if not e.is_floating_point():
+            mismatch = float(not torch.equal(a, e))
+            worst_abs, worst_rel = max(worst_abs, mismatch), max(worst_rel, mismatch)
+            continue
+        diff = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
+        scale = e.double().abs().max().item() if e.numel() else 0.0
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale > 0 else diff)
+    return worst_abs, worst_rel

@@ -1,0 +1,62 @@
+"""Targets: a named pipeline plus a check that this machine can run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BackendUnavailableError, ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class Target:
+    """``availability`` returns None when the target can run here, else the reason it cannot."""
+
+    name: str
+    description: str
+    pipeline: str
+    device: str = "cpu"
+    availability: Callable[[], str | None] = lambda: None
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    _TARGETS[target.name] = target
+    return target
+
+
+def all_targets() -> dict[str, Target]:
+    return dict(_TARGETS)
+
+
+def targets() -> list[str]:
+    """Names of the targets usable on this machine."""
+    return [name for name, t in _TARGETS.items() if t.availability() is None]
+
+
+def resolve_target(name: str) -> Target:
+    """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
+    if name not in _TARGETS:
+        raise ConfigError(
+            f"unknown target '{name}'.{suggest(name, _TARGETS)} Valid targets: auto, {', '.join(_TARGETS)}"
+        )
+    target = _TARGETS[name]
+    reason = target.availability()
+    if reason:
+        raise BackendUnavailableError(
+            f"target '{name}' cannot run on this machine: {reason}. Usable here: {', '.join(targets())}"
+        )
+    return target
+
+
+def pipeline_for(target: str) -> str:
+    """The pipeline text of ``target`` (works even where the target cannot run)."""
+    if target not in _TARGETS:
+        raise ConfigError(f"unknown target '{target}'.{suggest(target, _TARGETS)} Valid: {', '.join(_TARGETS)}")
+    return _TARGETS[target].pipeline

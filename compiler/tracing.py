@@ -1,0 +1,143 @@
+"""Tracing a model into a torch.fx GraphModule, forgivingly.
+
+- Non-tensor ``forward`` parameters that have defaults (``return_features=False``) and receive no example
+  input are bound to their defaults, so ``if flag:`` in forward does not break tracing.
+- A submodule whose forward cannot be traced becomes a leaf (an opaque ``call_module``) and tracing is
+  retried; the reasons are returned for the report.
+- Only when the failing code is in the root module's own forward is a ``TraceError`` raised, naming the
+  file and line of the failing statement and the options that can help.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import ConfigError, TraceError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass
+class TraceResult:
+    gm: fx.GraphModule
+    leaf_modules: dict[str, str] = field(default_factory=dict)
+    bound_arguments: dict[str, Any] = field(default_factory=dict)
+
+
+class _FallbackTracer(fx.Tracer):
+    """A tracer that treats chosen module paths as leaves and remembers where tracing failed."""
+
+    def __init__(self, leaf_paths: set[str], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_paths = leaf_paths
+        self.leaf_types = leaf_types
+        self.active: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name in self.leaf_paths
+            or isinstance(m, self.leaf_types)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        path = self.path_of_module(m)
+        self.active.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # innermost module first: the exception unwinds outwards
+                self.failed_in = path
+            raise
+        finally:
+            self.active.pop()
+
+
+def bind_default_arguments(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """forward parameters past the example inputs that have non-tensor defaults -> those defaults."""
+    params = [
+        p for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    positional = [p for p in params if p.kind != p.KEYWORD_ONLY]
+    if n_inputs > len(positional) and not any(
+        p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()
+    ):
+        raise ConfigError(
+            f"example_inputs has {n_inputs} values but {type(model).__name__}.forward takes "
+            f"{len(positional)} positional arguments ({', '.join(p.name for p in positional)})"
+        )
+    bound = {}
+    for p in params[n_inputs:]:
+        if p.default is inspect.Parameter.empty:
+            raise ConfigError(
+                f"{type(model).__name__}.forward needs argument '{p.name}' but example_inputs has only "
+                f"{n_inputs} value(s): pass a tuple with one example per forward argument"
+            )
+        if not isinstance(p.default, torch.Tensor):
+            bound[p.name] = p.default
+    return bound
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line: code' of the innermost traceback frame outside torch itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return "<inside torch>"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    leaf_modules: Sequence[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> TraceResult:
+    """Trace ``model`` (not modified) into a GraphModule whose submodules are the model's own objects."""
+    bound = bind_default_arguments(model, len(example_inputs))
+    bound.update(concrete_args or {})
+    leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    reasons: dict[str, str] = {}
+    while True:
+        tracer = _FallbackTracer(leaf_paths, leaf_types)
+        try:
+            graph = tracer.trace(model, concrete_args=bound or None)
+            break
+        except Exception as exc:
+            path = tracer.failed_in
+            if not path or path in leaf_paths:
+                raise _trace_error(model, exc, reasons) from exc
+            leaf_paths.add(path)
+            reasons[path] = f"{_first_line(exc)} at {_user_frame(exc)}"
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(model.training)  # the intermediate containers GraphModule creates start in training mode
+    return TraceResult(gm, reasons, bound)
+
+
+def _trace_error(model: nn.Module, exc: BaseException, reasons: dict[str, str]) -> TraceError:
+    leaves = f" (already kept as leaves: {', '.join(reasons)})" if reasons else ""
+    return TraceError(
+        f"cannot trace {type(model).__name__}: {_first_line(exc)}\n"
+        f"  at {_user_frame(exc)}\n"
+        f"The failing statement is in the model's own forward{leaves}, so no submodule can be kept as a leaf "
+        f"instead. Options: concrete_args={{'name': value}} to fix a non-tensor argument, "
+        f"leaf_modules=['path.to.submodule'] to keep code opaque, or replace data-dependent Python control "
+        f"flow on tensors with tensor ops (torch.where)."
+    )

@@ -1,0 +1,67 @@
+"""Test helpers: models with non-trivial BatchNorm, relative errors, node queries."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from fxforge.numerics import max_errors
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running stats and affine params: default BN is the identity and hides a wrong fold."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
+    return model
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Re-estimate BatchNorm statistics on ``batches`` (random-init zoo outputs otherwise vanish)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+    model.train()
+    for b in batches:
+        model(b)
+    return model.eval()
+
+
+def rel_error(actual, expected) -> float:
+    return max_errors(actual, expected)[1]
+
+
+def state_snapshot(model: nn.Module) -> dict:
+    """Everything compile must not touch: tensors, training flags and the submodule tree."""
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, snapshot: dict) -> None:
+    after = state_snapshot(model)
+    assert after["training"] == snapshot["training"]
+    assert after["modules"] == snapshot["modules"]
+    assert after["tensors"].keys() == snapshot["tensors"].keys()
+    for k, v in snapshot["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), f"{k} was modified"
+
+
+def module_types(gm: fx.GraphModule) -> list[str]:
+    """Class names of the modules called by the graph, in graph order."""
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def function_targets(gm: fx.GraphModule) -> list[object]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
