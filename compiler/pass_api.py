@@ -88,7 +88,8 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown pass '{name}'.{suggest(name, _REGISTRY)} Known passes: {', '.join(sorted(_REGISTRY))}")
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown pass '{name}'.{suggest(name, _REGISTRY)} Known passes: {known}")
     return _REGISTRY[name]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,9 @@ class TraceResult:
 class _FallbackTracer(fx.Tracer):
     """A tracer that treats chosen module paths as leaves and remembers where tracing failed."""
 
-    def __init__(self, leaf_paths: set[str], leaf_types: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaf_paths = leaf_paths
+    def __init__(self, leaf_paths: set[str] | None = None, leaf_types: tuple[type, ...] = ()) -> None:
+        super().__init__()  # no required arguments: unpickling a GraphModule re-creates its tracer class
+        self.leaf_paths = leaf_paths or set()
         self.leaf_types = leaf_types
         self.active: list[str] = []
         self.failed_in: str | None = None
@@ -126,9 +127,18 @@ def trace(
                 raise _trace_error(model, exc, reasons) from exc
             leaf_paths.add(path)
             reasons[path] = f"{_first_line(exc)} at {_user_frame(exc)}"
+    _default_placeholders_to_bound_values(graph, bound)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)  # the intermediate containers GraphModule creates start in training mode
     return TraceResult(gm, reasons, bound)
+
+
+def _default_placeholders_to_bound_values(graph: fx.Graph, bound: dict[str, Any]) -> None:
+    """fx keeps the signature default on a specialized placeholder; make it the value traced with."""
+    for node in graph.nodes:
+        name = next((k for k in bound if re.fullmatch(rf"{re.escape(k)}(_\d+)?", str(node.target))), None)
+        if node.op == "placeholder" and name is not None:
+            node.args = (bound[name],)
 
 
 def _trace_error(model: nn.Module, exc: BaseException, reasons: dict[str, str]) -> TraceError:

@@ -12,7 +12,8 @@ Left alone, with the reason in the report: a conv/linear whose output has other 
 called more than once (shared weights), anything between the layer and the BN (``conv -> relu -> bn``),
 BN without running statistics, and channel-count mismatches.
 
-Before: ``y = bn(conv(x))``   After: ``y = conv'(x)`` with ``conv'.weight = s * W``, ``conv'.bias = (b - mean) * s + beta``
+Before: ``y = bn(conv(x))``
+After:  ``y = conv'(x)`` with ``conv'.weight = s * W``, ``conv'.bias = (b - mean) * s + beta``
 """
 
 from __future__ import annotations

@@ -26,7 +26,15 @@ from fxforge.context import PassContext
 from fxforge.meta import record_rewrite, tensor_shape
 from fxforge.pass_api import Pass, PassResult, register_pass
 
-from .matching import call_count, calls_module, is_out_of_place_add, is_relu, module_of, replace_submodule, sole_user
+from .matching import (
+    call_count,
+    calls_module,
+    is_out_of_place_add,
+    is_relu,
+    module_of,
+    replace_submodule,
+    sole_user,
+)
 
 POST_OPS = ("add+relu", "add", "relu")
 

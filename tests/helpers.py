@@ -65,3 +65,12 @@ def module_types(gm: fx.GraphModule) -> list[str]:
 
 def function_targets(gm: fx.GraphModule) -> list[object]:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def run_pipeline(model: nn.Module, text: str, *inputs: torch.Tensor):
+    """Compile ``model`` with exactly the pipeline ``text``; returns (compiled, eager output, compiled output)."""
+    import fxforge
+
+    compiled = fxforge.compile(model, "cpu", example_inputs=inputs, pipeline=text)
+    with torch.inference_mode():
+        return compiled, model(*inputs), compiled(*inputs)

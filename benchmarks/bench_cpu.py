@@ -1,0 +1,394 @@
+"""CPU fp32 inference benchmark: fxforge against its peers, side by side in one process on the same inputs.
+
+Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` (channels_last),
+``jit`` (torch.jit.script + freeze + optimize_for_inference; torch.jit.trace when script fails),
+``ort`` (onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL), ``inductor`` (torch.compile with
+``torch._inductor.config.freezing = True``) and ``fxforge`` (``fxforge.compile(model, "cpu", ...)``).
+
+Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
+re-estimated on random batches, so outputs do not vanish and relative errors mean something. Every peer is
+built per (model, batch size), warmed up, then timed ``--repeats`` times under ``torch.inference_mode``;
+the tables report the median latency, fxforge's speed-up (peer_ms / fxforge_ms, >1 means fxforge is faster),
+the max relative error against eager fp32 (max|a-b| / max|b|) and the build time. A peer that fails is
+recorded as ``failed: <reason>`` and the run goes on.
+
+Run it (``make bench`` does the first):
+    .venv/bin/python benchmarks/bench_cpu.py
+    .venv/bin/python benchmarks/bench_cpu.py --models resnet18 --batch-sizes 1 --peers eager,fxforge
+Results are printed and written to ``benchmarks/RESULTS.md`` (``--out``) between the ``bench:begin`` /
+``bench:end`` markers; text outside the markers (notes) is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import io
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+import fxforge
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+Builder = Callable[[nn.Module, torch.Tensor], Runner]
+
+DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0"
+DEFAULT_REPEATS = {1: 20, 32: 5}  # per batch size; other sizes use the bs32 count
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+# ---------------------------------------------------------------------------------------------- models
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Re-estimate BatchNorm statistics on ``batches`` (random-init zoo outputs otherwise vanish)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+    model.train()
+    for b in batches:
+        model(b)
+    return model.eval()
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None)
+    batches = [torch.randn(8, 3, 224, 224) for _ in range(2)]
+    return reestimate_bn(model, batches)
+
+
+# ---------------------------------------------------------------------------------------------- peers
+def build_eager(model: nn.Module, x: torch.Tensor) -> Runner:
+    return model
+
+
+def build_eager_cl(model: nn.Module, x: torch.Tensor) -> Runner:
+    cl = torch.channels_last
+    model_cl = model.to(memory_format=cl)  # in place; bench_model hands every peer its own copy
+    return lambda inp: model_cl(inp.contiguous(memory_format=cl))
+
+
+def build_jit(model: nn.Module, x: torch.Tensor) -> Runner:
+    try:
+        scripted = torch.jit.script(model)
+    except Exception:  # torchvision models with untyped Python constructs: trace instead
+        scripted = torch.jit.trace(model, x, check_trace=False)
+    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(scripted.eval()))
+    return frozen
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor) -> bytes:
+    """ONNX bytes: the legacy TorchScript exporter first (more robust), then the dynamo one."""
+    errors = []
+    for dynamo in (False, True):
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (x,), buf, dynamo=dynamo, input_names=["x"], output_names=["y"])
+            return buf.getvalue()
+        except Exception as exc:  # try the other exporter, report both if neither works
+            errors.append(f"dynamo={dynamo}: {short(exc)}")
+    raise RuntimeError("onnx export failed: " + "; ".join(errors))
+
+
+def build_ort(model: nn.Module, x: torch.Tensor) -> Runner:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(_export_onnx(model, x), opts, providers=["CPUExecutionProvider"])
+    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+
+
+def build_inductor(model: nn.Module, x: torch.Tensor) -> Runner:
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # a fresh cache per (model, bs): no recompile limits, honest compile time
+    torch._inductor.config.freezing = True
+    compiled = torch.compile(model, backend="inductor", mode="default")
+    compiled(x)  # compilation happens on the first call; count it as setup
+    return compiled
+
+
+def build_fxforge(model: nn.Module, x: torch.Tensor) -> Runner:
+    return fxforge.compile(model, "cpu", example_inputs=x)
+
+
+PEERS: dict[str, Builder] = {
+    "eager": build_eager,
+    "eager_cl": build_eager_cl,
+    "jit": build_jit,
+    "ort": build_ort,
+    "inductor": build_inductor,
+    "fxforge": build_fxforge,
+}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+@dataclass
+class Cell:
+    """One peer on one (model, batch size): median ms and spread, max rel. error vs eager, build seconds."""
+
+    ms: float | None = None
+    rel_err: float | None = None
+    setup_s: float | None = None
+    spread: float | None = None  # interquartile range / median of the timed calls
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    model: str
+    batch_size: int
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+def short(exc: BaseException, limit: int = 80) -> str:
+    """A one-line reason: exception type and the first line of its message, truncated."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.double().abs().max().item()
+    diff = (actual.double() - expected.double()).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def build_peer(builder: Builder, model: nn.Module, x: torch.Tensor,
+               ref: torch.Tensor) -> tuple[Runner | None, Cell]:
+    """Build one peer and check it against ``ref``; a failure gives ``(None, Cell(error=...))``."""
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = builder(model, x)
+        setup_s = time.perf_counter() - start
+        return run, Cell(rel_err=rel_error(run(x), ref), setup_s=setup_s)
+    except Exception as exc:  # one peer failing must not stop the others
+        return None, Cell(error=short(exc))
+
+
+def time_once(run: Runner, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    run(x)
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_interleaved(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeats: int,
+                     bar: tqdm) -> dict[str, list[float]]:
+    """Per-peer call times (ms), measured in rounds of one call per peer so that load from other processes
+    hits every peer alike; the order rotates each round. A peer that raises drops out (empty list)."""
+    names, times = list(runners), {name: [] for name in runners}
+    failed: set[str] = set()
+    for i in range(warmup + repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            if name in failed:
+                continue
+            try:
+                ms = time_once(runners[name], x)
+            except Exception:  # e.g. a recompile that fails late; report the peer as failed
+                failed.add(name)
+                times[name] = []
+                continue
+            if i >= warmup:
+                times[name].append(ms)
+        bar.update()
+    return times
+
+
+def summarize(cell: Cell, times: list[float]) -> None:
+    """Median and interquartile spread (relative to the median) into ``cell``."""
+    if not times:
+        cell.error = cell.error or "raised while timing"
+        return
+    cell.ms = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    cell.spread = (q[2] - q[0]) / cell.ms
+
+
+def repeats_for(batch_size: int, override: int | None) -> int:
+    if override is not None:
+        return override
+    return DEFAULT_REPEATS.get(batch_size, DEFAULT_REPEATS[32])
+
+
+def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], warmup: int, repeats: int,
+              bar: tqdm) -> Row:
+    x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
+    row, runners = Row(name, bs), {}
+    with torch.inference_mode():
+        ref = base(x)
+    for peer in peers:
+        bar.set_postfix_str(f"{name} bs{bs} build {peer}")
+        model = copy.deepcopy(base)  # a fresh copy per peer: some builders convert the model in place
+        with torch.inference_mode():
+            run, row.cells[peer] = build_peer(PEERS[peer], model, x, ref)
+        if run is not None:
+            runners[peer] = run
+        bar.update()
+    bar.set_postfix_str(f"{name} bs{bs} timing")
+    with torch.inference_mode():
+        times = time_interleaved(runners, x, warmup, repeats, bar)
+    for peer, peer_times in times.items():
+        summarize(row.cells[peer], peer_times)
+    return row
+
+
+def bench_model(name: str, batch_sizes: list[int], peers: list[str], repeats: int | None,
+                warmup: int, bar: tqdm) -> list[Row]:
+    base = make_model(name)  # outside inference_mode: its parameters must stay normal tensors
+    return [bench_row(base, name, bs, peers, warmup, repeats_for(bs, repeats), bar) for bs in batch_sizes]
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> list[str]:
+    import onnxruntime as ort
+
+    return [
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, "
+        f"ISA: {torch.backends.cpu.get_cpu_capability()}, {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime {ort.__version__}, "
+        f"fxforge {fxforge.__version__}, Python {platform.python_version()}",
+        f"- threads: {torch.get_num_threads()} (torch intra-op; ORT intra_op_num_threads the same)",
+        f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
+    ]
+
+
+def fmt_cell(cell: Cell, value: str) -> str:
+    return f"failed: {cell.error}" if cell.error else value
+
+
+def table(rows: list[Row], columns: list[str], value: Callable[[Row, str], str]) -> list[str]:
+    lines = ["| model | bs | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.batch_size} | " + " | ".join(value(r, c) for c in columns) + " |")
+    return lines
+
+
+def speedup(row: Row, peer: str) -> float | None:
+    mine, theirs = row.cells.get("fxforge"), row.cells.get(peer)
+    if not mine or not theirs or mine.ms is None or theirs.ms is None:
+        return None
+    return theirs.ms / mine.ms
+
+
+def speedup_lines(rows: list[Row], peers: list[str]) -> list[str]:
+    others = [p for p in peers if p != "fxforge"]
+    if "fxforge" not in peers or not others:
+        return []
+
+    def value(row: Row, peer: str) -> str:
+        s = speedup(row, peer)
+        return "n/a" if s is None else f"{s:.2f}x"
+
+    lines = table(rows, others, value)
+    geo = []
+    for peer in others:
+        ratios = [s for r in rows if (s := speedup(r, peer)) is not None]
+        geo.append(f"{math.exp(statistics.fmean(map(math.log, ratios))):.2f}x" if ratios else "n/a")
+    return [*lines, "| **geomean** | | " + " | ".join(geo) + " |"]
+
+
+def render(rows: list[Row], peers: list[str], info: list[str]) -> str:
+    def cell(fmt: Callable[[Cell], str]) -> Callable[[Row, str], str]:
+        return lambda row, peer: fmt_cell(row.cells[peer], fmt(row.cells[peer]))
+
+    sections = [
+        ("Median latency (ms, lower is better; ± is the interquartile range / median of the timed calls)",
+         table(rows, peers, cell(lambda c: f"{c.ms:.2f} ±{c.spread:.0%}"))),
+        ("fxforge speed-up (peer ms / fxforge ms; >1 means fxforge is faster)", speedup_lines(rows, peers)),
+        ("Max relative error vs eager fp32 (max|a-b| / max|b|)",
+         table(rows, peers, cell(lambda c: f"{c.rel_err:.1e}"))),
+        ("Build / compile time (s, including export and first call where that compiles)",
+         table(rows, peers, cell(lambda c: f"{c.setup_s:.1f}"))),
+    ]
+    parts = [*info, ""]
+    for title, lines in sections:
+        if lines:
+            parts += [f"### {title}", "", *lines, ""]
+    return "\n".join(parts)
+
+
+def write_results(path: Path, body: str) -> None:
+    """Replace the text between the markers in ``path`` (create it with a header if needed)."""
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        header = "# fxforge CPU benchmark results\n\nWritten by `benchmarks/bench_cpu.py`.\n\n"
+        text = header + block + "\n" + text
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per peer (default {DEFAULT_REPEATS}, by batch size)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = p.parse_args(argv)
+    unknown = set(args.peers.split(",")) - set(PEERS)
+    if unknown:
+        p.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models, peers = args.models.split(","), list(dict.fromkeys(args.peers.split(",")))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    steps = sum(len(peers) + args.warmup + repeats_for(bs, args.repeats) for bs in batch_sizes)
+    rows: list[Row] = []
+    with tqdm(total=len(models) * steps, file=sys.stderr) as bar:
+        for name in models:
+            rows += bench_model(name, batch_sizes, peers, args.repeats, args.warmup, bar)
+    body = render(rows, peers, machine_info())
+    print(body)
+    write_results(args.out, body)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+import copy
+import io
+
+import torch
+from torch import nn
+
+import fxforge
+from helpers import module_types, randomize_bn, rel_error
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = self.pw(torch.relu(self.dw(y))) + y
+        feat = y  # a 4-D output: must come back in eager's (contiguous) layout
+        seq = self.conv1d(y.flatten(2))  # stays eager: only Conv2d is lowered
+        z = torch.relu(self.head(seq.mean(2)))
+        return self.out(z), feat
+
+
+def _compile(batch=2):
+    model = randomize_bn(ConvNet()).eval()
+    x = torch.randn(batch, 3, 15, 15)
+    return model, x, fxforge.compile(model, "cpu", example_inputs=x)
+
+
+def test_lowering_replaces_fused_convs_and_linear_relu():
+    _, _, compiled = _compile()
+    types = module_types(compiled.graph_module)
+    assert types.count("OneDnnConv2d") == 3
+    assert types.count("OneDnnLinear") == 1  # head (linear+relu); `out` stays on eager sgemm
+    assert "Conv1d" in types and "Linear" in types
+    assert "lowered 3 conv(s) and 1 linear(s)" in str(compiled.report)
+
+
+def test_lowered_model_matches_eager_and_keeps_output_layout():
+    model, x, compiled = _compile()
+    logits, feat = compiled(x)
+    ref_logits, ref_feat = model(x)
+    assert rel_error((logits, feat), (ref_logits, ref_feat)) <= 1e-5
+    assert feat.is_contiguous()
+
+
+def test_other_batch_sizes_and_channels_last_inputs():
+    model, _, compiled = _compile(batch=2)
+    for x in (torch.randn(1, 3, 15, 15), torch.randn(5, 3, 15, 15).contiguous(memory_format=torch.channels_last)):
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+def test_compiled_module_survives_deepcopy_and_torch_save():
+    model, x, compiled = _compile()
+    clone = copy.deepcopy(compiled)
+    buf = io.BytesIO()
+    torch.save(compiled, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (clone, loaded):
+        assert rel_error(m(x), model(x)) <= 1e-5
+
+
+def test_cpu_pipeline_is_the_documented_text():
+    text = fxforge.pipeline_for("cpu")
+    assert text.split(",")[-1] == "lower-cpu" and "fold-bn" in text and "fuse-conv" in text

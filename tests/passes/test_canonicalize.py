@@ -1,0 +1,129 @@
+"""remove-noops, normalize-inplace, normalize-relu, dce: each must fire where it should and nowhere else."""
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import function_targets, module_types, rel_error, run_pipeline
+
+
+class Noops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop, self.ident, self.fc = nn.Dropout(0.3), nn.Identity(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.ident(self.drop(self.fc(x)))
+        return F.dropout(y, 0.5, training=self.training)
+
+
+def test_remove_noops_removes_dropout_and_identity():
+    compiled, expected, actual = run_pipeline(Noops().eval(), "remove-noops", torch.randn(2, 4))
+    assert module_types(compiled.graph_module) == ["Linear"]
+    assert F.dropout not in function_targets(compiled.graph_module)
+    assert torch.equal(actual, expected)
+
+
+class TrainingDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5)  # training=True by default: not a no-op even in eval mode
+
+
+def test_remove_noops_keeps_functional_dropout_that_is_training():
+    compiled, _, _ = run_pipeline(TrainingDropout().eval(), "remove-noops", torch.randn(2, 4))
+    assert F.dropout in function_targets(compiled.graph_module)
+    assert compiled.report.passes[0].modified is False
+
+
+class Relus(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.relu = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        a = self.relu(self.fc(x))
+        b = F.relu(a - 1)
+        return torch.relu(b * 2) + (b + 3).relu()
+
+
+def test_normalize_relu_unifies_spellings():
+    compiled, expected, actual = run_pipeline(Relus().eval(), "normalize-relu", torch.randn(2, 4))
+    targets = function_targets(compiled.graph_module)
+    assert targets.count(torch.relu) == 4 and F.relu not in targets
+    assert module_types(compiled.graph_module) == ["Linear"]
+    assert [n for n in compiled.graph_module.graph.nodes if n.op == "call_method"] == []
+    assert torch.equal(actual, expected)
+
+
+class SafeInplace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.relu(y)
+
+
+class UnsafeInplace(nn.Module):
+    """relu_ mutates a value that is read again afterwards, and add_ mutates the user's input.
+
+    (``x += 1`` would not do: torch.fx traces ``+=`` on a tensor as an out-of-place add.)
+    """
+
+    def forward(self, x):
+        y = x * 2
+        z = torch.relu_(y)
+        x.add_(1)
+        return z + y + x
+
+
+def test_normalize_inplace_fires_on_fresh_single_use_values():
+    compiled, expected, actual = run_pipeline(SafeInplace().eval(), "normalize-inplace", torch.randn(1, 3, 4, 4))
+    targets = function_targets(compiled.graph_module)
+    assert operator.add in targets and torch.relu in targets and torch.relu_ not in targets
+    assert torch.allclose(actual, expected)
+
+
+def test_normalize_inplace_keeps_observable_mutations():
+    x = torch.randn(1, 3)
+    compiled = run_pipeline(UnsafeInplace().eval(), "normalize-inplace", x.clone())[0]
+    targets = function_targets(compiled.graph_module)
+    assert torch.relu_ in targets
+    assert [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_method"] == ["add_"]
+    a, b = x.clone(), x.clone()
+    with torch.inference_mode():
+        assert torch.equal(compiled(a), UnsafeInplace()(b))
+    assert torch.equal(a, b)  # the input was mutated the same way
+
+
+class Dead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, buf):
+        self.fc(x) * 2  # dead: its result is never used
+        buf.add_(1)  # dead result, live side effect
+        return x + 1
+
+
+def test_dce_removes_dead_nodes_and_keeps_side_effects():
+    x, buf = torch.randn(2, 3), torch.zeros(3)
+    compiled = run_pipeline(Dead().eval(), "dce", x, buf.clone())[0]
+    gm = compiled.graph_module
+    assert module_types(gm) == [] and operator.mul not in function_targets(gm)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["add_"]
+    with torch.inference_mode():
+        compiled(x, buf)
+    assert torch.equal(buf, torch.ones(3))
+    assert compiled.report.passes[0].modified
+
+
+def test_dce_does_not_fire_on_live_graph():
+    compiled, expected, actual = run_pipeline(Relus().eval(), "dce", torch.randn(2, 4))
+    assert compiled.report.passes[0].modified is False
+    assert rel_error(actual, expected) == 0
