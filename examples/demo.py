@@ -18,14 +18,21 @@ from tqdm import tqdm
 import fxforge
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def median_ms(fn, x: torch.Tensor, repeats: int, label: str) -> float:
     for _ in range(5):
         fn(x)
     times = []
     for _ in tqdm(range(repeats), desc=f"timing {label}", leave=False):
+        _sync(x)
         start = time.perf_counter()
         fn(x)
+        _sync(x)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -48,6 +55,8 @@ def main() -> None:
     x = torch.randn(1, 3, 224, 224)
     print(f"targets usable here: {', '.join(fxforge.targets())}")
     compiled = fxforge.compile(model, "auto", example_inputs=x)
+    device = "cuda" if compiled.target.startswith("cuda") else "cpu"
+    model, x = model.to(device), x.to(device)  # eager runs where the compiled model runs
     eager = median_ms(model, x, 30, "eager")
     fast = median_ms(compiled, x, 30, "fxforge")
     with torch.inference_mode():
