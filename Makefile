@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
 
-.PHONY: demo test lint bench graphviz clean
+.PHONY: demo test lint bench graphviz clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis
+
+# Wheelhouse for benchmarks/gpu_check.sh on the GPU machine (Python 3.12, no network there).
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	$(BIN)/pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 pytest hypothesis networkx graphviz tqdm
+	$(BIN)/pip wheel -q --no-deps -w .gpu-wheels .
