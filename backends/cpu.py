@@ -1,8 +1,9 @@
 """The "cpu" backend: fp32 on oneDNN kernels with weights prepacked once and fused post-ops.
 
 lower-cpu rewrites:
-    FusedConv[Conv2d, relu|add|add+relu] / Conv2d  =>  OneDnnConv2d   (mkldnn._convolution_pointwise[.binary])
-    FusedLinear[relu]                               =>  OneDnnLinear   (mkldnn._linear_pointwise)
+    FusedConv[Conv2d, add? act?] / Conv2d  =>  OneDnnConv2d   (mkldnn._convolution_pointwise[.binary])
+    FusedLinear[act]                        =>  OneDnnLinear   (mkldnn._linear_pointwise)
+    (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order.
 Layout: the oneDNN convs run channels-last (measured fastest here); each converts its input once if needed
@@ -26,6 +27,9 @@ from fxforge.targets import Target, register_target
 
 _mkldnn = torch.ops.mkldnn
 _CHANNELS_LAST = torch.channels_last
+# fused activation -> oneDNN unary post-op (attr, scalars)
+_UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+          "hardswish": ("hardswish", []), "silu": ("swish", [])}
 
 
 class _Prepacked(nn.Module):
@@ -51,14 +55,15 @@ class _Prepacked(nn.Module):
 class OneDnnConv2d(_Prepacked):
     """Conv2d (+ add) (+ relu) on oneDNN with a weight prepacked for the example input size."""
 
-    def __init__(self, conv: nn.Conv2d, post_ops: str = "", input_size: list[int] | None = None) -> None:
+    def __init__(self, conv: nn.Conv2d, add: bool = False, activation: str = "",
+                 input_size: list[int] | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        self.binary = "add" in post_ops
-        self.unary = "relu" if post_ops.endswith("relu") else "none"
+        self.binary, self.activation = add, activation
+        self.unary, self.unary_scalars = _UNARY[activation]
         self.input_size = input_size
         self._pack()
 
@@ -71,43 +76,45 @@ class OneDnnConv2d(_Prepacked):
         if self.binary:
             return _mkldnn._convolution_pointwise.binary(
                 x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "add", None, None if self.unary == "none" else self.unary, [], "")
+                "add", None, None if self.unary == "none" else self.unary, self.unary_scalars, "")
         return _mkldnn._convolution_pointwise(
             x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            self.unary, [], "")
+            self.unary, self.unary_scalars, "")
 
     def extra_repr(self) -> str:
-        post = "+".join(p for p, on in (("add", self.binary), (self.unary, self.unary != "none")) if on)
-        return f"{list(self.weight.shape)}, stride={self.stride}, groups={self.groups}, post_ops={post or 'none'!r}"
+        post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
+        return f"{list(self.weight.shape)}, stride={self.stride}, groups={self.groups}, post_ops={post!r}"
 
 
 class OneDnnLinear(_Prepacked):
-    """Linear + relu on oneDNN with a prepacked weight."""
+    """Linear + activation on oneDNN with a prepacked weight."""
 
-    def __init__(self, linear: nn.Linear, batch_size: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, activation: str = "relu", batch_size: int | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", linear.weight.detach().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.batch_size = batch_size
+        self.activation, self.batch_size = activation, batch_size
+        self.unary, self.unary_scalars = _UNARY[activation]
         self._pack()
 
     def _pack(self) -> None:
         self.packed_weight = _mkldnn._reorder_linear_weight(self.weight, self.batch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "relu", [], "")
+        return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars, "")
 
 
 def _conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The oneDNN module replacing ``node``, or None when it is not a lowerable fp32 Conv2d."""
     mod = module_of(gm, node)
-    conv, post_ops = (mod.conv, mod.post_ops) if isinstance(mod, FusedConv) else (mod, "")
+    fused = isinstance(mod, FusedConv)
+    conv, add, activation = (mod.conv, mod.add, mod.activation) if fused else (mod, False, "")
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     shape = tensor_shape(node.args[0])
     if conv.weight.dtype != torch.float32 or shape is None or len(shape) != 4:
         return None
-    return OneDnnConv2d(conv, post_ops, list(shape))
+    return OneDnnConv2d(conv, add, activation, list(shape))
 
 
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -115,7 +122,7 @@ def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if not isinstance(mod, FusedLinear) or mod.linear.weight.dtype != torch.float32:
         return None
     shape = tensor_shape(node.args[0])
-    return OneDnnLinear(mod.linear, shape[0] if shape is not None and len(shape) == 2 else None)
+    return OneDnnLinear(mod.linear, mod.activation, shape[0] if shape is not None and len(shape) == 2 else None)
 
 
 def _restore_output_layout(gm: fx.GraphModule) -> None:

@@ -37,6 +37,42 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+# Activations that fusion passes absorb: name -> the eager function (the fused modules' reference semantics).
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "silu": F.silu,
+}
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
+_ACTIVATION_FUNCTIONS = {F.relu6: "relu6", F.hardswish: "hardswish", F.silu: "silu"}  # relu: is_relu
+
+
+def _is_relu6_hardtanh(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """nn.Hardtanh(0, 6) / F.hardtanh(x, 0, 6): relu6 under another name."""
+    mod = module_of(gm, node)
+    if isinstance(mod, nn.Hardtanh):
+        return (mod.min_val, mod.max_val) == (0.0, 6.0)
+    if node.op == "call_function" and node.target is F.hardtanh:
+        bounds = (*node.args[1:3], node.kwargs.get("min_val"), node.kwargs.get("max_val"))
+        return [b for b in bounds if b is not None] == [0.0, 6.0]
+    return False
+
+
+def activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The ACTIVATIONS name ``node`` computes (any spelling, in-place or not), else None."""
+    if is_relu(gm, node):
+        return "relu"
+    if _is_relu6_hardtanh(gm, node):
+        return "relu6"
+    mod = module_of(gm, node)
+    if mod is not None:
+        return _ACTIVATION_MODULES.get(type(mod))
+    if node.op == "call_function" and len(node.args) == 1:
+        return _ACTIVATION_FUNCTIONS.get(node.target)
+    return None
+
+
 def is_out_of_place_add(node: fx.Node) -> bool:
     """``a + b`` with two tensor operands and no alpha (operator.add, torch.add, Tensor.add)."""
     fn_add = node.op == "call_function" and node.target in (operator.add, torch.add)

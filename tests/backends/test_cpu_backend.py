@@ -70,3 +70,29 @@ def test_compiled_module_survives_deepcopy_and_torch_save():
 def test_cpu_pipeline_is_the_documented_text():
     text = fxforge.pipeline_for("cpu")
     assert text.split(",")[-1] == "lower-cpu" and "fold-bn" in text and "fuse-conv" in text
+
+
+class Activations(nn.Module):
+    """Every fused activation, through the whole cpu pipeline."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1)
+        self.act1, self.act2, self.act3 = nn.ReLU6(inplace=True), nn.Hardswish(), nn.SiLU()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.act3(self.c3(self.act2(self.c2(self.act1(self.c1(x))))))
+        return nn.functional.hardswish(self.fc(y.mean((2, 3))))
+
+
+def test_fused_activations_lower_to_onednn_post_ops():
+    model = Activations().eval()
+    x = torch.randn(2, 3, 12, 12) * 4  # large enough to hit relu6's upper clamp
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    gm = compiled.graph_module
+    lowered = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert {k: m.activation for k, m in lowered.items()} == {
+        "c1": "relu6", "c2": "hardswish", "c3": "silu", "fc": "hardswish"}
+    assert all(type(m).__name__.startswith("OneDnn") for m in lowered.values())
+    assert rel_error(compiled(x), model(x)) <= 1e-5

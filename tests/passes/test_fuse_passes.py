@@ -119,3 +119,72 @@ def test_linear_relu_fuses_and_last_linear_does_not():
     compiled, expected, actual = run_pipeline(MLP().eval(), PIPELINE, torch.randn(4, 6))
     assert {k: type(m).__name__ for k, m in _fused(compiled.graph_module).items()} == {"fc1": "FusedLinear"}
     assert rel_error(actual, expected) <= 1e-6
+
+
+class ConvAct(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3), act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_activation_spellings_fuse_into_conv():
+    cases = {
+        "relu6": nn.ReLU6(inplace=True),
+        "hardswish": nn.Hardswish(),
+        "silu": nn.SiLU(inplace=True),
+    }
+    for expected_ops, act in cases.items():
+        compiled, expected, actual = run_pipeline(ConvAct(act).eval(), "fold-bn,fuse-conv", torch.randn(1, 3, 6, 6))
+        assert [m.post_ops for m in _fused(compiled.graph_module).values()] == [expected_ops]
+        assert rel_error(actual, expected) <= 1e-6
+
+
+class ConvHardtanh(nn.Module):
+    def __init__(self, lo, hi):
+        super().__init__()
+        self.conv, self.lo, self.hi = nn.Conv2d(3, 4, 3), lo, hi
+
+    def forward(self, x):
+        return F.hardtanh(self.conv(x), self.lo, self.hi)
+
+
+def test_hardtanh_fuses_only_as_relu6():
+    x = torch.randn(1, 3, 5, 5)
+    fused_06 = _fused(run_pipeline(ConvHardtanh(0.0, 6.0).eval(), "fold-bn,fuse-conv", x)[0].graph_module)
+    assert [m.post_ops for m in fused_06.values()] == ["relu6"]
+    compiled, expected, actual = run_pipeline(ConvHardtanh(-1.0, 1.0).eval(), "fold-bn,fuse-conv", x)
+    assert _fused(compiled.graph_module) == {}
+    assert rel_error(actual, expected) <= 1e-6
+
+
+class ConvAddRelu6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return F.relu6(self.conv(x) + x)
+
+
+def test_only_relu_follows_an_add_in_one_fused_op():
+    compiled, expected, actual = run_pipeline(ConvAddRelu6().eval(), "fold-bn,fuse-conv", torch.randn(1, 3, 4, 4))
+    assert [m.post_ops for m in _fused(compiled.graph_module).values()] == ["add"]
+    assert F.relu6 in [n.target for n in compiled.graph_module.graph.nodes]
+    assert rel_error(actual, expected) <= 1e-6
+
+
+def test_linear_silu_fuses():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.silu(self.fc(x))
+
+    compiled, expected, actual = run_pipeline(M().eval(), "fold-bn,fuse-linear", torch.randn(2, 4))
+    assert [m.post_ops for m in _fused(compiled.graph_module).values()] == ["silu"]
+    assert rel_error(actual, expected) <= 1e-6
