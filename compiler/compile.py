@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .context import PassContext
+from .context import PassContext, clone_inputs
 from .errors import ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
@@ -96,7 +96,7 @@ def compile(  # noqa: A001 - the public name users expect
                            bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
                            trace_seconds=time.perf_counter() - start)
     with torch.inference_mode():
-        reference = traced.gm(*inputs)
+        reference = traced.gm(*clone_inputs(inputs))
     ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, reference_outputs=reference)
     ctx.shapes(traced.gm)
 
@@ -108,6 +108,6 @@ def compile(  # noqa: A001 - the public name users expect
     gm = manager.run(traced.gm, ctx)
 
     with torch.inference_mode():
-        report.max_abs_error, report.max_rel_error = max_errors(gm(*inputs), reference)
+        report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), reference)
     report.compile_seconds = time.perf_counter() - start
     return CompiledModule(gm, tgt.name, manager.pipeline, report)

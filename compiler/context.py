@@ -12,6 +12,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .report import CompileReport
 
 
+def clone_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
 @dataclass
 class PassContext:
     """Shared state of one compile. Passes record notes through ``note`` and read shapes through ``shapes``."""
@@ -33,6 +37,10 @@ class PassContext:
         notes, self._notes = self._notes, []
         return notes
 
+    def fresh_inputs(self) -> tuple[Any, ...]:
+        """Copies of the example inputs: running the model must not change the caller's tensors."""
+        return clone_inputs(self.example_inputs)
+
     def graph_changed(self) -> None:
         self._shapes_fresh = False
 
@@ -40,6 +48,6 @@ class PassContext:
         """Make sure every node's ``meta["tensor_meta"]`` matches the current graph (re-propagates if stale)."""
         if not self._shapes_fresh:
             with torch.no_grad():
-                ShapeProp(gm).propagate(*self.example_inputs)
+                ShapeProp(gm).propagate(*self.fresh_inputs())
             self._shapes_fresh = True
         return gm

@@ -2,6 +2,8 @@
 
 - Non-tensor ``forward`` parameters that have defaults (``return_features=False``) and receive no example
   input are bound to their defaults, so ``if flag:`` in forward does not break tracing.
+- ``a += b`` on a tensor is recorded as the in-place ``operator.iadd`` it is (plain torch.fx records an
+  out-of-place add, losing the mutation); ``normalize-inplace`` later drops the mutation where nobody sees it.
 - A submodule whose forward cannot be traced becomes a leaf (an opaque ``call_module``) and tracing is
   retried; the reasons are returned for the report.
 - Only when the failing code is in the root module's own forward is a ``TraceError`` raised, naming the
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 import traceback
@@ -33,6 +36,26 @@ class TraceResult:
     bound_arguments: dict[str, Any] = field(default_factory=dict)
 
 
+class _InPlaceProxy(fx.Proxy):
+    """A Proxy that records ``a += b`` as ``operator.iadd``.
+
+    torch.fx's Proxy has no ``__iadd__``, so Python falls back to ``a = a + b`` and the mutation is lost:
+    other names for ``a`` (and a caller's input tensor) would no longer see it.
+    """
+
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
 class _FallbackTracer(fx.Tracer):
     """A tracer that treats chosen module paths as leaves and remembers where tracing failed."""
 
@@ -42,6 +65,9 @@ class _FallbackTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.active: list[str] = []
         self.failed_in: str | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (

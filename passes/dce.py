@@ -5,44 +5,23 @@ Why correct: a pure node's only effect is its result; with no users it cannot af
 Kept even when unused: in-place ops (``x.add_(1)``, ``torch.relu_``, ``operator.iadd``, ``nn.ReLU(inplace=True)``,
 ``F.relu(x, inplace=True)``) because they mutate a tensor someone else reads, and anything torch.fx
 itself marks impure (asserts, RNG state, profiler ranges). Placeholders and the output are never removed.
-Preconditions: none.
+Preconditions: none. Removing a dead user can make a BatchNorm foldable that was not, so it invalidates
+``bn-folded``; the target pipelines run it before fold-bn.
 
 Before: ``a = conv(x); b = relu(x); return a``   After: ``a = conv(x); return a``
 """
 
 from __future__ import annotations
 
-import operator
-
 from torch import fx
 
 from fxforge.context import PassContext
 from fxforge.pass_api import graph_pass
 
-from .matching import module_of
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+from .matching import has_side_effects
 
 
-def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when removing ``node`` could change what the program does, even with no users."""
-    if node.op in ("placeholder", "output") or node.is_impure():
-        return True
-    if node.kwargs.get("inplace", False):
-        return True
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-    if node.op == "call_module":
-        return bool(getattr(module_of(gm, node), "inplace", False))
-    return False
-
-
-@graph_pass(name="dce")
+@graph_pass(name="dce", invalidates=("bn-folded",))
 def dce(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Dead code elimination that keeps side effects."""
     removed = 0

@@ -9,8 +9,9 @@ Why correct: the fused module runs exactly the original ops in the original orde
 the reference semantics); backends then lower it to one fused kernel (oneDNN post-ops on "cpu").
 Only intermediate values with a single user are absorbed, so no other node needed them (and an in-place
 activation on such a value mutates nothing anyone else reads); ``other`` must have the conv output's shape
-(no broadcasting), which is what the fused kernels accept. After an add only relu is fused: that is the
-binary+unary chain the kernels implement.
+(no broadcasting), which is what the fused kernels accept. The fused call runs where the last absorbed
+op ran, so nothing fuses across an op with side effects (an in-place op could change the conv's input).
+After an add only relu is fused: that is the binary+unary chain the kernels implement.
 Preconditions: BN folded first (``bn-folded``), otherwise ``conv -> bn -> relu`` has nothing to fuse;
 in-place adds normalized to ``operator.add`` by ``normalize-inplace``.
 
@@ -36,6 +37,7 @@ from .matching import (
     calls_module,
     is_out_of_place_add,
     module_of,
+    mutation_between,
     replace_submodule,
     sole_user,
 )
@@ -160,6 +162,8 @@ def _fuse_conv(gm: fx.GraphModule, conv: fx.Node, allowed: frozenset[str], pass_
     if added is None and act is None:
         return None
     chain = [n for n in (added and added[0], act and act[0]) if n is not None]
+    if mutation_between(conv, chain[-1], gm):  # the fused call runs at chain[-1]: inputs must not change first
+        return None
     args = (conv.args[0], added[1]) if added else (conv.args[0],)
     fused = FusedConv(module_of(gm, conv), add=added is not None, activation=act[1] if act else "")
     _replace_chain(gm, conv, chain, fused, args, pass_name)
@@ -184,7 +188,7 @@ class FuseLinear(Pass):
         counts: Counter = Counter()
         for linear in [n for n in gm.graph.nodes if _fusable(gm, n, nn.Linear)]:
             act = _match_activation(gm, linear, allowed)
-            if act is not None:
+            if act is not None and not mutation_between(linear, act[0], gm):
                 fused = FusedLinear(module_of(gm, linear), act[1])
                 _replace_chain(gm, linear, [act[0]], fused, (linear.args[0],), self.name)
                 counts[act[1]] += 1

@@ -88,3 +88,38 @@ def replace_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> Non
     New modules start in training mode; they take the graph's mode so the ``eval`` property keeps holding.
     """
     gm.add_submodule(target, module.train(gm.training))
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when removing ``node`` could change what the program does, even with no users."""
+    if node.op in ("placeholder", "output") or node.is_impure():
+        return True
+    if node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module":
+        return bool(getattr(module_of(gm, node), "inplace", False))
+    return False
+
+
+def mutation_between(first: fx.Node, last: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when a node strictly between ``first`` and ``last`` (graph order) has side effects.
+
+    Moving a computation from ``first`` down to ``last`` is only safe when nothing in between can have
+    mutated what it reads.
+    """
+    node = first.next
+    while node is not last:
+        if has_side_effects(gm, node):
+            return True
+        node = node.next
+    return False

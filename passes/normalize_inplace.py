@@ -1,7 +1,7 @@
 """normalize-inplace: turn in-place ops on fresh, single-use values into their out-of-place forms.
 
-Rewrites: ``operator.iadd/imul/isub``, ``Tensor.add_/mul_/sub_/relu_``, ``torch.relu_``, ``F.relu(inplace=True)``
-and ``nn.ReLU(inplace=True)`` calls -> ``operator.add/mul/sub`` and ``torch.relu``.
+Rewrites: ``operator.iadd/isub/imul/itruediv`` (``+=`` ...), ``Tensor.add_/mul_/sub_/relu_``, ``torch.relu_``,
+``F.relu(inplace=True)`` and ``nn.ReLU(inplace=True)`` calls -> ``operator.add/sub/mul/truediv`` and ``torch.relu``.
 Why correct: an in-place op is observable only through other references to the tensor it mutates. When
 the mutated value is produced by an op that returns a *new* tensor (conv, linear, batch norm, arithmetic,
 ...) and the in-place op is its only user, nothing else can see the mutation, so the out-of-place form
@@ -35,6 +35,7 @@ _FRESH_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid"}
 
 # in-place target -> out-of-place replacement (call_function)
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
+                      operator.itruediv: operator.truediv,
                       torch.relu_: torch.relu}
 _INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "sub_": operator.sub, "relu_": torch.relu}
 
