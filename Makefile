@@ -40,9 +40,10 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis
 
-# Wheelhouse for benchmarks/gpu_check.sh on the GPU machine (Python 3.12, no network there).
+# Wheelhouse for benchmarks/gpu_check.sh on the GPU machine (Python 3.12 with torch, pytest, hypothesis,
+# networkx, tqdm; no network there): the python graphviz package and a wheel of this tree.
 gpu-wheels: $(STAMP)
-	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
-	$(BIN)/pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
-	  --platform manylinux2014_x86_64 pytest hypothesis networkx graphviz tqdm
+	rm -rf .gpu-wheels build && mkdir -p .gpu-wheels
+	$(BIN)/pip download -q --no-deps -d .gpu-wheels --only-binary=:all: --python-version 3.12 graphviz
 	$(BIN)/pip wheel -q --no-deps -w .gpu-wheels .
+	rm -rf build

@@ -73,13 +73,20 @@ class OneDnnConv2d(_Prepacked):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous(memory_format=_CHANNELS_LAST)
-        if self.binary:
-            return _mkldnn._convolution_pointwise.binary(
-                x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "add", None, None if self.unary == "none" else self.unary, self.unary_scalars, "")
+        if not self.binary:
+            return self._conv(x, self.unary, self.unary_scalars)
+        if other.size(1) == 1 or other.size(2) * other.size(3) == 1:
+            # One channel or 1x1 maps: NCHW and NHWC strides coincide, and oneDNN's fused sum fails on these
+            # in some torch builds (2.11: "could not create a memory"). Add outside the kernel instead.
+            y = self._conv(x, "none", []) + other
+            return torch.relu(y) if self.activation else y  # after an add, relu is the only activation fused
+        return _mkldnn._convolution_pointwise.binary(
+            x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "add", None, None if self.unary == "none" else self.unary, self.unary_scalars, "")
+
+    def _conv(self, x: torch.Tensor, unary: str, scalars: list[float]) -> torch.Tensor:
         return _mkldnn._convolution_pointwise(
-            x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            self.unary, self.unary_scalars, "")
+            x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups, unary, scalars, "")
 
     def extra_repr(self) -> str:
         post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# GPU validation in one go, for the lent GPU machine (Python 3.12, torch + torchvision preinstalled, no network).
-# Needs the wheelhouse made here first:  make gpu-wheels   (pytest, hypothesis, networkx, graphviz, tqdm, fxforge)
-# Runs: the whole test suite against the machine's torch (CPU tests + CUDA tests), then the GPU benchmark,
+# GPU validation in one go, for the lent GPU machine: its python3 (3.12) already holds torch, torchvision,
+# pytest, hypothesis, networkx and tqdm; nothing can be fetched there. Make the wheelhouse here first with
+# `make gpu-wheels` (the python graphviz package and an fxforge wheel of this tree) and carry .gpu-wheels.
+# Runs the whole test suite against that machine's torch (CPU tests + CUDA tests), then the GPU benchmark,
 # and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-/tmp/fxforge-gpu-venv}
-python3 -m venv --system-site-packages "$VENV"  # reuse the preinstalled torch/torchvision
-"$VENV/bin/pip" install -q --no-index --find-links .gpu-wheels pytest hypothesis networkx graphviz tqdm
-"$VENV/bin/pip" install -q --no-index --find-links .gpu-wheels --no-deps --force-reinstall fxforge
+SITE=${SITE:-/tmp/fxforge-site}
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .gpu-wheels/*.whl || exit 1
+export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 nvidia-smi -L
-"$VENV/bin/python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-# `import fxforge` resolves to the installed wheel (the source folders are named compiler/, passes/, ...).
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -o pythonpath=tests tests 2>&1 | tail -25
+python3 -c "import torch, torchvision, fxforge; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'fxforge from', fxforge.__file__)"
+python3 -m pytest -q -p no:cacheprovider -o pythonpath=tests tests 2>&1 | tail -25
 status=${PIPESTATUS[0]}
-"$VENV/bin/python" benchmarks/bench_cuda.py "$@"
+python3 benchmarks/bench_cuda.py "$@"
 exit "$status"

@@ -96,3 +96,22 @@ def test_fused_activations_lower_to_onednn_post_ops():
         "c1": "relu6", "c2": "hardswish", "c3": "silu", "fc": "hardswish"}
     assert all(type(m).__name__.startswith("OneDnn") for m in lowered.values())
     assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class ResidualConv(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def test_conv_add_relu_on_layout_ambiguous_shapes():
+    """1 channel or 1x1 maps: NCHW and NHWC strides coincide (torch 2.11's fused sum rejects these)."""
+    for channels, hw in ((1, (1, 3)), (1, (5, 5)), (4, (1, 1)), (4, (3, 3))):
+        model = ResidualConv(channels).eval()
+        x = torch.randn(2, channels, *hw)
+        compiled = fxforge.compile(model, "cpu", example_inputs=x)
+        assert module_types(compiled.graph_module) == ["OneDnnConv2d"]
+        assert rel_error(compiled(x), model(x)) <= 1e-5
