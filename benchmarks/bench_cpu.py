@@ -7,8 +7,10 @@ Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` 
 
 Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
 re-estimated on random batches, so outputs do not vanish and relative errors mean something. Every peer is
-built per (model, batch size), warmed up, then timed ``--repeats`` times under ``torch.inference_mode``;
-the tables report the median latency, fxforge's speed-up (peer_ms / fxforge_ms, >1 means fxforge is faster),
+built per (model, batch size) and checked against eager fp32 on the same input; then all peers are timed
+under ``torch.inference_mode`` in interleaved rounds (one call per peer per round, rotating order), so load
+from other processes hits every peer alike: ``--warmup`` untimed rounds, ``--repeats`` timed ones. The
+tables report the median latency, fxforge's speed-up (peer_ms / fxforge_ms, >1 means fxforge is faster),
 the max relative error against eager fp32 (max|a-b| / max|b|) and the build time. A peer that fails is
 recorded as ``failed: <reason>`` and the run goes on.
 
@@ -50,7 +52,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[nn.Module, torch.Tensor], Runner]
 
 DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0"
-DEFAULT_REPEATS = {1: 20, 32: 5}  # per batch size; other sizes use the bs32 count
+# Timed and untimed rounds per batch size (other sizes use the bs32 counts): the full default run took 9 min
+# on 2 lightly shared cores, 20 min on heavily shared ones. Every peer also makes one untimed call after its
+# build (the accuracy check).
+DEFAULT_REPEATS = {1: 50, 32: 5}
+DEFAULT_WARMUP = {1: 5, 32: 1}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -123,11 +129,13 @@ def build_ort(model: nn.Module, x: torch.Tensor) -> Runner:
 def build_inductor(model: nn.Module, x: torch.Tensor) -> Runner:
     import torch._dynamo
     import torch._inductor.config
+    from torch._inductor.utils import fresh_cache
 
-    torch._dynamo.reset()  # a fresh cache per (model, bs): no recompile limits, honest compile time
+    torch._dynamo.reset()  # a fresh dynamo cache per (model, bs): no recompile limits
     torch._inductor.config.freezing = True
     compiled = torch.compile(model, backend="inductor", mode="default")
-    compiled(x)  # compilation happens on the first call; count it as setup
+    with fresh_cache():  # a cold compile, as fxforge's: no on-disk kernels or graphs from earlier runs
+        compiled(x)  # compilation happens on the first call; count it as setup
     return compiled
 
 
@@ -154,6 +162,7 @@ class Cell:
     rel_err: float | None = None
     setup_s: float | None = None
     spread: float | None = None  # interquartile range / median of the timed calls
+    best_ms: float | None = None
     error: str | None = None
 
 
@@ -198,41 +207,39 @@ def time_once(run: Runner, x: torch.Tensor) -> float:
 
 
 def time_interleaved(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeats: int,
-                     bar: tqdm) -> dict[str, list[float]]:
+                     bar: tqdm) -> dict[str, list[float] | str]:
     """Per-peer call times (ms), measured in rounds of one call per peer so that load from other processes
-    hits every peer alike; the order rotates each round. A peer that raises drops out (empty list)."""
-    names, times = list(runners), {name: [] for name in runners}
-    failed: set[str] = set()
+    hits every peer alike; the order rotates each round. A peer that raises drops out with its reason."""
+    names = list(runners)
+    results: dict[str, list[float] | str] = {name: [] for name in names}
     for i in range(warmup + repeats):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            if name in failed:
+            times = results[name]
+            if isinstance(times, str):
                 continue
             try:
                 ms = time_once(runners[name], x)
-            except Exception:  # e.g. a recompile that fails late; report the peer as failed
-                failed.add(name)
-                times[name] = []
+            except Exception as exc:  # e.g. a recompile that fails late: the peer fails, the run goes on
+                results[name] = "while timing: " + short(exc)
                 continue
             if i >= warmup:
-                times[name].append(ms)
+                times.append(ms)
         bar.update()
-    return times
+    return results
 
 
-def summarize(cell: Cell, times: list[float]) -> None:
-    """Median and interquartile spread (relative to the median) into ``cell``."""
-    if not times:
-        cell.error = cell.error or "raised while timing"
+def summarize(cell: Cell, result: list[float] | str) -> None:
+    """Median, minimum and interquartile spread (relative to the median) into ``cell``, or the failure."""
+    if isinstance(result, str) or not result:
+        cell.error = result or "no timed calls"
         return
-    cell.ms = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    cell.ms, cell.best_ms = statistics.median(result), min(result)
+    q = statistics.quantiles(result, n=4) if len(result) > 1 else [result[0]] * 3
     cell.spread = (q[2] - q[0]) / cell.ms
 
 
-def repeats_for(batch_size: int, override: int | None) -> int:
-    if override is not None:
-        return override
-    return DEFAULT_REPEATS.get(batch_size, DEFAULT_REPEATS[32])
+def per_batch(defaults: dict[int, int], batch_size: int, override: int | None) -> int:
+    return override if override is not None else defaults.get(batch_size, defaults[32])
 
 
 def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], warmup: int, repeats: int,
@@ -251,16 +258,17 @@ def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], warmup: int
         bar.update()
     bar.set_postfix_str(f"{name} bs{bs} timing")
     with torch.inference_mode():
-        times = time_interleaved(runners, x, warmup, repeats, bar)
-    for peer, peer_times in times.items():
-        summarize(row.cells[peer], peer_times)
+        results = time_interleaved(runners, x, warmup, repeats, bar)
+    for peer, result in results.items():
+        summarize(row.cells[peer], result)
     return row
 
 
 def bench_model(name: str, batch_sizes: list[int], peers: list[str], repeats: int | None,
-                warmup: int, bar: tqdm) -> list[Row]:
+                warmup: int | None, bar: tqdm) -> list[Row]:
     base = make_model(name)  # outside inference_mode: its parameters must stay normal tensors
-    return [bench_row(base, name, bs, peers, warmup, repeats_for(bs, repeats), bar) for bs in batch_sizes]
+    return [bench_row(base, name, bs, peers, per_batch(DEFAULT_WARMUP, bs, warmup),
+                      per_batch(DEFAULT_REPEATS, bs, repeats), bar) for bs in batch_sizes]
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -272,7 +280,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info() -> list[str]:
+def machine_info(load_before: float) -> list[str]:
     import onnxruntime as ort
 
     return [
@@ -282,12 +290,14 @@ def machine_info() -> list[str]:
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime {ort.__version__}, "
         f"fxforge {fxforge.__version__}, Python {platform.python_version()}",
         f"- threads: {torch.get_num_threads()} (torch intra-op; ORT intra_op_num_threads the same)",
-        f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
+        f"- command: `{shlex.join(sys.orig_argv)}`",
+        f"- 1-minute load average at start / end: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        f"(the end value includes this run; well above {torch.get_num_threads()} means shared cores)",
     ]
 
 
-def fmt_cell(cell: Cell, value: str) -> str:
-    return f"failed: {cell.error}" if cell.error else value
+def fmt_cell(cell: Cell, fmt: Callable[[Cell], str]) -> str:
+    return f"failed: {cell.error}" if cell.error else fmt(cell)
 
 
 def table(rows: list[Row], columns: list[str], value: Callable[[Row, str], str]) -> list[str]:
@@ -323,11 +333,13 @@ def speedup_lines(rows: list[Row], peers: list[str]) -> list[str]:
 
 def render(rows: list[Row], peers: list[str], info: list[str]) -> str:
     def cell(fmt: Callable[[Cell], str]) -> Callable[[Row, str], str]:
-        return lambda row, peer: fmt_cell(row.cells[peer], fmt(row.cells[peer]))
+        return lambda row, peer: fmt_cell(row.cells[peer], fmt)
 
     sections = [
         ("Median latency (ms, lower is better; ± is the interquartile range / median of the timed calls)",
          table(rows, peers, cell(lambda c: f"{c.ms:.2f} ±{c.spread:.0%}"))),
+        ("Fastest timed call (ms; the least disturbed by other load, shown for reference only)",
+         table(rows, peers, cell(lambda c: f"{c.best_ms:.2f}"))),
         ("fxforge speed-up (peer ms / fxforge ms; >1 means fxforge is faster)", speedup_lines(rows, peers)),
         ("Max relative error vs eager fp32 (max|a-b| / max|b|)",
          table(rows, peers, cell(lambda c: f"{c.rel_err:.1e}"))),
@@ -362,8 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
     p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed runs per peer (default {DEFAULT_REPEATS}, by batch size)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+                   help=f"timed rounds (one call per peer each; default {DEFAULT_REPEATS} by batch size)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed rounds before timing (default {DEFAULT_WARMUP} by batch size)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args(argv)
@@ -375,16 +388,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    load_before = os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     models, peers = args.models.split(","), list(dict.fromkeys(args.peers.split(",")))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    steps = sum(len(peers) + args.warmup + repeats_for(bs, args.repeats) for bs in batch_sizes)
+    steps = sum(len(peers) + per_batch(DEFAULT_WARMUP, bs, args.warmup) + per_batch(DEFAULT_REPEATS, bs, args.repeats)
+                for bs in batch_sizes)
     rows: list[Row] = []
     with tqdm(total=len(models) * steps, file=sys.stderr) as bar:
         for name in models:
             rows += bench_model(name, batch_sizes, peers, args.repeats, args.warmup, bar)
-    body = render(rows, peers, machine_info())
+    body = render(rows, peers, machine_info(load_before))
     print(body)
     write_results(args.out, body)
     print(f"wrote {args.out}", file=sys.stderr)
