@@ -140,7 +140,7 @@ def _restore_output_layout(gm: fx.GraphModule) -> None:
         if isinstance(value, fx.Node) and tensor_shape(value) is not None and len(tensor_shape(value)) == 4:
             with gm.graph.inserting_before(output):
                 new = gm.graph.call_method("contiguous", (value,))
-            new.meta["tensor_meta"] = value.meta["tensor_meta"]
+            record_rewrite(new, "lower-cpu", value)
             return new
         return value
 

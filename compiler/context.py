@@ -23,10 +23,8 @@ class PassContext:
     example_inputs: tuple[Any, ...]
     report: CompileReport
     target: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)
     properties: set[str] = field(default_factory=set)
     reference_outputs: Any = None
-    _shapes_fresh: bool = False
     _notes: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
@@ -41,13 +39,15 @@ class PassContext:
         """Copies of the example inputs: running the model must not change the caller's tensors."""
         return clone_inputs(self.example_inputs)
 
-    def graph_changed(self) -> None:
-        self._shapes_fresh = False
+    def shapes(self, gm: fx.GraphModule, refresh: bool = False) -> fx.GraphModule:
+        """Make sure every node carries shape metadata (``meta["type"]``, and ``meta["tensor_meta"]`` for tensors).
 
-    def shapes(self, gm: fx.GraphModule) -> fx.GraphModule:
-        """Make sure every node's ``meta["tensor_meta"]`` matches the current graph (re-propagates if stale)."""
-        if not self._shapes_fresh:
+        Rewrites keep values' shapes and copy the metadata to the nodes they create (``record_rewrite``), so
+        shapes are propagated by running the graph only when some node lacks them: at the start, and after a
+        pass that added nodes without metadata. (Running the model once per pass made compiling resnet50 at
+        batch 32 take 40 s.) A pass that changes the shape an existing node computes passes ``refresh=True``.
+        """
+        if refresh or any("type" not in n.meta for n in gm.graph.nodes if n.op != "output"):
             with torch.no_grad():
                 ShapeProp(gm).propagate(*self.fresh_inputs())
-            self._shapes_fresh = True
         return gm

@@ -26,8 +26,9 @@ def record_rewrite(new: fx.Node, pass_name: str, *replaced: fx.Node) -> None:
     meta = fxmeta(new)
     meta["origins"] = list(dict.fromkeys(origins))
     meta["rewritten_by"] = pass_name
-    if replaced and "tensor_meta" in replaced[-1].meta:
-        new.meta["tensor_meta"] = replaced[-1].meta["tensor_meta"]
+    for key in ("type", "tensor_meta"):  # as set by torch.fx's ShapeProp
+        if replaced and key in replaced[-1].meta:
+            new.meta[key] = replaced[-1].meta[key]
 
 
 def tensor_shape(node: fx.Node) -> torch.Size | None:

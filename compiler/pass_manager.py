@@ -46,8 +46,6 @@ class PassManager:
                 inst.before_pass(p, gm, ctx)
             result = self._run_one(p, gm, ctx, ran)
             ctx.properties = (ctx.properties - p.invalidates) | p.provides
-            if result.modified:
-                ctx.graph_changed()
             if self.verify:
                 self._verify(p, result.gm, ctx, ran)
             for inst in self.instruments:
