@@ -8,8 +8,8 @@ Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` 
 Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
 re-estimated on random batches, so outputs do not vanish and relative errors mean something. Every peer is
 built per (model, batch size) and checked against eager fp32 on the same input; then all peers are timed
-under ``torch.inference_mode`` in interleaved rounds (one call per peer per round, rotating order), so load
-from other processes hits every peer alike: ``--warmup`` untimed rounds, ``--repeats`` timed ones. The
+under ``torch.inference_mode``, one peer after another: ``--warmup`` untimed calls, then ``--repeats`` timed
+ones back to back (see ``time_blocks`` for why not interleaved). Run it on an otherwise idle machine. The
 tables report the median latency, fxforge's speed-up (peer_ms / fxforge_ms, >1 means fxforge is faster),
 the max relative error against eager fp32 (max|a-b| / max|b|) and the build time. A peer that fails is
 recorded as ``failed: <reason>`` and the run goes on.
@@ -47,12 +47,13 @@ from torch import nn
 from tqdm import tqdm
 
 import fxforge
+from fxforge.testing import reestimate_bn
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[nn.Module, torch.Tensor], Runner]
 
 DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0"
-# Timed and untimed rounds per batch size (other sizes use the bs32 counts): the full default run took 9 min
+# Timed and untimed calls per peer and batch size (other sizes use the bs32 counts): the full default run took 9 min
 # on 2 lightly shared cores, 20 min on heavily shared ones. Every peer also makes one untimed call after its
 # build (the accuracy check).
 DEFAULT_REPEATS = {1: 50, 32: 5}
@@ -61,19 +62,6 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 # ---------------------------------------------------------------------------------------------- models
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Re-estimate BatchNorm statistics on ``batches`` (random-init zoo outputs otherwise vanish)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-    model.train()
-    for b in batches:
-        model(b)
-    return model.eval()
-
-
 def make_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None)
@@ -206,25 +194,22 @@ def time_once(run: Runner, x: torch.Tensor) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def time_interleaved(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeats: int,
-                     bar: tqdm) -> dict[str, list[float] | str]:
-    """Per-peer call times (ms), measured in rounds of one call per peer so that load from other processes
-    hits every peer alike; the order rotates each round. A peer that raises drops out with its reason."""
-    names = list(runners)
-    results: dict[str, list[float] | str] = {name: [] for name in names}
-    for i in range(warmup + repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            times = results[name]
-            if isinstance(times, str):
-                continue
-            try:
-                ms = time_once(runners[name], x)
-            except Exception as exc:  # e.g. a recompile that fails late: the peer fails, the run goes on
-                results[name] = "while timing: " + short(exc)
-                continue
-            if i >= warmup:
-                times.append(ms)
-        bar.update()
+def time_blocks(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeats: int,
+                bar: tqdm) -> dict[str, list[float] | str]:
+    """Per-peer call times (ms): each peer's warm-up and timed calls back to back, one peer after another.
+
+    Not interleaved: onnxruntime's and OpenMP's worker threads spin for a while after a call, and on 2 cores
+    that spinning slowed whichever peer ran next (medians 1.5-2x the fastest call in an interleaved run).
+    A peer that raises drops out with its reason.
+    """
+    results: dict[str, list[float] | str] = {}
+    for name, run in runners.items():
+        try:
+            times = [time_once(run, x) for _ in range(warmup + repeats)][warmup:]
+        except Exception as exc:  # e.g. a recompile that fails late: the peer fails, the run goes on
+            times = "while timing: " + short(exc)
+        results[name] = times
+        bar.update(warmup + repeats)
     return results
 
 
@@ -258,7 +243,7 @@ def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], warmup: int
         bar.update()
     bar.set_postfix_str(f"{name} bs{bs} timing")
     with torch.inference_mode():
-        results = time_interleaved(runners, x, warmup, repeats, bar)
+        results = time_blocks(runners, x, warmup, repeats, bar)
     for peer, result in results.items():
         summarize(row.cells[peer], result)
     return row
@@ -374,9 +359,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
     p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed rounds (one call per peer each; default {DEFAULT_REPEATS} by batch size)")
+                   help=f"timed calls per peer (default {DEFAULT_REPEATS} by batch size)")
     p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed rounds before timing (default {DEFAULT_WARMUP} by batch size)")
+                   help=f"untimed calls per peer before timing (default {DEFAULT_WARMUP} by batch size)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args(argv)
@@ -393,8 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     models, peers = args.models.split(","), list(dict.fromkeys(args.peers.split(",")))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    steps = sum(len(peers) + per_batch(DEFAULT_WARMUP, bs, args.warmup) + per_batch(DEFAULT_REPEATS, bs, args.repeats)
-                for bs in batch_sizes)
+    calls = [per_batch(DEFAULT_WARMUP, bs, args.warmup) + per_batch(DEFAULT_REPEATS, bs, args.repeats)
+             for bs in batch_sizes]
+    steps = sum(len(peers) * (1 + n) for n in calls)  # a build and the calls, per peer and batch size
     rows: list[Row] = []
     with tqdm(total=len(models) * steps, file=sys.stderr) as bar:
         for name in models:

@@ -17,18 +17,7 @@ import torchvision
 
 import fxforge
 from fxforge.numerics import max_errors
-
-
-@torch.no_grad()
-def reestimate_bn(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    for _ in range(2):
-        model(torch.randn(16, 3, 224, 224, device=device))
-    return model.eval()
+from fxforge.testing import reestimate_bn
 
 
 @torch.inference_mode()
@@ -47,7 +36,8 @@ def median_ms(fn, x: torch.Tensor, repeats: int = 50) -> float:
 
 
 def bench_model(name: str, batch: int) -> dict[str, object]:
-    model = reestimate_bn(getattr(torchvision.models, name)().cuda(), "cuda")
+    batches = [torch.randn(16, 3, 224, 224, device="cuda") for _ in range(2)]
+    model = reestimate_bn(getattr(torchvision.models, name)().cuda(), batches)
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     start = time.perf_counter()
     compiled = fxforge.compile(model, "cuda", example_inputs=x)

@@ -16,6 +16,7 @@ import torchvision
 from tqdm import tqdm
 
 import fxforge
+from fxforge.testing import reestimate_bn
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -37,21 +38,9 @@ def median_ms(fn, x: torch.Tensor, repeats: int, label: str) -> float:
     return statistics.median(times) * 1e3
 
 
-@torch.no_grad()
-def reestimate_bn(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    for _ in range(2):
-        model(torch.randn(8, 3, 224, 224))
-    return model.eval()
-
-
 def main() -> None:
     torch.manual_seed(0)
-    model = reestimate_bn(torchvision.models.resnet18())
+    model = reestimate_bn(torchvision.models.resnet18(), [torch.randn(8, 3, 224, 224) for _ in range(2)])
     x = torch.randn(1, 3, 224, 224)
     print(f"targets usable here: {', '.join(fxforge.targets())}")
     compiled = fxforge.compile(model, "auto", example_inputs=x)

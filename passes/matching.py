@@ -95,10 +95,8 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
 
 
-def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when removing ``node`` could change what the program does, even with no users."""
-    if node.op in ("placeholder", "output") or node.is_impure():
-        return True
+def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for ops that mutate their first argument (``x.add_(y)``, ``x += y``, ``relu_``, ``inplace=True``)."""
     if node.kwargs.get("inplace", False):
         return True
     if node.op == "call_method":
@@ -108,6 +106,48 @@ def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
     if node.op == "call_module":
         return bool(getattr(module_of(gm, node), "inplace", False))
+    return False
+
+
+def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when removing ``node`` could change what the program does, even with no users."""
+    return node.op in ("placeholder", "output") or node.is_impure() or is_in_place(gm, node)
+
+
+FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                  nn.GroupNorm, nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid)
+FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
+                    torch.sub, torch.cat, torch.relu, F.relu, torch.sigmoid, F.conv2d, F.linear,
+                    F.batch_norm, F.hardswish, F.silu, F.gelu}
+FRESH_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid"}
+
+def is_fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node`` produces a newly allocated tensor that aliases nothing else."""
+    if node.op == "call_module":
+        mod = module_of(gm, node)
+        return isinstance(mod, FRESH_MODULES) or (isinstance(mod, nn.ReLU) and not mod.inplace)
+    if node.op == "call_function":
+        return node.target in FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in FRESH_METHODS
+
+
+def mutates_only_private_value(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for an in-place op whose mutated value is read by nothing else: the mutation is unobservable,
+    so the op may become out-of-place (normalize-inplace) or, if unused, disappear (dce).
+
+    The mutated value may itself be the result of in-place ops (``y += a; y += b``): those return their
+    first argument, so the chain is followed down to the fresh tensor it aliases, and every link must have
+    a single reader.
+    """
+    if not is_in_place(gm, node):
+        return False
+    mutated = node.args[0] if node.args else None
+    while isinstance(mutated, fx.Node) and len(mutated.users) == 1:
+        if is_fresh(gm, mutated):
+            return True
+        if not is_in_place(gm, mutated):
+            return False
+        mutated = mutated.args[0]
     return False
 
 

@@ -24,30 +24,13 @@ from fxforge.context import PassContext
 from fxforge.meta import record_rewrite
 from fxforge.pass_api import graph_pass
 
-from .matching import module_of
-
-_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-                  nn.GroupNorm, nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid)
-_FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
-                    torch.sub, torch.cat, torch.relu, F.relu, torch.sigmoid, F.conv2d, F.linear,
-                    F.batch_norm, F.hardswish, F.silu, F.gelu}
-_FRESH_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid"}
+from .matching import module_of, mutates_only_private_value
 
 # in-place target -> out-of-place replacement (call_function)
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
                       operator.itruediv: operator.truediv,
                       torch.relu_: torch.relu}
 _INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "sub_": operator.sub, "relu_": torch.relu}
-
-
-def _is_fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when ``node`` produces a newly allocated tensor that aliases nothing else."""
-    if node.op == "call_module":
-        mod = module_of(gm, node)
-        return isinstance(mod, _FRESH_MODULES) or (isinstance(mod, nn.ReLU) and not mod.inplace)
-    if node.op == "call_function":
-        return node.target in _FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
-    return node.op == "call_method" and node.target in _FRESH_METHODS
 
 
 def _out_of_place_target(gm: fx.GraphModule, node: fx.Node):  # -> replacement function or None
@@ -66,7 +49,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
     mutated = node.args[0] if node.args else None
     if target is None or not isinstance(mutated, fx.Node):
         return False
-    if len(mutated.users) != 1 or not _is_fresh(gm, mutated):
+    if not mutates_only_private_value(gm, node):
         return False
     args = node.args[:2] if target is not torch.relu else node.args[:1]
     with gm.graph.inserting_after(node):

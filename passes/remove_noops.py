@@ -1,7 +1,7 @@
 """remove-noops: delete operations that are the identity in eval mode.
 
 Rewrites: ``nn.Dropout*`` / ``nn.AlphaDropout`` / ``nn.Identity`` calls, and ``F.dropout*(x, training=False)``
-calls, by replacing their uses with their input.
+and ``torchvision.ops.stochastic_depth(x, ..., training=False)`` calls, by replacing their uses with their input.
 Why correct: in eval mode these return their input unchanged (dropout only acts when training).
 Preconditions: the graph holds the model in eval mode (property ``eval``).
 
@@ -25,12 +25,23 @@ _DROPOUT_FUNCTIONS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d:
                       F.feature_alpha_dropout: 2, torch.dropout: 2}  # fn -> position of `training`
 
 
+# torchvision.ops.stochastic_depth is fx-wrapped (a call_function, not traced through); matched by name so
+# that torchvision stays an optional dependency.
+_BY_NAME = {("torchvision.ops.stochastic_depth", "stochastic_depth"): 3}
+
+
+def _training_arg_position(target: object) -> int | None:
+    if target in _DROPOUT_FUNCTIONS:
+        return _DROPOUT_FUNCTIONS[target]
+    return _BY_NAME.get((getattr(target, "__module__", None), getattr(target, "__qualname__", None)))
+
+
 def _is_eval_dropout_call(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+    pos = _training_arg_position(node.target) if node.op == "call_function" else None
+    if pos is None:
         return False
-    pos = _DROPOUT_FUNCTIONS[node.target]
     training = node.args[pos] if len(node.args) > pos else node.kwargs.get("training", node.kwargs.get("train"))
-    # F.dropout defaults to training=True; a missing flag is not a no-op.
+    # F.dropout (and stochastic_depth) default to training=True; a missing flag is not a no-op.
     return training is False
 
 

@@ -6,34 +6,7 @@ import torch
 from torch import fx, nn
 
 from fxforge.numerics import max_errors
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running stats and affine params: default BN is the identity and hides a wrong fold."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
-    return model
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Re-estimate BatchNorm statistics on ``batches`` (random-init zoo outputs otherwise vanish)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-    model.train()
-    for b in batches:
-        model(b)
-    return model.eval()
+from fxforge.testing import randomize_bn, reestimate_bn  # noqa: F401  (re-exported for the tests)
 
 
 def rel_error(actual, expected) -> float:

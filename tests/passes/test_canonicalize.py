@@ -2,6 +2,7 @@
 
 import operator
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,3 +128,58 @@ def test_dce_does_not_fire_on_live_graph():
     compiled, expected, actual = run_pipeline(Relus().eval(), "dce", torch.randn(2, 4))
     assert compiled.report.passes[0].modified is False
     assert rel_error(actual, expected) == 0
+
+
+def test_remove_noops_removes_eval_stochastic_depth():
+    torchvision = pytest.importorskip("torchvision")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.sd = nn.Linear(4, 4), torchvision.ops.StochasticDepth(0.2, "row")
+
+        def forward(self, x):
+            return self.sd(self.fc(x)) + x
+
+    compiled, expected, actual = run_pipeline(Block().eval(), "remove-noops", torch.randn(2, 4))
+    assert [getattr(t, "__name__", "") for t in function_targets(compiled.graph_module)] == ["add"]
+    assert torch.equal(actual, expected)
+
+
+class DeadPrivateMutation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y += 1  # mutates a value nothing else reads, and the result is unused: dead
+        return x * 2
+
+
+def test_dce_removes_unused_inplace_op_on_a_private_value():
+    compiled, expected, actual = run_pipeline(DeadPrivateMutation().eval(), "dce", torch.randn(2, 3))
+    assert module_types(compiled.graph_module) == [] and operator.iadd not in function_targets(compiled.graph_module)
+    assert torch.equal(actual, expected)
+
+
+class DeadAliasChain(nn.Module):
+    """Found by the property tests: dead in-place chains must go in one dce run (idempotent pipeline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y + x  # a dead reader of y, before the mutation
+        y += y  # in-place chain on y: dead, nobody reads y afterwards
+        y += x
+        return x * 2
+
+
+def test_dce_removes_dead_inplace_chains_in_one_run():
+    compiled, expected, actual = run_pipeline(DeadAliasChain().eval(), "dce", torch.randn(2, 3))
+    assert module_types(compiled.graph_module) == []
+    assert [n.op for n in compiled.graph_module.graph.nodes] == ["placeholder", "call_function", "output"]
+    assert torch.equal(actual, expected)
