@@ -95,10 +95,8 @@ def compile(  # noqa: A001 - the public name users expect
                            leaf_modules=traced.leaf_modules,
                            bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
                            trace_seconds=time.perf_counter() - start)
-    with torch.inference_mode():
-        reference = traced.gm(*clone_inputs(inputs))
-    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, reference_outputs=reference)
-    ctx.shapes(traced.gm)
+    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"})
+    ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
 
     manager.instruments = [TimingInstrument(), *instruments]
     if dump_dir is not None:
@@ -108,6 +106,6 @@ def compile(  # noqa: A001 - the public name users expect
     gm = manager.run(traced.gm, ctx)
 
     with torch.inference_mode():
-        report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), reference)
+        report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), ctx.reference_outputs)
     report.compile_seconds = time.perf_counter() - start
     return CompiledModule(gm, tgt.name, manager.pipeline, report)

@@ -48,6 +48,10 @@ class PassContext:
         batch 32 take 40 s.) A pass that changes the shape an existing node computes passes ``refresh=True``.
         """
         if refresh or any("type" not in n.meta for n in gm.graph.nodes if n.op != "output"):
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*self.fresh_inputs())
+            self.propagate(gm)
         return gm
+
+    def propagate(self, gm: fx.GraphModule) -> Any:
+        """Run ``gm`` on (copies of) the example inputs, recording shapes in node.meta; returns its output."""
+        with torch.no_grad():
+            return ShapeProp(gm).propagate(*self.fresh_inputs())
