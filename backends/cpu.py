@@ -7,8 +7,9 @@ lower-cpu rewrites:
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order.
 Layout: the oneDNN convs run channels-last (measured fastest here); each converts its input once if needed
-(a no-op along a chain of convs) and graph outputs of rank 4 are made contiguous again, so users get the
-layout eager gives them. Plain Linear stays on eager's MKL sgemm, which measured faster at batch 1.
+(a no-op along a chain of convs). Values that eager had NCHW-contiguous are made contiguous again before a
+``.view`` (which needs it) and at the graph outputs, so users get the layout eager gives them.
+Plain Linear stays on eager's MKL sgemm, which measured faster at batch 1.
 Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings
 stay eager (still correct, not yet lowered).
 """
@@ -22,7 +23,7 @@ from fxforge.context import PassContext
 from fxforge.meta import record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
 from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import module_of, replace_submodule
+from fxforge.passes.matching import ACTIVATIONS, module_of, replace_submodule
 from fxforge.targets import Target, register_target
 
 _mkldnn = torch.ops.mkldnn
@@ -53,7 +54,7 @@ class _Prepacked(nn.Module):
 
 
 class OneDnnConv2d(_Prepacked):
-    """Conv2d (+ add) (+ relu) on oneDNN with a weight prepacked for the example input size."""
+    """Conv2d (+ add) (+ activation) on oneDNN with a weight prepacked for the example input size."""
 
     def __init__(self, conv: nn.Conv2d, add: bool = False, activation: str = "",
                  input_size: list[int] | None = None) -> None:
@@ -79,7 +80,7 @@ class OneDnnConv2d(_Prepacked):
             # One channel or 1x1 maps: NCHW and NHWC strides coincide, and oneDNN's fused sum fails on these
             # in some torch builds (2.11: "could not create a memory"). Add outside the kernel instead.
             y = self._conv(x, "none", []) + other
-            return torch.relu(y) if self.activation else y  # after an add, relu is the only activation fused
+            return ACTIVATIONS[self.activation](y) if self.activation else y
         return _mkldnn._convolution_pointwise.binary(
             x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "add", None, None if self.unary == "none" else self.unary, self.unary_scalars, "")
@@ -132,17 +133,33 @@ def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return OneDnnLinear(mod.linear, mod.activation, shape[0] if shape is not None and len(shape) == 2 else None)
 
 
-def _restore_output_layout(gm: fx.GraphModule) -> None:
-    """Graph outputs of rank 4 -> ``.contiguous()`` (eager's layout; a no-op when already contiguous)."""
+def _eager_was_contiguous_4d(value: object) -> bool:
+    """A rank-4 tensor value that eager produced in the default (NCHW-contiguous) layout.
+
+    The shape metadata was recorded on the eager graph, before lowering made conv outputs channels-last.
+    """
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    return meta is not None and len(meta.shape) == 4 and meta.memory_format == torch.contiguous_format
+
+
+def _contiguous_before(gm: fx.GraphModule, value: fx.Node, before: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        new = gm.graph.call_method("contiguous", (value,))
+    record_rewrite(new, "lower-cpu", value)
+    return new
+
+
+def _restore_eager_layout(gm: fx.GraphModule) -> None:
+    """Where eager had NCHW-contiguous tensors, give them back before layout-sensitive uses: ``.view``
+    (which fails on channels-last strides) and graph outputs. ``.contiguous()`` is a no-op when the value
+    is already contiguous, e.g. when it never passed through a lowered conv."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target == "view" and _eager_was_contiguous_4d(node.args[0]):
+            node.replace_input_with(node.args[0], _contiguous_before(gm, node.args[0], node))
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
     def restore(value: object) -> object:
-        if isinstance(value, fx.Node) and tensor_shape(value) is not None and len(tensor_shape(value)) == 4:
-            with gm.graph.inserting_before(output):
-                new = gm.graph.call_method("contiguous", (value,))
-            record_rewrite(new, "lower-cpu", value)
-            return new
-        return value
+        return _contiguous_before(gm, value, output) if _eager_was_contiguous_4d(value) else value
 
     output.args = fx.node.map_aggregate(output.args, restore)
 
@@ -160,7 +177,7 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 record_rewrite(node, "lower-cpu", node)
                 counts[kind] += 1
     if counts["conv"]:
-        _restore_output_layout(gm)
+        _restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     return any(counts.values())
 

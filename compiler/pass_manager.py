@@ -45,11 +45,13 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx)
             result = self._run_one(p, gm, ctx, ran)
+            if result.modified:
+                result.gm.recompile()  # torch.fx does not regenerate forward() when the graph is edited
             ctx.properties = (ctx.properties - p.invalidates) | p.provides
-            if self.verify:
-                self._verify(p, result.gm, ctx, ran)
             for inst in self.instruments:
                 inst.after_pass(p, result, ctx, ran)
+            if self.verify:  # after the instruments, so that pass timings do not include verification
+                self._verify(p, result.gm, ctx, ran)
             ran.append(str(p.spec()))
             gm = result.gm
         return gm
@@ -79,7 +81,8 @@ class PassManager:
                 pass_name=p.name, ran_before=list(ran),
             ) from exc
         if not isinstance(result, PassResult):
-            raise PassError(f"pass '{p.name}' returned {type(result).__name__}, expected PassResult",
+            raise PassError(f"pass '{p.name}' returned {type(result).__name__}, expected PassResult: return "
+                            f"PassResult(gm, modified) from a Pass, or a bool from a @graph_pass function",
                             pass_name=p.name, ran_before=list(ran))
         result.notes.extend(ctx.take_notes())
         return result
@@ -90,6 +93,7 @@ class PassManager:
         if problems:
             raise PassError(
                 f"pass '{p.spec()}' left a graph that does not verify: {'; '.join(problems)}. "
-                f"Passes run before it: {', '.join(ran) or 'none'}.",
+                f"Passes run before it: {', '.join(ran) or 'none'}. This is a bug in that pass: drop it from the "
+                f"pipeline (pipeline=...) to work around, and report it with the model.",
                 pass_name=p.name, ran_before=list(ran),
             )

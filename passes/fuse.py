@@ -152,6 +152,8 @@ class FuseConv(Pass):
             fused = _fuse_conv(gm, conv, allowed, self.name)
             if fused:
                 counts[fused] += 1
+        if counts:
+            gm.delete_all_unused_submodules()  # the absorbed activation modules
         return PassResult(gm, bool(counts), _summary("conv", counts))
 
 
@@ -192,4 +194,6 @@ class FuseLinear(Pass):
                 fused = FusedLinear(module_of(gm, linear), act[1])
                 _replace_chain(gm, linear, [act[0]], fused, (linear.args[0],), self.name)
                 counts[act[1]] += 1
+        if counts:
+            gm.delete_all_unused_submodules()
         return PassResult(gm, bool(counts), _summary("linear", counts))

@@ -109,9 +109,17 @@ def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def is_opaque_module_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A call of a module that is neither torch.nn's nor fxforge's (e.g. a leaf the tracer could not enter):
+    we cannot see what it does, so it may mutate its inputs or have other effects."""
+    mod = module_of(gm, node)
+    return mod is not None and not type(mod).__module__.startswith(("torch.nn.", "fxforge."))
+
+
 def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True when removing ``node`` could change what the program does, even with no users."""
-    return node.op in ("placeholder", "output") or node.is_impure() or is_in_place(gm, node)
+    return (node.op in ("placeholder", "output") or node.is_impure() or is_in_place(gm, node)
+            or is_opaque_module_call(gm, node))
 
 
 FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
@@ -125,7 +133,7 @@ def is_fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True when ``node`` produces a newly allocated tensor that aliases nothing else."""
     if node.op == "call_module":
         mod = module_of(gm, node)
-        return isinstance(mod, FRESH_MODULES) or (isinstance(mod, nn.ReLU) and not mod.inplace)
+        return isinstance(mod, (*FRESH_MODULES, nn.ReLU)) and not getattr(mod, "inplace", False)
     if node.op == "call_function":
         return node.target in FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
     return node.op == "call_method" and node.target in FRESH_METHODS

@@ -6,7 +6,8 @@ Why correct: an in-place op is observable only through other references to the t
 the mutated value is produced by an op that returns a *new* tensor (conv, linear, batch norm, arithmetic,
 ...) and the in-place op is its only user, nothing else can see the mutation, so the out-of-place form
 computes the same values. Everything else (placeholders, views, shared values) is left alone.
-Preconditions: none.
+Preconditions: none (uses dtypes from shape metadata when present: an op whose out-of-place form would
+promote the dtype, or whose operand dtypes are unknown, is left alone).
 
 Before: ``b = bn(x); b += y; r = relu_(b)``   After: ``b = bn(x); s = b + y; r = torch.relu(s)``
 This lets later passes match ``conv -> add -> relu`` without reasoning about aliasing.
@@ -44,12 +45,25 @@ def _out_of_place_target(gm: fx.GraphModule, node: fx.Node):  # -> replacement f
     return torch.relu if isinstance(mod, nn.ReLU) and mod.inplace else None
 
 
+def _dtype(value: object) -> torch.dtype | None:
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    return getattr(meta, "dtype", None)
+
+
+def _would_promote(node: fx.Node) -> bool:
+    """``y += z`` keeps y's dtype; ``y + z`` promotes (fp16 + fp32 -> fp32): only rewrite when dtypes agree."""
+    if len(node.args) < 2 or not isinstance(node.args[1], fx.Node):
+        return False  # unary, or a Python scalar operand: no tensor promotion
+    mine, other = _dtype(node.args[0]), _dtype(node.args[1])
+    return mine is None or mine != other
+
+
 def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
     target = _out_of_place_target(gm, node)
     mutated = node.args[0] if node.args else None
     if target is None or not isinstance(mutated, fx.Node):
         return False
-    if not mutates_only_private_value(gm, node):
+    if not mutates_only_private_value(gm, node) or _would_promote(node):
         return False
     args = node.args[:2] if target is not torch.relu else node.args[:1]
     with gm.graph.inserting_after(node):

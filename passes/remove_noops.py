@@ -3,7 +3,8 @@
 Rewrites: ``nn.Dropout*`` / ``nn.AlphaDropout`` / ``nn.Identity`` calls, and ``F.dropout*(x, training=False)``
 and ``torchvision.ops.stochastic_depth(x, ..., training=False)`` calls, by replacing their uses with their input.
 Why correct: in eval mode these return their input unchanged (dropout only acts when training).
-Preconditions: the graph holds the model in eval mode (property ``eval``).
+Preconditions: the graph holds the model in eval mode (property ``eval``). Removing a Dropout between a
+conv and a BatchNorm makes the BN foldable, so it invalidates ``bn-folded``.
 
 Before: ``x -> conv -> dropout -> linear``   After: ``x -> conv -> linear``
 """
@@ -49,7 +50,7 @@ def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (calls_module(gm, node, _NOOP_MODULES) and len(node.args) == 1) or _is_eval_dropout_call(node)
 
 
-@graph_pass(name="remove-noops", requires=("eval",))
+@graph_pass(name="remove-noops", requires=("eval",), invalidates=("bn-folded",))
 def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Remove eval-mode no-ops (Dropout, Identity)."""
     removed = 0
