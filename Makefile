@@ -28,7 +28,7 @@ graphviz:
 demo: $(STAMP) graphviz
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) graphviz
+test: $(STAMP) graphviz lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

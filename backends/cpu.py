@@ -37,7 +37,7 @@ class _Prepacked(nn.Module):
     """A module holding an opaque oneDNN weight (``packed_weight``) built by ``_pack`` from ``weight``.
 
     The opaque tensor has no storage to copy or save, so it is not a buffer: copies and pickles carry the
-    dense weight and rebuild the packed one.
+    dense weight and rebuild the packed one, as do ``load_state_dict`` and ``.to()``.
     """
 
     def _pack(self) -> None:
@@ -52,6 +52,16 @@ class _Prepacked(nn.Module):
         super().__setstate__(state)
         self._pack()
 
+    # The packed weight is derived from ``weight``: rebuild it whenever the buffers change.
+    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), ...
+        out = super()._apply(fn, recurse)
+        self._pack()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pack()
+
 
 class OneDnnConv2d(_Prepacked):
     """Conv2d (+ add) (+ activation) on oneDNN with a weight prepacked for the example input size."""
@@ -59,8 +69,9 @@ class OneDnnConv2d(_Prepacked):
     def __init__(self, conv: nn.Conv2d, add: bool = False, activation: str = "",
                  input_size: list[int] | None = None) -> None:
         super().__init__()
-        self.register_buffer("weight", conv.weight.detach().clone())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        # compile works on a private copy of the model, so the tensors are taken over, not copied
+        self.register_buffer("weight", conv.weight.detach())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.binary, self.activation = add, activation
@@ -99,8 +110,8 @@ class OneDnnLinear(_Prepacked):
 
     def __init__(self, linear: nn.Linear, activation: str = "relu", batch_size: int | None = None) -> None:
         super().__init__()
-        self.register_buffer("weight", linear.weight.detach().clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.activation, self.batch_size = activation, batch_size
         self.unary, self.unary_scalars = _UNARY[activation]
         self._pack()

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from .context import PassContext, clone_inputs
-from .errors import ConfigError
+from .errors import CompileError, ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
 from .pass_manager import PassManager
@@ -105,7 +105,12 @@ def compile(  # noqa: A001 - the public name users expect
         manager.instruments.append(NumericCheck())
     gm = manager.run(traced.gm, ctx)
 
-    with torch.inference_mode():
-        report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), ctx.reference_outputs)
+    try:
+        with torch.inference_mode():
+            report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), ctx.reference_outputs)
+    except Exception as exc:  # the compiled graph verified but does not run: say how to find the culprit
+        raise CompileError(
+            f"the compiled model failed on the example inputs with {type(exc).__name__}: {exc}. Compile with "
+            f"verify='numeric' to find the pass that broke it (pipeline: {manager.pipeline})") from exc
     report.compile_seconds = time.perf_counter() - start
     return CompiledModule(gm, tgt.name, manager.pipeline, report)

@@ -79,9 +79,14 @@ class NumericCheck(Instrument):
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
         if not result.modified or ctx.reference_outputs is None:
             return
-        with torch.inference_mode():
-            actual = result.gm(*ctx.fresh_inputs())
-        abs_err, rel_err = max_errors(actual, ctx.reference_outputs)
+        try:
+            with torch.inference_mode():
+                abs_err, rel_err = max_errors(result.gm(*ctx.fresh_inputs()), ctx.reference_outputs)
+        except Exception as exc:
+            raise NumericMismatchError(
+                f"after pass '{p.spec()}' the model no longer runs on the example inputs: "
+                f"{type(exc).__name__}: {exc}. Passes before it: {', '.join(ran_before) or 'none'}.",
+                pass_name=p.name, ran_before=ran_before) from exc
         if rel_err > self.rtol:
             raise NumericMismatchError(
                 f"pass '{p.spec()}' changed the model output: max abs error {abs_err:.3g}, relative {rel_err:.3g} "

@@ -13,9 +13,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def max_errors(actual: Any, expected: Any) -> tuple[float, float]:
-    """(max absolute error, max absolute error / max |expected|) over all floating-point outputs."""
+    """(max absolute error, max absolute error / max |expected|) over all floating-point outputs.
+
+    Outputs that differ in structure or shape give (inf, inf).
+    """
     worst_abs, worst_rel = 0.0, 0.0
-    for a, e in zip(_tensors(actual), _tensors(expected), strict=True):
+    actual_tensors, expected_tensors = _tensors(actual), _tensors(expected)
+    if len(actual_tensors) != len(expected_tensors):  # a different output structure: as wrong as it gets
+        return float("inf"), float("inf")
+    for a, e in zip(actual_tensors, expected_tensors, strict=True):
         if a.shape != e.shape:
             return float("inf"), float("inf")
         if not e.is_floating_point():

@@ -76,8 +76,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     """Register a Pass subclass under its ``name`` (kebab-case, unique)."""
     if not cls.name:
         raise ConfigError(f"{cls.__qualname__} has no `name`; give it a kebab-case name such as 'fold-bn'")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ConfigError(f"a pass named '{cls.name}' is already registered ({_REGISTRY[cls.name].__qualname__})")
+    old = _REGISTRY.get(cls.name)
+    # Re-defining the same pass (a re-run notebook cell, a reloaded module) replaces it; another one clashes.
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ConfigError(f"a pass named '{cls.name}' is already registered ({old.__module__}.{old.__qualname__}): "
+                          f"give yours another name")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -46,7 +46,7 @@ class CompileReport:
         for path, why in self.leaf_modules.items():
             lines.append(f"kept as a leaf (not traced into): {path or '<root>'}: {why}")
         for name, value in self.bound_arguments.items():
-            lines.append(f"forward argument bound to its default: {name}={value}")
+            lines.append(f"forward argument fixed while tracing (default or concrete_args): {name}={value}")
         lines.append(f"{'pass':<28}{'ms':>9}{'nodes':>15}  changed")
         for r in self.passes:
             nodes = f"{r.nodes_before}->{r.nodes_after}"

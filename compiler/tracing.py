@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError, TraceError
+from .errors import ConfigError, TraceError, suggest
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+# Frames in these folders are not the user's code: error locations skip them.
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 @dataclass
@@ -101,7 +102,8 @@ def bind_default_arguments(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     ):
         raise ConfigError(
             f"example_inputs has {n_inputs} values but {type(model).__name__}.forward takes "
-            f"{len(positional)} positional arguments ({', '.join(p.name for p in positional)})"
+            f"{len(positional)} positional arguments ({', '.join(p.name for p in positional)}); "
+            f"pass one value per argument, and a list argument as a single value: example_inputs=([t1, t2],)"
         )
     bound = {}
     for p in params[n_inputs:]:
@@ -116,8 +118,8 @@ def bind_default_arguments(model: nn.Module, n_inputs: int) -> dict[str, Any]:
 
 
 def _user_frame(exc: BaseException) -> str:
-    """'file:line: code' of the innermost traceback frame outside torch itself."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    """'file:line: code' of the innermost traceback frame outside torch and fxforge."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_LIBRARY_DIRS)]
     if not frames:
         return "<inside torch>"
     f = frames[-1]
@@ -140,6 +142,7 @@ def trace(
     bound = bind_default_arguments(model, len(example_inputs))
     bound.update(concrete_args or {})
     leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+    _check_module_paths(model, leaf_paths)
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
     reasons: dict[str, str] = {}
     while True:
@@ -157,6 +160,12 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)  # the intermediate containers GraphModule creates start in training mode
     return TraceResult(gm, reasons, bound)
+
+
+def _check_module_paths(model: nn.Module, paths: set[str]) -> None:
+    known = {name for name, _ in model.named_modules()}
+    for path in sorted(paths - known):
+        raise ConfigError(f"leaf_modules: {type(model).__name__} has no submodule '{path}'.{suggest(path, known)}")
 
 
 def _default_placeholders_to_bound_values(graph: fx.Graph, bound: dict[str, Any]) -> None:

@@ -137,3 +137,50 @@ def test_remove_noops_after_fold_bn_asks_for_fold_bn_again():
     with pytest.raises(fxforge.PassError, match="requires \\['bn-folded'\\]"):
         fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="fold-bn,remove-noops,fuse-conv")
     fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="remove-noops,fold-bn,fuse-conv")
+
+
+def test_load_state_dict_and_to_refresh_the_prepacked_weights():
+    model = ViewHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    state = {k: v * 2 if k.endswith("conv.weight") else v for k, v in compiled.state_dict().items()}
+    compiled.load_state_dict(state)
+    doubled = ViewHead().eval()
+    doubled.load_state_dict({**model.state_dict(), "conv.weight": model.conv.weight * 2})
+    assert rel_error(compiled(x), doubled(x)) <= 1e-5
+    compiled.to(torch.float32)  # a no-op conversion still leaves a runnable, correct module
+    assert rel_error(compiled(x), doubled(x)) <= 1e-5
+
+
+def test_leaf_module_path_typo_is_a_config_error():
+    with pytest.raises(fxforge.ConfigError, match="no submodule 'convv'.*Did you mean 'conv'"):
+        fxforge.compile(ViewHead().eval(), "cpu", example_inputs=torch.randn(1, 3, 5, 5), leaf_modules=["convv"])
+
+
+def test_redefining_a_pass_replaces_it_and_a_clash_is_an_error():
+    def define():
+        @fxforge.graph_pass(name="test-redefined")
+        def redefined(gm, ctx):
+            return False
+
+        return redefined
+
+    first, second = define(), define()  # same module and qualname: the second replaces the first
+    assert first is not second and fxforge.registered_passes()["test-redefined"] is second
+    with pytest.raises(fxforge.ConfigError, match="already registered.*another name"):
+        fxforge.graph_pass(name="fold-bn")(lambda gm, ctx: False)
+
+
+@fxforge.graph_pass(name="test-break-runtime")
+def break_runtime(gm, ctx):
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module")
+    conv.args = (conv.args[0], conv.args[0])  # a conv with two inputs: lints fine, fails when run
+    return True
+
+
+def test_a_graph_that_verifies_but_does_not_run_is_a_typed_error():
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(fxforge.CompileError, match="failed on the example inputs.*verify='numeric'"):
+        fxforge.compile(ViewHead().eval(), "cpu", example_inputs=x, pipeline="test-break-runtime")
+    with pytest.raises(fxforge.NumericMismatchError, match="after pass 'test-break-runtime' the model no longer runs"):
+        fxforge.compile(ViewHead().eval(), "cpu", example_inputs=x, pipeline="test-break-runtime", verify="numeric")
