@@ -153,9 +153,11 @@ def graph_pass(
                 "invalidates": frozenset(invalidates),
                 "__call__": __call__,
                 "__doc__": fn.__doc__,
-                "__module__": fn.__module__,
             },
         )
+        # The function's identity is the pass's identity (errors, re-registration). Set after creation:
+        # Python 3.12's make_dataclass stamps the *caller's* module (this file) on the class.
+        cls.__module__, cls.__qualname__ = fn.__module__, fn.__qualname__
         return register_pass(cls)
 
     return wrap
