@@ -37,24 +37,33 @@ class TraceResult:
     bound_arguments: dict[str, Any] = field(default_factory=dict)
 
 
+# Augmented assignments on tensors: ``a += b`` calls ``a.__iadd__(b)``, which mutates ``a``.
+INPLACE_OPERATORS = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__imatmul__": operator.imatmul, "__iand__": operator.iand,
+    "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
+
 class _InPlaceProxy(fx.Proxy):
-    """A Proxy that records ``a += b`` as ``operator.iadd``.
+    """A Proxy that records ``a += b`` (and every other augmented assignment) as ``operator.iadd`` etc.
 
     torch.fx's Proxy has no ``__iadd__``, so Python falls back to ``a = a + b`` and the mutation is lost:
     other names for ``a`` (and a caller's input tensor) would no longer see it.
     """
 
-    def __iadd__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
-    def __isub__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+def _record_inplace(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
 
-    def __imul__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+    return method
 
-    def __itruediv__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+for _dunder, _op in INPLACE_OPERATORS.items():
+    setattr(_InPlaceProxy, _dunder, _record_inplace(_op))
 
 
 class _FallbackTracer(fx.Tracer):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxforge.tracing import INPLACE_OPERATORS
+
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, else None."""
@@ -90,9 +92,7 @@ def replace_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> Non
     gm.add_submodule(target, module.train(gm.training))
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_INPLACE_OPERATORS = {*INPLACE_OPERATORS.values(), operator.setitem}
 
 
 def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -111,3 +111,22 @@ def test_compile_records_shapes_for_every_tensor_node():
 def test_wrong_number_of_example_inputs_is_a_config_error():
     with pytest.raises(fxforge.ConfigError, match="takes 3 positional arguments"):
         fxforge.compile(WithFlag().eval(), "cpu", example_inputs=tuple(torch.randn(1) for _ in range(4)))
+
+
+class AugmentedAlias(nn.Module):
+    def forward(self, x):
+        y = x * 1
+        alias = y
+        y += 1
+        y -= 0.5
+        y *= 3
+        y /= 2
+        y //= 1
+        y **= 2
+        return alias  # sees every mutation, as in eager
+
+
+def test_every_augmented_assignment_keeps_its_in_place_meaning():
+    x = torch.randn(5) * 4
+    compiled = fxforge.compile(AugmentedAlias().eval(), "cpu", example_inputs=x)
+    assert torch.equal(compiled(x), AugmentedAlias()(x))
