@@ -40,6 +40,12 @@ class _Prepacked(nn.Module):
     dense weight and rebuild the packed one, as do ``load_state_dict`` and ``.to()``.
     """
 
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        # compile works on a private copy of the model, so the tensors are taken over, not copied
+        self.register_buffer("weight", layer.weight.detach())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+
     def _pack(self) -> None:
         raise NotImplementedError
 
@@ -68,14 +74,12 @@ class OneDnnConv2d(_Prepacked):
 
     def __init__(self, conv: nn.Conv2d, add: bool = False, activation: str = "",
                  input_size: list[int] | None = None) -> None:
-        super().__init__()
-        # compile works on a private copy of the model, so the tensors are taken over, not copied
-        self.register_buffer("weight", conv.weight.detach())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
+        super().__init__(conv)
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.binary, self.activation = add, activation
         self.unary, self.unary_scalars = _UNARY[activation]
+        self.binary_unary = None if activation == "" else self.unary  # the .binary op's spelling of "none"
         self.input_size = input_size
         self._pack()
 
@@ -86,19 +90,19 @@ class OneDnnConv2d(_Prepacked):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous(memory_format=_CHANNELS_LAST)
         if not self.binary:
-            return self._conv(x, self.unary, self.unary_scalars)
+            return _mkldnn._convolution_pointwise(
+                x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.unary, self.unary_scalars, "")
         if other.size(1) == 1 or other.size(2) * other.size(3) == 1:
             # One channel or 1x1 maps: NCHW and NHWC strides coincide, and oneDNN's fused sum fails on these
             # in some torch builds (2.11: "could not create a memory"). Add outside the kernel instead.
-            y = self._conv(x, "none", []) + other
+            y = _mkldnn._convolution_pointwise(
+                x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "none", [], "") + other
             return ACTIVATIONS[self.activation](y) if self.activation else y
         return _mkldnn._convolution_pointwise.binary(
             x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "add", None, None if self.unary == "none" else self.unary, self.unary_scalars, "")
-
-    def _conv(self, x: torch.Tensor, unary: str, scalars: list[float]) -> torch.Tensor:
-        return _mkldnn._convolution_pointwise(
-            x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups, unary, scalars, "")
+            "add", None, self.binary_unary, self.unary_scalars, "")
 
     def extra_repr(self) -> str:
         post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
@@ -109,9 +113,7 @@ class OneDnnLinear(_Prepacked):
     """Linear + activation on oneDNN with a prepacked weight."""
 
     def __init__(self, linear: nn.Linear, activation: str = "relu", batch_size: int | None = None) -> None:
-        super().__init__()
-        self.register_buffer("weight", linear.weight.detach())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        super().__init__(linear)
         self.activation, self.batch_size = activation, batch_size
         self.unary, self.unary_scalars = _UNARY[activation]
         self._pack()
@@ -187,6 +189,7 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 replace_submodule(gm, str(node.target), new_module)
                 record_rewrite(node, "lower-cpu", node)
                 counts[kind] += 1
+                break  # lowered: the node now calls a oneDNN module
     if counts["conv"]:
         _restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
@@ -195,6 +198,6 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
 
 register_target(Target(
     name="cpu",
-    description="fp32 on CPU: BN folded, conv/linear fused with add/relu, oneDNN kernels with prepacked weights",
+    description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
     pipeline="remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,fuse-linear,lower-cpu",
 ))

@@ -45,8 +45,6 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx)
             result = self._run_one(p, gm, ctx, ran)
-            if result.modified:
-                result.gm.recompile()  # torch.fx does not regenerate forward() when the graph is edited
             ctx.properties = (ctx.properties - p.invalidates) | p.provides
             for inst in self.instruments:
                 inst.after_pass(p, result, ctx, ran)
@@ -85,6 +83,13 @@ class PassManager:
                             f"PassResult(gm, modified) from a Pass, or a bool from a @graph_pass function",
                             pass_name=p.name, ran_before=list(ran))
         result.notes.extend(ctx.take_notes())
+        if result.modified:
+            try:  # torch.fx does not regenerate forward() when the graph is edited
+                result.gm.recompile()
+            except Exception as exc:
+                raise PassError(f"pass '{p.spec()}' left a graph that does not generate code: {exc}. Passes run "
+                                f"before it: {', '.join(ran) or 'none'}.", pass_name=p.name, ran_before=list(ran)
+                                ) from exc
         return result
 
     @staticmethod

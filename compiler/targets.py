@@ -38,15 +38,19 @@ def targets() -> list[str]:
     return [name for name, t in _TARGETS.items() if t.availability() is None]
 
 
-def resolve_target(name: str) -> Target:
-    """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
+def _known_target(name: str) -> Target:
     if name not in _TARGETS:
         raise ConfigError(
             f"unknown target '{name}'.{suggest(name, _TARGETS)} Valid targets: auto, {', '.join(_TARGETS)}"
         )
-    target = _TARGETS[name]
+    return _TARGETS[name]
+
+
+def resolve_target(name: str) -> Target:
+    """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
+    target = _known_target(name)
     reason = target.availability()
     if reason:
         raise BackendUnavailableError(
@@ -57,6 +61,4 @@ def resolve_target(name: str) -> Target:
 
 def pipeline_for(target: str) -> str:
     """The pipeline text of ``target`` (works even where the target cannot run)."""
-    if target not in _TARGETS:
-        raise ConfigError(f"unknown target '{target}'.{suggest(target, _TARGETS)} Valid: {', '.join(_TARGETS)}")
-    return _TARGETS[target].pipeline
+    return _known_target(target).pipeline

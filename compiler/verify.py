@@ -1,4 +1,4 @@
-"""Graph verification after each pass: structure (lint + recompile) and per-property invariants.
+"""Graph verification after each pass: structure (lint) and per-property invariants.
 
 A pass module declares the invariant of a property it provides with ``@invariant("bn-folded")``: a
 function that returns a description of the violation, or None when the graph satisfies the property.
@@ -29,10 +29,9 @@ def _all_modules_in_eval(gm: fx.GraphModule) -> str | None:
 
 
 def verify_graph(gm: fx.GraphModule, properties: set[str]) -> list[str]:
-    """Problems found in ``gm`` (empty when it verifies). Recompiles ``gm`` so its code matches its graph."""
+    """Problems found in ``gm`` (empty when it verifies)."""
     try:
         gm.graph.lint()
-        gm.recompile()
     except Exception as exc:  # lint raises plain RuntimeError/AssertionError for malformed graphs
         return [f"graph does not lint: {exc}"]
     problems = []

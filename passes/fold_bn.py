@@ -59,15 +59,6 @@ def why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     return None
 
 
-def _channel_view(scale: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """Reshape per-output-channel ``scale`` to broadcast over the layer's weight."""
-    w = layer.weight
-    if isinstance(layer, _TRANSPOSED):  # weight [in, out/groups, *k]: out channels on axis 1 within groups
-        g = layer.groups
-        return scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
-    return scale.reshape(-1, *([1] * (w.dim() - 1)))
-
-
 def folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of conv/linear ``layer`` with eval-mode ``bn`` folded in (float64 math, original dtype)."""
     w = layer.weight.detach().double()
@@ -76,11 +67,12 @@ def folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)
-    if isinstance(layer, _TRANSPOSED):
+    kernel_dims = [1] * (w.dim() - 2)
+    if isinstance(layer, _TRANSPOSED):  # weight [in, out/groups, *k]: out channels on axis 1 within each group
         g = layer.groups
-        new_w = (w.reshape(g, w.shape[0] // g, *w.shape[1:]) * _channel_view(scale, layer)).reshape(w.shape)
-    else:
-        new_w = w * _channel_view(scale, layer)
+        new_w = (w.unflatten(0, (g, -1)) * scale.reshape(g, 1, -1, *kernel_dims)).flatten(0, 1)
+    else:  # weight [out, in/groups, *k] (or [out, in] for Linear): out channels on axis 0
+        new_w = w * scale.reshape(-1, 1, *kernel_dims)
     fused = copy.deepcopy(layer)
     fused.weight = nn.Parameter(new_w.to(layer.weight.dtype), requires_grad=False)
     fused.bias = nn.Parameter(((bias - mean) * scale + beta).to(layer.weight.dtype), requires_grad=False)
