@@ -19,6 +19,9 @@ from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstru
 from .pass_api import Pass, PassResult, graph_pass, register_pass, registered_passes
 from .pass_manager import PassManager
 from .pipeline import PassSpec, format_pipeline, parse_pipeline
+from .quant.calibration import recalibrate
+from .quant.config import QuantConfig
+from .quant.qat import prepare_qat
 from .report import CompileReport
 from .targets import Target, pipeline_for, register_target, targets
 from .tracing import trace
@@ -32,7 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
-    "PassContext", "PassError", "PassManager", "PassResult", "PassSpec", "Target", "TimingInstrument",
-    "TraceError", "UnsupportedOpError", "compile", "format_pipeline", "graph_pass", "parse_pipeline",
-    "pipeline_for", "register_pass", "register_target", "registered_passes", "targets", "trace",
+    "PassContext", "PassError", "PassManager", "PassResult", "PassSpec", "QuantConfig", "Target",
+    "TimingInstrument", "TraceError", "UnsupportedOpError", "compile", "format_pipeline", "graph_pass",
+    "parse_pipeline", "pipeline_for", "prepare_qat", "recalibrate", "register_pass", "register_target",
+    "registered_passes", "targets", "trace",
 ]

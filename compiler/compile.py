@@ -12,12 +12,16 @@ import torch
 from torch import fx, nn
 
 from .context import PassContext, clone_inputs
-from .errors import CompileError, ConfigError
+from .errors import CalibrationError, CompileError, ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
 from .pass_manager import PassManager
+from .quant.config import QuantConfig, QuantOptions, check_skip_names
+from .quant.qat import convert_qat_layers
+from .quant.qat_modules import FakeQuantize
+from .quant.sqnr import outputs_sqnr_db
 from .report import CompileReport
-from .targets import resolve_target
+from .targets import Target, resolve_target
 from .tracing import trace
 
 VERIFY_MODES = ("none", "structure", "numeric")
@@ -26,12 +30,16 @@ VERIFY_MODES = ("none", "structure", "numeric")
 class CompiledModule(nn.Module):
     """The compiled model: an nn.Module that runs the lowered graph under ``torch.inference_mode``."""
 
-    def __init__(self, graph_module: fx.GraphModule, target: str, pipeline: str, report: CompileReport) -> None:
+    def __init__(self, graph_module: fx.GraphModule, target: str, pipeline: str, report: CompileReport,
+                 observed_graph: fx.GraphModule | None = None, quant: QuantOptions | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.target = target
         self.pipeline = pipeline
         self.report = report
+        # Static int8: the fp32 graph with its observers, kept (not a submodule) for fxforge.recalibrate.
+        self.__dict__["observed_graph"] = observed_graph
+        self.__dict__["quant_options"] = quant
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
@@ -62,6 +70,35 @@ def _to_device(value: Any, device: str) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+QUANT_MODES = ("static", "dynamic", "weight-only")
+
+
+def _has_trained_fake_quants(model: nn.Module) -> bool:
+    return any(isinstance(m, FakeQuantize) and m.batches_seen > 0 for m in model.modules())
+
+
+def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quant_config: Any,
+                   skip: Sequence[str], calibration: Any, calibration_batches: int | None) -> QuantOptions | None:
+    """Validate the quantization arguments against the target; None for fp32 targets."""
+    given = quantization is not None or quant_config is not None or skip or calibration is not None
+    if tgt.quant_backend is None:
+        if given:
+            raise ConfigError(f"target '{tgt.name}' runs in fp32; quantization, quant_config, skip and calibration "
+                              f"need an int8 target: x86, fbgemm or qnnpack")
+        return None
+    mode = quantization or "static"
+    if mode not in QUANT_MODES:
+        raise ConfigError(f"quantization={mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode == "static" and calibration is None and not _has_trained_fake_quants(model):
+        raise CalibrationError(
+            f"target '{tgt.name}' quantizes activations statically and needs calibration data: pass "
+            f"calibration=<iterable of model inputs> (e.g. 8-32 batches of real data), or use "
+            f"quantization='dynamic' (weights int8, activations quantized per call: no calibration needed)")
+    check_skip_names(model, tuple(skip))
+    return QuantOptions(mode=mode, backend=tgt.quant_backend, config=QuantConfig.from_value(quant_config),
+                        skip=tuple(skip), calibration=calibration, calibration_batches=calibration_batches)
+
+
 def compile(  # noqa: A001 - the public name users expect
     model: nn.Module,
     target: str = "auto",
@@ -73,6 +110,11 @@ def compile(  # noqa: A001 - the public name users expect
     concrete_args: dict[str, Any] | None = None,
     dump_dir: str | Path | None = None,
     instruments: Sequence[Instrument] = (),
+    calibration: Any = None,
+    calibration_batches: int | None = None,
+    quantization: str | None = None,
+    quant_config: QuantConfig | dict | None = None,
+    skip: Sequence[str] = (),
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
@@ -86,16 +128,19 @@ def compile(  # noqa: A001 - the public name users expect
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     tgt = resolve_target(target)
+    quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
     inputs = tuple(_to_device(x, tgt.device) for x in _as_tuple(example_inputs))
-    manager = PassManager.from_text(pipeline if pipeline is not None else tgt.pipeline, verify=verify != "none")
+    default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
+    manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
 
     work = copy.deepcopy(model).to(tgt.device)  # never touch the user's model
+    convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay
     traced = trace(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     report = CompileReport(tgt.name, manager.pipeline, torch.__version__,
                            leaf_modules=traced.leaf_modules,
                            bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
                            trace_seconds=time.perf_counter() - start)
-    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"})
+    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
     ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
 
     manager.instruments = [TimingInstrument(), *instruments]
@@ -107,10 +152,13 @@ def compile(  # noqa: A001 - the public name users expect
 
     try:
         with torch.inference_mode():
-            report.max_abs_error, report.max_rel_error = max_errors(gm(*clone_inputs(inputs)), ctx.reference_outputs)
+            outputs = gm(*clone_inputs(inputs))
+            report.max_abs_error, report.max_rel_error = max_errors(outputs, ctx.reference_outputs)
     except Exception as exc:  # the compiled graph verified but does not run: say how to find the culprit
         raise CompileError(
             f"the compiled model failed on the example inputs with {type(exc).__name__}: {exc}. Compile with "
             f"verify='numeric' to find the pass that broke it (pipeline: {manager.pipeline})") from exc
+    if report.quantization is not None:
+        report.quantization.model_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
     report.compile_seconds = time.perf_counter() - start
-    return CompiledModule(gm, tgt.name, manager.pipeline, report)
+    return CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)

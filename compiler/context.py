@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .report import CompileReport
+
+if TYPE_CHECKING:
+    from .quant.config import QuantOptions
 
 
 def clone_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -25,6 +28,8 @@ class PassContext:
     target: str = "cpu"
     properties: set[str] = field(default_factory=set)
     reference_outputs: Any = None
+    quant: QuantOptions | None = None  # int8 targets: mode, backend, per-layer config, calibration data
+    artifacts: dict[str, Any] = field(default_factory=dict)  # what passes hand to the CompiledModule
     _notes: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:

@@ -73,24 +73,39 @@ class DumpAfterChange(Instrument):
 class NumericCheck(Instrument):
     """Re-run the example inputs after every changing pass; fail on the first pass that moves the output."""
 
-    def __init__(self, rtol: float = 1e-4) -> None:
+    def __init__(self, rtol: float = 1e-4, min_sqnr_db: float = 15.0) -> None:
         self.rtol = rtol
+        self.min_sqnr_db = min_sqnr_db  # once the graph is int8 ("quantized"), outputs are compared by SQNR
 
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
         if not result.modified or ctx.reference_outputs is None:
             return
         try:
             with torch.inference_mode():
-                abs_err, rel_err = max_errors(result.gm(*ctx.fresh_inputs()), ctx.reference_outputs)
+                self._outputs = result.gm(*ctx.fresh_inputs())
+                abs_err, rel_err = max_errors(self._outputs, ctx.reference_outputs)
         except Exception as exc:
             raise NumericMismatchError(
                 f"after pass '{p.spec()}' the model no longer runs on the example inputs: "
                 f"{type(exc).__name__}: {exc}. Passes before it: {', '.join(ran_before) or 'none'}.",
                 pass_name=p.name, ran_before=ran_before) from exc
-        if rel_err > self.rtol:
+        if "quantized" in ctx.properties or "quantized" in p.provides:
+            self._check_sqnr(p, result, ctx, ran_before)
+        elif rel_err > self.rtol:
             raise NumericMismatchError(
                 f"pass '{p.spec()}' changed the model output: max abs error {abs_err:.3g}, relative {rel_err:.3g} "
                 f"(tolerance {self.rtol:g}). Passes before it: {', '.join(ran_before) or 'none'}. "
                 f"Run without it (pipeline=...) and report a bug with the model.",
                 pass_name=p.name, ran_before=ran_before,
             )
+
+    def _check_sqnr(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        from fxforge.quant.sqnr import outputs_sqnr_db
+
+        sqnr = outputs_sqnr_db(ctx.reference_outputs, self._outputs)
+        if sqnr < self.min_sqnr_db:
+            raise NumericMismatchError(
+                f"after pass '{p.spec()}' the int8 model's output SQNR against fp32 is {sqnr:.1f} dB (minimum "
+                f"{self.min_sqnr_db:g}). Passes before it: {', '.join(ran_before) or 'none'}. The report's "
+                f"per-layer SQNR shows the layers that lose the most: skip=[...] keeps them in fp32.",
+                pass_name=p.name, ran_before=ran_before)

@@ -19,6 +19,50 @@ class PassRecord:
 
 
 @dataclass
+class QuantLayerRecord:
+    """One quantization point: the layer whose output it is, its qparams and what it costs (dB)."""
+
+    layer: str
+    op: str
+    node: str
+    observer: str
+    scale: float
+    zero_point: int
+    activation: str
+    weight: str = ""
+    local_sqnr_db: float | None = None  # this layer's own error, on the same (quantized) inputs
+    sqnr_db: float | None = None  # accumulated error at this point, against the fp32 model
+
+
+@dataclass
+class QuantSummary:
+    mode: str
+    backend: str
+    reduce_range: bool = False
+    layers: list[QuantLayerRecord] = field(default_factory=list)
+    islands: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    calibration_batches: int = 0
+    model_sqnr_db: float | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"quantization: {self.mode} int8 for {self.backend}"
+               + (" (reduce_range: 7-bit activations, this CPU has no VNNI)" if self.reduce_range else "")]
+        if self.model_sqnr_db is not None:
+            out.append(f"model output SQNR vs fp32 on the example inputs: {self.model_sqnr_db:.1f} dB")
+        out.append(f"  {'layer':<28}{'op':<16}{'scale':>11}{'zp':>5}{'local dB':>10}{'cum dB':>8}  observer / weight")
+        for r in self.layers:
+            local = "-" if r.local_sqnr_db is None else f"{r.local_sqnr_db:.1f}"
+            cum = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+            weight = f" / {r.weight}" if r.weight else ""
+            out.append(f"  {r.layer[:27]:<28}{r.op[:15]:<16}{r.scale:>11.4g}{r.zero_point:>5}{local:>10}{cum:>8}"
+                       f"  {r.observer}{weight}")
+        out.extend(f"  fp32 island: {i}" for i in self.islands)
+        out.extend(f"  kept in fp32 (skip): {s}" for s in self.skipped)
+        return out
+
+
+@dataclass
 class CompileReport:
     target: str
     pipeline: str
@@ -30,6 +74,7 @@ class CompileReport:
     compile_seconds: float = 0.0
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    quantization: QuantSummary | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +88,8 @@ class CompileReport:
         if self.max_rel_error is not None:
             lines.append(f"output vs eager on example inputs: max abs err {self.max_abs_error:.3g}, "
                          f"relative {self.max_rel_error:.3g}")
+        if self.quantization is not None:
+            lines.extend(self.quantization.lines())
         for path, why in self.leaf_modules.items():
             lines.append(f"kept as a leaf (not traced into): {path or '<root>'}: {why}")
         for name, value in self.bound_arguments.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,17 @@ class Target:
     pipeline: str
     device: str = "cpu"
     availability: Callable[[], str | None] = lambda: None
+    quant_backend: str | None = None  # int8 targets: whose qparam rules apply (fbgemm, x86, qnnpack)
+    mode_pipelines: dict[str, str] = field(default_factory=dict)  # int8 targets: quantization mode -> pipeline
+
+    def pipeline_for_mode(self, mode: str | None) -> str:
+        """The pipeline for a quantization mode ("static", "dynamic", "weight-only"); None: the default."""
+        if mode is None or mode == "static":
+            return self.pipeline
+        if mode not in self.mode_pipelines:
+            modes = ", ".join(["static", *self.mode_pipelines])
+            raise ConfigError(f"quantization={mode!r} is not available on target '{self.name}': choose {modes}")
+        return self.mode_pipelines[mode]
 
 
 _TARGETS: dict[str, Target] = {}

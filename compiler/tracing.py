@@ -83,6 +83,7 @@ class _FallbackTracer(fx.Tracer):
         return (
             module_qualified_name in self.leaf_paths
             or isinstance(m, self.leaf_types)
+            or type(m).__module__.startswith("fxforge.")  # our runtime modules (fused, fake-quant) stay whole
             or super().is_leaf_module(m, module_qualified_name)
         )
 

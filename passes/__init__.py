@@ -1,3 +1,15 @@
 """Built-in passes, one file per pass; importing this package registers them by name."""
 
-from . import dce, fold_bn, fuse, normalize_inplace, normalize_relu, remove_noops  # noqa: F401
+from . import (  # noqa: F401
+    calibrate,
+    dce,
+    fold_bn,
+    fuse,
+    insert_observers,
+    insert_qdq,
+    normalize_inplace,
+    normalize_relu,
+    prepare_qat,
+    quantize_dynamic,
+    remove_noops,
+)

@@ -1,0 +1,53 @@
+"""The CPU int8 targets ``x86`` (oneDNN), ``fbgemm`` and ``qnnpack``: their quantization pipelines.
+
+Each target applies its backend's qparam rules (``fxforge.quant.qspec.backend_quant``). Today the pipelines
+end with the *reference* int8 graph (``insert-qdq``: fp32 ops between quantize/dequantize nodes), which
+fixes the int8 numerics and the report's SQNR; lowering those regions to the backends' int8 kernels is
+the next step (``lower-x86`` / ``lower-fbgemm`` / ``lower-qnnpack``), so these targets are not yet faster
+than fp32.
+
+Modes: ``static`` (default; needs calibration data), ``dynamic`` (Linear/LSTM/GRU weights int8,
+activations quantized per call) and ``weight-only`` (Linear/Embedding weights int8, fp32 activations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxforge.targets import Target, register_target
+
+CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
+# Fuse only what int8 kernels fuse (conv+add+relu, linear+relu); other activations are separate int8 ops.
+STATIC = (f"{CANONICALIZE},fuse-conv{{post_ops=add+relu}},fuse-linear{{post_ops=relu}},"
+          "insert-observers,calibrate,insert-qdq")
+MODES = {
+    "dynamic": f"{CANONICALIZE},quantize-dynamic",
+    "weight-only": f"{CANONICALIZE},quantize-dynamic{{weight_only=true}}",
+}
+
+_DESCRIPTIONS = {
+    "x86": "int8 on x86 CPUs through the 'x86' quantized engine (oneDNN/fbgemm kernels)",
+    "fbgemm": "int8 on x86 CPUs through fbgemm kernels",
+    "qnnpack": "int8 for ARM/mobile-class CPUs through qnnpack kernels",
+}
+
+
+def _engine_check(engine: str):
+    def unavailable() -> str | None:
+        if engine not in torch.backends.quantized.supported_engines:
+            return (f"this torch build has no '{engine}' quantized engine "
+                    f"(available: {', '.join(torch.backends.quantized.supported_engines)})")
+        return None
+
+    return unavailable
+
+
+for _name, _description in _DESCRIPTIONS.items():
+    register_target(Target(
+        name=_name,
+        description=f"{_description} (reference int8 graph until lowering lands)",
+        pipeline=STATIC,
+        availability=_engine_check(_name),
+        quant_backend=_name,
+        mode_pipelines=dict(MODES),
+    ))

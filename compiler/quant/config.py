@@ -1,0 +1,157 @@
+"""Per-layer quantization control: which observer and weight scheme each layer uses, and what stays fp32.
+
+``QuantConfig`` holds global defaults plus rules by op type, by module name and by regex; the most specific
+rule wins (name > regex > type > defaults). Rules are immutable: ``for_type`` / ``for_name`` / ``for_regex``
+return a new config, so one base config can be shared::
+
+    cfg = QuantConfig(activation="histogram").for_type(nn.Linear, activation="percentile").for_name(
+        "features.0", activation="entropy")
+
+A node's *layer name* is the module path it belongs to: the called submodule for a module call, else the
+innermost module whose forward produced it (``nn_module_stack`` recorded while tracing). Names match a
+module and everything inside it, so ``skip=["layer4"]`` keeps all of layer4 in fp32.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import fx, nn
+
+from fxforge.errors import ConfigError, suggest
+
+from .observers import OBSERVERS, Observer, make_observer
+
+ObserverChoice = str | Callable[[], Observer]
+
+
+def _check_observer(choice: ObserverChoice | None, what: str) -> None:
+    if isinstance(choice, str) and choice not in OBSERVERS:
+        raise ConfigError(f"{what}: unknown observer '{choice}'.{suggest(choice, OBSERVERS)} "
+                          f"Valid: {', '.join(OBSERVERS)}, or a callable returning an fxforge Observer")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Overrides for the layers a rule matches (None: keep the less specific setting)."""
+
+    activation: ObserverChoice | None = None
+    per_channel: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_observer(self.activation, "quant_config")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The resolved settings of one layer."""
+
+    activation: ObserverChoice
+    per_channel: bool
+
+    def make_observer(self) -> Observer:
+        return make_observer(self.activation) if isinstance(self.activation, str) else self.activation()
+
+    def describe_activation(self) -> str:
+        return self.activation if isinstance(self.activation, str) else getattr(
+            self.activation, "__name__", repr(self.activation))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Global defaults (``activation`` observer, per-channel weights) plus per-type/name/regex rules."""
+
+    activation: ObserverChoice = "histogram"
+    per_channel: bool = True
+    by_type: tuple[tuple[type | str, LayerRule], ...] = ()
+    by_name: tuple[tuple[str, LayerRule], ...] = ()
+    by_regex: tuple[tuple[str, LayerRule], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_observer(self.activation, "quant_config activation")
+        for pattern, _ in self.by_regex:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"quant_config regex {pattern!r} does not compile: {exc}") from None
+
+    def for_type(self, op: type | str, **rule: Any) -> QuantConfig:
+        """Rule for an op type: a module class (nn.Linear) or an op kind ("add", "conv", "cat", ...)."""
+        return replace(self, by_type=(*self.by_type, (op, LayerRule(**rule))))
+
+    def for_name(self, name: str, **rule: Any) -> QuantConfig:
+        return replace(self, by_name=(*self.by_name, (name, LayerRule(**rule))))
+
+    def for_regex(self, pattern: str, **rule: Any) -> QuantConfig:
+        return replace(self, by_regex=(*self.by_regex, (pattern, LayerRule(**rule))))
+
+    def resolve(self, layer: str, op_type: type | None, op_kind: str) -> LayerQuant:
+        """Settings for the layer named ``layer`` whose op is ``op_type`` (module class) / ``op_kind``."""
+        rules = [r for key, r in self.by_type if key in (op_type, op_kind)]
+        rules += [r for pattern, r in self.by_regex if re.fullmatch(pattern, layer)]
+        rules += [r for name, r in self.by_name if name_matches(name, layer)]
+        activation, per_channel = self.activation, self.per_channel
+        for rule in rules:  # least specific first: later rules override
+            activation = rule.activation if rule.activation is not None else activation
+            per_channel = rule.per_channel if rule.per_channel is not None else per_channel
+        return LayerQuant(activation, per_channel)
+
+    @classmethod
+    def from_value(cls, value: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
+        """Accept a QuantConfig, None, or a dict ``{"activation": ..., "per_channel": ..., "types": {nn.Linear:
+        {...}}, "names": {"fc": {...}}, "regex": {"layer1\\..*": {...}}}``."""
+        if value is None or isinstance(value, QuantConfig):
+            return value or cls()
+        known = {"activation", "per_channel", "types", "names", "regex"}
+        unknown = set(value) - known
+        if unknown:
+            raise ConfigError(f"quant_config has unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        cfg = cls(**{k: value[k] for k in ("activation", "per_channel") if k in value})
+        for key, method in (("types", cfg.for_type), ("names", cfg.for_name), ("regex", cfg.for_regex)):
+            for match, rule in value.get(key, {}).items():
+                cfg = getattr(cfg, method.__name__)(match, **rule)
+        return cfg
+
+
+def name_matches(name: str, layer: str) -> bool:
+    """``name`` is ``layer`` itself or one of the modules that contain it."""
+    return layer == name or layer.startswith(name + ".")
+
+
+def layer_name(node: fx.Node) -> str:
+    """The module path a node belongs to (see the module docstring)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return path[0] if isinstance(path, tuple) else str(path)
+
+
+@dataclass
+class QuantOptions:
+    """Everything a compile knows about quantization (kept in the PassContext)."""
+
+    mode: str = "static"  # "static", "dynamic" or "weight-only"
+    backend: str = "x86"
+    config: QuantConfig = field(default_factory=QuantConfig)
+    skip: tuple[str, ...] = ()
+    calibration: Any = None
+    calibration_batches: int | None = None
+    reduce_range: bool | None = None
+
+    def skipped(self, layer: str) -> bool:
+        return any(name_matches(name, layer) for name in self.skip)
+
+
+def check_skip_names(model: nn.Module, skip: tuple[str, ...]) -> None:
+    """Every ``skip`` entry must name a submodule: a typo would otherwise quantize the layer silently."""
+    known = {name for name, _ in model.named_modules() if name}
+    for name in skip:
+        if name not in known:
+            raise ConfigError(f"skip: the model has no submodule '{name}'.{suggest(name, known)} "
+                              f"skip takes module paths as printed by model.named_modules()")

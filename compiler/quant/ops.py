@@ -1,0 +1,144 @@
+"""Which ops run quantized, and how: the op table behind the quantization passes.
+
+Every node gets a *role*:
+- ``compute``: runs in fp32 on dequantized inputs, its output is quantized with its own observed qparams
+  (conv, linear, add, mul, matmul, bmm, hardswish, hardsigmoid, sigmoid, tanh, silu, gelu, leaky_relu,
+  standalone batchnorm, bilinear interpolate).
+  In the reference graph: ``dequantize -> op -> quantize``; lowering replaces the triple with one kernel.
+- ``share``: the same, but the output reuses the input's qparams (average pooling: an average of values
+  stays inside their range, and the int8 kernels keep the input's qparams).
+- ``direct``: runs on the quantized tensor itself and keeps its qparams, exactly (flatten, reshape, view,
+  permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, tensor slicing).
+  ``cat`` is direct too, once all its inputs share one set of qparams.
+- ``meta``: reads only a quantized tensor's shape (``x.size()``, ``x.dim()``).
+- ``float``: everything else: an fp32 island between a dequantize and a quantize (listed in the report).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxforge.passes.fuse import FusedConv, FusedLinear
+from fxforge.passes.matching import module_of
+
+from .qat_modules import QATConvBn, QATWeighted
+
+COMPUTE, SHARE, DIRECT, CAT, META, FLOAT = "compute", "share", "direct", "cat", "meta", "float"
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    role: str
+    kind: str  # a short op name for reports and per-type rules: "conv", "linear", "add", "maxpool", ...
+    op_type: type | None = None  # the module class for module calls (FusedConv: the wrapped conv's class)
+
+
+_COMPUTE_MODULES: dict[type, str] = {
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.ConvTranspose1d: "conv-transpose",
+    nn.ConvTranspose2d: "conv-transpose", nn.ConvTranspose3d: "conv-transpose", nn.Linear: "linear",
+    nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
+    nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Hardsigmoid: "hardsigmoid",
+    nn.Tanh: "tanh", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu",
+}
+_SHARE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                  nn.AdaptiveAvgPool3d)
+_DIRECT_MODULES: dict[type, str] = {
+    nn.MaxPool1d: "maxpool", nn.MaxPool2d: "maxpool", nn.MaxPool3d: "maxpool", nn.AdaptiveMaxPool2d: "maxpool",
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh", nn.Flatten: "flatten", nn.Identity: "identity",
+    nn.Dropout: "dropout", nn.Unflatten: "unflatten",
+}
+_COMPUTE_FUNCTIONS = {
+    operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.matmul: "matmul",
+    operator.matmul: "matmul", torch.bmm: "bmm", F.hardswish: "hardswish", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", F.silu: "silu", F.hardsigmoid: "hardsigmoid", torch.tanh: "tanh", F.gelu: "gelu",
+    F.leaky_relu: "leaky_relu",
+}
+_SHARE_FUNCTIONS = {F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
+                    F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
+                    F.adaptive_avg_pool3d: "avgpool", torch.mean: "mean"}
+_DIRECT_FUNCTIONS = {
+    torch.flatten: "flatten", torch.reshape: "reshape", torch.permute: "permute", torch.transpose: "transpose",
+    torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", F.max_pool1d: "maxpool", F.max_pool2d: "maxpool",
+    F.max_pool3d: "maxpool", torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh",
+    torch.clamp: "clamp", F.dropout: "dropout", operator.getitem: "slice",
+}
+_COMPUTE_METHODS = {"add": "add", "mul": "mul", "matmul": "matmul", "bmm": "bmm", "sigmoid": "sigmoid",
+                    "tanh": "tanh"}
+_SHARE_METHODS = {"mean": "mean"}
+_DIRECT_METHODS = {
+    "view": "view", "reshape": "reshape", "flatten": "flatten", "permute": "permute", "transpose": "transpose",
+    "contiguous": "contiguous", "squeeze": "squeeze", "unsqueeze": "unsqueeze", "relu": "relu", "clamp": "clamp",
+}
+_META_METHODS = {"size", "dim"}
+
+
+def _module_info(mod: nn.Module) -> OpInfo:
+    if isinstance(mod, FusedConv):
+        kind = _COMPUTE_MODULES.get(type(mod.conv), "conv")
+        return OpInfo(COMPUTE, kind, type(mod.conv.conv) if isinstance(mod.conv, QATConvBn) else type(mod.conv))
+    if isinstance(mod, FusedLinear):
+        return OpInfo(COMPUTE, "linear", nn.Linear)
+    if isinstance(mod, QATConvBn):
+        return OpInfo(COMPUTE, "conv", type(mod.conv))
+    if isinstance(mod, QATWeighted):
+        return _module_info(mod.module)
+    if type(mod) in _COMPUTE_MODULES:
+        return OpInfo(COMPUTE, _COMPUTE_MODULES[type(mod)], type(mod))
+    if isinstance(mod, _SHARE_MODULES):
+        return OpInfo(SHARE, "avgpool", type(mod))
+    if isinstance(mod, nn.Upsample):
+        return OpInfo(DIRECT if mod.mode == "nearest" else COMPUTE, "interpolate", type(mod))
+    if type(mod) in _DIRECT_MODULES:
+        return OpInfo(DIRECT, _DIRECT_MODULES[type(mod)], type(mod))
+    return OpInfo(FLOAT, type(mod).__name__, type(mod))
+
+
+def _function_info(node: fx.Node) -> OpInfo:
+    fn = node.target
+    if fn is torch.cat:
+        return OpInfo(CAT, "cat")
+    if fn is F.interpolate:
+        nearest = node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
+        return OpInfo(DIRECT if nearest else COMPUTE, "interpolate")
+    for table, role in ((_COMPUTE_FUNCTIONS, COMPUTE), (_SHARE_FUNCTIONS, SHARE), (_DIRECT_FUNCTIONS, DIRECT)):
+        if fn in table:
+            return OpInfo(role, table[fn])
+    return OpInfo(FLOAT, getattr(fn, "__name__", str(fn)))
+
+
+def _method_info(node: fx.Node) -> OpInfo:
+    name = str(node.target)
+    if name in _META_METHODS:
+        return OpInfo(META, name)
+    for table, role in ((_COMPUTE_METHODS, COMPUTE), (_SHARE_METHODS, SHARE), (_DIRECT_METHODS, DIRECT)):
+        if name in table:
+            return OpInfo(role, table[name])
+    return OpInfo(FLOAT, name)
+
+
+def op_info(gm: fx.GraphModule, node: fx.Node) -> OpInfo:
+    """The role and kind of ``node`` (placeholders, get_attr and output nodes are ``float``)."""
+    if node.op == "call_module":
+        return _module_info(module_of(gm, node))
+    if node.op == "call_function":
+        return _function_info(node)
+    if node.op == "call_method":
+        return _method_info(node)
+    return OpInfo(FLOAT, node.op)
+
+
+def weight_axis(module: nn.Module) -> int:
+    """Per-channel axis of a weight: output channels, which conv-transpose keeps on dim 1."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def weighted_layer(module: nn.Module) -> nn.Module | None:
+    """The conv/linear whose weight a module computes with (inside fused and QAT wrappers), else None."""
+    while isinstance(module, (FusedConv, FusedLinear, QATWeighted)):
+        module = getattr(module, "conv", None) or getattr(module, "linear", None) or module.module
+    return module if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) else None

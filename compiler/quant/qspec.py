@@ -1,0 +1,100 @@
+"""How one tensor is quantized (``QSpec``) and each int8 backend's rules for activations and weights.
+
+Qparams follow the usual affine / symmetric formulas (the same as torch.ao's, so its observers can serve as
+a test oracle): ``scale = (hi - lo) / (quant_max - quant_min)`` with the range widened to include zero, and
+``zero_point = quant_min - round(lo / scale)``; symmetric specs use ``scale = max(|lo|, |hi|) / ((quant_max -
+quant_min) / 2)`` with zero point 0 (qint8). ``eps`` is the smallest scale a backend accepts.
+
+Backend rules:
+- fbgemm and x86: activations quint8. Without VNNI the int8 kernels multiply u8 x s8 pairs into int16 with
+  saturation (AVX2 ``vpmaddubsw``), so activations use 7 bits (``reduce_range``); weights per-channel
+  symmetric qint8 in [-128, 127].
+- qnnpack: activations quint8 over the full range, weights per-channel symmetric qint8 restricted to
+  [-127, 127], and scales no smaller than 2**-12 (its requantization needs bounded scale ratios).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """The quantized dtype, integer range and scheme of one tensor (``axis`` set: per channel)."""
+
+    dtype: torch.dtype = torch.quint8
+    quant_min: int = 0
+    quant_max: int = 255
+    symmetric: bool = False
+    axis: int | None = None
+    eps: float = FLOAT32_EPS
+
+    @property
+    def levels(self) -> int:
+        return self.quant_max - self.quant_min + 1
+
+    def with_axis(self, axis: int | None) -> QSpec:
+        return replace(self, axis=axis)
+
+    def qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale float32, zero_point int64) for the observed range [lo, hi] (tensors, per channel or 0-d)."""
+        lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+        hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+        if self.symmetric:
+            scale = torch.maximum(-lo, hi) / ((self.quant_max - self.quant_min) / 2)
+            scale = torch.clamp(scale, min=self.eps)
+            zero = 0 if self.dtype == torch.qint8 else (self.quant_min + self.quant_max + 1) // 2
+            return scale, torch.full_like(scale, zero, dtype=torch.int64)
+        scale = torch.clamp((hi - lo) / (self.quant_max - self.quant_min), min=self.eps)
+        zero_point = self.quant_min - torch.round(lo / scale).to(torch.int64)
+        return scale, torch.clamp(zero_point, self.quant_min, self.quant_max)
+
+    def describe(self) -> str:
+        scheme = "symmetric" if self.symmetric else "affine"
+        where = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
+        return f"{str(self.dtype).removeprefix('torch.')}[{self.quant_min},{self.quant_max}] {where} {scheme}"
+
+
+@dataclass(frozen=True)
+class BackendQuant:
+    """A backend's activation and weight specs (weights: per-channel along axis 0 unless the op says 1)."""
+
+    name: str
+    activation: QSpec
+    weight: QSpec
+
+    @property
+    def reduce_range(self) -> bool:
+        return self.activation.quant_max < 255
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """True when this CPU has AVX-512 VNNI or AVX-VNNI (u8 x s8 dot products without int16 saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume the conservative answer
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def backend_quant(backend: str, reduce_range: bool | None = None) -> BackendQuant:
+    """The quantization rules of ``backend`` ("fbgemm", "x86" or "qnnpack").
+
+    ``reduce_range`` defaults to "this CPU lacks VNNI" for fbgemm/x86 and is always False for qnnpack.
+    """
+    if backend == "qnnpack":
+        eps = 2.0**-12
+        return BackendQuant(backend, QSpec(torch.quint8, 0, 255, eps=eps),
+                            QSpec(torch.qint8, -127, 127, symmetric=True, axis=0, eps=eps))
+    if backend not in ("fbgemm", "x86"):
+        raise ValueError(f"no int8 rules for backend {backend!r}; use fbgemm, x86 or qnnpack")
+    reduce = (not cpu_has_vnni()) if reduce_range is None else reduce_range
+    return BackendQuant(backend, QSpec(torch.quint8, 0, 127 if reduce else 255),
+                        QSpec(torch.qint8, -128, 127, symmetric=True, axis=0))

@@ -1,0 +1,93 @@
+"""SQNR (signal-to-quantization-noise ratio, dB) of a quantized graph against its fp32 original, per layer.
+
+For every quantization point of a layer two numbers are measured on the example inputs:
+- ``sqnr_db``: the quantized graph's value there against the fp32 graph's (error accumulated so far);
+- ``local_sqnr_db``: the layer's own error: its int8 output against its fp32 op (original weights) run on
+  the *same* dequantized inputs, i.e. what this layer adds (weight rounding and output rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+
+def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
+    """10*log10(|ref|^2 / |ref - value|^2); inf when equal."""
+    reference, value = reference.detach().double(), value.detach().double()
+    if reference.is_quantized or value.is_quantized:
+        raise TypeError("dequantize before computing SQNR")
+    noise = (reference - value).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _as_float(value: Any) -> Any:
+    return value.dequantize() if isinstance(value, torch.Tensor) and value.is_quantized else value
+
+
+def outputs_sqnr_db(reference: Any, value: Any) -> float:
+    """SQNR over all tensor outputs (a tensor, or tuples/lists/dicts of tensors) taken together."""
+    refs, vals = [], []
+    fx.node.map_aggregate(reference, lambda r: refs.append(r) if isinstance(r, torch.Tensor) else None)
+    fx.node.map_aggregate(value, lambda v: vals.append(_as_float(v)) if isinstance(v, torch.Tensor) else None)
+    if not refs or len(refs) != len(vals):
+        return -math.inf
+    return sqnr_db(torch.cat([r.flatten().float() for r in refs]), torch.cat([v.flatten().float() for v in vals]))
+
+
+class _Capture(fx.Interpreter):
+    """Runs a graph, keeping the values of the nodes named in ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.values[n.name] = _as_float(out)
+        return out
+
+
+class _LocalError(fx.Interpreter):
+    """Runs the quantized graph; at each layer head also runs ``reference(head, args, kwargs)`` (the fp32 op
+    on the same inputs) and keeps it until that layer's quantize node produces its value."""
+
+    def __init__(self, gm: fx.GraphModule, heads: dict[str, str],
+                 reference: Callable[[fx.Node, tuple, dict], torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.heads, self.reference = heads, reference  # head node name -> quantize node name
+        self.pending: dict[str, torch.Tensor] = {}
+        self.local: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.heads:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.pending[self.heads[n.name]] = self.reference(n, args, kwargs)
+        out = super().run_node(n)
+        if n.name in self.pending:
+            self.local[n.name] = sqnr_db(self.pending.pop(n.name), _as_float(out))
+        return out
+
+
+def capture(gm: fx.GraphModule, inputs: tuple, keep: set[str]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        interp = _Capture(gm, keep)
+        interp.run(*inputs)
+    return interp.values
+
+
+def local_errors(gm: fx.GraphModule, inputs: tuple, heads: dict[str, str],
+                 reference: Callable[[fx.Node, tuple, dict], torch.Tensor]) -> dict[str, float]:
+    """quantize-node name -> local SQNR (see the module docstring)."""
+    with torch.no_grad():
+        interp = _LocalError(gm, heads, reference)
+        interp.run(*inputs)
+    return interp.local

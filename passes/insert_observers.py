@@ -1,0 +1,118 @@
+"""insert-observers: put an observer after every value the quantized model will hold in int8.
+
+Rewrites: plans the graph (``fxforge.quant.plan``: roles, quantized values, qparam groups), then after
+each *root* value inserts a call of its group's observer and routes the value's readers through it::
+
+    Before: y = conv(x); z = flatten(y)          After: x1 = observer_0(x); y = conv(x1);
+                                                        y1 = observer_1(y); z = flatten(y1)
+Why correct: an observer returns its input unchanged, so the observed graph computes exactly what the
+fp32 graph did (a test checks bit equality). Values that must share qparams share one observer module.
+With ``fake_quant=true`` (quantization-aware training) each observer is wrapped in a FakeQuantize module.
+Graphs that already hold FakeQuantize modules (a trained QAT model being compiled) keep them: their
+learned qparams become the quantization points' observers.
+Preconditions: shapes known (the pass propagates them); the context carries quantization options
+(an int8 target, or ``prepare_qat``); best after fold-bn and fuse-* so fused ops get one observer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from fxforge.context import PassContext
+from fxforge.errors import ConfigError
+from fxforge.meta import fxmeta
+from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.quant.config import QuantOptions
+from fxforge.quant.plan import FLOAT, OBSERVER_KEY, QuantPlan, config_layer, plan_quantization, store
+from fxforge.quant.qat_modules import FakeQuantize
+from fxforge.quant.qspec import backend_quant
+
+from .matching import module_of
+
+
+def quant_options(ctx: PassContext, pass_name: str) -> QuantOptions:
+    if ctx.quant is None:
+        raise ConfigError(f"pass '{pass_name}' needs quantization settings: compile for an int8 target "
+                          f"(x86, fbgemm, qnnpack) or use fxforge.prepare_qat")
+    return ctx.quant
+
+
+def take_fake_quants(gm: fx.GraphModule) -> dict[fx.Node, FakeQuantize]:
+    """Remove FakeQuantize calls from the graph; return value -> its (trained) FakeQuantize."""
+    found: dict[fx.Node, FakeQuantize] = {}
+    for node in list(gm.graph.nodes):
+        mod = module_of(gm, node)
+        if isinstance(mod, FakeQuantize):
+            source = node.args[0]
+            found.setdefault(source, mod)
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+    return found
+
+
+def _group_observers(gm: fx.GraphModule, plan: QuantPlan, opts: QuantOptions, fake_quant: bool,
+                     trained: dict[fx.Node, FakeQuantize]) -> dict[int, tuple[str, nn.Module]]:
+    """gid -> (submodule name, observer): trained fake-quants first, else from the layer's config."""
+    spec = backend_quant(opts.backend, opts.reduce_range).activation
+    chosen: dict[int, tuple[str, nn.Module]] = {}
+    for node, gid in plan.group_of.items():
+        if plan.nodes[node].state == "root" and node in trained:
+            chosen.setdefault(gid, (f"fake_quant_{gid}", trained[node]))
+    for node, gid in plan.group_of.items():
+        if plan.nodes[node].state != "root" or gid in chosen:
+            continue
+        owner = config_layer(node, plan.nodes)
+        layer = opts.config.resolve(owner.layer, owner.op_type, owner.kind)
+        observer = layer.make_observer()
+        prefix = "fake_quant" if fake_quant else "observer"
+        chosen[gid] = (f"{prefix}_{gid}", FakeQuantize(observer, spec) if fake_quant else observer)
+    return chosen
+
+
+def _insert(gm: fx.GraphModule, value: fx.Node, name: str, gid: int) -> None:
+    with gm.graph.inserting_after(value):
+        obs = gm.graph.call_module(name, (value,))
+    value.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
+    fxmeta(obs)[OBSERVER_KEY] = gid
+    for key in ("type", "tensor_meta"):
+        if key in value.meta:
+            obs.meta[key] = value.meta[key]
+
+
+def _island_notes(plan: QuantPlan) -> list[str]:
+    islands = Counter(f"{p.kind} ({p.reason})" for n, p in plan.nodes.items()
+                      if p.role == FLOAT and p.reason and n.op not in ("placeholder", "output", "get_attr")
+                      and "tensor_meta" in n.meta)
+    return [f"fp32 islands: {', '.join(f'{n} x {k}' for k, n in sorted(islands.items()))}"] if islands else []
+
+
+@register_pass
+@dataclass(frozen=True)
+class InsertObservers(Pass):
+    """Observers after every quantized root value (FakeQuantize modules when ``fake_quant``)."""
+
+    name = "insert-observers"
+    provides = frozenset({"observed"})
+    invalidates = frozenset({"calibrated"})
+    fake_quant: bool = False
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        opts = quant_options(ctx, self.name)
+        ctx.shapes(gm)
+        trained = take_fake_quants(gm)
+        plan = plan_quantization(gm, opts)
+        store(plan)
+        observers = _group_observers(gm, plan, opts, self.fake_quant, trained)
+        for name, module in observers.values():
+            gm.add_submodule(name, module.train(gm.training))
+        roots = [n for n, p in plan.nodes.items() if p.state == "root"]
+        for value in roots:
+            gid = plan.nodes[value].group
+            _insert(gm, value, observers[gid][0], gid)
+        gm.delete_all_unused_submodules()
+        notes = [f"{len(roots)} quantized values in {len(observers)} qparam groups"
+                 + (f", {len(trained)} trained fake-quants reused" if trained else ""), *_island_notes(plan)]
+        return PassResult(gm, bool(roots) or bool(trained), notes)

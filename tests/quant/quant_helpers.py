@@ -1,0 +1,53 @@
+"""Small models and graph queries shared by the quantization tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from fxforge.quant.sqnr import outputs_sqnr_db
+from helpers import randomize_bn
+
+
+def quantize_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
+
+
+def dequantize_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "dequantize"]
+
+
+def dq_q_round_trips(gm: fx.GraphModule) -> list[fx.Node]:
+    """Quantize nodes fed (possibly through shape ops) straight from a dequantize: wasted work and error."""
+    return [q for q in quantize_nodes(gm) if isinstance(q.args[0], fx.Node) and q.args[0].target == "dequantize"]
+
+
+def sqnr(model: nn.Module, compiled: nn.Module, *inputs: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return outputs_sqnr_db(model(*inputs), compiled(*inputs))
+
+
+class ConvBnRelu(nn.Module):
+    """conv-bn-relu x2, a residual add, max-pool, flatten, linear: the toy net of the acceptance criteria."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(channels * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def toy_model(seed: int = 0, channels: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(ConvBnRelu(channels)).eval()
+
+
+def batches(n: int, shape: tuple[int, ...] = (4, 3, 8, 8), scale: float = 1.0, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * scale for _ in range(n)]

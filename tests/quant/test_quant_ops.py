@@ -1,0 +1,85 @@
+"""Every op the issue lists is quantized (not an fp32 island) and keeps SQNR high in the reference graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quant_helpers import dq_q_round_trips, quantize_nodes, sqnr
+from torch import nn
+
+import fxforge
+from helpers import randomize_bn
+
+
+class Wrap(nn.Module):
+    """``conv -> op -> conv`` so the op sits between quantized layers; ``op`` may be a module or a function."""
+
+    def __init__(self, op, channels: int = 4, dims: int = 2) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.pre, self.op, self.post = conv(3, channels, 1), op, conv(channels, channels, 1)
+
+    def forward(self, x):
+        y = self.pre(x)
+        y = self.op(y) if isinstance(self.op, nn.Module) else self.op(y)
+        return self.post(y)
+
+
+class Binary(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.a, self.b, self.fn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), fn
+
+    def forward(self, x):  # relu'd operands: fuse-conv must not absorb the binary op into a conv
+        return self.fn(torch.relu(self.a(x)), torch.relu(self.b(x)))
+
+
+class MatMul(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.a, self.b, self.fn = nn.Linear(8, 8), nn.Linear(8, 8), fn
+
+    def forward(self, x):
+        return self.fn(self.a(x), self.b(x).transpose(1, 2))
+
+
+X2 = torch.randn(2, 3, 8, 8)
+CASES = {
+    "conv1d": (Wrap(nn.ReLU(), dims=1), torch.randn(2, 3, 16), "conv"),
+    "conv3d": (Wrap(nn.ReLU(), dims=3), torch.randn(2, 3, 4, 4, 4), "conv"),
+    "conv-transpose": (Wrap(nn.ConvTranspose2d(4, 4, 2, stride=2)), X2, "conv-transpose"),
+    "add": (Binary(torch.add), X2, "add"),
+    "mul": (Binary(torch.mul), X2, "mul"),
+    "cat": (Binary(lambda a, b: torch.cat([a, b], 1)[:, :4]), X2, "cat"),
+    "relu6": (Wrap(nn.ReLU6()), X2, "relu6"),
+    "hardtanh": (Wrap(nn.Hardtanh(-0.5, 0.5)), X2, "hardtanh"),
+    "hardswish": (Wrap(nn.Hardswish()), X2, "hardswish"),
+    "sigmoid": (Wrap(nn.Sigmoid()), X2, "sigmoid"),
+    "silu": (Wrap(nn.SiLU()), X2, "silu"),
+    "maxpool": (Wrap(nn.MaxPool2d(2)), X2, "maxpool"),
+    "avgpool": (Wrap(nn.AvgPool2d(2)), X2, "avgpool"),
+    "adaptive-avgpool": (Wrap(nn.AdaptiveAvgPool2d(2)), X2, "avgpool"),
+    "batchnorm": (Wrap(randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))), X2, "batchnorm"),
+    "interpolate-nearest": (Wrap(lambda t: F.interpolate(t, scale_factor=2.0)), X2, "interpolate"),
+    "interpolate-bilinear": (Wrap(lambda t: F.interpolate(t, scale_factor=2.0, mode="bilinear")), X2, "interpolate"),
+    "matmul": (MatMul(torch.matmul), torch.randn(2, 5, 8), "matmul"),
+    "bmm": (MatMul(torch.bmm), torch.randn(2, 5, 8), "bmm"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_is_quantized(name):
+    torch.manual_seed(0)
+    model, x, kind = CASES[name]
+    model = model.eval()
+    calibration = [torch.randn_like(x) for _ in range(16)]
+    compiled = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration)
+    report = compiled.report.quantization
+    assert not report.islands, report.islands
+    assert not dq_q_round_trips(compiled.graph_module)
+    assert len(quantize_nodes(compiled.graph_module)) >= 2
+    ops = {r.op for r in report.layers} | {n.meta.get("fxforge", {}).get("quant", {}).get("kind")
+                                           for n in compiled.graph_module.graph.nodes}
+    assert kind in ops
+    assert sqnr(model, compiled, torch.randn_like(x)) >= 25

@@ -1,0 +1,218 @@
+"""insert-observers / calibrate / insert-qdq on toy nets: structure, exactness of the observed graph, SQNR,
+qparam sharing, per-layer control, errors, recalibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quant_helpers import ConvBnRelu, batches, dequantize_nodes, dq_q_round_trips, quantize_nodes, sqnr, toy_model
+from torch import nn
+
+import fxforge
+from fxforge.quant.qspec import backend_quant
+from helpers import assert_unchanged, reestimate_bn, state_snapshot
+
+BACKENDS = ["x86", "fbgemm", "qnnpack"]
+X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+def realistic_toy(seed: int = 0) -> nn.Module:
+    return reestimate_bn(toy_model(seed), batches(8, seed=seed + 100)).eval()
+
+
+def compile_static(model: nn.Module, target: str = "x86", **kwargs) -> fxforge.CompiledModule:
+    kwargs.setdefault("calibration", batches(8))
+    return fxforge.compile(model, target, example_inputs=X, **kwargs)
+
+
+def test_observed_graph_equals_fp32_exactly():
+    model = realistic_toy()
+    pipeline = fxforge.pipeline_for("x86").split(",insert-qdq")[0]
+    observed = compile_static(model, pipeline=pipeline)
+    observers = [n for n in observed.graph_module.graph.nodes if n.op == "call_module" and "observer" in n.target]
+    assert len(observers) >= 4
+    fp32 = fxforge.compile(model, "cpu", example_inputs=X, pipeline=pipeline.split(",insert-observers")[0])
+    with torch.inference_mode():
+        for x in batches(3, seed=5):
+            assert torch.equal(observed(x), fp32(x))
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+def test_reference_graph_is_explicit_qdq_with_good_sqnr(target):
+    model = realistic_toy()
+    snapshot = state_snapshot(model)
+    compiled = compile_static(model, target)
+    gm = compiled.graph_module
+    assert quantize_nodes(gm) and dequantize_nodes(gm)
+    assert not dq_q_round_trips(gm)
+    # max-pool and flatten run on the quantized tensor: no dequantize before them
+    direct = [n for n in gm.graph.nodes if n.target in ("pool",) or n.target is torch.flatten]
+    assert direct and all(a.target != "dequantize" for n in direct for a in n.all_input_nodes)
+    assert sqnr(model, compiled, X) >= 30
+    assert sqnr(model, compiled, batches(1, seed=11)[0]) >= 30
+    assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("target", BACKENDS)
+def test_activation_qparams_follow_backend_rules(target):
+    compiled = compile_static(realistic_toy(), target)
+    spec = backend_quant(target).activation
+    for layer in compiled.report.quantization.layers:
+        assert spec.quant_min <= layer.zero_point <= spec.quant_max
+        assert layer.scale >= spec.eps
+    gm = compiled.graph_module
+    for node in quantize_nodes(gm):
+        assert node.args[3] == torch.quint8
+    weight_spec = backend_quant(target).weight
+    conv = gm.get_submodule("conv1").conv  # FusedConv(conv, relu)
+    ints = torch.round(conv.weight / conv.weight_scale.reshape(-1, 1, 1, 1))
+    assert torch.allclose(conv.weight, ints * conv.weight_scale.reshape(-1, 1, 1, 1), atol=1e-6)
+    assert ints.min() >= weight_spec.quant_min and ints.max() <= weight_spec.quant_max
+    assert torch.all(conv.weight_zero_point == 0)
+
+
+class CatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), F.max_pool2d(self.b(x), 1)], 1))
+
+
+def test_cat_inputs_share_qparams_and_cat_runs_quantized():
+    model = CatNet().eval()
+    gm = compile_static(model).graph_module
+    cat = next(n for n in gm.graph.nodes if n.target is torch.cat)
+    inputs = cat.args[0]
+    assert all(a.target != "dequantize" for a in inputs)
+    qs = [a if a.target is torch.quantize_per_tensor else a.args[0] for a in inputs]
+    assert {q.args[1].target for q in qs} == {qs[0].args[1].target}  # one scale buffer for all
+    assert not dq_q_round_trips(gm)
+    assert sqnr(model, compile_static(model), X) >= 25  # three 7-bit roundings (reduce_range) on random data
+
+
+def test_static_without_calibration_suggests_dynamic():
+    with pytest.raises(fxforge.CalibrationError, match="quantization='dynamic'"):
+        fxforge.compile(realistic_toy(), "x86", example_inputs=X)
+
+
+def test_empty_and_zero_sized_calibration_are_errors():
+    with pytest.raises(fxforge.CalibrationError, match="empty"):
+        compile_static(realistic_toy(), calibration=iter([]))
+    with pytest.raises(fxforge.CalibrationError, match="saw no calibration data.*layer"):
+        compile_static(realistic_toy(), calibration=[torch.empty(0, 3, 8, 8)])
+
+
+def test_quantization_options_on_an_fp32_target_are_rejected():
+    with pytest.raises(fxforge.ConfigError, match="int8 target"):
+        fxforge.compile(realistic_toy(), "cpu", example_inputs=X, calibration=batches(1))
+    with pytest.raises(fxforge.ConfigError, match="quantization="):
+        fxforge.compile(realistic_toy(), "x86", example_inputs=X, quantization="int4")
+
+
+def test_calibration_accepts_generators_loaders_and_caps_batches():
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 8, 8), torch.randint(0, 10, (40,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    compiled = compile_static(realistic_toy(), calibration=loader, calibration_batches=3)
+    assert compiled.report.quantization.calibration_batches == 3
+    calibrate = next(p for p in compiled.report.passes if p.name == "calibrate")
+    assert any("labels ignored" in note for note in calibrate.notes)
+    generated = compile_static(realistic_toy(), calibration=(x for x in batches(5)))
+    assert generated.report.quantization.calibration_batches == 5
+
+
+def test_report_lists_every_layer_with_qparams_observer_and_sqnr():
+    compiled = compile_static(realistic_toy())
+    q = compiled.report.quantization
+    layers = {r.layer for r in q.layers}
+    assert {"conv1", "conv2", "fc"} <= layers
+    for r in q.layers:
+        assert r.scale > 0 and r.observer and r.sqnr_db is not None
+        if r.layer in ("conv1", "conv2", "fc"):
+            assert r.weight.startswith("qint8") and r.local_sqnr_db is not None and r.local_sqnr_db > 25
+    assert q.model_sqnr_db is not None and q.model_sqnr_db >= 30
+    text = str(compiled.report)
+    assert "local dB" in text and "conv2" in text and "histogram" in text
+
+
+def test_skip_keeps_only_the_named_layer_in_fp32():
+    model = realistic_toy()
+    compiled = compile_static(model, skip=["fc"])
+    gm = compiled.graph_module
+    fc = next(n for n in gm.graph.nodes if n.target == "fc")
+    assert fc.args[0].target == "dequantize"  # fp32 input, no quantize after it
+    assert all(u.target is not torch.quantize_per_tensor for u in fc.users)
+    assert not hasattr(gm.get_submodule("fc"), "weight_scale")
+    assert hasattr(gm.get_submodule("conv2").conv, "weight_scale")
+    assert compiled.report.quantization.skipped == ["fc"]
+    with pytest.raises(fxforge.ConfigError, match="Did you mean 'fc'"):
+        compile_static(model, skip=["fcc"])
+
+
+def test_quant_config_by_type_name_and_regex():
+    cfg = (fxforge.QuantConfig(activation="minmax").for_type(nn.Linear, activation="percentile")
+           .for_regex(r"conv\d", activation="entropy").for_name("conv2", activation="moving-average"))
+    compiled = compile_static(realistic_toy(), quant_config=cfg)
+    observers = {r.layer: r.observer for r in compiled.report.quantization.layers}
+    assert observers["fc"].startswith("percentile")
+    assert observers["conv1"].startswith("entropy")
+    assert observers["conv2"].startswith("moving-average")
+    as_dict = compile_static(realistic_toy(), quant_config={"activation": "minmax", "names": {"fc": {"activation":
+                                                                                                    "entropy"}}})
+    observers = {r.layer: r.observer for r in as_dict.report.quantization.layers}
+    assert observers["fc"].startswith("entropy") and observers["conv1"].startswith("minmax")
+    with pytest.raises(fxforge.ConfigError, match="unknown observer"):
+        fxforge.QuantConfig(activation="hist")
+
+
+def test_per_tensor_weights_by_config():
+    compiled = compile_static(realistic_toy(), quant_config=fxforge.QuantConfig(per_channel=False))
+    conv = compiled.graph_module.get_submodule("conv1").conv
+    assert conv.weight_scale.numel() == 1
+
+
+def test_recalibrate_refreshes_activation_qparams_in_place():
+    model = realistic_toy()
+    compiled = compile_static(model, calibration=batches(6, scale=0.2))
+    drifted = batches(6, scale=3.0, seed=3)
+    before = sqnr(model, compiled, drifted[0])
+    graph_before = compiled.graph_module.code
+    changes = fxforge.recalibrate(compiled, drifted)
+    assert changes and all(new > old for old, new in changes.values() if old > 0)
+    assert compiled.graph_module.code == graph_before
+    assert sqnr(model, compiled, drifted[0]) > before + 3
+    with pytest.raises(fxforge.CalibrationError, match="static"):
+        fxforge.recalibrate(fxforge.compile(model, "cpu", example_inputs=X), drifted)
+
+
+class Island(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.b(torch.sin(self.a(x)))
+
+
+def test_unsupported_ops_run_as_reported_fp32_islands():
+    compiled = compile_static(Island().eval())
+    gm = compiled.graph_module
+    sin = next(n for n in gm.graph.nodes if n.target is torch.sin)
+    assert sin.args[0].target == "dequantize"
+    assert [u.target for u in sin.users] == [torch.quantize_per_tensor]
+    assert any("sin" in island for island in compiled.report.quantization.islands)
+
+
+def test_verify_numeric_accepts_int8_by_sqnr():
+    compiled = compile_static(realistic_toy(), verify="numeric")
+    assert compiled.report.quantization.model_sqnr_db >= 30
+
+
+def test_conv_bn_relu_variants_reach_30db():
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = reestimate_bn(ConvBnRelu(16).eval(), batches(8, seed=seed)).eval()
+        assert sqnr(model, compile_static(model), X) >= 30
