@@ -78,25 +78,30 @@ def _has_trained_fake_quants(model: nn.Module) -> bool:
 
 
 def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quant_config: Any,
-                   skip: Sequence[str], calibration: Any, calibration_batches: int | None) -> QuantOptions | None:
+                   skip: str | Sequence[str], calibration: Any, calibration_batches: int | None) -> QuantOptions | None:
     """Validate the quantization arguments against the target; None for fp32 targets."""
-    given = quantization is not None or quant_config is not None or skip or calibration is not None
+    given = (quantization is not None or quant_config is not None or skip or calibration is not None
+             or calibration_batches is not None)
     if tgt.quant_backend is None:
         if given:
-            raise ConfigError(f"target '{tgt.name}' runs in fp32; quantization, quant_config, skip and calibration "
-                              f"need an int8 target: x86, fbgemm or qnnpack")
+            raise ConfigError(f"target '{tgt.name}' runs in fp32; quantization, quant_config, skip, calibration and "
+                              f"calibration_batches need an int8 target: x86, fbgemm or qnnpack")
         return None
     mode = quantization or "static"
     if mode not in QUANT_MODES:
         raise ConfigError(f"quantization={mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode != "static" and (calibration is not None or calibration_batches is not None):
+        raise ConfigError(f"quantization={mode!r} takes no calibration data (activations are "
+                          f"{'quantized per call' if mode == 'dynamic' else 'kept in fp32'}): drop calibration=, "
+                          f"or use quantization='static'")
     if mode == "static" and calibration is None and not _has_trained_fake_quants(model):
         raise CalibrationError(
             f"target '{tgt.name}' quantizes activations statically and needs calibration data: pass "
             f"calibration=<iterable of model inputs> (e.g. 8-32 batches of real data), or use "
             f"quantization='dynamic' (weights int8, activations quantized per call: no calibration needed)")
-    check_skip_names(model, tuple(skip))
+    skip = check_skip_names(model, skip)
     return QuantOptions(mode=mode, backend=tgt.quant_backend, config=QuantConfig.from_value(quant_config),
-                        skip=tuple(skip), calibration=calibration, calibration_batches=calibration_batches)
+                        skip=skip, calibration=calibration, calibration_batches=calibration_batches)
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -114,7 +119,7 @@ def compile(  # noqa: A001 - the public name users expect
     calibration_batches: int | None = None,
     quantization: str | None = None,
     quant_config: QuantConfig | dict | None = None,
-    skip: Sequence[str] = (),
+    skip: str | Sequence[str] = (),
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
@@ -160,5 +165,7 @@ def compile(  # noqa: A001 - the public name users expect
             f"verify='numeric' to find the pass that broke it (pipeline: {manager.pipeline})") from exc
     if report.quantization is not None:
         report.quantization.model_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
+        if _has_trained_fake_quants(model):
+            report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
     report.compile_seconds = time.perf_counter() - start
     return CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)

@@ -18,7 +18,8 @@ def fxmeta(node: fx.Node) -> dict[str, Any]:
 def record_rewrite(new: fx.Node, pass_name: str, *replaced: fx.Node) -> None:
     """Provenance: ``new`` was written by ``pass_name`` in place of ``replaced`` (for reports and diffs).
 
-    ``new`` computes the value of the last replaced node, so it inherits that node's shape metadata.
+    ``new`` computes the value of the last replaced node, so it inherits that node's shape metadata, and
+    the module path it was traced in when it has none of its own (per-layer quantization settings use it).
     """
     origins: list[str] = []
     for old in replaced:
@@ -29,6 +30,8 @@ def record_rewrite(new: fx.Node, pass_name: str, *replaced: fx.Node) -> None:
     for key in ("type", "tensor_meta"):  # as set by torch.fx's ShapeProp
         if replaced and key in replaced[-1].meta:
             new.meta[key] = replaced[-1].meta[key]
+    if replaced and "nn_module_stack" in replaced[-1].meta:
+        new.meta.setdefault("nn_module_stack", replaced[-1].meta["nn_module_stack"])
 
 
 def tensor_shape(node: fx.Node) -> torch.Size | None:

@@ -44,12 +44,13 @@ class QuantSummary:
     skipped: list[str] = field(default_factory=list)
     calibration_batches: int = 0
     model_sqnr_db: float | None = None
+    reference: str = "fp32"  # what SQNRs are measured against (a QAT model: itself, with fake quantization)
 
     def lines(self) -> list[str]:
         out = [f"quantization: {self.mode} int8 for {self.backend}"
                + (" (reduce_range: 7-bit activations, this CPU has no VNNI)" if self.reduce_range else "")]
         if self.model_sqnr_db is not None:
-            out.append(f"model output SQNR vs fp32 on the example inputs: {self.model_sqnr_db:.1f} dB")
+            out.append(f"model output SQNR vs {self.reference} on the example inputs: {self.model_sqnr_db:.1f} dB")
         out.append(f"  {'layer':<28}{'op':<16}{'scale':>11}{'zp':>5}{'local dB':>10}{'cum dB':>8}  observer / weight")
         for r in self.layers:
             local = "-" if r.local_sqnr_db is None else f"{r.local_sqnr_db:.1f}"

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ConfigError, TraceError, suggest
+from .meta import fxmeta
 
 # Frames in these folders are not the user's code: error locations skip them.
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
@@ -179,11 +180,13 @@ def _check_module_paths(model: nn.Module, paths: set[str]) -> None:
 
 
 def _default_placeholders_to_bound_values(graph: fx.Graph, bound: dict[str, Any]) -> None:
-    """fx keeps the signature default on a specialized placeholder; make it the value traced with."""
+    """fx keeps the signature default on a specialized placeholder; make it the value traced with (and mark
+    it ``bound``: it is not one of the inputs that calibration data supplies)."""
     for node in graph.nodes:
         name = next((k for k in bound if re.fullmatch(rf"{re.escape(k)}(_\d+)?", str(node.target))), None)
         if node.op == "placeholder" and name is not None:
             node.args = (bound[name],)
+            fxmeta(node)["bound"] = True
 
 
 def _trace_error(model: nn.Module, exc: BaseException, reasons: dict[str, str]) -> TraceError:

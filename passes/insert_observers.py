@@ -7,9 +7,12 @@ each *root* value inserts a call of its group's observer and routes the value's 
                                                         y1 = observer_1(y); z = flatten(y1)
 Why correct: an observer returns its input unchanged, so the observed graph computes exactly what the
 fp32 graph did (a test checks bit equality). Values that must share qparams share one observer module.
-With ``fake_quant=true`` (quantization-aware training) each observer is wrapped in a FakeQuantize module.
+With ``fake_quant=true`` (quantization-aware training) each observer is wrapped in a FakeQuantize module,
+and values insert-qdq will requantize with their input's qparams get a SharedFakeQuantize of that group.
 Graphs that already hold FakeQuantize modules (a trained QAT model being compiled) keep them: their
 learned qparams become the quantization points' observers.
+A ``skip`` entry whose module no longer has an op of its own (a BatchNorm folded into its conv, an
+activation fused into it) is a ConfigError: the merged op is quantized, so the request cannot be honoured.
 Preconditions: shapes known (the pass propagates them); the context carries quantization options
 (an int8 target, or ``prepare_qat``); best after fold-bn and fuse-* so fused ops get one observer.
 """
@@ -25,9 +28,9 @@ from fxforge.context import PassContext
 from fxforge.errors import ConfigError
 from fxforge.meta import fxmeta
 from fxforge.pass_api import Pass, PassResult, register_pass
-from fxforge.quant.config import QuantOptions
+from fxforge.quant.config import QuantOptions, name_matches
 from fxforge.quant.plan import FLOAT, OBSERVER_KEY, QuantPlan, config_layer, plan_quantization, store
-from fxforge.quant.qat_modules import FakeQuantize
+from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
 from fxforge.quant.qspec import backend_quant
 
 from .matching import module_of
@@ -45,9 +48,10 @@ def take_fake_quants(gm: fx.GraphModule) -> dict[fx.Node, FakeQuantize]:
     found: dict[fx.Node, FakeQuantize] = {}
     for node in list(gm.graph.nodes):
         mod = module_of(gm, node)
-        if isinstance(mod, FakeQuantize):
+        if isinstance(mod, (FakeQuantize, SharedFakeQuantize)):
             source = node.args[0]
-            found.setdefault(source, mod)
+            if isinstance(mod, FakeQuantize):  # a shared one reuses its group's: insert-qdq requantizes there
+                found.setdefault(source, mod)
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     return found
@@ -72,14 +76,38 @@ def _group_observers(gm: fx.GraphModule, plan: QuantPlan, opts: QuantOptions, fa
     return chosen
 
 
-def _insert(gm: fx.GraphModule, value: fx.Node, name: str, gid: int) -> None:
+def _insert(gm: fx.GraphModule, value: fx.Node, name: str, gid: int | None) -> None:
     with gm.graph.inserting_after(value):
         obs = gm.graph.call_module(name, (value,))
     value.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
-    fxmeta(obs)[OBSERVER_KEY] = gid
+    if gid is not None:
+        fxmeta(obs)[OBSERVER_KEY] = gid
     for key in ("type", "tensor_meta"):
         if key in value.meta:
             obs.meta[key] = value.meta[key]
+
+
+def _insert_requant_fake_quants(gm: fx.GraphModule, plan: QuantPlan, observers: dict[int, tuple[str, nn.Module]]
+                                ) -> None:
+    """QAT: the values insert-qdq requantizes with their input's qparams (average pooling) round onto the
+    group's grid too, without being observed (the group's range stays that of its roots)."""
+    for value, p in plan.nodes.items():
+        if p.state == "requant" and isinstance(observers[p.group][1], FakeQuantize):
+            name = f"requant_fake_quant_{value.name}"
+            gm.add_submodule(name, SharedFakeQuantize(observers[p.group][1]))
+            _insert(gm, value, name, None)
+
+
+def _check_skip_matched(plan: QuantPlan, skip: tuple[str, ...]) -> None:
+    """Every skip entry must still name an op: one merged into another op would be quantized silently."""
+    layers = {p.layer for n, p in plan.nodes.items() if n.op not in ("placeholder", "get_attr", "output")}
+    for name in skip:
+        if not any(name_matches(name, layer) for layer in layers):
+            raise ConfigError(
+                f"skip '{name}': no op of this module is left to keep in fp32: an earlier pass folded or fused it "
+                f"into another op (fold-bn folds a BatchNorm into the conv before it, fuse-* merge an add or "
+                f"activation into their conv/linear) or removed it (remove-noops). Skip the op it was merged "
+                f"into instead (e.g. the conv before it)")
 
 
 def _island_notes(plan: QuantPlan) -> list[str]:
@@ -104,6 +132,7 @@ class InsertObservers(Pass):
         ctx.shapes(gm)
         trained = take_fake_quants(gm)
         plan = plan_quantization(gm, opts)
+        _check_skip_matched(plan, opts.skip)
         store(plan)
         observers = _group_observers(gm, plan, opts, self.fake_quant, trained)
         for name, module in observers.values():
@@ -112,6 +141,8 @@ class InsertObservers(Pass):
         for value in roots:
             gid = plan.nodes[value].group
             _insert(gm, value, observers[gid][0], gid)
+        if self.fake_quant:
+            _insert_requant_fake_quants(gm, plan, observers)
         gm.delete_all_unused_submodules()
         notes = [f"{len(roots)} quantized values in {len(observers)} qparam groups"
                  + (f", {len(trained)} trained fake-quants reused" if trained else ""), *_island_notes(plan)]

@@ -168,18 +168,26 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
     local = local_errors(gm, ctx.fresh_inputs(), {first_op[q].name: q for q in heads}, reference)
     records = []
     for q_name, value in roots.items():
-        plan, gid = stored(value), stored(value).get("group")
+        gid = stored(value).get("group")
         op = first_op.get(q_name, value)
         scale_name, zp_name = group_buffers(gid)
         records.append(QuantLayerRecord(
-            layer=plan.get("layer") or ("<input>" if value.op == "placeholder" else "<root>"),
-            op="input" if value.op == "placeholder" else stored(op).get("kind", value.op), node=value.name,
+            layer=stored(op).get("layer") or ("<input>" if value.op == "placeholder" else "<root>"),
+            op=_record_op(value, op), node=value.name,
             observer=("shared with its input" if value in conv.requant else observers[gid].describe()),
             scale=float(getattr(gm, scale_name)), zero_point=int(getattr(gm, zp_name)),
             activation=spec.describe(), weight=weights.get(op.name, ""),
             local_sqnr_db=_finite(local.get(q_name)) if q_name in heads else None,
             sqnr_db=_finite(_sqnr(fp32, got, value.name, q_name))))
     return records
+
+
+def _record_op(value: fx.Node, op: fx.Node) -> str:
+    """The op a record describes; values produced in fp32 (islands, skipped layers) are marked as such."""
+    if value.op == "placeholder":
+        return "input"
+    kind = stored(op).get("kind", value.op)
+    return f"{kind} (fp32 out)" if stored(op).get("role") == "float" else kind
 
 
 def _sqnr(fp32: dict, got: dict, value: str, q_name: str) -> float | None:

@@ -1,7 +1,8 @@
 """quantize-dynamic: int8 weights, activations quantized at run time (or kept fp32 with ``weight_only``).
 
 Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
-    linear(x)   -> linear(dynamic_quantize(x))  with the weight on its per-channel int8 grid
+    linear(x)   -> linear(dynamic_quantize(x))  with the weight on its per-channel int8 grid (per tensor
+                   where the layer's quant_config says per_channel=False, for every layer kind below)
     lstm / gru  -> DynamicQuantLSTM / DynamicQuantGRU (int8 weights; each layer's input sequence quantized
                    once and the hidden state at every step, as torch's dynamic int8 RNN kernels do)
     weight_only: linear and embedding weights on their int8 grid, activations untouched.
@@ -22,8 +23,8 @@ from torch import fx, nn
 
 from fxforge.context import PassContext
 from fxforge.pass_api import Pass, PassResult, register_pass
-from fxforge.quant.config import layer_name
-from fxforge.quant.qspec import BackendQuant, backend_quant
+from fxforge.quant.config import QuantOptions, layer_name
+from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize, quantize_weight
 from fxforge.quant.sqnr import capture, outputs_sqnr_db
 from fxforge.report import QuantLayerRecord, QuantSummary
@@ -43,8 +44,13 @@ def _weighted(module: nn.Module | None, weight_only: bool) -> nn.Module | None:
     return module if isinstance(module, kinds) else None
 
 
-def _quantize_weight_of(layer: nn.Module, backend: BackendQuant) -> str:
-    spec = backend.weight.with_axis(0)
+def _weight_spec(opts: QuantOptions, backend: BackendQuant, path: str, layer: nn.Module) -> QSpec:
+    """Per output row, or one scale per tensor where the layer's quant_config says per_channel=False."""
+    per_channel = opts.config.resolve(path, type(layer), type(layer).__name__.lower()).per_channel
+    return backend.weight.with_axis(0 if per_channel else None)
+
+
+def _quantize_weight_of(layer: nn.Module, spec: QSpec) -> str:
     w, scale, zero_point = quantize_weight(layer.weight.detach(), spec)
     layer.weight.data.copy_(w)
     layer.register_buffer("weight_scale", scale)
@@ -52,14 +58,17 @@ def _quantize_weight_of(layer: nn.Module, backend: BackendQuant) -> str:
     return spec.describe()
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, backend: BackendQuant, weight_only: bool) -> str | None:
+def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions, backend: BackendQuant,
+             weight_only: bool) -> str | None:
     """Quantize one node's layer; returns its weight description, or None when not quantizable."""
     mod = module_of(gm, node)
     if mod is None or call_count(gm, str(node.target)) != 1:
         return None
     if type(mod) in _RNNS and not weight_only:
-        replace_submodule(gm, str(node.target), _RNNS[type(mod)].from_float(mod, backend.weight, backend.reduce_range))
-        return f"{backend.weight.describe()} per gate row; input per layer, hidden state per step"
+        spec = _weight_spec(opts, backend, str(node.target), mod)
+        replace_submodule(gm, str(node.target), _RNNS[type(mod)].from_float(mod, spec, backend.reduce_range))
+        rows = " per gate row" if spec.axis is not None else ""
+        return f"{spec.describe()}{rows}; input per layer, hidden state per step"
     layer = _weighted(mod, weight_only)
     if layer is None:
         return None
@@ -67,7 +76,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, backend: BackendQuant, weight_on
         with gm.graph.inserting_before(node):
             x = gm.graph.call_function(dynamic_quantize, (node.args[0], backend.reduce_range))
         node.replace_input_with(node.args[0], x)
-    return _quantize_weight_of(layer, backend)
+    return _quantize_weight_of(layer, _weight_spec(opts, backend, str(node.target), layer))
 
 
 def _records(gm: fx.GraphModule, before: fx.GraphModule, layers: dict[str, str], ctx: PassContext,
@@ -103,7 +112,7 @@ class QuantizeDynamic(Pass):
         layers: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and not opts.skipped(str(node.target)):
-                described = _rewrite(gm, node, backend, self.weight_only)
+                described = _rewrite(gm, node, opts, backend, self.weight_only)
                 if described is not None:
                     layers[node.name] = described
         gm.recompile()

@@ -1,9 +1,11 @@
 """Running calibration data through an observed graph (used by the ``calibrate`` pass and ``recalibrate``).
 
-Calibration data is any iterable of model inputs: a tensor per item, or a tuple/list of positional args.
-Items with more values than the model takes (a DataLoader over ``(input, label)`` pairs) are cut to the
-model's arguments, and the report says so. ``batches`` caps how many items are used; a tqdm bar shows
-progress when stderr is a terminal.
+Calibration data is any iterable of model inputs: a tensor per item, a tuple/list of positional args, or a
+dict of them by forward argument name. The inputs are the forward arguments compile was given examples for
+(arguments it bound to their defaults, such as ``flag=False``, keep their traced value). Items with more
+values than that (a DataLoader over ``(input, label)`` pairs, a dict with a label key) are cut to the model's
+inputs, and the report says so; items with fewer, or a batch the model fails on, raise CalibrationError.
+``batches`` caps how many items are used; a tqdm bar shows progress when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -17,21 +19,46 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from fxforge.errors import CalibrationError
+from fxforge.meta import fxmeta
 
 
-def _placeholder_count(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+def input_names(gm: fx.GraphModule) -> list[str]:
+    """The forward arguments calibration items supply: placeholders compile did not bind to a value."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and not fxmeta(n).get("bound")]
 
 
-def as_args(item: Any, arity: int, device: torch.device | str) -> tuple[tuple[Any, ...], bool]:
+def _values(item: Any, names: list[str]) -> tuple[Any, ...]:
+    """An item's values in argument order (possibly more than ``names``: labels)."""
+    if isinstance(item, dict):
+        missing = [name for name in names if name not in item]
+        if missing:
+            raise CalibrationError(f"a calibration item has no value for '{missing[0]}' (keys: "
+                                   f"{', '.join(map(str, item))}): dict items map forward argument names to values")
+        return (*(item[name] for name in names), *(v for k, v in item.items() if k not in names))
+    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
+
+
+def as_args(item: Any, names: list[str], device: torch.device | str) -> tuple[tuple[Any, ...], bool]:
     """One calibration item -> (positional args, whether extra values such as labels were dropped)."""
-    values = tuple(item) if isinstance(item, (tuple, list)) else (item,)
-    if not values or not all(isinstance(v, torch.Tensor) or not isinstance(v, (tuple, list)) for v in values):
-        raise CalibrationError(f"a calibration item must be a tensor or a tuple of forward arguments, "
-                               f"got {type(item).__name__}")
-    dropped = len(values) > arity
-    values = values[:arity]
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values), dropped
+    values = _values(item, names)
+    used = values[:len(names)]  # what follows (labels) is never looked at
+    if not values or not all(isinstance(v, torch.Tensor) or not isinstance(v, (tuple, list)) for v in used):
+        raise CalibrationError(f"a calibration item must be a tensor, a tuple of forward arguments or a dict of "
+                               f"them by name, got {type(item).__name__}")
+    if len(values) < len(names):
+        raise CalibrationError(f"a calibration item has {len(values)} value(s) but the model takes {len(names)} "
+                               f"inputs ({', '.join(names)}): give a tuple with one value per input, or a dict")
+    dropped = len(values) > len(names)
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in used), dropped
+
+
+def _run_batch(gm: fx.GraphModule, args: tuple[Any, ...], index: int) -> None:
+    try:
+        gm(*args)
+    except Exception as exc:  # bad data, not a compiler bug: say so instead of failing the pass
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CalibrationError(f"calibration batch {index} failed in the model with {type(exc).__name__}: {first}. "
+                               f"Calibration items must be model inputs like example_inputs") from exc
 
 
 def _total(data: Iterable[Any], batches: int | None) -> int | None:
@@ -50,14 +77,14 @@ def run_calibration(gm: fx.GraphModule, data: Iterable[Any], batches: int | None
                                "tensors, a generator or a DataLoader), or quantization='dynamic', which needs none")
     if isinstance(data, torch.Tensor):
         data = [data]  # one batch given directly
-    if batches is not None and batches < 1:
-        raise CalibrationError(f"calibration_batches={batches}: use a positive number or None for all")
-    arity, used, dropped = _placeholder_count(gm), 0, False
+    if batches is not None and (not isinstance(batches, int) or batches < 1):
+        raise CalibrationError(f"calibration_batches={batches}: use a positive integer or None for all")
+    names, used, dropped = input_names(gm), 0, False
     items = itertools.islice(data, batches) if batches is not None else data
     with torch.no_grad():
         for item in tqdm(items, total=_total(data, batches), desc=desc, unit="batch", disable=None, leave=False):
-            args, cut = as_args(item, arity, device)
-            gm(*args)
+            args, cut = as_args(item, names, device)
+            _run_batch(gm, args, used)
             used, dropped = used + 1, dropped or cut
     if used == 0:
         raise CalibrationError("the calibration data was empty (an exhausted generator?): give at least one batch")
@@ -72,8 +99,6 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
     its kernels stay as they are: no recompilation. Submodules with a ``refresh_qparams()`` method (lowered
     kernels that cache qparams) are told to re-read them. Returns {scale buffer name: (old, new scale)}.
     """
-    from fxforge.meta import fxmeta
-
     from .plan import OBSERVER_KEY, group_buffers, observer_nodes  # here: plan imports the op table
     from .qat_modules import FakeQuantize
     from .qspec import backend_quant
@@ -86,7 +111,7 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
     for module in modules.values():
         (module.observer if isinstance(module, FakeQuantize) else module).reset()
         module.train(isinstance(module, FakeQuantize))  # a trained fake-quant observes only in train mode
-    device = next((b.device for b in compiled.graph_module.buffers()), "cpu")
+    device = next((t.device for t in (*observed.parameters(), *observed.buffers())), "cpu")
     try:
         run_calibration(observed, data, batches, device, desc="recalibrating")
     finally:

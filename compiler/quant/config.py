@@ -15,7 +15,7 @@ module and everything inside it, so ``skip=["layer4"]`` keeps all of layer4 in f
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -100,11 +100,13 @@ class QuantConfig:
         return LayerQuant(activation, per_channel)
 
     @classmethod
-    def from_value(cls, value: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
-        """Accept a QuantConfig, None, or a dict ``{"activation": ..., "per_channel": ..., "types": {nn.Linear:
-        {...}}, "names": {"fc": {...}}, "regex": {"layer1\\..*": {...}}}``."""
+    def from_value(cls, value: QuantConfig | Mapping[str, Any] | str | None) -> QuantConfig:
+        """Accept a QuantConfig, None, an observer name ("minmax"), or a dict ``{"activation": ...,
+        "per_channel": ..., "types": {nn.Linear: {...}}, "names": {"fc": {...}}, "regex": {"layer1\\..*": {...}}}``."""
         if value is None or isinstance(value, QuantConfig):
             return value or cls()
+        if isinstance(value, str):
+            return cls(activation=value)
         known = {"activation", "per_channel", "types", "names", "regex"}
         unknown = set(value) - known
         if unknown:
@@ -148,10 +150,13 @@ class QuantOptions:
         return any(name_matches(name, layer) for name in self.skip)
 
 
-def check_skip_names(model: nn.Module, skip: tuple[str, ...]) -> None:
-    """Every ``skip`` entry must name a submodule: a typo would otherwise quantize the layer silently."""
+def check_skip_names(model: nn.Module, skip: str | Sequence[str]) -> tuple[str, ...]:
+    """Every ``skip`` entry must name a submodule: a typo would otherwise quantize the layer silently.
+    Returns the entries (a single string is one name, not a sequence of one-letter names)."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     known = {name for name, _ in model.named_modules() if name}
     for name in skip:
         if name not in known:
             raise ConfigError(f"skip: the model has no submodule '{name}'.{suggest(name, known)} "
                               f"skip takes module paths as printed by model.named_modules()")
+    return skip

@@ -9,6 +9,8 @@ Every node gets a *role*:
   stays inside their range, and the int8 kernels keep the input's qparams).
 - ``direct``: runs on the quantized tensor itself and keeps its qparams, exactly (flatten, reshape, view,
   permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, tensor slicing).
+  Ops that only pick input values but have no quantized kernel in torch (adaptive max-pool, nearest
+  upsampling of 1-d signals) are ``share`` ops instead: exact too, through dequantize -> op -> quantize.
   ``cat`` is direct too, once all its inputs share one set of qparams.
 - ``meta``: reads only a quantized tensor's shape (``x.size()``, ``x.dim()``).
 - ``float``: everything else: an fp32 island between a dequantize and a quantize (listed in the report).
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxforge.meta import tensor_shape
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import module_of
 
@@ -48,7 +51,7 @@ _COMPUTE_MODULES: dict[type, str] = {
 _SHARE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                   nn.AdaptiveAvgPool3d)
 _DIRECT_MODULES: dict[type, str] = {
-    nn.MaxPool1d: "maxpool", nn.MaxPool2d: "maxpool", nn.MaxPool3d: "maxpool", nn.AdaptiveMaxPool2d: "maxpool",
+    nn.MaxPool1d: "maxpool", nn.MaxPool2d: "maxpool", nn.MaxPool3d: "maxpool",
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh", nn.Flatten: "flatten", nn.Identity: "identity",
     nn.Dropout: "dropout", nn.Unflatten: "unflatten",
 }
@@ -77,7 +80,13 @@ _DIRECT_METHODS = {
 _META_METHODS = {"size", "dim"}
 
 
-def _module_info(mod: nn.Module) -> OpInfo:
+def _nearest_role(node: fx.Node) -> str:
+    """Nearest upsampling runs quantized where torch has the kernel (2-d and 3-d images), else as a share op."""
+    shape = tensor_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    return DIRECT if shape is not None and len(shape) in (4, 5) else SHARE
+
+
+def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
     if isinstance(mod, FusedConv):
         kind = _COMPUTE_MODULES.get(type(mod.conv), "conv")
         return OpInfo(COMPUTE, kind, type(mod.conv.conv) if isinstance(mod.conv, QATConvBn) else type(mod.conv))
@@ -86,13 +95,15 @@ def _module_info(mod: nn.Module) -> OpInfo:
     if isinstance(mod, QATConvBn):
         return OpInfo(COMPUTE, "conv", type(mod.conv))
     if isinstance(mod, QATWeighted):
-        return _module_info(mod.module)
+        return _module_info(mod.module, node)
     if type(mod) in _COMPUTE_MODULES:
         return OpInfo(COMPUTE, _COMPUTE_MODULES[type(mod)], type(mod))
     if isinstance(mod, _SHARE_MODULES):
         return OpInfo(SHARE, "avgpool", type(mod))
+    if isinstance(mod, nn.AdaptiveMaxPool2d):  # no quantized kernel; the max of grid values is on the grid
+        return OpInfo(SHARE, "maxpool", type(mod))
     if isinstance(mod, nn.Upsample):
-        return OpInfo(DIRECT if mod.mode == "nearest" else COMPUTE, "interpolate", type(mod))
+        return OpInfo(_nearest_role(node) if mod.mode == "nearest" else COMPUTE, "interpolate", type(mod))
     if type(mod) in _DIRECT_MODULES:
         return OpInfo(DIRECT, _DIRECT_MODULES[type(mod)], type(mod))
     return OpInfo(FLOAT, type(mod).__name__, type(mod))
@@ -104,7 +115,7 @@ def _function_info(node: fx.Node) -> OpInfo:
         return OpInfo(CAT, "cat")
     if fn is F.interpolate:
         nearest = node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
-        return OpInfo(DIRECT if nearest else COMPUTE, "interpolate")
+        return OpInfo(_nearest_role(node) if nearest else COMPUTE, "interpolate")
     for table, role in ((_COMPUTE_FUNCTIONS, COMPUTE), (_SHARE_FUNCTIONS, SHARE), (_DIRECT_FUNCTIONS, DIRECT)):
         if fn in table:
             return OpInfo(role, table[fn])
@@ -124,7 +135,7 @@ def _method_info(node: fx.Node) -> OpInfo:
 def op_info(gm: fx.GraphModule, node: fx.Node) -> OpInfo:
     """The role and kind of ``node`` (placeholders, get_attr and output nodes are ``float``)."""
     if node.op == "call_module":
-        return _module_info(module_of(gm, node))
+        return _module_info(module_of(gm, node), node)
     if node.op == "call_function":
         return _function_info(node)
     if node.op == "call_method":

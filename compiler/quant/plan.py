@@ -10,6 +10,9 @@ A relu/relu6 that is the sole user of a compute op is *absorbed*: the quantizati
 (``dq -> conv -> relu -> q``), so the activation's negative half does not waste int8 levels.
 Values that must carry identical qparams (cat inputs and output, shape ops' inputs and outputs) form one
 group (union-find), watched by one observer.
+A value that an in-place op changes where other readers can see it (``y.add_(1)`` on a ``y`` read elsewhere)
+stays fp32, with every value aliasing it through direct ops: a quantized copy taken before the change would
+not see it.
 
 The plan is stored per node in ``node.meta["fxforge"]["quant"]`` for insert-qdq and the report.
 """
@@ -22,6 +25,7 @@ import torch
 from torch import fx
 
 from fxforge.meta import fxmeta
+from fxforge.passes.matching import is_in_place, mutates_only_private_value
 
 from .config import LayerQuant, QuantOptions, layer_name
 from .ops import CAT, COMPUTE, DIRECT, FLOAT, META, SHARE, OpInfo, op_info
@@ -109,6 +113,31 @@ class _Groups:
         return min(a, b)
 
 
+def _changed_in_place(gm: fx.GraphModule, plans: dict[fx.Node, NodePlan]) -> set[fx.Node]:
+    """Values an in-place op changes visibly, and the values aliasing them through direct ops (views)."""
+    def aliases(n: fx.Node) -> bool:
+        return plans[n].role == DIRECT or is_in_place(gm, n)
+
+    todo = [n.args[0] for n in gm.graph.nodes
+            if is_in_place(gm, n) and n.args and not mutates_only_private_value(gm, n)]
+    found: set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node in found:
+            continue
+        found.add(node)
+        todo.extend(u for u in node.users if aliases(u) and u.args and u.args[0] is node)
+        todo.extend(node.args[:1] if aliases(node) else ())
+    return found
+
+
+def _keep_fp32(plans: dict[fx.Node, NodePlan], values: set[fx.Node]) -> None:
+    """``values`` stay fp32: their ops run in fp32, and so does a cat that would need them quantized."""
+    for node, plan in plans.items():
+        if plan.role != FLOAT and (node in values or (plan.role == CAT and values & set(tensor_inputs(node)))):
+            plan.role, plan.reason = FLOAT, "a value changed in place"
+
+
 def _absorb_activations(gm: fx.GraphModule, plans: dict[fx.Node, NodePlan]) -> None:
     """compute -> relu-like (sole user) : the relu joins the compute op, quantized after it."""
     for node, plan in plans.items():
@@ -134,8 +163,10 @@ def _required(plans: dict[fx.Node, NodePlan]) -> set[fx.Node]:
 def plan_quantization(gm: fx.GraphModule, opts: QuantOptions) -> QuantPlan:
     """Decide roles, quantized values and qparam groups for every node (see the module docstring)."""
     plans = {n: _effective(gm, n, opts) for n in gm.graph.nodes}
+    changed = _changed_in_place(gm, plans)
+    _keep_fp32(plans, changed)
     _absorb_activations(gm, plans)
-    required = _required(plans)
+    required = _required(plans) - changed
     groups, group_of = _Groups(), {}
     for node in gm.graph.nodes:
         plan = plans[node]

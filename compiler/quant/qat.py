@@ -31,7 +31,7 @@ QAT_PIPELINE = "normalize-inplace,normalize-relu,prepare-qat,insert-observers{fa
 
 
 def prepare_qat(model: nn.Module, target: str, example_inputs: Any, *, quant_config: QuantConfig | dict | None = None,
-                skip: Sequence[str] = ()) -> fx.GraphModule:
+                skip: str | Sequence[str] = ()) -> fx.GraphModule:
     """A training-mode copy of ``model`` with fake quantization for ``target`` (x86, fbgemm or qnnpack).
 
     Activation observers default to moving-average min/max (cheap per step, robust to early outliers).
@@ -42,11 +42,11 @@ def prepare_qat(model: nn.Module, target: str, example_inputs: Any, *, quant_con
         raise ConfigError(f"prepare_qat needs an int8 target (x86, fbgemm, qnnpack), not '{tgt.name}'")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     config = QuantConfig.from_value(quant_config if quant_config is not None else QuantConfig("moving-average"))
-    check_skip_names(model, tuple(skip))
+    skip = check_skip_names(model, skip)
     work = copy.deepcopy(model).eval()  # eval while preparing: shape propagation must not move BN statistics
     gm = trace(work, inputs).gm
     ctx = PassContext(inputs, CompileReport(tgt.name, QAT_PIPELINE, torch.__version__), target=tgt.name,
-                      quant=QuantOptions(mode="qat", backend=tgt.quant_backend, config=config, skip=tuple(skip)))
+                      quant=QuantOptions(mode="qat", backend=tgt.quant_backend, config=config, skip=skip))
     ctx.propagate(gm)
     gm = PassManager.from_text(QAT_PIPELINE).run(gm, ctx)
     return gm.train()

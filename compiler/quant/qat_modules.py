@@ -8,7 +8,11 @@ zeroes it for values that were clipped (the straight-through estimator).
 - ``FakeQuantize``: an activation observer plus per-tensor fake quantization. In training mode each batch
   is observed and the scale / zero point refreshed from the observer; in eval mode (or with ``observe``
   False: freezing the ranges late in training) the last qparams are used as they are. ``enabled`` False
-  makes it the identity. Its frozen ``scale`` / ``zero_point`` buffers are what the int8 model uses.
+  makes it the identity. Its frozen ``scale`` / ``zero_point`` buffers are what the int8 model uses. It
+  saturates where the int8 graph does (``quantize_per_tensor``: the dtype's limits), which is above
+  ``quant_max`` with 7-bit activations (reduce_range), so the compiled model reproduces the trained one.
+- ``SharedFakeQuantize``: rounds onto a FakeQuantize's grid without observing, where the int8 model
+  requantizes a value with its input's qparams (after average pooling).
 - ``fake_quantize_weight``: rounds a weight the way the int8 kernels will, with qparams taken from the
   weight's current min/max (per channel along ``spec.axis``, or per tensor).
 - ``QATWeighted``: a conv (1d/2d/3d, transposed 1d/2d/3d) or linear layer computing with its fake-quantized
@@ -44,13 +48,22 @@ from .qspec import QSpec
 if TYPE_CHECKING:
     from .observers import Observer
 
-__all__ = ["FakeQuantize", "QATConvBn", "QATWeighted", "fake_quantize_weight"]
+__all__ = ["FakeQuantize", "QATConvBn", "QATWeighted", "SharedFakeQuantize", "fake_quantize_weight"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCHNORM_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _TRANSPOSE_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
                  nn.ConvTranspose3d: F.conv_transpose3d}
+
+
+_DTYPE_LIMITS = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
+
+
+def _saturation_range(spec: QSpec) -> tuple[int, int]:
+    """Where the int8 graph clamps an activation quantized with ``spec``: ``quantize_per_tensor`` saturates at
+    the dtype's limits, whatever narrower range chose the scale (reduce_range: 7-bit scale, values reach 255)."""
+    return _DTYPE_LIMITS.get(spec.dtype, (spec.quant_min, spec.quant_max))
 
 
 class FakeQuantize(nn.Module):
@@ -97,15 +110,18 @@ class FakeQuantize(nn.Module):
                            "batches before evaluating it or reading its qparams")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return x
-        if self.training and self.observe:
+        if self.enabled and self.training and self.observe:
             self.observer(x.detach())
             self._refresh()
-        else:
-            self._ensure_qparams()
+        return self.round(x)
+
+    def round(self, x: Tensor) -> Tensor:
+        """``x`` on this fake-quant's current grid, without observing it (the identity when disabled)."""
+        if not self.enabled:
+            return x
+        self._ensure_qparams()
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point.to(torch.int32),
-                                                     self.spec.quant_min, self.spec.quant_max)
+                                                     *_saturation_range(self.spec))
 
     def qparams(self, spec: QSpec | None = None) -> tuple[Tensor, Tensor]:
         """The frozen (scale float32, zero_point int64) this fake-quant uses (``spec`` is accepted and ignored)."""
@@ -133,6 +149,18 @@ class FakeQuantize(nn.Module):
         qparams = (f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}" if bool(self.qparams_ready)
                    else "scale=?, zero_point=? (no data yet)")
         return f"{self.spec.describe()}, {qparams}, observe={self.observe}, enabled={self.enabled}"
+
+
+class SharedFakeQuantize(nn.Module):
+    """Rounds onto another FakeQuantize's grid without observing: where the int8 model requantizes a value
+    with its input's qparams (average pooling), so that training sees this rounding too."""
+
+    def __init__(self, source: FakeQuantize) -> None:
+        super().__init__()
+        self.source = source
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.source.round(x)
 
 
 def _channel_minmax(weight: Tensor, axis: int) -> tuple[Tensor, Tensor]:

@@ -216,3 +216,21 @@ def test_conv_bn_relu_variants_reach_30db():
         torch.manual_seed(seed)
         model = reestimate_bn(ConvBnRelu(16).eval(), batches(8, seed=seed)).eval()
         assert sqnr(model, compile_static(model), X) >= 30
+
+
+def test_quant_config_may_be_an_observer_name():
+    compiled = compile_static(realistic_toy(), quant_config="minmax")
+    assert all(r.observer.startswith("minmax") for r in compiled.report.quantization.layers)
+
+
+def test_dynamic_modes_reject_calibration_data():
+    with pytest.raises(fxforge.ConfigError, match="takes no calibration"):
+        fxforge.compile(realistic_toy(), "x86", example_inputs=X, quantization="dynamic", calibration=batches(1))
+
+
+def test_records_are_named_after_the_layer_not_its_absorbed_activation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 4, 1)).eval()
+    compiled = compile_static(model, quant_config=fxforge.QuantConfig().for_name("0", activation="minmax"))
+    records = {r.layer: r for r in compiled.report.quantization.layers}
+    assert records["0"].op == "conv" and records["0"].observer.startswith("minmax")
+    assert "1" not in records
