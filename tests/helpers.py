@@ -9,6 +9,16 @@ from fxforge.numerics import max_errors
 from fxforge.testing import randomize_bn, reestimate_bn  # noqa: F401  (re-exported for the tests)
 
 
+def one_intra_op_thread():
+    """Fixture body: one intra-op thread for a test module. Small graphs gain nothing from a second thread,
+    and on a 2-core machine shared with another process each oneDNN call waited ~16 ms for the busy core
+    (measured: sweeps ran ~20x slower), so one thread keeps run times steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_error(actual, expected) -> float:
     return max_errors(actual, expected)[1]
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxforge
-from helpers import assert_unchanged, randomize_bn, rel_error, state_snapshot
+from helpers import assert_unchanged, one_intra_op_thread, randomize_bn, rel_error, state_snapshot
 
 RTOL = 1e-4
 PIPELINE = fxforge.pipeline_for("cpu")
@@ -37,14 +37,7 @@ INPLACE = {"nn.ReLU(inplace)", "F.relu(inplace)", "torch.relu_", "Tensor.relu_",
 MAX_CHANNELS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny graphs gain nothing from intra-op threads, and on a shared 2-core machine each oneDNN call can
-    wait ~16 ms for the second core (measured): one thread keeps the run time steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,9 @@ class _DynamicQuantRNN(nn.Module):
                 for kind in ("ih", "hh")]
 
     @classmethod
-    def _from_float(cls, rnn: nn.RNNBase, weight_spec: QSpec, reduce_range: bool) -> Any:
+    def from_float(cls, rnn: nn.RNNBase, weight_spec: QSpec, reduce_range: bool) -> Any:
+        """The dynamic int8 version of ``rnn``: weights rounded with ``weight_spec``, per output row (gate unit)
+        when its axis is set (0), per tensor when it is None; ``reduce_range``: 7-bit activations."""
         expected = nn.LSTM if cls.mode == "LSTM" else nn.GRU
         if not isinstance(rnn, expected):
             raise TypeError(f"{cls.__name__}.from_float expects an nn.{cls.mode}, got {type(rnn).__name__}")
@@ -234,12 +236,6 @@ class DynamicQuantLSTM(_DynamicQuantRNN):
     mode = "LSTM"
     gates = 4
 
-    @classmethod
-    def from_float(cls, rnn: nn.LSTM, weight_spec: QSpec, reduce_range: bool) -> DynamicQuantLSTM:
-        """The dynamic int8 version of ``rnn``: weights rounded with ``weight_spec``, per output row (gate unit)
-        when its axis is set (0), per tensor when it is None; ``reduce_range``: 7-bit activations."""
-        return cls._from_float(rnn, weight_spec, reduce_range)
-
     def _cell(self, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         assert c is not None
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
@@ -259,12 +255,6 @@ class DynamicQuantGRU(_DynamicQuantRNN):
 
     mode = "GRU"
     gates = 3
-
-    @classmethod
-    def from_float(cls, rnn: nn.GRU, weight_spec: QSpec, reduce_range: bool) -> DynamicQuantGRU:
-        """The dynamic int8 version of ``rnn``: weights rounded with ``weight_spec``, per output row (gate unit)
-        when its axis is set (0), per tensor when it is None; ``reduce_range``: 7-bit activations."""
-        return cls._from_float(rnn, weight_spec, reduce_range)
 
     def _cell(self, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         i_r, i_z, i_n = gi.chunk(3, dim=-1)

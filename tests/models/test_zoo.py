@@ -21,7 +21,7 @@ from torch import fx, nn
 import fxforge
 from fxforge.backends.cpu import OneDnnConv2d
 from fxforge.passes.fuse import FusedConv
-from helpers import assert_unchanged, module_types, reestimate_bn, rel_error, state_snapshot
+from helpers import assert_unchanged, module_types, one_intra_op_thread, reestimate_bn, rel_error, state_snapshot
 
 tv_models = pytest.importorskip("torchvision.models")
 
@@ -49,14 +49,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 UNFOLDABLE_BN = {"densenet121"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: measured on a 2-core machine shared with another process, 2 threads made this
-    sweep ~20x slower (each oneDNN call waits for the busy core); 1 thread costs little when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
 @dataclass

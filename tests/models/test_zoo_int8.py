@@ -38,7 +38,7 @@ import fxforge
 from fxforge.quant.ops import weighted_layer
 from fxforge.quant.qspec import backend_quant
 from fxforge.quant.sqnr import outputs_sqnr_db
-from helpers import assert_unchanged, reestimate_bn, state_snapshot
+from helpers import assert_unchanged, one_intra_op_thread, reestimate_bn, state_snapshot
 
 tv_models = pytest.importorskip("torchvision.models")
 
@@ -79,13 +79,7 @@ FP32_ISLANDS = {"shufflenet_v2_x1_0": 13}  # the others: none
 TORCH_AO_MODELS = ("resnet18", "mobilenet_v2", "googlenet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as in test_zoo.py (a shared 2-core machine made 2 threads ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch import fx, nn
 
 import fxforge
 from fxforge.quant.sqnr import outputs_sqnr_db
-from helpers import assert_unchanged, rel_error, state_snapshot
+from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
 
 PIPELINE = fxforge.pipeline_for("x86")
 OBSERVED = PIPELINE.split(",insert-qdq")[0]
@@ -48,13 +48,7 @@ MAXPOOL_SPELLINGS = ("nn.MaxPool2d", "F.max_pool2d")
 SQNR_FLOOR_DB = 12.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """As in tests/test_properties.py: tiny graphs, steady run time on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
 @dataclass(frozen=True)
