@@ -1,10 +1,8 @@
 """The CPU int8 targets ``x86`` (oneDNN), ``fbgemm`` and ``qnnpack``: their quantization pipelines.
 
-Each target applies its backend's qparam rules (``fxforge.quant.qspec.backend_quant``). Today the pipelines
-end with the *reference* int8 graph (``insert-qdq``: fp32 ops between quantize/dequantize nodes), which
-fixes the int8 numerics and the report's SQNR; lowering those regions to the backends' int8 kernels is
-the next step (``lower-x86`` / ``lower-fbgemm`` / ``lower-qnnpack``), so these targets are not yet faster
-than fp32.
+Each target applies its backend's qparam rules (``fxforge.quant.qspec.backend_quant``), builds the reference
+int8 graph (``insert-qdq``: fp32 ops between quantize/dequantize nodes, which fixes the numerics and the
+report's SQNR), then lowers it onto the engine's kernels (``lower-<engine>``, backends/int8_lowering.py).
 
 Modes: ``static`` (default; needs calibration data), ``dynamic`` (Linear/LSTM/GRU weights int8,
 activations quantized per call) and ``weight-only`` (Linear/Embedding weights int8, fp32 activations).
@@ -17,9 +15,9 @@ import torch
 from fxforge.targets import Target, register_target
 
 CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
-# Fuse only what int8 kernels fuse (conv+add+relu, linear+relu); other activations are separate int8 ops.
-STATIC = (f"{CANONICALIZE},fuse-conv{{post_ops=add+relu}},fuse-linear{{post_ops=relu}},"
-          "insert-observers,calibrate,insert-qdq")
+# Fuse only what these engines' int8 kernels fuse (conv+relu, linear+relu): adds stay separate int8 ops
+# (quantized.add_relu), other activations too.
+QUANTIZE = "fuse-conv{post_ops=relu},fuse-linear{post_ops=relu},insert-observers,calibrate,insert-qdq"
 MODES = {
     "dynamic": f"{CANONICALIZE},quantize-dynamic",
     "weight-only": f"{CANONICALIZE},quantize-dynamic{{weight_only=true}}",
@@ -45,8 +43,8 @@ def _engine_check(engine: str):
 for _name, _description in _DESCRIPTIONS.items():
     register_target(Target(
         name=_name,
-        description=f"{_description} (reference int8 graph until lowering lands)",
-        pipeline=STATIC,
+        description=_description,
+        pipeline=f"{CANONICALIZE},{QUANTIZE},lower-{_name}",
         availability=_engine_check(_name),
         quant_backend=_name,
         mode_pipelines=dict(MODES),

@@ -16,6 +16,7 @@ from .errors import CalibrationError, CompileError, ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
 from .pass_manager import PassManager
+from .quant.calibration import quantized_engine
 from .quant.config import QuantConfig, QuantOptions, check_skip_names
 from .quant.qat import convert_qat_layers
 from .quant.qat_modules import FakeQuantize
@@ -42,7 +43,9 @@ class CompiledModule(nn.Module):
         self.__dict__["quant_options"] = quant
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
+        engine = self.quant_options.backend if self.quant_options is not None else None
+        # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
+        with torch.inference_mode(), quantized_engine(engine):
             return self.graph_module(*args, **kwargs)
 
     def extra_repr(self) -> str:

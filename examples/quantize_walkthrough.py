@@ -7,8 +7,8 @@ scikit-learn's 8x8 digits, then shows
 3. dynamic int8 for an LSTM (no calibration data needed);
 4. quantization-aware training, then compiling the trained model;
 5. recalibrating after the input distribution drifted.
-The int8 targets produce a reference int8 graph for now (fp32 ops between quantize/dequantize nodes):
-it fixes the numerics; lowering to int8 kernels for speed is the next step on the roadmap.
+The int8 targets quantize into a reference graph (fp32 ops between quantize/dequantize nodes, which fixes
+the numerics and the report), then lower it onto the engine's int8 kernels.
 """
 
 from __future__ import annotations

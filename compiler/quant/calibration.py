@@ -10,8 +10,9 @@ inputs, and the report says so; items with fewer, or a batch the model fails on,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +21,20 @@ from tqdm.auto import tqdm
 
 from fxforge.errors import CalibrationError
 from fxforge.meta import fxmeta
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Run with ``torch.backends.quantized.engine = engine`` (None: leave it), restoring it afterwards."""
+    previous = torch.backends.quantized.engine
+    if engine is None or previous == engine:
+        yield
+        return
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def input_names(gm: fx.GraphModule) -> list[str]:
@@ -96,8 +111,8 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
 
     The compiled module keeps its fp32 graph with observers; the observers are reset, fed ``data``, and the
     new scales / zero points are written into the compiled graph's qparam buffers. Weights, the graph and
-    its kernels stay as they are: no recompilation. Submodules with a ``refresh_qparams()`` method (lowered
-    kernels that cache qparams) are told to re-read them. Returns {scale buffer name: (old, new scale)}.
+    its kernels stay as they are: no recompilation. Lowered int8 kernels, which take qparams as literals,
+    re-read them (only the graph's generated Python code is regenerated). Returns {scale buffer name: (old, new scale)}.
     """
     from .plan import OBSERVER_KEY, group_buffers, observer_nodes  # here: plan imports the op table
     from .qat_modules import FakeQuantize
@@ -124,7 +139,22 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
         changes[scale_name] = (float(getattr(compiled.graph_module, scale_name)), float(scale))
         getattr(compiled.graph_module, scale_name).copy_(scale.reshape(()))
         getattr(compiled.graph_module, zp_name).copy_(zero_point.reshape(()))
-    for module in compiled.graph_module.modules():
-        if hasattr(module, "refresh_qparams"):
-            module.refresh_qparams()
+    _refresh_kernel_qparams(compiled.graph_module)
     return changes
+
+
+def _refresh_kernel_qparams(gm: fx.GraphModule) -> None:
+    """Lowered int8 kernels take their output qparams as literals: re-read them from the buffers."""
+    from fxforge.meta import fxmeta
+
+    from .plan import QPARAMS_KEY
+
+    changed = False
+    for node in gm.graph.nodes:
+        buffers = fxmeta(node).get(QPARAMS_KEY)
+        if buffers is not None:
+            scale, zero_point = (getattr(gm, name) for name in buffers)
+            node.args = (*node.args[:-2], float(scale), int(zero_point))
+            changed = True
+    if changed:
+        gm.recompile()

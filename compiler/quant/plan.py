@@ -32,6 +32,7 @@ from .ops import CAT, COMPUTE, DIRECT, FLOAT, META, SHARE, OpInfo, op_info
 
 ABSORBED = "absorbed"
 OBSERVER_KEY = "observer_group"  # fxmeta key on observer nodes: the qparam group they watch
+QPARAMS_KEY = "qparams_buffers"  # fxmeta key on lowered int8 calls: (scale, zero point) buffers of their output
 _ABSORBABLE = {"relu", "relu6", "hardtanh", "clamp"}
 
 
@@ -222,7 +223,8 @@ def stored(node: fx.Node) -> dict:
 
 
 __all__ = [
-    "ABSORBED", "CAT", "COMPUTE", "DIRECT", "FLOAT", "META", "OBSERVER_KEY", "SHARE", "NodePlan", "QuantPlan",
+    "ABSORBED", "CAT", "COMPUTE", "DIRECT", "FLOAT", "META", "OBSERVER_KEY", "QPARAMS_KEY", "SHARE", "NodePlan",
+    "QuantPlan",
     "config_layer", "group_buffers", "is_float_tensor", "observer_nodes", "plan_quantization", "store", "stored",
     "tensor_inputs",
 ]

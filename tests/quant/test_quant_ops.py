@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import dq_q_round_trips, quantize_nodes, sqnr
+from quant_helpers import dq_q_round_trips, quantize_nodes, reference_pipeline, sqnr
 from torch import nn
 
 import fxforge
@@ -74,7 +74,8 @@ def test_op_is_quantized(name):
     model, x, kind = CASES[name]
     model = model.eval()
     calibration = [torch.randn_like(x) for _ in range(16)]
-    compiled = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration)
+    compiled = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration,
+                               pipeline=reference_pipeline("x86"))
     report = compiled.report.quantization
     assert not report.islands, report.islands
     assert not dq_q_round_trips(compiled.graph_module)
@@ -82,4 +83,8 @@ def test_op_is_quantized(name):
     ops = {r.op for r in report.layers} | {n.meta.get("fxforge", {}).get("quant", {}).get("kind")
                                            for n in compiled.graph_module.graph.nodes}
     assert kind in ops
-    assert sqnr(model, compiled, torch.randn_like(x)) >= 25
+    fresh = torch.randn_like(x)
+    assert sqnr(model, compiled, fresh) >= 25
+    lowered = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration)
+    assert sqnr(model, lowered, fresh) >= 25
+    assert not dq_q_round_trips(lowered.graph_module)

@@ -6,10 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import ConvBnRelu, batches, dequantize_nodes, dq_q_round_trips, quantize_nodes, sqnr, toy_model
+from quant_helpers import (
+    ConvBnRelu,
+    batches,
+    dequantize_nodes,
+    dq_q_round_trips,
+    quantize_nodes,
+    reference_pipeline,
+    sqnr,
+    toy_model,
+)
 from torch import nn
 
 import fxforge
+from fxforge.quant.ops import weighted_layer
 from fxforge.quant.qspec import backend_quant
 from helpers import assert_unchanged, reestimate_bn, state_snapshot
 
@@ -22,13 +32,15 @@ def realistic_toy(seed: int = 0) -> nn.Module:
 
 
 def compile_static(model: nn.Module, target: str = "x86", **kwargs) -> fxforge.CompiledModule:
+    """The reference int8 graph (these tests check its structure; tests/backends checks the lowering)."""
     kwargs.setdefault("calibration", batches(8))
+    kwargs.setdefault("pipeline", reference_pipeline(target))
     return fxforge.compile(model, target, example_inputs=X, **kwargs)
 
 
 def test_observed_graph_equals_fp32_exactly():
     model = realistic_toy()
-    pipeline = fxforge.pipeline_for("x86").split(",insert-qdq")[0]
+    pipeline = reference_pipeline("x86").split(",insert-qdq")[0]
     observed = compile_static(model, pipeline=pipeline)
     observers = [n for n in observed.graph_module.graph.nodes if n.op == "call_module" and "observer" in n.target]
     assert len(observers) >= 4
@@ -146,7 +158,7 @@ def test_skip_keeps_only_the_named_layer_in_fp32():
     assert fc.args[0].target == "dequantize"  # fp32 input, no quantize after it
     assert all(u.target is not torch.quantize_per_tensor for u in fc.users)
     assert not hasattr(gm.get_submodule("fc"), "weight_scale")
-    assert hasattr(gm.get_submodule("conv2").conv, "weight_scale")
+    assert hasattr(weighted_layer(gm.get_submodule("conv2")), "weight_scale")
     assert compiled.report.quantization.skipped == ["fc"]
     with pytest.raises(fxforge.ConfigError, match="Did you mean 'fc'"):
         compile_static(model, skip=["fcc"])

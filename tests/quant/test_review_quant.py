@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import sqnr
+from quant_helpers import reference_pipeline, sqnr
 from torch import nn
 
 import fxforge
@@ -24,6 +24,7 @@ def compile_static(model: nn.Module, x: torch.Tensor | tuple = X, target: str = 
                    ) -> fxforge.CompiledModule:
     if "calibration" not in kwargs:
         kwargs["calibration"] = calibration(shape=tuple(x.shape))
+    kwargs.setdefault("pipeline", reference_pipeline(target))  # these tests check the reference int8 graph
     return fxforge.compile(model.eval(), target, example_inputs=x, **kwargs)
 
 
@@ -120,7 +121,7 @@ def test_compiled_qat_model_reproduces_its_eval_output_with_7_bit_activations(mo
     monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)  # fbgemm/x86 use reduce_range on such CPUs
     qat = trained_qat("x86")
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 3  # beyond the trained ranges
-    compiled = fxforge.compile(qat, "x86", example_inputs=x)
+    compiled = fxforge.compile(qat, "x86", example_inputs=x, pipeline=reference_pipeline("x86"))
     assert compiled.report.quantization.reduce_range
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-4, atol=1e-5)
@@ -132,7 +133,8 @@ def test_prepare_qat_follows_per_channel_setting_and_compile_reproduces_it():
     specs = {name: m.weight_spec for name, m in qat.named_modules() if hasattr(m, "weight_spec")}
     assert specs["c1"].axis is None and specs["c2"].axis is None and specs["fc"].axis == 0
     x = torch.randn(8, 3, 8, 8)
-    compiled = fxforge.compile(qat, "qnnpack", example_inputs=x, quant_config=config)
+    compiled = fxforge.compile(qat, "qnnpack", example_inputs=x, quant_config=config,
+                               pipeline=reference_pipeline("qnnpack"))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-4, atol=1e-5)
 
@@ -154,7 +156,8 @@ def test_qat_simulates_the_requantization_after_average_pooling():
     qat.eval()
     assert any(type(m).__name__ == "SharedFakeQuantize" for m in qat.modules())
     x = torch.randn(8, 3, 8, 8)
-    compiled = fxforge.compile(qat, "qnnpack", example_inputs=x)  # requantizes the pooled value
+    compiled = fxforge.compile(qat, "qnnpack", example_inputs=x,  # requantizes the pooled value
+                               pipeline=reference_pipeline("qnnpack"))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-4, atol=1e-5)
 

@@ -1,0 +1,278 @@
+"""lower-fbgemm, lower-x86, lower-qnnpack: the reference int8 graph onto torch's quantized CPU kernels.
+
+Rewrites each ``dequantize -> op -> quantize`` region that insert-qdq produced into one kernel call whose
+input and output are quantized tensors (qparams as literals, weights prepacked once for the engine):
+    q(conv(dq x))                -> quantized.conv{1,2,3}d(x, packed, scale, zp)
+    q(relu(conv(dq x)))          -> quantized.conv2d_relu(...)        (FusedConv[relu] or an absorbed relu)
+    q(act(conv(dq x)))           -> act(quantized.conv2d(...))        (relu6/hardtanh/clamp run on int8, exact)
+    q(linear(dq x)) [+relu]      -> quantized.linear[_relu](x, packed, scale, zp)
+    q(dq a + dq b) [+relu]       -> quantized.add[_relu](a, b, scale, zp)      (mul likewise)
+    q(hardswish(dq x))           -> quantized.hardswish(x, scale, zp)          (sigmoid likewise)
+    q(batchnorm2d(dq x))         -> quantized.batch_norm2d(x, ..., scale, zp)
+    q(avgpool(dq x), its qparams) -> avgpool(x)                     (int8 pooling keeps the input's qparams)
+Anything else keeps its reference form (dq -> fp32 op -> q), which is correct and listed in the report.
+Why correct: each kernel computes the op on the same int8 inputs and weights and requantizes with the same
+output qparams as the reference graph; results differ by rounding inside the kernel (at most one int8 step
+on a small fraction of elements, measured in the tests). ``dequantize`` nodes left without readers go.
+Engines: prepacked weights carry their engine; ops without weights (add, pooling) follow the process-wide
+``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
+Preconditions: ``quantized`` (insert-qdq ran); convs fused only with relu (these engines have no conv+add
+kernel), which the int8 targets' pipelines ensure.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxforge.context import PassContext
+from fxforge.meta import fxmeta, record_rewrite
+from fxforge.pass_api import PassResult, graph_pass
+from fxforge.passes.fuse import FusedConv, FusedLinear
+from fxforge.passes.matching import has_side_effects, module_of, mutates_only_private_value
+from fxforge.quant.calibration import quantized_engine
+from fxforge.quant.ops import weight_axis
+from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
+
+_q = torch.ops.quantized
+_CONV_OPS = {nn.Conv1d: ("conv1d", _q.conv1d_prepack), nn.Conv2d: ("conv2d", _q.conv2d_prepack),
+             nn.Conv3d: ("conv3d", _q.conv3d_prepack)}
+_BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "mul", torch.mul: "mul", "mul": "mul"}
+_UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
+_INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
+
+
+def _is_dq(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "dequantize"
+
+
+class _Lowering:
+    """State of one lowering run: the graph module, its engine, and a counter for prepacked weight names."""
+
+    def __init__(self, gm: fx.GraphModule, engine: str) -> None:
+        self.gm, self.engine, self.count = gm, engine, 0
+        self.lowered: dict[str, int] = {}
+
+    def pack(self, packed: Any) -> fx.Node:
+        name = f"_packed_{self.count}"
+        self.count += 1
+        setattr(self.gm, name, packed)
+        return self.gm.graph.create_node("get_attr", name)  # get_attr() warns on non-tensor attributes
+
+    def qparams(self, q: fx.Node) -> tuple[float, int]:
+        scale, zero_point = (getattr(self.gm, str(a.target)) for a in q.args[1:3])
+        return float(scale), int(zero_point)
+
+    def emit(self, q: fx.Node, target: Callable, args: tuple, origin: list[fx.Node], kind: str) -> fx.Node:
+        """Replace quantize node ``q`` (and the region before it) by ``target(*args, scale, zp)``."""
+        scale, zero_point = self.qparams(q)
+        with self.gm.graph.inserting_before(q):
+            node = self.gm.graph.call_function(target, (*args, scale, zero_point))
+        fxmeta(node)[QPARAMS_KEY] = (str(q.args[1].target), str(q.args[2].target))
+        record_rewrite(node, f"lower-{self.engine}", *origin)
+        q.replace_all_uses_with(node)
+        self.lowered[kind] = self.lowered.get(kind, 0) + 1
+        return node
+
+
+def _quantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's int8 weight, exactly the grid values insert-qdq put in ``weight`` (scales as buffers)."""
+    scale, zero_point = layer.weight_scale, layer.weight_zero_point
+    if scale.numel() == 1:
+        return torch.quantize_per_tensor(layer.weight.detach(), float(scale), int(zero_point), torch.qint8)
+    return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
+
+
+def _conv_pack(layer: nn.Module) -> tuple[str, Any] | None:
+    if type(layer) not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+    name, prepack = _CONV_OPS[type(layer)]
+    packed = prepack(_quantized_weight(layer), layer.bias, list(layer.stride), list(layer.padding),
+                     list(layer.dilation), layer.groups)
+    return name, packed
+
+
+def _split_activation(value: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(the op computing a quantized value, the absorbed activation after it or None)."""
+    if stored(value).get("role") == ABSORBED:
+        return value.args[0], value
+    return value, None
+
+
+def _relu_only(gm: fx.GraphModule, act: fx.Node | None) -> bool:
+    return act is not None and stored(act).get("kind") == "relu"
+
+
+def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
+    module = module_of(low.gm, op)
+    fused_relu = getattr(module, "activation", "") == "relu"
+    layer = module.conv if isinstance(module, FusedConv) else module.linear if isinstance(module, FusedLinear) \
+        else module
+    if getattr(module, "add", False) or not hasattr(layer, "weight_scale") or not _is_dq(op.args[0]) \
+            or getattr(module, "activation", "relu") not in ("", "relu"):
+        return None
+    relu = fused_relu or _relu_only(low.gm, act)
+    if act is not None and not relu:
+        if _saturation_is_the_activation(low, q, act):
+            relu, act = True, None
+        elif low.engine == "qnnpack":  # torch's qnnpack clamp misreads channels-last int8 tensors (measured)
+            return None
+    x = op.args[0].args[0]
+    if isinstance(layer, nn.Linear):
+        with low.gm.graph.inserting_before(q):
+            packed = low.pack(_q.linear_prepack(_quantized_weight(layer), layer.bias))
+        target, kind = (_q.linear_relu if relu else _q.linear), "linear"
+    else:
+        conv = _conv_pack(layer)
+        if conv is None:
+            return None
+        with low.gm.graph.inserting_before(q):
+            packed = low.pack(conv[1])
+        target, kind = getattr(_q, conv[0] + ("_relu" if relu and conv[0] == "conv2d" else "")), conv[0]
+        if relu and conv[0] != "conv2d":
+            return None
+    origin = [op] + ([act] if act is not None else [])
+    node = low.emit(q, target, (x, packed), origin, kind + ("+relu" if relu else ""))
+    return _reapply_activation(low, node, act) if act is not None and not _relu_only(low.gm, act) else node
+
+
+def _activation_bounds(gm: fx.GraphModule, act: fx.Node) -> tuple[float, float] | None:
+    """(min, max) of a clamping activation (relu6, hardtanh) when known, else None."""
+    module = module_of(gm, act)
+    if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+        return float(module.min_val), float(module.max_val)
+    if act.op == "call_function" and act.target is torch.nn.functional.relu6:
+        return 0.0, 6.0
+    if act.op == "call_function" and act.target is torch.nn.functional.hardtanh and len(act.args) == 3:
+        return float(act.args[1]), float(act.args[2])
+    return None
+
+
+def _saturation_is_the_activation(low: _Lowering, q: fx.Node, act: fx.Node) -> bool:
+    """relu6 (a clamp to [0, hi]) equals a fused relu when the int8 output already saturates at or below hi:
+    q(clamp(y, 0, hi)) == q(relu(y)) iff round(hi / scale) + zero_point >= 255 (kernels clamp at quint8's max)."""
+    bounds = _activation_bounds(low.gm, act)
+    if bounds is None or bounds[0] != 0.0:
+        return False
+    scale, zero_point = low.qparams(q)
+    return round(bounds[1] / scale) + zero_point >= 255
+
+
+def _reapply_activation(low: _Lowering, node: fx.Node, act: fx.Node) -> fx.Node:
+    """relu6 / hardtanh / clamp after the int8 op: the same node, now reading the int8 output (exact)."""
+    users = [u for u in node.users]
+    with low.gm.graph.inserting_after(node):
+        clamp = low.gm.graph.node_copy(act, lambda a: node if a is act.args[0] else a)
+    for user in users:
+        user.replace_input_with(node, clamp)
+    return clamp
+
+
+def _lower_binary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
+    kind = _BINARY.get(op.target)
+    if kind is None or op.kwargs or len(op.args) != 2 or not all(_is_dq(a) for a in op.args):
+        return None
+    if act is not None and not _relu_only(low.gm, act):
+        return None
+    kind += "_relu" if act is not None else ""
+    return low.emit(q, getattr(_q, kind), (op.args[0].args[0], op.args[1].args[0]), [op] + ([act] if act else []),
+                    kind)
+
+
+def _lower_unary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
+    kind = stored(op).get("kind")
+    if act is not None or kind not in _UNARY or not _is_dq(op.args[0]) or len(op.all_input_nodes) != 1:
+        return None
+    return low.emit(q, _UNARY[kind], (op.args[0].args[0],), [op], kind)
+
+
+def _lower_batchnorm(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
+    bn = module_of(low.gm, op)
+    if act is not None or not isinstance(bn, nn.BatchNorm2d) or not _is_dq(op.args[0]) or bn.running_mean is None:
+        return None
+    if bn.weight is None or bn.bias is None:
+        return None
+    with low.gm.graph.inserting_before(q):
+        tensors = [low.gm.graph.get_attr(f"{op.target}.{name}")
+                   for name in ("weight", "bias", "running_mean", "running_var")]
+    return low.emit(q, _q.batch_norm2d, (op.args[0].args[0], *tensors, bn.eps), [op], "batchnorm")
+
+
+def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
+    """Average pooling requantized with its input's qparams -> the pooling itself on the int8 tensor."""
+    if stored(op).get("role") != "share" or stored(op).get("kind") not in _INT8_POOLS or not _is_dq(op.args[0]) \
+            or len(op.all_input_nodes) != 1:
+        return None
+    op.replace_input_with(op.args[0], op.args[0].args[0])
+    q.replace_all_uses_with(op)
+    low.lowered["avgpool"] = low.lowered.get("avgpool", 0) + 1
+    return op
+
+
+_RULES = (_lower_weighted, _lower_binary, _lower_unary, _lower_batchnorm)
+
+
+def _lower_quantize(low: _Lowering, q: fx.Node) -> bool:
+    value = q.args[0]
+    if not isinstance(value, fx.Node) or len(value.users) != 1:
+        return False
+    if _lower_share(low, q, value) is not None:
+        return True
+    op, act = _split_activation(value)
+    if op.op == "placeholder" or (act is not None and len(op.users) != 1):
+        return False
+    for rule in _RULES:
+        if (op.op == "call_module") == (rule is _lower_weighted or rule is _lower_batchnorm) \
+                and rule(low, q, op, act) is not None:
+            return True
+    return False
+
+
+def _remove_dead(gm: fx.GraphModule) -> None:
+    """Drop the reference nodes the kernels replaced (quantize, ops, dequantize, qparam reads)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and node.op in ("call_function", "call_method", "get_attr", "call_module") \
+                    and not _keeps(gm, node):
+                gm.graph.erase_node(node)
+                changed = True
+
+
+def _keeps(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Nodes without readers that still matter: calls of unknown modules, in-place ops on shared values (an
+    in-place relu6 on the replaced conv's private output is as dead as the conv)."""
+    return has_side_effects(gm, node) and not mutates_only_private_value(gm, node)
+
+
+def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
+    quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
+    low = _Lowering(gm, engine)
+    with quantized_engine(engine):  # prepacking picks the engine's weight format
+        lowered = [q for q in quantize_nodes if _lower_quantize(low, q)]
+    for q in lowered:
+        if not q.users:
+            gm.graph.erase_node(q)
+    _remove_dead(gm)
+    gm.delete_all_unused_submodules()
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
+    return PassResult(gm, bool(lowered), [f"int8 kernels ({engine}): {summary or 'none'}"])
+
+
+def _lowering_pass(engine: str) -> type:
+    def lower(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return lower_int8(gm, ctx, engine)
+
+    lower.__name__ = lower.__qualname__ = f"lower_{engine}"
+    lower.__doc__ = f"Reference int8 regions -> torch.ops.quantized kernels prepacked for the {engine} engine."
+    return graph_pass(f"lower-{engine}", requires=("quantized",), provides=("lowered",))(lower)
+
+
+LOWER_FBGEMM = _lowering_pass("fbgemm")
+LOWER_X86 = _lowering_pass("x86")
+LOWER_QNNPACK = _lowering_pass("qnnpack")

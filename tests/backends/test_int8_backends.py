@@ -1,0 +1,132 @@
+"""lower-fbgemm / lower-x86 / lower-qnnpack: int8 kernels that agree with the reference int8 graph."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from quant_helpers import batches, dq_q_round_trips, reference_pipeline, sqnr, toy_model
+from torch import fx, nn
+
+import fxforge
+from helpers import reestimate_bn
+
+ENGINES = ["x86", "fbgemm", "qnnpack"]
+X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+class InvertedResidual(nn.Module):
+    """mobilenet_v2's block: 1x1 expand + relu6, depthwise 3x3 + relu6, 1x1 project, residual add."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU6(inplace=True))
+        self.expand = nn.Sequential(nn.Conv2d(c, 4 * c, 1), nn.BatchNorm2d(4 * c), nn.ReLU6(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), nn.BatchNorm2d(4 * c),
+                                nn.ReLU6(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(4 * c, c, 1), nn.BatchNorm2d(c))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(y + self.project(self.dw(self.expand(y))))
+
+
+def models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {"resnet-like": reestimate_bn(toy_model(), batches(8, seed=100)).eval(),
+            "inverted-residual": reestimate_bn(InvertedResidual(), batches(8, seed=101)).eval()}
+
+
+def compile_both(model: nn.Module, engine: str) -> tuple[fxforge.CompiledModule, fxforge.CompiledModule]:
+    calibration = batches(8)
+    lowered = fxforge.compile(model, engine, example_inputs=X, calibration=calibration)
+    reference = fxforge.compile(model, engine, example_inputs=X, calibration=calibration,
+                                pipeline=reference_pipeline(engine))
+    return lowered, reference
+
+
+def output_scale(compiled: fxforge.CompiledModule) -> float:
+    return compiled.report.quantization.layers[-1].scale
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["resnet-like", "inverted-residual"])
+def test_lowered_kernels_agree_with_the_reference_graph(name, engine):
+    model = models()[name]
+    lowered, reference = compile_both(model, engine)
+    x = batches(1, seed=21)[0]
+    with torch.inference_mode():
+        steps = ((lowered(x) - reference(x)).abs() / output_scale(reference)).round()
+    within_one_step = (steps <= 1).float().mean().item()
+    assert within_one_step >= 0.95, f"{name}/{engine}: {within_one_step:.3f} of outputs within one int8 step"
+    assert sqnr(model, lowered, x) >= 25
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lowered_graph_holds_int8_kernels_and_no_round_trips(engine):
+    model = models()["inverted-residual"]
+    lowered, reference = compile_both(model, engine)
+    gm = lowered.graph_module
+    assert not dq_q_round_trips(gm)
+    assert not [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    dequantize = [n for n in gm.graph.nodes if n.target == "dequantize"]
+    assert len(dequantize) == 1  # at the output only: int8 tensors flow from kernel to kernel
+    assert len(gm.graph.nodes) < len(reference.graph_module.graph.nodes) / 2
+    lower = next(p for p in lowered.report.passes if p.name == f"lower-{engine}")
+    assert "conv2d" in lower.notes[0] and "add" in lower.notes[0]
+
+
+def test_each_module_runs_on_its_own_engine_whatever_the_global_engine():
+    model = models()["inverted-residual"]
+    compiled = {engine: fxforge.compile(model, engine, example_inputs=X, calibration=batches(8))
+                for engine in ("fbgemm", "qnnpack")}
+    x = batches(1, seed=5)[0]
+    expected = {}
+    for engine, module in compiled.items():
+        torch.backends.quantized.engine = engine
+        expected[engine] = module(x)
+    for selected in ("qnnpack", "fbgemm", "x86"):
+        torch.backends.quantized.engine = selected
+        for engine, module in compiled.items():
+            assert torch.equal(module(x), expected[engine]), f"{engine} module under global engine {selected}"
+        assert torch.backends.quantized.engine == selected  # restored after each call
+
+
+def test_recalibrate_refreshes_the_kernels_qparams():
+    model = models()["resnet-like"]
+    lowered = fxforge.compile(model, "fbgemm", example_inputs=X, calibration=batches(6, scale=0.2))
+    reference = fxforge.compile(model, "fbgemm", example_inputs=X, calibration=batches(6, scale=0.2),
+                                pipeline=reference_pipeline("fbgemm"))
+    drifted = batches(6, scale=3.0, seed=3)
+    before = sqnr(model, lowered, drifted[0])
+    fxforge.recalibrate(lowered, drifted)
+    fxforge.recalibrate(reference, drifted)
+    assert sqnr(model, lowered, drifted[0]) > before + 3
+    with torch.inference_mode():
+        steps = ((lowered(drifted[0]) - reference(drifted[0])).abs() / output_scale(reference)).round()
+    assert (steps <= 1).float().mean() >= 0.95
+
+
+def test_lowered_module_survives_deepcopy_and_save_load():
+    model = models()["resnet-like"]
+    compiled = fxforge.compile(model, "x86", example_inputs=X, calibration=batches(4))
+    x = batches(1, seed=9)[0]
+    expected = compiled(x)
+    assert torch.equal(copy.deepcopy(compiled)(x), expected)
+    buffer = io.BytesIO()
+    torch.save(compiled.graph_module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded, fx.GraphModule)
+    torch.backends.quantized.engine = "x86"
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_every_int8_target_is_listed():
+    assert {"x86", "fbgemm", "qnnpack"} <= set(fxforge.targets())
+    for engine in ENGINES:
+        assert fxforge.pipeline_for(engine).endswith(f"insert-qdq,lower-{engine}")
