@@ -18,10 +18,12 @@ CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
 # Fuse only what these engines' int8 kernels fuse (conv+relu, linear+relu): adds stay separate int8 ops
 # (quantized.add_relu), other activations too.
 QUANTIZE = "fuse-conv{post_ops=relu},fuse-linear{post_ops=relu},insert-observers,calibrate,insert-qdq"
-MODES = {
-    "dynamic": f"{CANONICALIZE},quantize-dynamic",
-    "weight-only": f"{CANONICALIZE},quantize-dynamic{{weight_only=true}}",
-}
+
+
+def _modes(engine: str) -> dict[str, str]:
+    """Pipelines of the other quantization modes (weight-only keeps fp32 kernels: nothing to lower)."""
+    return {"dynamic": f"{CANONICALIZE},quantize-dynamic,lower-{engine}",
+            "weight-only": f"{CANONICALIZE},quantize-dynamic{{weight_only=true}}"}
 
 _DESCRIPTIONS = {
     "x86": "int8 on x86 CPUs through the 'x86' quantized engine (oneDNN/fbgemm kernels)",
@@ -47,5 +49,5 @@ for _name, _description in _DESCRIPTIONS.items():
         pipeline=f"{CANONICALIZE},{QUANTIZE},lower-{_name}",
         availability=_engine_check(_name),
         quant_backend=_name,
-        mode_pipelines=dict(MODES),
+        mode_pipelines=_modes(_name),
     ))

@@ -10,6 +10,9 @@ input and output are quantized tensors (qparams as literals, weights prepacked o
     q(hardswish(dq x))           -> quantized.hardswish(x, scale, zp)          (sigmoid likewise)
     q(batchnorm2d(dq x))         -> quantized.batch_norm2d(x, ..., scale, zp)
     q(avgpool(dq x), its qparams) -> avgpool(x)                     (int8 pooling keeps the input's qparams)
+Dynamic int8 (quantize-dynamic):
+    linear(dynamic_quantize(x))  -> quantized.linear_dynamic(x, packed, reduce_range)
+    DynamicQuantLSTM / GRU       -> DynamicInt8RNN (torch.quantized_lstm / quantized_gru, prepacked cells)
 Anything else keeps its reference form (dq -> fp32 op -> q), which is correct and listed in the report.
 Why correct: each kernel computes the op on the same int8 inputs and weights and requantizes with the same
 output qparams as the reference graph; results differ by rounding inside the kernel (at most one int8 step
@@ -33,10 +36,13 @@ from fxforge.context import PassContext
 from fxforge.meta import fxmeta, record_rewrite
 from fxforge.pass_api import PassResult, graph_pass
 from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import has_side_effects, module_of, mutates_only_private_value
+from fxforge.passes.matching import has_side_effects, module_of, mutates_only_private_value, replace_submodule
 from fxforge.quant.calibration import quantized_engine
 from fxforge.quant.ops import weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
+from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
+
+from .int8_rnn import DynamicInt8RNN
 
 _q = torch.ops.quantized
 _CONV_OPS = {nn.Conv1d: ("conv1d", _q.conv1d_prepack), nn.Conv2d: ("conv2d", _q.conv2d_prepack),
@@ -250,18 +256,45 @@ def _keeps(gm: fx.GraphModule, node: fx.Node) -> bool:
     return has_side_effects(gm, node) and not mutates_only_private_value(gm, node)
 
 
+def _lower_dynamic_linear(low: _Lowering, node: fx.Node) -> bool:
+    """linear(dynamic_quantize(x)) -> quantized.linear_dynamic(x, packed, reduce_range)."""
+    linear = module_of(low.gm, node)
+    source = node.args[0] if node.args else None
+    if not isinstance(linear, nn.Linear) or not hasattr(linear, "weight_scale") or not isinstance(source, fx.Node) \
+            or source.target is not dynamic_quantize or len(source.users) != 1:
+        return False
+    with low.gm.graph.inserting_before(node):
+        packed = low.pack(_q.linear_prepack(_quantized_weight(linear), linear.bias))
+        new = low.gm.graph.call_function(_q.linear_dynamic, (source.args[0], packed, source.args[1]))
+    record_rewrite(new, f"lower-{low.engine}", source, node)
+    node.replace_all_uses_with(new)
+    low.lowered["linear_dynamic"] = low.lowered.get("linear_dynamic", 0) + 1
+    return True
+
+
+def _lower_dynamic_rnn(low: _Lowering, node: fx.Node) -> bool:
+    reference = module_of(low.gm, node)
+    if not isinstance(reference, (DynamicQuantLSTM, DynamicQuantGRU)):
+        return False
+    replace_submodule(low.gm, str(node.target), DynamicInt8RNN(reference, low.engine))
+    kind = f"{reference.mode.lower()}_dynamic"
+    low.lowered[kind] = low.lowered.get(kind, 0) + 1
+    return True
+
+
 def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine)
     with quantized_engine(engine):  # prepacking picks the engine's weight format
         lowered = [q for q in quantize_nodes if _lower_quantize(low, q)]
+        dynamic = [n for n in list(gm.graph.nodes) if _lower_dynamic_linear(low, n) or _lower_dynamic_rnn(low, n)]
     for q in lowered:
         if not q.users:
             gm.graph.erase_node(q)
     _remove_dead(gm)
     gm.delete_all_unused_submodules()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
-    return PassResult(gm, bool(lowered), [f"int8 kernels ({engine}): {summary or 'none'}"])
+    return PassResult(gm, bool(lowered or dynamic), [f"int8 kernels ({engine}): {summary or 'none'}"])
 
 
 def _lowering_pass(engine: str) -> type:

@@ -70,6 +70,7 @@ def resolve_target(name: str) -> Target:
     return target
 
 
-def pipeline_for(target: str) -> str:
-    """The pipeline text of ``target`` (works even where the target cannot run)."""
-    return _known_target(target).pipeline
+def pipeline_for(target: str, quantization: str | None = None) -> str:
+    """The pipeline text of ``target`` (int8 targets: for that quantization mode); works even where the
+    target cannot run."""
+    return _known_target(target).pipeline_for_mode(quantization)

@@ -10,9 +10,9 @@ from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import randomize_bn
 
 
-def reference_pipeline(target: str) -> str:
+def reference_pipeline(target: str, quantization: str | None = None) -> str:
     """The target's pipeline up to the reference int8 graph (without the lowering to int8 kernels)."""
-    return fxforge.pipeline_for(target).replace(f",lower-{target}", "")
+    return fxforge.pipeline_for(target, quantization).replace(f",lower-{target}", "")
 
 
 def quantize_nodes(gm: fx.GraphModule) -> list[fx.Node]:

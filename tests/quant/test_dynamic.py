@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import sqnr
+from quant_helpers import reference_pipeline, sqnr
 from torch import nn
 
 import fxforge
+from fxforge.backends.int8_rnn import DynamicInt8RNN
 from fxforge.quant.reference import DynamicQuantLSTM, dynamic_quantize
 from helpers import assert_unchanged, state_snapshot
 
@@ -28,9 +29,11 @@ TOKENS = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0
 
 
 def compile_text(mode: str, **kwargs) -> tuple[nn.Module, fxforge.CompiledModule]:
+    """The reference graph of ``mode`` (the lowering to int8 kernels is tested on its own below)."""
     torch.manual_seed(0)
     model = TextModel().eval()
-    return model, fxforge.compile(model, "x86", example_inputs=TOKENS, quantization=mode, **kwargs)
+    return model, fxforge.compile(model, "x86", example_inputs=TOKENS, quantization=mode,
+                                  pipeline=reference_pipeline("x86", mode), **kwargs)
 
 
 def test_dynamic_quantizes_linear_inputs_per_call_and_rnn_weights():
@@ -75,3 +78,18 @@ def test_recalibrate_rejects_dynamic_models():
     _, compiled = compile_text("dynamic")
     with pytest.raises(fxforge.CalibrationError, match="static"):
         fxforge.recalibrate(compiled, [TOKENS])
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm", "qnnpack"])
+def test_dynamic_lowering_uses_int8_kernels_that_match_the_reference(engine):
+    torch.manual_seed(0)
+    model = TextModel().eval()
+    lowered = fxforge.compile(model, engine, example_inputs=TOKENS, quantization="dynamic")
+    reference = fxforge.compile(model, engine, example_inputs=TOKENS, quantization="dynamic",
+                                pipeline=reference_pipeline(engine, "dynamic"))
+    gm = lowered.graph_module
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.quantized.linear_dynamic) == 2
+    assert isinstance(gm.get_submodule("rnn"), DynamicInt8RNN)
+    tokens = torch.randint(0, 50, (5, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.allclose(lowered(tokens), reference(tokens), atol=1e-5)

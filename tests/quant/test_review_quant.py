@@ -240,7 +240,7 @@ def test_dynamic_modes_follow_the_per_channel_setting(mode):
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LSTM(16, 8, batch_first=True)).eval()
     config = fxforge.QuantConfig(per_channel=False)
     compiled = fxforge.compile(model, "x86", example_inputs=torch.randn(2, 5, 8), quantization=mode,
-                               quant_config=config)
+                               quant_config=config, pipeline=reference_pipeline("x86", mode))
     assert compiled.graph_module.get_submodule("0").weight_scale.numel() == 1
     assert all("per-tensor" in r.weight for r in compiled.report.quantization.layers)
 
