@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
 
-.PHONY: demo test lint bench graphviz clean gpu-wheels
+.PHONY: demo test lint bench bench-int8 graphviz clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py
+
+bench-int8: $(STAMP)
+	$(BIN)/python benchmarks/bench_int8.py
 
 clean:
 	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis
