@@ -93,15 +93,6 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
 
 
-def _conv_pack(layer: nn.Module) -> tuple[str, Any] | None:
-    if type(layer) not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        return None
-    name, prepack = _CONV_OPS[type(layer)]
-    packed = prepack(_quantized_weight(layer), layer.bias, list(layer.stride), list(layer.padding),
-                     list(layer.dilation), layer.groups)
-    return name, packed
-
-
 def _split_activation(value: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     """(the op computing a quantized value, the absorbed activation after it or None)."""
     if stored(value).get("role") == ABSORBED:
@@ -109,41 +100,54 @@ def _split_activation(value: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return value, None
 
 
-def _relu_only(gm: fx.GraphModule, act: fx.Node | None) -> bool:
+def _relu_only(act: fx.Node | None) -> bool:
     return act is not None and stored(act).get("kind") == "relu"
+
+
+def _inner_layer(module: nn.Module | None) -> nn.Module | None:
+    """The conv/linear a (fused) module computes with, when only a relu is fused into it."""
+    if isinstance(module, (FusedConv, FusedLinear)):
+        if getattr(module, "add", False) or module.activation not in ("", "relu"):
+            return None
+        return module.conv if isinstance(module, FusedConv) else module.linear
+    return module
+
+
+def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[], Any], str] | None:
+    """(int8 op, a function prepacking the weight for it, kind) for a conv/linear layer, else None."""
+    if isinstance(layer, nn.Linear):
+        return (_q.linear_relu if relu else _q.linear,
+                lambda: _q.linear_prepack(_quantized_weight(layer), layer.bias), "linear")
+    if type(layer) not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+    name, prepack = _CONV_OPS[type(layer)]
+    if relu and name != "conv2d":  # only conv2d has a fused relu kernel
+        return None
+    return (getattr(_q, name + ("_relu" if relu else "")),
+            lambda: prepack(_quantized_weight(layer), layer.bias, list(layer.stride), list(layer.padding),
+                            list(layer.dilation), layer.groups), name)
 
 
 def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
     module = module_of(low.gm, op)
-    fused_relu = getattr(module, "activation", "") == "relu"
-    layer = module.conv if isinstance(module, FusedConv) else module.linear if isinstance(module, FusedLinear) \
-        else module
-    if getattr(module, "add", False) or not hasattr(layer, "weight_scale") or not _is_dq(op.args[0]) \
-            or getattr(module, "activation", "relu") not in ("", "relu"):
+    layer = _inner_layer(module)
+    if layer is None or not hasattr(layer, "weight_scale") or not _is_dq(op.args[0]):
         return None
-    relu = fused_relu or _relu_only(low.gm, act)
+    relu = getattr(module, "activation", "") == "relu" or _relu_only(act)
     if act is not None and not relu:
         if _saturation_is_the_activation(low, q, act):
             relu, act = True, None
         elif low.engine == "qnnpack":  # torch's qnnpack clamp misreads channels-last int8 tensors (measured)
             return None
-    x = op.args[0].args[0]
-    if isinstance(layer, nn.Linear):
-        with low.gm.graph.inserting_before(q):
-            packed = low.pack(_q.linear_prepack(_quantized_weight(layer), layer.bias))
-        target, kind = (_q.linear_relu if relu else _q.linear), "linear"
-    else:
-        conv = _conv_pack(layer)
-        if conv is None:
-            return None
-        with low.gm.graph.inserting_before(q):
-            packed = low.pack(conv[1])
-        target, kind = getattr(_q, conv[0] + ("_relu" if relu and conv[0] == "conv2d" else "")), conv[0]
-        if relu and conv[0] != "conv2d":
-            return None
+    kernel = _kernel(layer, relu)
+    if kernel is None:
+        return None
+    target, prepack, kind = kernel
+    with low.gm.graph.inserting_before(q):
+        packed = low.pack(prepack())
     origin = [op] + ([act] if act is not None else [])
-    node = low.emit(q, target, (x, packed), origin, kind + ("+relu" if relu else ""))
-    return _reapply_activation(low, node, act) if act is not None and not _relu_only(low.gm, act) else node
+    node = low.emit(q, target, (op.args[0].args[0], packed), origin, kind + ("+relu" if relu else ""))
+    return _reapply_activation(low, node, act) if act is not None and not _relu_only(act) else node
 
 
 def _activation_bounds(gm: fx.GraphModule, act: fx.Node) -> tuple[float, float] | None:
@@ -182,7 +186,7 @@ def _lower_binary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) 
     kind = _BINARY.get(op.target)
     if kind is None or op.kwargs or len(op.args) != 2 or not all(_is_dq(a) for a in op.args):
         return None
-    if act is not None and not _relu_only(low.gm, act):
+    if act is not None and not _relu_only(act):
         return None
     kind += "_relu" if act is not None else ""
     return low.emit(q, getattr(_q, kind), (op.args[0].args[0], op.args[1].args[0]), [op] + ([act] if act else []),
@@ -219,7 +223,8 @@ def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
     return op
 
 
-_RULES = (_lower_weighted, _lower_binary, _lower_unary, _lower_batchnorm)
+_MODULE_RULES = (_lower_weighted, _lower_batchnorm)  # regions around a module call
+_FUNCTION_RULES = (_lower_binary, _lower_unary)  # around a function or method call
 
 
 def _lower_quantize(low: _Lowering, q: fx.Node) -> bool:
@@ -231,11 +236,8 @@ def _lower_quantize(low: _Lowering, q: fx.Node) -> bool:
     op, act = _split_activation(value)
     if op.op == "placeholder" or (act is not None and len(op.users) != 1):
         return False
-    for rule in _RULES:
-        if (op.op == "call_module") == (rule is _lower_weighted or rule is _lower_batchnorm) \
-                and rule(low, q, op, act) is not None:
-            return True
-    return False
+    rules = _MODULE_RULES if op.op == "call_module" else _FUNCTION_RULES
+    return any(rule(low, q, op, act) is not None for rule in rules)
 
 
 def _remove_dead(gm: fx.GraphModule) -> None:
