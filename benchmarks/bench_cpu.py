@@ -338,16 +338,22 @@ def render(rows: list[Row], peers: list[str], info: list[str]) -> str:
     return "\n".join(parts)
 
 
-def write_results(path: Path, body: str) -> None:
-    """Replace the text between the markers in ``path`` (create it with a header if needed)."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+RESULTS_HEADER = "# fxforge CPU benchmark results\n\nWritten by `benchmarks/bench_cpu.py`.\n\n"
+
+
+def write_results(path: Path, body: str, begin: str = BEGIN, end: str = END,
+                  header: str | None = RESULTS_HEADER) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path``. Without the markers, the block goes after
+    ``header`` at the top (a new file gets the header), or at the end of the file when ``header`` is None."""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        header = "# fxforge CPU benchmark results\n\nWritten by `benchmarks/bench_cpu.py`.\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif header is not None:
         text = header + block + "\n" + text
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     path.write_text(text)
 
 

@@ -64,6 +64,7 @@ from bench_cpu import (
     summarize,
     table,
     time_blocks,
+    write_results,
 )
 from torch import nn
 from tqdm import tqdm
@@ -300,18 +301,6 @@ def render(rows: list[Row], peers: list[str], batch_sizes: list[int], info: list
     return "\n".join(parts)
 
 
-def write_results(path: Path, body: str) -> None:
-    """Replace the text between the int8 markers in ``path``; append the markers at the end when missing."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -358,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.image_size}x{args.image_size} images (seed {CALIBRATION_SEED}), the same for every int8 peer"]
     body = render(rows, peers, batch_sizes, info)
     print(body)
-    write_results(args.out, body)
+    write_results(args.out, body, BEGIN, END, header=None)  # the int8 block goes after the fp32 one
     print(f"wrote {args.out}", file=sys.stderr)
 
 
