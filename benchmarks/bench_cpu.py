@@ -358,22 +358,32 @@ def write_results(path: Path, body: str, begin: str = BEGIN, end: str = END,
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def argument_parser(peers: dict[str, Builder]) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (models, batch sizes, peers, repeats, threads, output)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
+    p.add_argument("--peers", default=",".join(peers), help=f"subset of {','.join(peers)}")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed calls per peer (default {DEFAULT_REPEATS} by batch size)")
     p.add_argument("--warmup", type=int, default=None,
                    help=f"untimed calls per peer before timing (default {DEFAULT_WARMUP} by batch size)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    args = p.parse_args(argv)
-    unknown = set(args.peers.split(",")) - set(PEERS)
+    return p
+
+
+def check_peers(p: argparse.ArgumentParser, args: argparse.Namespace, peers: dict[str, Builder]) -> None:
+    unknown = set(args.peers.split(",")) - set(peers)
     if unknown:
-        p.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
+        p.error(f"unknown peers {sorted(unknown)}; choose from {','.join(peers)}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argument_parser(PEERS)
+    args = p.parse_args(argv)
+    check_peers(p, args, PEERS)
     return args
 
 

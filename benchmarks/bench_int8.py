@@ -54,7 +54,9 @@ from bench_cpu import (
     Row,
     Runner,
     _export_onnx,
+    argument_parser,
     build_ort,
+    check_peers,
     fmt_cell,
     machine_info,
     make_model,
@@ -303,24 +305,13 @@ def render(rows: list[Row], peers: list[str], batch_sizes: list[int], info: list
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated torchvision model names")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed calls per peer (default {DEFAULT_REPEATS} by batch size)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed calls per peer before timing (default {DEFAULT_WARMUP} by batch size)")
+    p = argument_parser(PEERS)
+    p.description = __doc__.split("\n\n")[0]
     p.add_argument("--calibration-batches", type=int, default=8,
                    help=f"calibration batches of {CALIBRATION_BATCH} random-normal images (fixed seed)")
     p.add_argument("--image-size", type=int, default=224, help="input height and width (smoke runs: 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args(argv)
-    unknown = set(args.peers.split(",")) - set(PEERS)
-    if unknown:
-        p.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
+    check_peers(p, args, PEERS)
     if args.calibration_batches < 1:
         p.error("--calibration-batches must be at least 1")
     return args
