@@ -36,7 +36,7 @@ from fxforge.quant.plan import ABSORBED, CAT, DIRECT, META, OBSERVER_KEY, SHARE,
 from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
-from fxforge.quant.sqnr import capture, local_errors, sqnr_db
+from fxforge.quant.sqnr import capture, local_errors, sample_inputs, sqnr_db
 from fxforge.report import QuantLayerRecord, QuantSummary
 
 from .insert_observers import quant_options
@@ -154,8 +154,9 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
              weights: dict[str, str], spec: QSpec, ctx: PassContext) -> list[QuantLayerRecord]:
     heads = _heads(gm, conv)
     roots = {**{q.name: root for root, q in conv.q_of_root.items()}, **{q.name: op for op, q in conv.requant.items()}}
-    fp32 = capture(observed, ctx.fresh_inputs(), {v.name for v in roots.values()})
-    got = capture(gm, ctx.fresh_inputs(), set(roots))
+    inputs = _report_inputs(gm, ctx)
+    fp32 = capture(observed, inputs, {v.name for v in roots.values()})
+    got = capture(gm, inputs, set(roots))
     fp32_op = _fp32_op(observed)
     first_op = {q: (op.args[0] if stored(op).get("role") == ABSORBED else op) for q, (op, _) in heads.items()}
     activation = {first_op[q].name: op for q, (op, _) in heads.items() if op is not first_op[q]}
@@ -165,7 +166,7 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
         act = activation.get(node.name)  # an absorbed relu runs before the layer's quantize
         return y if act is None else fp32_op(act, (y, *act.args[1:]), dict(act.kwargs))
 
-    local = local_errors(gm, ctx.fresh_inputs(), {first_op[q].name: q for q in heads}, reference)
+    local = local_errors(gm, inputs, {first_op[q].name: q for q in heads}, reference)
     records = []
     for q_name, value in roots.items():
         gid = stored(value).get("group")
@@ -180,6 +181,20 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
             local_sqnr_db=_finite(local.get(q_name)) if q_name in heads else None,
             sqnr_db=_finite(_sqnr(fp32, got, value.name, q_name))))
     return records
+
+
+def _report_inputs(gm: fx.GraphModule, ctx: PassContext) -> tuple:
+    """A few samples of the example batch when the graph runs on them (a graph may bake in the batch size)."""
+    full = ctx.fresh_inputs()
+    sampled = sample_inputs(full)
+    if sampled is full:
+        return full
+    try:
+        with torch.no_grad():
+            gm(*sampled)
+    except Exception:  # e.g. a reshape traced with the example batch size
+        return full
+    return sampled
 
 
 def _record_op(value: fx.Node, op: fx.Node) -> str:

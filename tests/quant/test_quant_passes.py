@@ -246,3 +246,25 @@ def test_records_are_named_after_the_layer_not_its_absorbed_activation():
     records = {r.layer: r for r in compiled.report.quantization.layers}
     assert records["0"].op == "conv" and records["0"].observer.startswith("minmax")
     assert "1" not in records
+
+
+class BakedBatch(nn.Module):
+    """A reshape traced with the example batch size: the report must not run it on fewer samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(8, -1))
+
+
+def test_report_on_large_batches_uses_a_sample_and_falls_back_when_the_batch_is_baked_in():
+    x = torch.randn(8, 3, 8, 8)
+    compiled = fxforge.compile(BakedBatch().eval(), "x86", example_inputs=x, calibration=[x],
+                               pipeline=reference_pipeline("x86"))
+    assert all(r.sqnr_db is not None for r in compiled.report.quantization.layers)
+    model = realistic_toy()
+    sampled = fxforge.compile(model, "x86", example_inputs=torch.randn(16, 3, 8, 8), calibration=batches(8),
+                              pipeline=reference_pipeline("x86"))
+    assert all(r.sqnr_db is not None for r in sampled.report.quantization.layers)
