@@ -43,9 +43,11 @@ class CompiledModule(nn.Module):
         self.__dict__["quant_options"] = quant
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        engine = self.quant_options.backend if self.quant_options is not None else None
+        if self.quant_options is None:  # fp32: nothing else on the per-call path
+            with torch.inference_mode():
+                return self.graph_module(*args, **kwargs)
         # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
-        with torch.inference_mode(), quantized_engine(engine):
+        with torch.inference_mode(), quantized_engine(self.quant_options.backend):
             return self.graph_module(*args, **kwargs)
 
     def extra_repr(self) -> str:
