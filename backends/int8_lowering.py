@@ -35,11 +35,12 @@ from torch import fx, nn
 from fxforge.context import PassContext
 from fxforge.meta import fxmeta, record_rewrite
 from fxforge.pass_api import PassResult, graph_pass
+from fxforge.passes.dce import remove_dead_code
 from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import has_side_effects, module_of, mutates_only_private_value, replace_submodule
-from fxforge.quant.calibration import quantized_engine
+from fxforge.passes.matching import module_of, replace_submodule
 from fxforge.quant.ops import weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
+from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
 from .int8_rnn import DynamicInt8RNN
@@ -240,24 +241,6 @@ def _lower_quantize(low: _Lowering, q: fx.Node) -> bool:
     return any(rule(low, q, op, act) is not None for rule in rules)
 
 
-def _remove_dead(gm: fx.GraphModule) -> None:
-    """Drop the reference nodes the kernels replaced (quantize, ops, dequantize, qparam reads)."""
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(gm.graph.nodes)):
-            if not node.users and node.op in ("call_function", "call_method", "get_attr", "call_module") \
-                    and not _keeps(gm, node):
-                gm.graph.erase_node(node)
-                changed = True
-
-
-def _keeps(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Nodes without readers that still matter: calls of unknown modules, in-place ops on shared values (an
-    in-place relu6 on the replaced conv's private output is as dead as the conv)."""
-    return has_side_effects(gm, node) and not mutates_only_private_value(gm, node)
-
-
 def _lower_dynamic_linear(low: _Lowering, node: fx.Node) -> bool:
     """linear(dynamic_quantize(x)) -> quantized.linear_dynamic(x, packed, reduce_range)."""
     linear = module_of(low.gm, node)
@@ -293,7 +276,7 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
     for q in lowered:
         if not q.users:
             gm.graph.erase_node(q)
-    _remove_dead(gm)
+    remove_dead_code(gm)  # the reference nodes the kernels replaced (quantize, ops, dequantize, qparams)
     gm.delete_all_unused_submodules()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
     return PassResult(gm, bool(lowered or dynamic), [f"int8 kernels ({engine}): {summary or 'none'}"])

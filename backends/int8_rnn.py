@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM
 
 _q = torch.ops.quantized
@@ -50,8 +51,6 @@ class DynamicInt8RNN(nn.Module):
         return getattr(reference, f"bias_ih_l{layer}{sfx}"), getattr(reference, f"bias_hh_l{layer}{sfx}")
 
     def _pack(self) -> None:
-        from fxforge.quant.calibration import quantized_engine
-
         with quantized_engine(self.engine):
             self.packed = [
                 _q.make_quantized_cell_params_dynamic(_q.linear_prepack(w_ih, b_ih), _q.linear_prepack(w_hh, b_hh),

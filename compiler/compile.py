@@ -16,10 +16,10 @@ from .errors import CalibrationError, CompileError, ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
 from .pass_manager import PassManager
-from .quant.calibration import quantized_engine
 from .quant.config import QuantConfig, QuantOptions, check_skip_names
 from .quant.qat import convert_qat_layers
 from .quant.qat_modules import FakeQuantize
+from .quant.qspec import quantized_engine
 from .quant.sqnr import outputs_sqnr_db
 from .report import CompileReport
 from .targets import Target, resolve_target

@@ -38,15 +38,21 @@ def _sweep(gm: fx.GraphModule) -> int:
     return removed
 
 
-@graph_pass(name="dce", invalidates=("bn-folded",))
-def dce(gm: fx.GraphModule, ctx: PassContext) -> bool:
-    """Dead code elimination that keeps side effects."""
-    # Repeat to a fixed point: removing a dead reader later in the graph can make an earlier in-place op's
-    # mutation unobservable, and one backwards sweep has already passed that op by then.
+def remove_dead_code(gm: fx.GraphModule) -> int:
+    """Remove dead nodes to a fixed point (see the module docstring); returns how many went."""
+    # Repeat: removing a dead reader later in the graph can make an earlier in-place op's mutation
+    # unobservable, and one backwards sweep has already passed that op by then.
     removed = total = _sweep(gm)
     while removed:
         removed = _sweep(gm)
         total += removed
+    return total
+
+
+@graph_pass(name="dce", invalidates=("bn-folded",))
+def dce(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    """Dead code elimination that keeps side effects."""
+    total = remove_dead_code(gm)
     if total:
         gm.delete_all_unused_submodules()
         ctx.note(f"removed {total} unused node(s)")

@@ -10,9 +10,8 @@ inputs, and the report says so; items with fewer, or a batch the model fails on,
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -21,20 +20,6 @@ from tqdm.auto import tqdm
 
 from fxforge.errors import CalibrationError
 from fxforge.meta import fxmeta
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str | None) -> Iterator[None]:
-    """Run with ``torch.backends.quantized.engine = engine`` (None: leave it), restoring it afterwards."""
-    previous = torch.backends.quantized.engine
-    if engine is None or previous == engine:
-        yield
-        return
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def input_names(gm: fx.GraphModule) -> list[str]:

@@ -15,7 +15,9 @@ Backend rules:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -98,3 +100,17 @@ def backend_quant(backend: str, reduce_range: bool | None = None) -> BackendQuan
     reduce = (not cpu_has_vnni()) if reduce_range is None else reduce_range
     return BackendQuant(backend, QSpec(torch.quint8, 0, 127 if reduce else 255),
                         QSpec(torch.qint8, -128, 127, symmetric=True, axis=0))
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Run with ``torch.backends.quantized.engine = engine`` (None: leave it), restoring it afterwards."""
+    previous = torch.backends.quantized.engine
+    if engine is None or previous == engine:
+        yield
+        return
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
