@@ -55,10 +55,6 @@ class LayerQuant:
     def make_observer(self) -> Observer:
         return make_observer(self.activation) if isinstance(self.activation, str) else self.activation()
 
-    def describe_activation(self) -> str:
-        return self.activation if isinstance(self.activation, str) else getattr(
-            self.activation, "__name__", repr(self.activation))
-
 
 @dataclass(frozen=True)
 class QuantConfig:
