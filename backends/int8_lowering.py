@@ -19,6 +19,8 @@ output qparams as the reference graph; results differ by rounding inside the ker
 on a small fraction of elements, measured in the tests). ``dequantize`` nodes left without readers go.
 Engines: prepacked weights carry their engine; ops without weights (add, pooling) follow the process-wide
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
+lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
+input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
 Preconditions: ``quantized`` (insert-qdq ran); convs fused only with relu (these engines have no conv+add
 kernel), which the int8 targets' pipelines ensure.
 """
@@ -44,6 +46,7 @@ from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
 from .int8_rnn import DynamicInt8RNN
+from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
 
 _q = torch.ops.quantized
 _CONV_OPS = {nn.Conv1d: ("conv1d", _q.conv1d_prepack), nn.Conv2d: ("conv2d", _q.conv2d_prepack),
@@ -58,11 +61,25 @@ def _is_dq(node: Any) -> bool:
 
 
 class _Lowering:
-    """State of one lowering run: the graph module, its engine, and a counter for prepacked weight names."""
+    """State of one lowering run: the graph module, its engine, and a counter for prepacked weight names.
 
-    def __init__(self, gm: fx.GraphModule, engine: str) -> None:
+    ``kernel_engines`` are the engines whose prepacked weights a conv/linear may use; with more than one, each
+    layer takes the one whose kernel measured fastest on the layer's input shape (``kernel_choice.py``).
+    """
+
+    def __init__(self, gm: fx.GraphModule, engine: str, kernel_engines: tuple[str, ...] = ()) -> None:
         self.gm, self.engine, self.count = gm, engine, 0
+        self.kernel_engines = kernel_engines or (engine,)
         self.lowered: dict[str, int] = {}
+        self.chosen: dict[str, int] = {}
+
+    def prepack(self, kernel: Callable, prepack: Callable[[], Any], q: fx.Node, dequantize: fx.Node) -> Any:
+        """The weight prepacked for the engine whose ``kernel`` runs fastest on the shape ``dequantize`` reads."""
+        scale, zero_point = self.qparams(q)
+        x = example_int8_input(self.gm, dequantize) if len(self.kernel_engines) > 1 else None
+        engine, packed = fastest_prepacked(kernel, prepack, self.kernel_engines, x, scale, zero_point)
+        self.chosen[engine] = self.chosen.get(engine, 0) + 1
+        return packed
 
     def pack(self, packed: Any) -> fx.Node:
         name = f"_packed_{self.count}"
@@ -144,8 +161,9 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
     if kernel is None:
         return None
     target, prepack, kind = kernel
+    packed = low.prepack(target, prepack, q, op.args[0])
     with low.gm.graph.inserting_before(q):
-        packed = low.pack(prepack())
+        packed = low.pack(packed)
     origin = [op] + ([act] if act is not None else [])
     node = low.emit(q, target, (op.args[0].args[0], packed), origin, kind + ("+relu" if relu else ""))
     return _reapply_activation(low, node, act) if act is not None and not _relu_only(act) else node
@@ -267,9 +285,9 @@ def _lower_dynamic_rnn(low: _Lowering, node: fx.Node) -> bool:
     return True
 
 
-def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
+def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines: tuple[str, ...] = ()) -> PassResult:
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
-    low = _Lowering(gm, engine)
+    low = _Lowering(gm, engine, kernel_engines)
     with quantized_engine(engine):  # prepacking picks the engine's weight format
         lowered = [q for q in quantize_nodes if _lower_quantize(low, q)]
         dynamic = [n for n in list(gm.graph.nodes) if _lower_dynamic_linear(low, n) or _lower_dynamic_rnn(low, n)]
@@ -279,18 +297,32 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
     remove_dead_code(gm)  # the reference nodes the kernels replaced (quantize, ops, dequantize, qparams)
     gm.delete_all_unused_submodules()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
-    return PassResult(gm, bool(lowered or dynamic), [f"int8 kernels ({engine}): {summary or 'none'}"])
+    notes = [f"int8 kernels ({engine}): {summary or 'none'}"]
+    if len(low.kernel_engines) > 1 and low.chosen:
+        notes.append("weights packed for the fastest engine measured per layer: "
+                     + ", ".join(f"{n} {e}" for e, n in sorted(low.chosen.items())))
+    return PassResult(gm, bool(lowered or dynamic), notes)
 
 
-def _lowering_pass(engine: str) -> type:
-    def lower(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        return lower_int8(gm, ctx, engine)
+def _lowering_pass(engine: str, tunable: tuple[str, ...] = ()) -> type:
+    """lower-<engine>; with ``tunable`` engines, an ``autotune`` option (on by default) picks among them per layer."""
+    if tunable:
+        def lower(gm: fx.GraphModule, ctx: PassContext, autotune: bool = True) -> PassResult:
+            return lower_int8(gm, ctx, engine, available_engines(tunable) if autotune else ())
+    else:
+        def lower(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+            return lower_int8(gm, ctx, engine)
 
     lower.__name__ = lower.__qualname__ = f"lower_{engine}"
     lower.__doc__ = f"Reference int8 regions -> torch.ops.quantized kernels prepacked for the {engine} engine."
+    if tunable:
+        lower.__doc__ += (f" autotune: each conv/linear takes the weights packing ({', '.join(tunable)}) whose "
+                          "kernel measured fastest on its input shape at compile time.")
     return graph_pass(f"lower-{engine}", requires=("quantized",), provides=("lowered",))(lower)
 
 
 LOWER_FBGEMM = _lowering_pass("fbgemm")
-LOWER_X86 = _lowering_pass("x86")
+# The x86 engine's ops accept weights packed by fbgemm or oneDNN: which is faster depends on the layer
+# (oneDNN on large depthwise feature maps, fbgemm on small ones, measured), so x86 chooses per layer.
+LOWER_X86 = _lowering_pass("x86", tunable=("fbgemm", "onednn"))
 LOWER_QNNPACK = _lowering_pass("qnnpack")

@@ -1,0 +1,97 @@
+"""Choose, per layer, the engine whose int8 kernel is fastest: measured at compile time, not guessed.
+
+torch's quantized conv/linear ops dispatch on the packed weight: a weight prepacked under the ``fbgemm`` engine
+runs fbgemm's kernel, one prepacked under ``onednn`` runs oneDNN's, whatever the process-wide engine. Both
+compute the same integer convolution and requantize to the same output qparams (results agree to one int8
+step), but their speed differs by layer shape: on an AVX2 EPYC, oneDNN's depthwise 3x3 on a 112x112 map took
+0.31 ms against fbgemm's 0.43 ms, and fbgemm's on 28x28 took 0.13 ms against oneDNN's 0.18 ms
+(``benchmarks/int8_kernels.py`` measures them). So the lowering prepacks each layer's
+weight for every candidate engine, times the kernel on a random int8 input of the layer's input shape
+(warm-up, then the best of a few calls) and keeps the fastest packing.
+
+The choice costs a few kernel calls per layer at compile time (about 8 forward passes' worth of conv time)
+and makes the choice depend on the machine and its load; ``lower-x86{autotune=false}`` turns it off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxforge.meta import fxmeta, tensor_shape
+from fxforge.quant.plan import QPARAMS_KEY
+from fxforge.quant.qspec import quantized_engine
+
+TIMED_CALLS = 3
+WARMUP_CALLS = 2  # oneDNN builds its primitive for a shape on the first call
+FALLBACK_QPARAMS = (1.0 / 32, 128)  # activation qparams when the producer's cannot be found (timing only)
+
+
+def available_engines(engines: Sequence[str]) -> tuple[str, ...]:
+    """The candidate engines this torch build has."""
+    return tuple(e for e in engines if e in torch.backends.quantized.supported_engines)
+
+
+def _producer_qparams(gm: fx.GraphModule, node: Any) -> tuple[float, int]:
+    """Qparams of the int8 value ``node``: its quantize node's buffers, or the kernel that wrote it, followed
+    through int8 pass-through ops (pooling, flatten, clamps) that keep their input's qparams."""
+    for _ in range(16):
+        if not isinstance(node, fx.Node):
+            break
+        if node.op == "call_function" and node.target is torch.quantize_per_tensor:
+            names = (str(node.args[1].target), str(node.args[2].target))
+        else:
+            names = fxmeta(node).get(QPARAMS_KEY)
+        if names is not None:
+            scale, zero_point = (getattr(gm, name) for name in names)
+            return float(scale), int(zero_point)
+        node = node.args[0] if node.args else None
+    return FALLBACK_QPARAMS
+
+
+def example_int8_input(gm: fx.GraphModule, dequantize: fx.Node) -> torch.Tensor | None:
+    """A random quint8 tensor shaped and quantized like the value ``dequantize`` reads (None: shape unknown)."""
+    shape = tensor_shape(dequantize)
+    if shape is None:
+        return None
+    scale, zero_point = _producer_qparams(gm, dequantize.args[0])
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 256, tuple(shape), generator=generator, dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(values, scale, zero_point)
+    # int8 kernels write channels-last outputs; the next layer reads them in that layout
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _seconds_per_call(fn: Callable[[], Any]) -> float:
+    for _ in range(WARMUP_CALLS):
+        fn()
+    best = float("inf")
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest_prepacked(kernel: Callable, prepack: Callable[[], Any], engines: Sequence[str],
+                      x: torch.Tensor | None, scale: float, zero_point: int) -> tuple[str, Any]:
+    """(engine, packed weight) of the engine whose ``kernel(x, packed, scale, zero_point)`` is fastest.
+
+    With one engine, or no example input, the first engine's packing is returned untimed.
+    """
+    if len(engines) == 1 or x is None:
+        with quantized_engine(engines[0]):
+            return engines[0], prepack()
+    timings = []
+    for engine in engines:
+        with quantized_engine(engine):
+            packed = prepack()  # outside inference mode: the packed weight lives on in the compiled module
+            with torch.inference_mode():
+                seconds = _seconds_per_call(lambda packed=packed: kernel(x, packed, scale, zero_point))
+        timings.append((seconds, engine, packed))
+    _, engine, packed = min(timings, key=lambda t: t[0])
+    return engine, packed

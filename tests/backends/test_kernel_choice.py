@@ -1,0 +1,94 @@
+"""Per-layer engine choice for int8 kernels (backends/kernel_choice.py) and its use by lower-x86."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from quant_helpers import batches, sqnr, toy_model
+from torch import fx
+
+import fxforge
+from fxforge.backends.kernel_choice import available_engines, example_int8_input, fastest_prepacked
+from helpers import reestimate_bn
+
+X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+TUNED = available_engines(("fbgemm", "onednn"))
+needs_two_engines = pytest.mark.skipif(len(TUNED) < 2, reason="this torch build lacks fbgemm or onednn")
+
+
+def test_the_engine_whose_kernel_is_faster_wins_whatever_the_order():
+    def prepack() -> str:  # stands for a weight packed under the current engine
+        return torch.backends.quantized.engine
+
+    def kernel(x, packed, scale, zero_point):
+        time.sleep(0.004 if packed == slow else 0.0)
+
+    for slow in ("fbgemm", "qnnpack"):
+        engines = ("fbgemm", "qnnpack")
+        engine, packed = fastest_prepacked(kernel, prepack, engines, torch.zeros(1), 0.1, 0)
+        assert engine == packed == next(e for e in engines if e != slow)
+
+
+def test_one_engine_or_no_example_input_is_not_timed():
+    calls = []
+
+    def kernel(*args):
+        calls.append(args)
+
+    assert fastest_prepacked(kernel, lambda: "w", ("qnnpack",), torch.zeros(1), 0.1, 0) == ("qnnpack", "w")
+    assert fastest_prepacked(kernel, lambda: "w", ("fbgemm", "qnnpack"), None, 0.1, 0) == ("fbgemm", "w")
+    assert calls == []
+
+
+def test_example_input_has_the_shape_and_qparams_of_the_value_read():
+    gm = fx.symbolic_trace(torch.nn.Identity())
+    gm.register_buffer("s", torch.tensor(0.25))
+    gm.register_buffer("z", torch.tensor(3))
+    graph = gm.graph
+    x = next(iter(graph.nodes))
+    with graph.inserting_after(x):
+        scale, zero_point = graph.get_attr("s"), graph.get_attr("z")
+    with graph.inserting_after(zero_point):
+        q = graph.call_function(torch.quantize_per_tensor, (x, scale, zero_point, torch.quint8))
+    with graph.inserting_after(q):
+        flat = graph.call_method("flatten", (q, 1))  # int8 pass-through: keeps q's qparams
+    with graph.inserting_after(flat):
+        dq = graph.call_method("dequantize", (flat,))
+    assert example_int8_input(gm, dq) is None  # no shape recorded
+    dq.meta["tensor_meta"] = type("TensorMeta", (), {"shape": torch.Size([2, 5, 3, 3])})()
+    example = example_int8_input(gm, dq)
+    assert example.shape == (2, 5, 3, 3) and example.dtype == torch.quint8
+    assert (example.q_scale(), example.q_zero_point()) == (0.25, 3)
+    assert example.is_contiguous(memory_format=torch.channels_last)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return reestimate_bn(toy_model(), batches(8, seed=100)).eval()
+
+
+@needs_two_engines
+def test_x86_packs_each_layer_for_a_measured_engine_and_agrees_with_fixed_packing():
+    model, calibration = _model(), batches(8)
+    tuned = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration)
+    fixed = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration,
+                            pipeline=fxforge.pipeline_for("x86").replace("lower-x86", "lower-x86{autotune=false}"))
+    notes = next(p.notes for p in tuned.report.passes if p.name == "lower-x86")
+    choice = next(n for n in notes if n.startswith("weights packed for the fastest engine"))
+    chosen = {e: int(n) for n, e in (part.split() for part in choice.split(": ")[1].split(", "))}
+    assert set(chosen) <= set(TUNED)
+    weighted = sum(v for k, v in _lowered_counts(notes[0]).items() if k.startswith(("conv", "linear")))
+    assert sum(chosen.values()) == weighted > 0
+    assert not any("fastest engine" in n for p in fixed.report.passes for n in p.notes)
+    for x in batches(3, seed=9):
+        # engines compute the same integer op and requantize alike: outputs within one int8 step
+        step = tuned.report.quantization.layers[-1].scale
+        assert (tuned(x) - fixed(x)).abs().max() <= step * 1.01
+    assert sqnr(model, tuned, X) >= 25
+
+
+def _lowered_counts(note: str) -> dict[str, int]:
+    """'int8 kernels (x86): 10 add, 3 conv2d' -> {'add': 10, 'conv2d': 3}"""
+    return {kind: int(n) for n, kind in (part.split() for part in note.split(": ")[1].split(", "))}
