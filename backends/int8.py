@@ -15,9 +15,10 @@ import torch
 from fxforge.targets import Target, register_target
 
 CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
-# Fuse only what these engines' int8 kernels fuse (conv+relu, linear+relu): adds stay separate int8 ops
-# (quantized.add_relu), other activations too.
+# Fuse only what each engine's int8 kernels fuse: conv+relu and linear+relu everywhere, conv+add(+relu) where
+# oneDNN runs it (x86); elsewhere adds stay separate int8 ops (quantized.add_relu), other activations too.
 QUANTIZE = "fuse-conv{post_ops=relu},fuse-linear{post_ops=relu},insert-observers,calibrate,insert-qdq"
+QUANTIZE_X86 = QUANTIZE.replace("fuse-conv{post_ops=relu}", "fuse-conv{post_ops=add+relu}")
 
 
 def _modes(engine: str) -> dict[str, str]:
@@ -30,6 +31,10 @@ _DESCRIPTIONS = {
     "fbgemm": "int8 on x86 CPUs through fbgemm kernels",
     "qnnpack": "int8 for ARM/mobile-class CPUs through qnnpack kernels",
 }
+
+
+def _has_engine(engine: str) -> bool:
+    return engine in torch.backends.quantized.supported_engines
 
 
 def _engine_check(engine: str):
@@ -46,8 +51,10 @@ for _name, _description in _DESCRIPTIONS.items():
     register_target(Target(
         name=_name,
         description=_description,
-        pipeline=f"{CANONICALIZE},{QUANTIZE},lower-{_name}",
+        pipeline=f"{CANONICALIZE},{QUANTIZE_X86 if _name == 'x86' else QUANTIZE},lower-{_name}",
         availability=_engine_check(_name),
         quant_backend=_name,
+        # conv2d_add runs only under the onednn engine; the x86 target's other kernels run the same under it
+        quantized_engine="onednn" if _name == "x86" and _has_engine("onednn") else None,
         mode_pipelines=_modes(_name),
     ))

@@ -4,6 +4,7 @@ Rewrites each ``dequantize -> op -> quantize`` region that insert-qdq produced i
 input and output are quantized tensors (qparams as literals, weights prepacked once for the engine):
     q(conv(dq x))                -> quantized.conv{1,2,3}d(x, packed, scale, zp)
     q(relu(conv(dq x)))          -> quantized.conv2d_relu(...)        (FusedConv[relu] or an absorbed relu)
+    q(conv(dq x) + dq r) [+relu] -> quantized.conv2d_add[_relu](x, r, packed, scale, zp)  (FusedConv[add], oneDNN)
     q(act(conv(dq x)))           -> act(quantized.conv2d(...))        (relu6/hardtanh/clamp run on int8, exact)
     q(linear(dq x)) [+relu]      -> quantized.linear[_relu](x, packed, scale, zp)
     q(dq a + dq b) [+relu]       -> quantized.add[_relu](a, b, scale, zp)      (mul likewise)
@@ -21,8 +22,9 @@ Engines: prepacked weights carry their engine; ops without weights (add, pooling
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
 lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
 input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
-Preconditions: ``quantized`` (insert-qdq ran); convs fused only with relu (these engines have no conv+add
-kernel), which the int8 targets' pipelines ensure.
+Preconditions: ``quantized`` (insert-qdq ran); convs fused with relu, and with an add only where oneDNN packs
+the weight (the x86 target's pipeline fuses conv+add; fbgemm and qnnpack have no conv+add kernel and their
+pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 reference form).
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
+from .int8_packed import PackedWeight
 from .int8_rnn import DynamicInt8RNN
 from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
 
 _q = torch.ops.quantized
-_CONV_OPS = {nn.Conv1d: ("conv1d", _q.conv1d_prepack), nn.Conv2d: ("conv2d", _q.conv2d_prepack),
-             nn.Conv3d: ("conv3d", _q.conv3d_prepack)}
+_CONV_OPS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 _BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "mul", torch.mul: "mul", "mul": "mul"}
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
@@ -73,19 +75,22 @@ class _Lowering:
         self.lowered: dict[str, int] = {}
         self.chosen: dict[str, int] = {}
 
-    def prepack(self, kernel: Callable, prepack: Callable[[], Any], q: fx.Node, dequantize: fx.Node) -> Any:
-        """The weight prepacked for the engine whose ``kernel`` runs fastest on the shape ``dequantize`` reads."""
+    def prepack(self, kernel: Callable, prepack: Callable[[str], PackedWeight], q: fx.Node, dequantize: fx.Node,
+                engines: tuple[str, ...] | None = None) -> PackedWeight:
+        """The weight prepacked for the engine (of ``engines``, default the lowering's) whose ``kernel`` runs
+        fastest on the shape ``dequantize`` reads."""
         scale, zero_point = self.qparams(q)
-        x = example_int8_input(self.gm, dequantize) if len(self.kernel_engines) > 1 else None
-        engine, packed = fastest_prepacked(kernel, prepack, self.kernel_engines, x, scale, zero_point)
+        engines = engines or self.kernel_engines
+        x = example_int8_input(self.gm, dequantize) if len(engines) > 1 else None
+        engine, packed = fastest_prepacked(kernel, prepack, engines, x, scale, zero_point)
         self.chosen[engine] = self.chosen.get(engine, 0) + 1
         return packed
 
-    def pack(self, packed: Any) -> fx.Node:
+    def pack(self, packed: PackedWeight) -> fx.Node:
         name = f"_packed_{self.count}"
         self.count += 1
-        setattr(self.gm, name, packed)
-        return self.gm.graph.create_node("get_attr", name)  # get_attr() warns on non-tensor attributes
+        self.gm.add_submodule(name, packed)
+        return self.gm.graph.create_node("get_attr", f"{name}.packed")  # get_attr() warns on non-tensors
 
     def qparams(self, q: fx.Node) -> tuple[float, int]:
         scale, zero_point = (getattr(self.gm, str(a.target)) for a in q.args[1:3])
@@ -123,33 +128,47 @@ def _relu_only(act: fx.Node | None) -> bool:
 
 
 def _inner_layer(module: nn.Module | None) -> nn.Module | None:
-    """The conv/linear a (fused) module computes with, when only a relu is fused into it."""
+    """The conv/linear a (fused) module computes with, when at most an add and a relu are fused into it."""
     if isinstance(module, (FusedConv, FusedLinear)):
-        if getattr(module, "add", False) or module.activation not in ("", "relu"):
+        if module.activation not in ("", "relu"):
             return None
         return module.conv if isinstance(module, FusedConv) else module.linear
     return module
 
 
-def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[], Any], str] | None:
-    """(int8 op, a function prepacking the weight for it, kind) for a conv/linear layer, else None."""
+def _conv_add_kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], PackedWeight], str] | None:
+    """quantized.conv2d_add[_relu]: oneDNN-packed Conv2d weights only (the other engines lack the kernel)."""
+    if type(layer) is not nn.Conv2d or layer.padding_mode != "zeros" or isinstance(layer.padding, str) \
+            or "onednn" not in torch.backends.quantized.supported_engines:
+        return None
+    return (_q.conv2d_add_relu if relu else _q.conv2d_add), _packer(layer, "conv2d"), "conv2d+add"
+
+
+def _packer(layer: nn.Module, kind: str) -> Callable[[str], PackedWeight]:
+    """engine -> the layer's int8 weight packed by that engine."""
+    geometry = {} if kind == "linear" else {"stride": list(layer.stride), "padding": list(layer.padding),
+                                            "dilation": list(layer.dilation), "groups": layer.groups}
+    return lambda engine: PackedWeight(kind, engine, _quantized_weight(layer), layer.bias, geometry)
+
+
+def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], PackedWeight], str] | None:
+    """(int8 op, engine -> the weight packed for it, kind) for a conv/linear layer, else None."""
     if isinstance(layer, nn.Linear):
-        return (_q.linear_relu if relu else _q.linear,
-                lambda: _q.linear_prepack(_quantized_weight(layer), layer.bias), "linear")
+        return (_q.linear_relu if relu else _q.linear), _packer(layer, "linear"), "linear"
     if type(layer) not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         return None
-    name, prepack = _CONV_OPS[type(layer)]
+    name = _CONV_OPS[type(layer)]
     if relu and name != "conv2d":  # only conv2d has a fused relu kernel
         return None
-    return (getattr(_q, name + ("_relu" if relu else "")),
-            lambda: prepack(_quantized_weight(layer), layer.bias, list(layer.stride), list(layer.padding),
-                            list(layer.dilation), layer.groups), name)
+    return getattr(_q, name + ("_relu" if relu else "")), _packer(layer, name), name
 
 
 def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
     module = module_of(low.gm, op)
     layer = _inner_layer(module)
-    if layer is None or not hasattr(layer, "weight_scale") or not _is_dq(op.args[0]):
+    add = getattr(module, "add", False)
+    if layer is None or not hasattr(layer, "weight_scale") or len(op.args) != 1 + add \
+            or not all(_is_dq(a) for a in op.args):
         return None
     relu = getattr(module, "activation", "") == "relu" or _relu_only(act)
     if act is not None and not relu:
@@ -157,16 +176,53 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
             relu, act = True, None
         elif low.engine == "qnnpack":  # torch's qnnpack clamp misreads channels-last int8 tensors (measured)
             return None
-    kernel = _kernel(layer, relu)
+    kernel = _conv_add_kernel(layer, relu) if add else _kernel(layer, relu)
     if kernel is None:
         return None
     target, prepack, kind = kernel
-    packed = low.prepack(target, prepack, q, op.args[0])
+    # conv2d_add reads two int8 tensors: not timed, and only oneDNN packs for it
+    packed = low.prepack(target, prepack, q, op.args[0], engines=("onednn",) if add else None)
     with low.gm.graph.inserting_before(q):
         packed = low.pack(packed)
     origin = [op] + ([act] if act is not None else [])
-    node = low.emit(q, target, (op.args[0].args[0], packed), origin, kind + ("+relu" if relu else ""))
+    inputs = tuple(a.args[0] for a in op.args)  # x (and the residual when add): the int8 tensors dequantized
+    if add:
+        inputs = (inputs[0], _writable_accumulator(low, op, inputs[1], before=q))
+    node = low.emit(q, target, (*inputs, packed), origin, kind + ("+relu" if relu else ""))
     return _reapply_activation(low, node, act) if act is not None and not _relu_only(act) else node
+
+
+_FRESH_INT8 = {torch.quantize_per_tensor, torch.nn.functional.max_pool2d, torch.max_pool2d}
+_CLAMPS = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh; on int8 they return their input or a new tensor
+
+
+def _storage_chain(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
+    """The nodes whose value may share ``node``'s memory: ``node``, and through int8 clamps (in place or
+    not) the kernel output they clamp. None when ``node`` may be a view of another value (or unknown)."""
+    if node.op == "call_module" and isinstance(module_of(gm, node), _CLAMPS) and isinstance(node.args[0], fx.Node):
+        inner = _storage_chain(gm, node.args[0])
+        return None if inner is None else [node, *inner]
+    if node.op == "call_module" and isinstance(module_of(gm, node), nn.MaxPool2d):
+        return [node]
+    if node.op == "call_function" and (node.target in _FRESH_INT8 or str(
+            getattr(node.target, "_qualified_op_name", "")).startswith("quantized::")):
+        return [node]
+    return None
+
+
+def _writable_accumulator(low: _Lowering, op: fx.Node, accum: fx.Node, before: fx.Node) -> fx.Node:
+    """conv2d_add writes its result into the accumulator's memory when layouts match (measured: a residual
+    read again afterwards came back overwritten). Pass ``accum`` itself only when it is not ``op``'s other
+    input, not a view of another value, and nothing reads its memory after ``op``; otherwise a clone."""
+    chain = _storage_chain(low.gm, accum)
+    if chain is not None and accum is not op.args[0].args[0]:
+        order = {n: i for i, n in enumerate(low.gm.graph.nodes)}
+        readers = [r for n in chain for u in n.users for r in (u.users if _is_dq(u) else [u])
+                   if r is not op and r not in chain]
+        if all(order[r] < order[op] for r in readers):
+            return accum
+    with low.gm.graph.inserting_before(before):
+        return low.gm.graph.call_method("clone", (accum,))
 
 
 def _activation_bounds(gm: fx.GraphModule, act: fx.Node) -> tuple[float, float] | None:
@@ -267,7 +323,7 @@ def _lower_dynamic_linear(low: _Lowering, node: fx.Node) -> bool:
             or source.target is not dynamic_quantize or len(source.users) != 1:
         return False
     with low.gm.graph.inserting_before(node):
-        packed = low.pack(_q.linear_prepack(_quantized_weight(linear), linear.bias))
+        packed = low.pack(_packer(linear, "linear")(low.engine))
         new = low.gm.graph.call_function(_q.linear_dynamic, (source.args[0], packed, source.args[1]))
     record_rewrite(new, f"lower-{low.engine}", source, node)
     node.replace_all_uses_with(new)

@@ -77,21 +77,18 @@ def _seconds_per_call(fn: Callable[[], Any]) -> float:
     return best
 
 
-def fastest_prepacked(kernel: Callable, prepack: Callable[[], Any], engines: Sequence[str],
+def fastest_prepacked(kernel: Callable, prepack: Callable[[str], Any], engines: Sequence[str],
                       x: torch.Tensor | None, scale: float, zero_point: int) -> tuple[str, Any]:
-    """(engine, packed weight) of the engine whose ``kernel(x, packed, scale, zero_point)`` is fastest.
-
-    With one engine, or no example input, the first engine's packing is returned untimed.
+    """(engine, prepack(engine)) for the engine whose ``kernel(x, prepack(engine).packed, scale, zero_point)``
+    is fastest. With one engine, or no example input, the first engine's packing is returned untimed.
     """
     if len(engines) == 1 or x is None:
-        with quantized_engine(engines[0]):
-            return engines[0], prepack()
+        return engines[0], prepack(engines[0])
     timings = []
     for engine in engines:
-        with quantized_engine(engine):
-            packed = prepack()  # outside inference mode: the packed weight lives on in the compiled module
-            with torch.inference_mode():
-                seconds = _seconds_per_call(lambda packed=packed: kernel(x, packed, scale, zero_point))
+        packed = prepack(engine)  # outside inference mode: the packed weight lives on in the compiled module
+        with torch.inference_mode(), quantized_engine(engine):
+            seconds = _seconds_per_call(lambda packed=packed.packed: kernel(x, packed, scale, zero_point))
         timings.append((seconds, engine, packed))
     _, engine, packed = min(timings, key=lambda t: t[0])
     return engine, packed

@@ -47,7 +47,7 @@ class CompiledModule(nn.Module):
             with torch.inference_mode():
                 return self.graph_module(*args, **kwargs)
         # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
-        with torch.inference_mode(), quantized_engine(self.quant_options.backend):
+        with torch.inference_mode(), quantized_engine(self.quant_options.runtime_engine):
             return self.graph_module(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -106,7 +106,8 @@ def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quan
             f"quantization='dynamic' (weights int8, activations quantized per call: no calibration needed)")
     skip = check_skip_names(model, skip)
     return QuantOptions(mode=mode, backend=tgt.quant_backend, config=QuantConfig.from_value(quant_config),
-                        skip=skip, calibration=calibration, calibration_batches=calibration_batches)
+                        skip=skip, calibration=calibration, calibration_batches=calibration_batches,
+                        engine=tgt.quantized_engine)
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -158,10 +159,12 @@ def compile(  # noqa: A001 - the public name users expect
         manager.instruments.append(DumpAfterChange(dump_dir))
     if verify == "numeric":
         manager.instruments.append(NumericCheck())
-    gm = manager.run(traced.gm, ctx)
+    engine = quant.runtime_engine if quant else None  # passes and checks run the graph as forward() will
+    with quantized_engine(engine):
+        gm = manager.run(traced.gm, ctx)
 
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), quantized_engine(engine):
             outputs = gm(*clone_inputs(inputs))
             report.max_abs_error, report.max_rel_error = max_errors(outputs, ctx.reference_outputs)
     except Exception as exc:  # the compiled graph verified but does not run: say how to find the culprit

@@ -20,6 +20,7 @@ class Target:
     device: str = "cpu"
     availability: Callable[[], str | None] = lambda: None
     quant_backend: str | None = None  # int8 targets: whose qparam rules apply (fbgemm, x86, qnnpack)
+    quantized_engine: str | None = None  # int8 targets: the process-wide engine their kernels run under
     mode_pipelines: dict[str, str] = field(default_factory=dict)  # int8 targets: quantization mode -> pipeline
 
     def pipeline_for_mode(self, mode: str | None) -> str:

@@ -141,6 +141,11 @@ class QuantOptions:
     calibration: Any = None
     calibration_batches: int | None = None
     reduce_range: bool | None = None
+    engine: str | None = None  # the quantized engine the lowered graph runs under (None: ``backend``)
+
+    @property
+    def runtime_engine(self) -> str:
+        return self.engine or self.backend
 
     def skipped(self, layer: str) -> bool:
         return any(name_matches(name, layer) for name in self.skip)

@@ -11,6 +11,7 @@ from quant_helpers import batches, dq_q_round_trips, reference_pipeline, sqnr, t
 from torch import fx, nn
 
 import fxforge
+from fxforge.backends.int8_packed import PackedWeight
 from helpers import reestimate_bn
 
 ENGINES = ["x86", "fbgemm", "qnnpack"]
@@ -74,9 +75,30 @@ def test_lowered_graph_holds_int8_kernels_and_no_round_trips(engine):
     assert not [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     dequantize = [n for n in gm.graph.nodes if n.target == "dequantize"]
     assert len(dequantize) == 1  # at the output only: int8 tensors flow from kernel to kernel
-    assert len(gm.graph.nodes) < len(reference.graph_module.graph.nodes) / 2
+    values = _node_values(gm, X, lowered.quant_options.runtime_engine)
+    computed = [n for n in gm.graph.nodes if n.op.startswith("call") and n.target not in ("dequantize",)]
+    assert computed and all(values[n].is_quantized for n in computed), \
+        [n.name for n in computed if not values[n].is_quantized]
     lower = next(p for p in lowered.report.passes if p.name == f"lower-{engine}")
     assert "conv2d" in lower.notes[0] and "add" in lower.notes[0]
+
+
+def _node_values(gm: fx.GraphModule, x: torch.Tensor, engine: str) -> dict[fx.Node, object]:
+    values: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            values[n] = super().run_node(n)
+            return values[n]
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with torch.inference_mode():
+            Recorder(gm).run(x)
+    finally:
+        torch.backends.quantized.engine = previous
+    return values
 
 
 def test_each_module_runs_on_its_own_engine_whatever_the_global_engine():
@@ -119,9 +141,12 @@ def test_lowered_module_survives_deepcopy_and_save_load():
     buffer = io.BytesIO()
     torch.save(compiled.graph_module, buffer)
     buffer.seek(0)
+    torch.backends.quantized.engine = "qnnpack"  # unpickling repacks weights: under their own engine, not this
     loaded = torch.load(buffer, weights_only=False)
     assert isinstance(loaded, fx.GraphModule)
-    torch.backends.quantized.engine = "x86"
+    engines = {name: m.engine for name, m in compiled.graph_module.named_modules() if isinstance(m, PackedWeight)}
+    assert engines and engines == {name: m.engine for name, m in loaded.named_modules() if isinstance(m, PackedWeight)}
+    torch.backends.quantized.engine = compiled.quant_options.runtime_engine  # what CompiledModule pins
     with torch.inference_mode():
         assert torch.equal(loaded(x), expected)
 
@@ -130,3 +155,32 @@ def test_every_int8_target_is_listed():
     assert {"x86", "fbgemm", "qnnpack"} <= set(fxforge.targets())
     for engine in ENGINES:
         assert fxforge.pipeline_for(engine).endswith(f"insert-qdq,lower-{engine}")
+
+
+class ResidualReadTwice(nn.Module):
+    """conv(conv(y)) + y, then y read again: conv2d_add may write into y's memory, so it must get a copy."""
+
+    def __init__(self, read_again: bool) -> None:
+        super().__init__()
+        self.read_again = read_again
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        z = torch.relu(self.conv2(self.conv1(y)) + y)
+        return self.head(z + y if self.read_again else z)
+
+
+@pytest.mark.parametrize("read_again", [True, False])
+def test_conv_add_never_overwrites_a_residual_read_later(read_again):
+    model = ResidualReadTwice(read_again).eval()
+    lowered, reference = compile_both(model, "x86")
+    code = lowered.graph_module.code
+    assert "conv2d_add_relu" in code
+    assert ("clone" in code) == read_again
+    for x in batches(3, seed=11):
+        steps = ((lowered(x) - reference(x)).abs() / output_scale(reference)).round()
+        assert (steps <= 1).float().mean() >= 0.95
+        assert torch.equal(lowered(x), lowered(x))  # no state left behind between calls

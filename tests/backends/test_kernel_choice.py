@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ needs_two_engines = pytest.mark.skipif(len(TUNED) < 2, reason="this torch build 
 
 
 def test_the_engine_whose_kernel_is_faster_wins_whatever_the_order():
-    def prepack() -> str:  # stands for a weight packed under the current engine
-        return torch.backends.quantized.engine
+    def prepack(engine: str) -> SimpleNamespace:  # stands for a weight packed by that engine
+        return SimpleNamespace(packed=engine)
 
     def kernel(x, packed, scale, zero_point):
         time.sleep(0.004 if packed == slow else 0.0)
@@ -28,7 +29,7 @@ def test_the_engine_whose_kernel_is_faster_wins_whatever_the_order():
     for slow in ("fbgemm", "qnnpack"):
         engines = ("fbgemm", "qnnpack")
         engine, packed = fastest_prepacked(kernel, prepack, engines, torch.zeros(1), 0.1, 0)
-        assert engine == packed == next(e for e in engines if e != slow)
+        assert engine == packed.packed == next(e for e in engines if e != slow)
 
 
 def test_one_engine_or_no_example_input_is_not_timed():
@@ -37,8 +38,8 @@ def test_one_engine_or_no_example_input_is_not_timed():
     def kernel(*args):
         calls.append(args)
 
-    assert fastest_prepacked(kernel, lambda: "w", ("qnnpack",), torch.zeros(1), 0.1, 0) == ("qnnpack", "w")
-    assert fastest_prepacked(kernel, lambda: "w", ("fbgemm", "qnnpack"), None, 0.1, 0) == ("fbgemm", "w")
+    assert fastest_prepacked(kernel, str.upper, ("qnnpack",), torch.zeros(1), 0.1, 0) == ("qnnpack", "QNNPACK")
+    assert fastest_prepacked(kernel, str.upper, ("fbgemm", "qnnpack"), None, 0.1, 0) == ("fbgemm", "FBGEMM")
     assert calls == []
 
 
