@@ -199,5 +199,6 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
 register_target(Target(
     name="cpu",
     description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
-    pipeline="remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,fuse-linear,lower-cpu",
+    pipeline="remove-noops,dce,normalize-inplace,normalize-relu,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,"
+             "lower-cpu",
 ))

@@ -1,6 +1,7 @@
 """Built-in passes, one file per pass; importing this package registers them by name."""
 
 from . import (  # noqa: F401
+    attention,
     calibrate,
     dce,
     fold_bn,
