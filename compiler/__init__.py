@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import numerics, testing  # noqa: F401  (fxforge.numerics / fxforge.testing for users and examples)
+from . import numerics, patterns, testing  # noqa: F401  (fxforge.numerics / .patterns / .testing for users)
 from .compile import CompiledModule, compile
 from .context import PassContext
 from .errors import (
