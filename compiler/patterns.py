@@ -403,7 +403,10 @@ class Pattern:
         if node.op == "placeholder":
             return node.name
         kind, operands = self.operands(node)
-        label = kind if isinstance(kind, str) else getattr(kind, "label", None) or getattr(kind[1], "__name__", kind[1])
+        if isinstance(kind, (str, PatternOp)):
+            label = kind if isinstance(kind, str) else kind.__name__  # a pattern op: its name, else its types
+        else:
+            label = getattr(kind[1], "__name__", kind[1])
         shown = [o for o in node.args if o is not None] if isinstance(kind, tuple) else list(operands)
         return f"{label}({', '.join(self.expr(o) for o in shown)})"
 

@@ -149,15 +149,19 @@ _ACT = P.any_node(where=_is_activation, name="act")  # relu, relu6, hardswish, s
 
 CONV_RULES = [
     # act(conv(x) + other) -> FusedConv[add+act](x, other)       (a residual block's tail; act: relu)
-    P.Rule(lambda x, other: _ACT(_CONV(x) + other), build=_conv_add_act, where={"conv": _not_shared}),
+    P.Rule(lambda x, other: _ACT(_CONV(x) + other), build=_conv_add_act, where={"conv": _not_shared},
+           name="act(conv(x) + other) -> FusedConv[add+act]"),
     # conv(x) + other -> FusedConv[add](x, other)
-    P.Rule(lambda x, other: _CONV(x) + other, build=_conv_add, where={"conv": _not_shared}),
+    P.Rule(lambda x, other: _CONV(x) + other, build=_conv_add, where={"conv": _not_shared},
+           name="conv(x) + other -> FusedConv[add]"),
     # act(conv(x)) -> FusedConv[act](x)
-    P.Rule(lambda x: _ACT(_CONV(x)), build=_conv_act, where={"conv": _not_shared}),
+    P.Rule(lambda x: _ACT(_CONV(x)), build=_conv_act, where={"conv": _not_shared},
+           name="act(conv(x)) -> FusedConv[act]"),
 ]
 LINEAR_RULES = [
     # act(linear(x)) -> FusedLinear[act](x)
-    P.Rule(lambda x: _ACT(_LINEAR(x)), build=_linear_act, where={"linear": _not_shared}),
+    P.Rule(lambda x: _ACT(_LINEAR(x)), build=_linear_act, where={"linear": _not_shared},
+           name="act(linear(x)) -> FusedLinear[act]"),
 ]
 
 
