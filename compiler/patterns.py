@@ -53,131 +53,19 @@ the anchor to the inputs, matches must be self-contained).
 from __future__ import annotations
 
 import contextvars
-import functools
-import inspect
-import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ConfigError
 from .meta import record_rewrite, tensor_info
 from .pass_api import PassResult
+from .spellings import COMMUTATIVE, MODULE_OPS, REPRESENTATIVE, call_operands, canonical_op, submodule
 
 __all__ = ["Match", "Rule", "any_node", "attrs", "find", "meta", "module", "rewrite"]
-
-_aten = torch.ops.aten
-
-# ---------------------------------------------------------------------------------------------------------
-# Spellings: canonical op -> the functions, methods and module types that compute it. "op_" is in-place.
-_FUNCTION_OPS: dict[Any, str] = {}
-_METHOD_OPS: dict[str, str] = {}
-_MODULE_OPS: dict[type, str] = {}
-_REPRESENTATIVE: dict[str, Any] = {}  # op -> one function spelling (what a module in a pattern stands for)
-
-
-def _spell(op: str, functions: Sequence[Any] = (), methods: Sequence[str] = (), modules: Sequence[type] = ()):
-    _FUNCTION_OPS.update(dict.fromkeys(functions, op))
-    _METHOD_OPS.update(dict.fromkeys(methods, op))
-    _MODULE_OPS.update(dict.fromkeys(modules, op))
-    _REPRESENTATIVE.setdefault(op, functions[0])
-
-
-_spell("relu", [torch.relu, F.relu, _aten.relu.default], ["relu"], [nn.ReLU])
-_spell("relu_", [torch.relu_, _aten.relu_.default], ["relu_"])
-_spell("relu6", [F.relu6], [], [nn.ReLU6])
-_spell("sigmoid", [torch.sigmoid, F.sigmoid, _aten.sigmoid.default], ["sigmoid"], [nn.Sigmoid])
-_spell("sigmoid_", [torch.sigmoid_, _aten.sigmoid_.default], ["sigmoid_"])
-_spell("tanh", [torch.tanh, F.tanh, _aten.tanh.default], ["tanh"], [nn.Tanh])
-_spell("tanh_", [torch.tanh_, _aten.tanh_.default], ["tanh_"])
-_spell("silu", [F.silu, _aten.silu.default], [], [nn.SiLU])
-_spell("silu_", [_aten.silu_.default])
-_spell("hardswish", [F.hardswish, _aten.hardswish.default], [], [nn.Hardswish])
-_spell("hardswish_", [_aten.hardswish_.default])
-_spell("hardsigmoid", [F.hardsigmoid, _aten.hardsigmoid.default], [], [nn.Hardsigmoid])
-_spell("hardsigmoid_", [_aten.hardsigmoid_.default])
-_spell("add", [operator.add, torch.add, _aten.add.Tensor], ["add"])
-_spell("add_", [operator.iadd, _aten.add_.Tensor], ["add_"])
-_spell("sub", [operator.sub, torch.sub, _aten.sub.Tensor], ["sub"])
-_spell("sub_", [operator.isub, _aten.sub_.Tensor], ["sub_"])
-_spell("mul", [operator.mul, torch.mul, _aten.mul.Tensor], ["mul"])
-_spell("mul_", [operator.imul, _aten.mul_.Tensor], ["mul_"])
-_spell("div", [operator.truediv, torch.div, _aten.div.Tensor], ["div"])
-_spell("div_", [operator.itruediv, _aten.div_.Tensor], ["div_"])
-
-_BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_COMMUTATIVE = {"add", "mul"}
-# F.relu(x, inplace=True) and friends: the flag (2nd argument) picks the in-place op
-_INPLACE_FLAG = {F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid}
-
-
-def _lookup(table: Mapping[Any, str], key: Any) -> str | None:
-    try:
-        return table.get(key)
-    except TypeError:  # an unhashable target
-        return None
-
-
-def _submodule(node: fx.Node) -> nn.Module:
-    return node.graph.owning_module.get_submodule(str(node.target))
-
-
-def _spelling(node: fx.Node, module_of: Callable[[fx.Node], nn.Module]) -> tuple[str | None, tuple, dict]:
-    """(canonical op or None, args, kwargs) of a call, with a module's or F.*'s in-place flag folded in."""
-    args, kwargs = node.args, node.kwargs
-    if node.op == "call_method":
-        return _METHOD_OPS.get(str(node.target)), args, kwargs
-    if node.op == "call_module":
-        mod = module_of(node)
-        op = _MODULE_OPS.get(type(mod))
-        return (op + "_" if op and getattr(mod, "inplace", False) else op), args, kwargs
-    op = _lookup(_FUNCTION_OPS, node.target) if node.op == "call_function" else None
-    if op and node.target in _INPLACE_FLAG:
-        kwargs = dict(kwargs)
-        inplace = kwargs.pop("inplace", args[1] if len(args) > 1 else False)
-        args = args[:1]
-        op = op + "_" if inplace is True else op if inplace is False else None
-    return op, args, kwargs
-
-
-def canonical_op(node: fx.Node, module_of: Callable[[fx.Node], nn.Module] = _submodule) -> tuple[str, tuple] | None:
-    """``("relu", (x,))`` for any spelling of relu (and the other ops of the spelling table), else None."""
-    if node.op not in ("call_function", "call_method", "call_module"):
-        return None
-    op, args, kwargs = _spelling(node, module_of)
-    if op is None or kwargs or len(args) != (2 if op.rstrip("_") in _BINARY else 1):
-        return None
-    return op, tuple(args)
-
-
-@functools.cache
-def _signature(target: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(target)
-    except (TypeError, ValueError):  # builtins without a signature
-        return None
-
-
-def _call_operands(node: fx.Node) -> tuple:
-    """A call's arguments in one normal form: bound to the function's signature with defaults applied when
-    it has one (so ``f(x, 0.5)`` and ``f(x, p=0.5)`` agree), else positional then sorted keywords."""
-    try:
-        sig = _signature(node.target) if node.op == "call_function" else None
-    except TypeError:  # unhashable target
-        sig = None
-    if sig is not None:
-        try:
-            bound = sig.bind(*node.args, **node.kwargs)
-            bound.apply_defaults()
-            return tuple(bound.arguments.values())
-        except TypeError:
-            pass
-    return (*node.args, *sorted(node.kwargs.items()))
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Pattern-only ops: module types and wildcards, recorded as call_function nodes whose target is the op.
@@ -310,7 +198,7 @@ class attrs:  # noqa: N801 - used like a function: P.attrs(groups=1)
     def __call__(self, value: Any) -> bool:
         if not isinstance(value, fx.Node) or value.op != "call_module":
             return False
-        return _attributes_hold(_submodule(value), self.attributes)
+        return _attributes_hold(submodule(value), self.attributes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,9 +210,9 @@ class _PatternTracer(fx.Tracer):
         return True
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        op = _MODULE_OPS.get(type(m))
+        op = MODULE_OPS.get(type(m))
         if op is not None:
-            target = _REPRESENTATIVE[op + "_" if getattr(m, "inplace", False) else op]
+            target = REPRESENTATIVE[op + "_" if getattr(m, "inplace", False) else op]
             return self.create_proxy("call_function", target, args, kwargs, name=self._module_name(m))
         return self.create_proxy("call_function", ModuleOp((type(m),), {}), args, kwargs, name=self._module_name(m))
 
@@ -346,16 +234,8 @@ def _trace(fn: Callable | nn.Module, tracer: fx.Tracer) -> fx.Graph:
         _TRACER.reset(token)
 
 
-def _walk(value: Any) -> Iterator[Any]:
-    """Every leaf of a (nested) argument value."""
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _walk(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _walk(v)
-    else:
-        yield value
+def _output(graph: fx.Graph) -> Any:
+    return next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
 
 
 class Pattern:
@@ -363,14 +243,13 @@ class Pattern:
 
     def __init__(self, fn: Callable | nn.Module) -> None:
         self.graph = _trace(fn, _PatternTracer())
-        output = next(n for n in self.graph.nodes if n.op == "output")
-        self.anchor = output.args[0]
+        self.anchor = _output(self.graph)
         if not isinstance(self.anchor, fx.Node) or self.anchor.op == "placeholder":
             raise ConfigError("a pattern must return one value computed from its inputs (not a tuple, not an input)")
         self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.nodes = {n.name: n for n in self.graph.nodes if n.op != "output"}
         self._check_connected()
-        self.specs = {pn: self.operands(pn) for pn in self.nodes.values() if pn.op != "placeholder"}
+        self.specs = {pn: _spec(pn) for pn in self.nodes.values() if pn.op != "placeholder"}
 
     def _check_connected(self) -> None:
         used, todo = set(), [self.anchor]
@@ -384,31 +263,38 @@ class Pattern:
             raise ConfigError(f"pattern nodes {unused} do not feed its result: a pattern is what computes its "
                               f"return value (drop them, or return them instead)")
 
-    def operands(self, pn: fx.Node) -> tuple[str | PatternOp | tuple[str, Any] | None, tuple]:
-        """(what the node must be, its operands in the form the target's will be read)."""
-        if isinstance(pn.target, PatternOp):
-            return pn.target, (*pn.args, *sorted(pn.kwargs.items()))
-        canonical = canonical_op(pn)
-        if canonical is not None:
-            return canonical[0], canonical[1]
-        if pn.op == "get_attr":
-            raise ConfigError(f"pattern node '{pn.name}' reads an attribute; use a parameter or P.module instead")
-        return (pn.op, pn.target), _call_operands(pn)
-
-    def expr(self, node: Any = None) -> str:
+    def expr(self) -> str:
         """The pattern as an expression, e.g. ``mul(x, sigmoid(x))`` (rule names in reports)."""
-        node = self.anchor if node is None else node
-        if not isinstance(node, fx.Node):
-            return repr(node)
-        if node.op == "placeholder":
-            return node.name
-        kind, operands = self.operands(node)
-        if isinstance(kind, (str, PatternOp)):
-            label = kind if isinstance(kind, str) else kind.__name__  # a pattern op: its name, else its types
-        else:
-            label = getattr(kind[1], "__name__", kind[1])
-        shown = [o for o in node.args if o is not None] if isinstance(kind, tuple) else list(operands)
-        return f"{label}({', '.join(self.expr(o) for o in shown)})"
+        return _expr(self.anchor)
+
+
+Spec = tuple[Any, tuple]  # (what a node must be: canonical op, PatternOp or (op, target); its operands)
+
+
+def _spec(pn: fx.Node) -> Spec:
+    """What pattern node ``pn`` matches, and its operands in the form a target node's will be read."""
+    if isinstance(pn.target, PatternOp):
+        return pn.target, (*pn.args, *sorted(pn.kwargs.items()))
+    canonical = canonical_op(pn)
+    if canonical is not None:
+        return canonical
+    if pn.op == "get_attr":
+        raise ConfigError(f"pattern node '{pn.name}' reads an attribute; use a parameter or P.module instead")
+    return (pn.op, pn.target), call_operands(pn)
+
+
+def _expr(node: Any) -> str:
+    """A pattern (or replacement) value as an expression."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "placeholder":
+        return node.name
+    kind, operands = _spec(node)
+    if isinstance(kind, tuple):  # a plain call: its function or method name and positional arguments
+        label, operands = getattr(kind[1], "__name__", kind[1]), [o for o in node.args if o is not None]
+    else:
+        label = kind if isinstance(kind, str) else kind.__name__  # a pattern op: its name, else its types
+    return f"{label}({', '.join(_expr(o) for o in operands)})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,9 +361,13 @@ class _Search:
                 yield {**env, pn: value}
             return
         alternatives = self._alternatives(pn, value) if self._may_bind(value, env) else ()
-        if alternatives and self._holds(pn, value):
-            for operands in alternatives:
-                yield from self.operands(self.specs[pn][1], operands, {**env, pn: value})
+        holds = None  # constraints are user code, often dearer than structure: checked once the inputs match
+        for operands in alternatives:
+            for found in self.operands(self.specs[pn][1], operands, {**env, pn: value}):
+                holds = self._holds(pn, value) if holds is None else holds
+                if not holds:
+                    return
+                yield found
 
     def _holds(self, pn: fx.Node, value: Any) -> bool:
         return all(check(value) for check in self.constraints.get(pn.name, ()))
@@ -496,10 +386,10 @@ class _Search:
             if canonical is None or canonical[0] != kind:
                 return []
             args = canonical[1]
-            return [args, args[::-1]] if kind in _COMMUTATIVE and args[0] is not args[1] else [args]
+            return [args, args[::-1]] if kind in COMMUTATIVE and args[0] is not args[1] else [args]
         if (node.op, node.target) != kind:
             return []
-        return [_call_operands(node)]
+        return [call_operands(node)]
 
     def operands(self, pattern_values: Sequence, values: Sequence, env: Env) -> Iterator[Env]:
         if len(pattern_values) != len(values):
@@ -574,12 +464,12 @@ class Rule:
             self.replacement = self._trace_replacement(replacement)
         self.constraints, self.check = self._constraints(where)
         self.needs_shapes = any(getattr(c, "needs_shapes", False) for cs in self.constraints.values() for c in cs)
-        rhs = _Expr(self.replacement).expr() if self.replacement is not None else build.__name__
+        rhs = _expr(_output(self.replacement)) if self.replacement is not None else build.__name__
         self.name = name or f"{self.pattern.expr()} -> {rhs}"
 
     def _trace_replacement(self, fn: Callable) -> fx.Graph:
         graph = _trace(fn, fx.Tracer())
-        if not isinstance(next(n for n in graph.nodes if n.op == "output").args[0], fx.Node):
+        if not isinstance(_output(graph), fx.Node):
             raise ConfigError("a replacement function must return one tensor (a pattern input or a new value)")
         names = {p.name for p in self.pattern.inputs}
         for node in graph.nodes:
@@ -603,14 +493,6 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.name})"
-
-
-class _Expr(Pattern):
-    """A replacement graph shown as an expression (no spec checks: replacements are ordinary code)."""
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
-        self.anchor = next(n for n in graph.nodes if n.op == "output").args[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

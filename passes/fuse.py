@@ -111,9 +111,8 @@ def _fused_call(m: P.Match, layer: str, module: nn.Module, args: tuple) -> fx.No
 
 def _residual(m: P.Match) -> bool:
     """``other`` is a tensor of the conv output's shape: a residual, not a broadcast the kernels cannot take."""
-    other = m["other"]
-    return isinstance(other, fx.Node) and tensor_shape(other) is not None and tensor_shape(other) == tensor_shape(
-        m["conv"])
+    other, shape = m["other"], tensor_shape(m["conv"])
+    return isinstance(other, fx.Node) and shape is not None and tensor_shape(other) == shape
 
 
 def _conv_add_act(m: P.Match) -> fx.Node | None:
