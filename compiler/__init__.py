@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import numerics, testing  # noqa: F401  (fxforge.numerics / fxforge.testing for users and examples)
+from . import numerics, patterns, testing  # noqa: F401  (fxforge.numerics / .patterns / .testing for users)
 from .compile import CompiledModule, compile
 from .context import PassContext
 from .errors import (
@@ -12,6 +12,7 @@ from .errors import (
     ConfigError,
     NumericMismatchError,
     PassError,
+    PluginWarning,
     TraceError,
     UnsupportedOpError,
 )
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
-    "PassContext", "PassError", "PassManager", "PassResult", "PassSpec", "QuantConfig", "Target",
+    "PassContext", "PassError", "PassManager", "PluginWarning", "PassResult", "PassSpec", "QuantConfig", "Target",
     "TimingInstrument", "TraceError", "UnsupportedOpError", "compile", "format_pipeline", "graph_pass",
     "parse_pipeline", "pipeline_for", "prepare_qat", "recalibrate", "register_pass", "register_target",
     "registered_passes", "targets", "trace",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .composition import insert_passes
 from .context import PassContext, clone_inputs
 from .errors import CalibrationError, CompileError, ConfigError
 from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
@@ -116,6 +117,7 @@ def compile(  # noqa: A001 - the public name users expect
     *,
     example_inputs: Any = None,
     pipeline: str | None = None,
+    extra_passes: Mapping[str, Any] | None = None,
     verify: str = "structure",
     leaf_modules: Sequence[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -130,9 +132,11 @@ def compile(  # noqa: A001 - the public name users expect
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
     ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
-    replaces the target's pipeline text; ``verify`` is "none", "structure" (lint + invariants after each
-    pass) or "numeric" (also compares the output with eager after each pass). ``dump_dir`` writes the code
-    and a .dot of the graph after every pass that changed it. The model itself is never modified.
+    replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
+    "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
+    "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
+    eager after each pass). ``dump_dir`` writes the code and a .dot of the graph after every pass that
+    changed it. The model itself is never modified.
     """
     start = time.perf_counter()
     _check_eval(model)
@@ -143,6 +147,9 @@ def compile(  # noqa: A001 - the public name users expect
     inputs = tuple(_to_device(x, tgt.device) for x in _as_tuple(example_inputs))
     default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
     manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
+    if extra_passes:
+        manager.passes = insert_passes(manager.passes, extra_passes)
+    manager.check({"eval"})  # a pass whose requirements cannot hold fails here, before tracing
 
     work = copy.deepcopy(model).to(tgt.device)  # never touch the user's model
     convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay

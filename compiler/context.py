@@ -30,6 +30,7 @@ class PassContext:
     reference_outputs: Any = None
     quant: QuantOptions | None = None  # int8 targets: mode, backend, per-layer config, calibration data
     artifacts: dict[str, Any] = field(default_factory=dict)  # what passes hand to the CompiledModule
+    current_pass: str = ""  # set by the PassManager: the name rewrites record as their author
     _notes: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:

@@ -43,6 +43,10 @@ class CalibrationError(CompileError):
     """Calibration data is missing, empty or does not fit the model."""
 
 
+class PluginWarning(UserWarning):
+    """A pass plugin (``fxforge.passes`` entry point) failed to load; its passes are unavailable."""
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

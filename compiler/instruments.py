@@ -47,7 +47,7 @@ class TimingInstrument(Instrument):
         seconds = time.perf_counter() - self._start
         ctx.report.passes.append(
             PassRecord(p.name, str(p.spec()), seconds, self._nodes_before, count_nodes(result.gm),
-                       result.modified, list(result.notes))
+                       result.modified, list(result.notes), dict(result.matches))
         )
 
 

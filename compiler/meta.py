@@ -38,3 +38,14 @@ def tensor_shape(node: fx.Node) -> torch.Size | None:
     """Shape recorded by shape propagation, or None when unknown / not a tensor."""
     tm = node.meta.get("tensor_meta")
     return getattr(tm, "shape", None)
+
+
+def tensor_info(node: fx.Node) -> Any:
+    """What is known of the tensor ``node`` computes (``.shape``, ``.dtype``), or None: fxforge's shape
+    propagation (``meta["tensor_meta"]``) first, else the example value other capture paths record
+    (``meta["val"]`` from make_fx / torch.export, ``meta["example_value"]`` from dynamo)."""
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, torch.Tensor) else None

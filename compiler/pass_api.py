@@ -3,6 +3,11 @@
 Built-in passes and users' passes go through the same door: a pass is a frozen dataclass whose fields are
 its options, with a kebab-case ``name`` and the graph properties it ``requires``, ``provides`` and
 ``invalidates``. ``@graph_pass`` turns a plain function ``(gm, ctx, **options) -> bool | PassResult`` into one.
+A registered name works in pipeline text, ``compile(extra_passes=...)`` and error messages.
+
+Passes from other distributions are found through the ``fxforge.passes`` entry-point group, loaded the first
+time an unknown name is looked up or the registry is listed; a plugin that fails to load is skipped with a
+``PluginWarning`` naming it.
 """
 
 from __future__ import annotations
@@ -10,19 +15,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import fx
 
-from .errors import ConfigError, suggest
+from .errors import ConfigError, PluginWarning, suggest
 from .pipeline import PassSpec
 
 if TYPE_CHECKING:
     from .context import PassContext
 
 _REGISTRY: dict[str, type[Pass]] = {}
+PLUGIN_GROUP = "fxforge.passes"
+_plugins = {"loaded": False}  # entry points are read once, lazily (importing plugins costs time)
 
 
 @dataclass
@@ -32,16 +41,47 @@ class PassResult:
     gm: fx.GraphModule
     modified: bool
     notes: list[str] = field(default_factory=list)
+    matches: dict[str, int] = field(default_factory=dict)  # rewrite rule -> times it fired (fxforge.patterns)
+
+
+def _properties(value: str | Collection[str]) -> frozenset[str]:
+    """``"eval"`` or ``("eval", "bn-folded")`` -> a frozenset (a lone string is one property, not its letters)."""
+    return frozenset({value}) if isinstance(value, str) else frozenset(value)
 
 
 @dataclass(frozen=True)
 class Pass:
-    """Base class of every pass. Subclasses are frozen dataclasses; their fields are the pass options."""
+    """Base class of every pass: a frozen dataclass whose fields are its options.
+
+    Class attributes: ``name`` (kebab-case, the name in pipeline text), and the graph properties the pass
+    ``requires`` before it runs, ``provides`` after it and ``invalidates`` (e.g. ``eval``, ``bn-folded``,
+    ``quantized``). ``__call__(gm, ctx)`` rewrites ``gm`` (in place, or returns a new one) and returns a
+    ``PassResult``. Register it with ``@register_pass`` to use it by name::
+
+        @fxforge.register_pass
+        @dataclass(frozen=True)
+        class DropAsserts(fxforge.Pass):
+            name = "drop-asserts"
+            requires = ("eval",)
+            keep_messages: bool = False   # an option: drop-asserts{keep_messages=true}
+
+            def __call__(self, gm, ctx):
+                ...
+                return fxforge.PassResult(gm, modified=changed)
+
+    Options are bool, int, float or str (pipeline text is converted to the field's type); validate them in
+    ``__post_init__`` by raising ValueError.
+    """
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr in ("requires", "provides", "invalidates"):  # tuples, lists or one string are fine too
+            setattr(cls, attr, _properties(getattr(cls, attr)))
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -86,14 +126,40 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
+    """Every pass by name: built-in, defined in this process, and from installed plugins."""
+    load_plugins()
     return dict(_REGISTRY)
 
 
 def pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY:
+        load_plugins()
+    if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown pass '{name}'.{suggest(name, _REGISTRY)} Known passes: {known}")
+        raise ConfigError(f"unknown pass '{name}'.{suggest(name, _REGISTRY)} Known passes: {known}. A pass of "
+                          f"your own needs @fxforge.graph_pass(name='{name}') (or @register_pass) to run first, "
+                          f"or a '{PLUGIN_GROUP}' entry point in an installed distribution")
     return _REGISTRY[name]
+
+
+def load_plugins(reload: bool = False) -> None:
+    """Import the ``fxforge.passes`` entry points once (their passes register themselves on import).
+
+    An entry point names a module (``my_pkg.passes``) or a Pass subclass (``my_pkg.passes:MyPass``, registered
+    if it is not yet). A plugin that fails to load is skipped with a PluginWarning naming it.
+    """
+    if _plugins["loaded"] and not reload:
+        return
+    _plugins["loaded"] = True  # before loading: a plugin that lists the registry must not recurse
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Pass) and _REGISTRY.get(obj.name) is not obj:
+                register_pass(obj)
+        except Exception as exc:  # a broken plugin must not break compiling models that do not use it
+            dist = f" from distribution '{ep.dist.name}'" if getattr(ep, "dist", None) else ""
+            warnings.warn(f"fxforge pass plugin '{ep.name}' ({ep.value}){dist} failed to load and is skipped: "
+                          f"{type(exc).__name__}: {exc}", PluginWarning, stacklevel=2)
 
 
 def instantiate(spec: PassSpec) -> Pass:
@@ -113,32 +179,64 @@ def instantiate(spec: PassSpec) -> Pass:
         raise ConfigError(f"pass '{spec.name}': {exc}") from None
 
 
+def _declared_options(fn: Callable[..., Any], name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Option name -> default: ``options=`` when given (each must be a parameter of ``fn`` or go to its
+    ``**kwargs``), else the keyword parameters after ``gm, ctx``, each with a default."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    if options is None:
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigError(f"pass '{name}': *{p.name} cannot be an option; declare the options with "
+                                  f"@graph_pass(name='{name}', options={{'option': default, ...}})")
+            if p.default is inspect.Parameter.empty:
+                raise ConfigError(f"option '{p.name}' of pass '{name}' needs a default value")
+        return {p.name: p.default for p in params}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in options:
+        if key not in named and not takes_any:
+            raise ConfigError(f"pass '{name}' declares option '{key}' but {fn.__qualname__} has no parameter "
+                              f"'{key}' (or **options) to receive it")
+    for p in params:
+        if p.name not in options and p.default is inspect.Parameter.empty and p.kind != p.VAR_KEYWORD:
+            raise ConfigError(f"parameter '{p.name}' of pass '{name}' is not in options= and has no default")
+    return dict(options)
+
+
 def graph_pass(
     name: str,
     *,
-    requires: tuple[str, ...] = (),
-    provides: tuple[str, ...] = (),
-    invalidates: tuple[str, ...] = (),
+    requires: str | Collection[str] = (),
+    provides: str | Collection[str] = (),
+    invalidates: str | Collection[str] = (),
+    options: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., bool | PassResult]], type[Pass]]:
-    """Turn ``fn(gm, ctx, **options) -> bool | PassResult`` into a registered pass.
+    """Turn ``fn(gm, ctx, **options) -> bool | PassResult`` into a registered pass (the decorated name is
+    then the Pass class: ``fn()`` builds an instance, ``fn(opt=...)`` one with options).
 
-    Keyword parameters after ``gm, ctx`` become the pass options; each needs a default, whose type is the
-    option's type (bool, int, float or str)::
+    The options are ``options=`` (name -> default) when given, else the keyword parameters after ``gm, ctx``,
+    each with a default. An option's type is its default's type (bool, int, float or str)::
 
-        @fxforge.graph_pass(name="drop-asserts")
+        @fxforge.graph_pass(name="drop-asserts", requires=("eval",))
         def drop_asserts(gm, ctx, keep_messages: bool = False) -> bool: ...
+
+        @fxforge.graph_pass(name="scale-output", options={"factor": 1.0})
+        def scale_output(gm, ctx, **options) -> bool: ...
+
+    Return True when the graph changed (fxforge then regenerates its code), False when it did not, or a
+    PassResult (a new graph module, notes for the report).
     """
 
     def wrap(fn: Callable[..., bool | PassResult]) -> type[Pass]:
-        params = list(inspect.signature(fn).parameters.values())[2:]
-        for p in params:
-            if p.default is inspect.Parameter.empty:
-                raise ConfigError(f"option '{p.name}' of pass '{name}' needs a default value")
+        declared = _declared_options(fn, name, options)
         # An option's type is its default's type: annotations may be strings that cannot be resolved here.
-        option_fields = [(p.name, type(p.default), field(default=p.default)) for p in params]
+        option_fields = [(key, type(default), field(default=default)) for key, default in declared.items()]
 
         def __call__(self: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-            out = fn(gm, ctx, **{p.name: getattr(self, p.name) for p in params})
+            out = fn(gm, ctx, **{key: getattr(self, key) for key in declared})
+            if out is None:  # a forgotten `return`: we cannot tell whether the graph changed
+                raise ConfigError(f"pass '{name}' ({fn.__qualname__}) returned None: return True when it changed "
+                                  f"the graph, False when it did not, or a PassResult")
             return out if isinstance(out, PassResult) else PassResult(gm, bool(out))
 
         cls = dataclasses.make_dataclass(
@@ -148,9 +246,9 @@ def graph_pass(
             frozen=True,
             namespace={
                 "name": name,
-                "requires": frozenset(requires),
-                "provides": frozenset(provides),
-                "invalidates": frozenset(invalidates),
+                "requires": _properties(requires),
+                "provides": _properties(provides),
+                "invalidates": _properties(invalidates),
                 "__call__": __call__,
                 "__doc__": fn.__doc__,
             },

@@ -1,12 +1,15 @@
 """PassManager: runs a pipeline of passes with requirement checks, verification and instruments.
 
 Failures name the pass and the passes that ran before it (as torch.fx's pass infra does), so a user can
-reproduce with ``pipeline=`` the prefix that ran.
+reproduce with ``pipeline=`` the prefix that ran. A requirement that does not hold names both the pass that
+needs it and the pass that invalidated it (or the passes that would provide it); ``check`` finds these
+before anything runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -20,6 +23,31 @@ from .verify import verify_graph
 
 def _providers(prop: str) -> list[str]:
     return sorted(name for name, cls in registered_passes().items() if prop in cls.provides)
+
+
+@dataclass
+class PropertyFlow:
+    """The graph properties that hold, and which pass last provided or invalidated each one."""
+
+    holds: set[str]
+    provided_by: dict[str, str] = field(default_factory=dict)
+    invalidated_by: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, p: Pass) -> None:
+        for prop in p.invalidates & self.holds - p.provides:
+            self.invalidated_by[prop] = p.name
+        for prop in p.provides:
+            self.provided_by[prop] = p.name
+            self.invalidated_by.pop(prop, None)
+        self.holds = (self.holds - p.invalidates) | p.provides
+
+    def why_missing(self, prop: str) -> str:
+        providers = ", ".join(_providers(prop)) or "no registered pass"
+        if prop in self.invalidated_by:
+            after = f" (it held after '{self.provided_by[prop]}')" if prop in self.provided_by else ""
+            return (f"'{prop}' was invalidated by '{self.invalidated_by[prop]}'{after}; it is provided by "
+                    f"{providers}: run one of them after '{self.invalidated_by[prop]}'")
+        return f"'{prop}' is provided by {providers}, and no such pass ran before it"
 
 
 class PassManager:
@@ -38,14 +66,26 @@ class PassManager:
     def pipeline(self) -> str:
         return format_pipeline([p.spec() for p in self.passes])
 
+    def check(self, properties: set[str]) -> None:
+        """Raise the PassError ``run`` would raise for a requirement that does not hold, without running
+        anything (``properties``: what holds before the first pass, e.g. ``{"eval"}``)."""
+        flow, ran = PropertyFlow(set(properties)), []
+        for p in self.passes:
+            self._check_requires(p, flow, ran)
+            flow.apply(p)
+            ran.append(str(p.spec()))
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ran: list[str] = []
+        flow = PropertyFlow(set(ctx.properties))
         for p in self.passes:
-            self._check_requires(p, ctx, ran)
+            self._check_requires(p, flow, ran)
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx)
+            ctx.current_pass = p.name
             result = self._run_one(p, gm, ctx, ran)
-            ctx.properties = (ctx.properties - p.invalidates) | p.provides
+            flow.apply(p)
+            ctx.properties = set(flow.holds)
             for inst in self.instruments:
                 inst.after_pass(p, result, ctx, ran)
             if self.verify:  # after the instruments, so that pass timings do not include verification
@@ -55,11 +95,11 @@ class PassManager:
         return gm
 
     @staticmethod
-    def _check_requires(p: Pass, ctx: PassContext, ran: list[str]) -> None:
-        missing = sorted(p.requires - ctx.properties)
+    def _check_requires(p: Pass, flow: PropertyFlow, ran: list[str]) -> None:
+        missing = sorted(p.requires - flow.holds)
         if not missing:
             return
-        hints = "; ".join(f"'{m}' is provided by {', '.join(_providers(m)) or 'no registered pass'}" for m in missing)
+        hints = "; ".join(flow.why_missing(m) for m in missing)
         raise PassError(
             f"pass '{p.name}' requires {missing} which do not hold after [{', '.join(ran) or 'nothing'}]: {hints}. "
             f"Put a providing pass before '{p.name}' in the pipeline (and after any pass that invalidates it).",

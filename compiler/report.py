@@ -16,6 +16,7 @@ class PassRecord:
     nodes_after: int
     modified: bool
     notes: list[str] = field(default_factory=list)
+    matches: dict[str, int] = field(default_factory=dict)  # rewrite rule -> times it fired (fxforge.patterns)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class CompileReport:
             nodes = f"{r.nodes_before}->{r.nodes_after}"
             lines.append(f"{r.spec:<28}{r.seconds * 1e3:>9.2f}{nodes:>15}  {'yes' if r.modified else 'no'}")
             lines.extend(f"    - {n}" for n in r.notes)
+            lines.extend(f"    - rule {rule}: {count} match(es)" for rule, count in r.matches.items())
         return "\n".join(lines)
 
     def save(self, directory: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """fuse-conv, fuse-linear: merge a conv/linear with the elementwise ops that follow it into one module.
 
-Rewrites (tried in this order per conv, first match wins):
+Rewrites (``CONV_RULES`` / ``LINEAR_RULES``, fxforge.patterns rules: at each node, from the graph's end
+backwards, the first rule that matches wins, so a conv+add+relu is not cut short as a conv+add):
     conv(x) + other -> relu   =>  FusedConv[add+relu](x, other)     # residual block tail
     conv(x) + other           =>  FusedConv[add](x, other)
     conv(x) -> act            =>  FusedConv[act](x)                 # act: relu, relu6, hardswish, silu
@@ -21,26 +22,17 @@ Before: ``y = relu(conv(x) + identity)``   After: ``y = fused_conv(x, identity)`
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
+from fxforge import patterns as P
 from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.meta import tensor_shape
 from fxforge.pass_api import Pass, PassResult, register_pass
 
-from .matching import (
-    ACTIVATIONS,
-    activation_of,
-    call_count,
-    calls_module,
-    is_out_of_place_add,
-    module_of,
-    mutation_between,
-    replace_submodule,
-    sole_user,
-)
+from .matching import ACTIVATIONS, activation_of, call_count, replace_submodule
 
 DEFAULT_POST_OPS = "add+relu+relu6+hardswish+silu"
 
@@ -92,44 +84,96 @@ def parse_post_ops(text: str) -> frozenset[str]:
     return ops
 
 
-def _match_add(conv: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """conv + other (either operand order) with equal shapes -> (add node, other)."""
-    add = sole_user(conv)
-    if add is None or not is_out_of_place_add(add) or add.args[0] is add.args[1]:
+def _is_activation(node: fx.Node) -> bool:
+    return activation_of(node.graph.owning_module, node) is not None
+
+
+def _not_shared(node: fx.Node) -> bool:
+    """Replacing a module called more than once (shared weights) would change its other calls too."""
+    return call_count(node.graph.owning_module, str(node.target)) == 1
+
+
+@dataclass
+class _Fusing:
+    """What builders read (``match.options``): the allowed post-ops, and counts for the report's note."""
+
+    allowed: frozenset[str]
+    counts: Counter = field(default_factory=Counter)
+
+
+def _fused_call(m: P.Match, layer: str, module: nn.Module, args: tuple) -> fx.Node:
+    """Put ``module`` at the layer's path (keeping the module path for reports) and call it there."""
+    target = str(m[layer].target)
+    replace_submodule(m.gm, target, module)
+    m.options.counts[module.post_ops] += 1
+    return m.graph.call_module(target, args)
+
+
+def _residual(m: P.Match) -> bool:
+    """``other`` is a tensor of the conv output's shape: a residual, not a broadcast the kernels cannot take."""
+    other, shape = m["other"], tensor_shape(m["conv"])
+    return isinstance(other, fx.Node) and shape is not None and tensor_shape(other) == shape
+
+
+def _conv_add_act(m: P.Match) -> fx.Node | None:
+    act = activation_of(m.gm, m["act"])
+    if act != "relu" or not {"add", "relu"} <= m.options.allowed or not _residual(m):
+        return None  # after an add the kernels fuse relu only
+    return _fused_call(m, "conv", FusedConv(m.module("conv"), add=True, activation=act), (m["x"], m["other"]))
+
+
+def _conv_add(m: P.Match) -> fx.Node | None:
+    if "add" not in m.options.allowed or not _residual(m):
         return None
-    other = add.args[1] if add.args[0] is conv else add.args[0]
-    if tensor_shape(other) is None or tensor_shape(other) != tensor_shape(conv):
+    return _fused_call(m, "conv", FusedConv(m.module("conv"), add=True), (m["x"], m["other"]))
+
+
+def _conv_act(m: P.Match) -> fx.Node | None:
+    act = activation_of(m.gm, m["act"])
+    if act not in m.options.allowed:
         return None
-    return add, other
+    return _fused_call(m, "conv", FusedConv(m.module("conv"), activation=act), (m["x"],))
 
 
-def _match_activation(gm: fx.GraphModule, node: fx.Node, allowed: frozenset[str]) -> tuple[fx.Node, str] | None:
-    """The sole user of ``node`` when it is an allowed activation -> (that node, activation name)."""
-    user = sole_user(node)
-    name = activation_of(gm, user) if user is not None else None
-    return (user, name) if name in allowed else None
+def _linear_act(m: P.Match) -> fx.Node | None:
+    act = activation_of(m.gm, m["act"])
+    if act not in m.options.allowed:
+        return None
+    return _fused_call(m, "linear", FusedLinear(m.module("linear"), act), (m["x"],))
 
 
-def _replace_chain(gm: fx.GraphModule, layer: fx.Node, chain: list[fx.Node], module: nn.Module,
-                   args: tuple, pass_name: str) -> None:
-    """Replace ``layer`` and ``chain`` (in order, each the sole user of the previous) with one module call."""
-    replace_submodule(gm, str(layer.target), module)
-    last = chain[-1]
-    with gm.graph.inserting_after(last):
-        new = gm.graph.call_module(str(layer.target), args)
-    last.replace_all_uses_with(new)
-    record_rewrite(new, pass_name, layer, *chain)
-    for node in reversed([layer, *chain]):
-        gm.graph.erase_node(node)
+_CONV = P.module(nn.modules.conv._ConvNd, name="conv")
+_LINEAR = P.module(nn.Linear, name="linear")
+_ACT = P.any_node(where=_is_activation, name="act")  # relu, relu6, hardswish, silu in any spelling
 
-
-def _fusable(gm: fx.GraphModule, node: fx.Node, types: type | tuple[type, ...]) -> bool:
-    """A call of one of ``types`` that is not shared (replacing a shared module would change other calls)."""
-    return calls_module(gm, node, types) and call_count(gm, str(node.target)) == 1
+CONV_RULES = [
+    # act(conv(x) + other) -> FusedConv[add+act](x, other)       (a residual block's tail; act: relu)
+    P.Rule(lambda x, other: _ACT(_CONV(x) + other), build=_conv_add_act, where={"conv": _not_shared},
+           name="act(conv(x) + other) -> FusedConv[add+act]"),
+    # conv(x) + other -> FusedConv[add](x, other)
+    P.Rule(lambda x, other: _CONV(x) + other, build=_conv_add, where={"conv": _not_shared},
+           name="conv(x) + other -> FusedConv[add]"),
+    # act(conv(x)) -> FusedConv[act](x)
+    P.Rule(lambda x: _ACT(_CONV(x)), build=_conv_act, where={"conv": _not_shared},
+           name="act(conv(x)) -> FusedConv[act]"),
+]
+LINEAR_RULES = [
+    # act(linear(x)) -> FusedLinear[act](x)
+    P.Rule(lambda x: _ACT(_LINEAR(x)), build=_linear_act, where={"linear": _not_shared},
+           name="act(linear(x)) -> FusedLinear[act]"),
+]
 
 
 def _summary(kind: str, counts: Counter) -> list[str]:
     return [f"fused {', '.join(f'{n} {kind}+{ops}' for ops, n in sorted(counts.items()))}"] if counts else []
+
+
+def _fuse(gm: fx.GraphModule, ctx: PassContext, rules: list[P.Rule], allowed: frozenset[str], kind: str
+          ) -> PassResult:
+    fusing = _Fusing(allowed)
+    result = P.rewrite(gm, rules, ctx, options=fusing)
+    result.notes.extend(_summary(kind, fusing.counts))
+    return result
 
 
 @register_pass
@@ -145,31 +189,8 @@ class FuseConv(Pass):
         parse_post_ops(self.post_ops)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.shapes(gm)
-        allowed = parse_post_ops(self.post_ops)
-        counts: Counter = Counter()
-        for conv in [n for n in gm.graph.nodes if _fusable(gm, n, nn.modules.conv._ConvNd)]:
-            fused = _fuse_conv(gm, conv, allowed, self.name)
-            if fused:
-                counts[fused] += 1
-        if counts:
-            gm.delete_all_unused_submodules()  # the absorbed activation modules
-        return PassResult(gm, bool(counts), _summary("conv", counts))
-
-
-def _fuse_conv(gm: fx.GraphModule, conv: fx.Node, allowed: frozenset[str], pass_name: str) -> str | None:
-    added = _match_add(conv) if "add" in allowed else None
-    after_add = allowed & {"relu"} if added else allowed
-    act = _match_activation(gm, added[0] if added else conv, after_add)
-    if added is None and act is None:
-        return None
-    chain = [n for n in (added and added[0], act and act[0]) if n is not None]
-    if mutation_between(conv, chain[-1], gm):  # the fused call runs at chain[-1]: inputs must not change first
-        return None
-    args = (conv.args[0], added[1]) if added else (conv.args[0],)
-    fused = FusedConv(module_of(gm, conv), add=added is not None, activation=act[1] if act else "")
-    _replace_chain(gm, conv, chain, fused, args, pass_name)
-    return fused.post_ops
+        ctx.shapes(gm)  # the residual check compares shapes
+        return _fuse(gm, ctx, CONV_RULES, parse_post_ops(self.post_ops), "conv")
 
 
 @register_pass
@@ -186,14 +207,4 @@ class FuseLinear(Pass):
             raise ValueError("fuse-linear fuses activations only; 'add' is not supported")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        allowed = parse_post_ops(self.post_ops)
-        counts: Counter = Counter()
-        for linear in [n for n in gm.graph.nodes if _fusable(gm, n, nn.Linear)]:
-            act = _match_activation(gm, linear, allowed)
-            if act is not None and not mutation_between(linear, act[0], gm):
-                fused = FusedLinear(module_of(gm, linear), act[1])
-                _replace_chain(gm, linear, [act[0]], fused, (linear.args[0],), self.name)
-                counts[act[1]] += 1
-        if counts:
-            gm.delete_all_unused_submodules()
-        return PassResult(gm, bool(counts), _summary("linear", counts))
+        return _fuse(gm, ctx, LINEAR_RULES, parse_post_ops(self.post_ops), "linear")

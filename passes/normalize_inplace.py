@@ -1,6 +1,6 @@
 """normalize-inplace: turn in-place ops on fresh, single-use values into their out-of-place forms.
 
-Rewrites: ``operator.iadd/isub/imul/itruediv`` (``+=`` ...), ``Tensor.add_/mul_/sub_/relu_``, ``torch.relu_``,
+Rewrites: ``operator.iadd/isub/imul/itruediv`` (``+=`` ...), ``Tensor.add_/mul_/sub_/div_/relu_``, ``torch.relu_``,
 ``F.relu(inplace=True)`` and ``nn.ReLU(inplace=True)`` calls -> ``operator.add/sub/mul/truediv`` and ``torch.relu``.
 Why correct: an in-place op is observable only through other references to the tensor it mutates. When
 the mutated value is produced by an op that returns a *new* tensor (conv, linear, batch norm, arithmetic,
@@ -15,34 +15,14 @@ This lets later passes match ``conv -> add -> relu`` without reasoning about ali
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
+from fxforge import patterns as P
 from fxforge.context import PassContext
-from fxforge.meta import record_rewrite
-from fxforge.pass_api import graph_pass
+from fxforge.pass_api import PassResult, graph_pass
 
-from .matching import module_of, mutates_only_private_value
-
-# in-place target -> out-of-place replacement (call_function)
-_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
-                      operator.itruediv: operator.truediv,
-                      torch.relu_: torch.relu}
-_INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "sub_": operator.sub, "relu_": torch.relu}
-
-
-def _out_of_place_target(gm: fx.GraphModule, node: fx.Node):  # -> replacement function or None
-    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-        return _INPLACE_FUNCTIONS[node.target]
-    if node.op == "call_function" and node.target is F.relu and node.kwargs.get("inplace", False):
-        return torch.relu
-    if node.op == "call_method" and node.target in _INPLACE_METHODS and not node.kwargs:
-        return _INPLACE_METHODS[node.target]
-    mod = module_of(gm, node)
-    return torch.relu if isinstance(mod, nn.ReLU) and mod.inplace else None
+from .matching import mutates_only_private_value
 
 
 def _dtype(value: object) -> torch.dtype | None:
@@ -58,27 +38,30 @@ def _would_promote(node: fx.Node) -> bool:
     return mine is None or mine != other
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
-    target = _out_of_place_target(gm, node)
-    mutated = node.args[0] if node.args else None
-    if target is None or not isinstance(mutated, fx.Node):
-        return False
-    if not mutates_only_private_value(gm, node) or _would_promote(node):
-        return False
-    args = node.args[:2] if target is not torch.relu else node.args[:1]
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_function(target, tuple(args))
-    node.replace_all_uses_with(new)
-    record_rewrite(new, "normalize-inplace", node)
-    gm.graph.erase_node(node)
-    return True
+def _unobservable(m: P.Match) -> bool:
+    """Nothing else reads the mutated value, and the out-of-place form keeps its dtype."""
+    return (isinstance(m["x"], fx.Node) and mutates_only_private_value(m.gm, m.anchor)
+            and not _would_promote(m.anchor))
+
+
+RULES = [
+    # x += y, x.add_(y) -> x + y
+    P.Rule(lambda x, y: x.add_(y), lambda x, y: x + y, where=_unobservable),
+    # x -= y, x.sub_(y) -> x - y
+    P.Rule(lambda x, y: x.sub_(y), lambda x, y: x - y, where=_unobservable),
+    # x *= y, x.mul_(y) -> x * y
+    P.Rule(lambda x, y: x.mul_(y), lambda x, y: x * y, where=_unobservable),
+    # x /= y, x.div_(y) -> x / y
+    P.Rule(lambda x, y: x.div_(y), lambda x, y: x / y, where=_unobservable),
+    # relu_(x), x.relu_(), F.relu(x, inplace=True), nn.ReLU(inplace=True) -> torch.relu(x)
+    P.Rule(lambda x: torch.relu_(x), lambda x: torch.relu(x), where=_unobservable),
+]
 
 
 @graph_pass(name="normalize-inplace")
-def normalize_inplace(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def normalize_inplace(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """In-place ops whose mutation nobody can observe -> out-of-place ops."""
-    count = sum(_rewrite(gm, node) for node in list(gm.graph.nodes))
-    if count:
-        gm.delete_all_unused_submodules()
-        ctx.note(f"{count} in-place op(s) made out-of-place")
-    return count > 0
+    result = P.rewrite(gm, RULES, ctx)
+    if result.modified:
+        ctx.note(f"{sum(result.matches.values())} in-place op(s) made out-of-place")
+    return result

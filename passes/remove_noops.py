@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxforge import patterns as P
 from fxforge.context import PassContext
-from fxforge.pass_api import graph_pass
-
-from .matching import calls_module
+from fxforge.pass_api import PassResult, graph_pass
 
 _NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                  nn.FeatureAlphaDropout, nn.Identity)
@@ -46,20 +45,18 @@ def _is_eval_dropout_call(node: fx.Node) -> bool:
     return training is False
 
 
-def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return (calls_module(gm, node, _NOOP_MODULES) and len(node.args) == 1) or _is_eval_dropout_call(node)
+RULES = [
+    # dropout(x) -> x, identity(x) -> x    (Dropout*, AlphaDropout, Identity modules; eval mode)
+    P.Rule(lambda x: P.module(*_NOOP_MODULES)(x), lambda x: x, name="noop-module(x) -> x"),
+    # F.dropout*(x, training=False) -> x, stochastic_depth(x, p, mode, training=False) -> x
+    P.Rule(lambda x: P.any_node(where=_is_eval_dropout_call)(x), lambda x: x, name="dropout(x, training=False) -> x"),
+]
 
 
 @graph_pass(name="remove-noops", requires=("eval",), invalidates=("bn-folded",))
-def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> bool:
+def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove eval-mode no-ops (Dropout, Identity)."""
-    removed = 0
-    for node in list(gm.graph.nodes):
-        if _is_noop(gm, node) and isinstance(node.args[0], fx.Node):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            removed += 1
-    if removed:
-        gm.delete_all_unused_submodules()
-        ctx.note(f"removed {removed} no-op(s)")
-    return removed > 0
+    result = P.rewrite(gm, RULES, ctx)
+    if result.modified:
+        ctx.note(f"removed {sum(result.matches.values())} no-op(s)")
+    return result

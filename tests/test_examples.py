@@ -25,3 +25,12 @@ def test_quantize_walkthrough_runs(capsys):
     for step in ("1. static int8", "2. percentile", "3. dynamic int8 LSTM", "4. QAT then int8", "5. recalibrated"):
         assert step in out
     assert "local dB" in out  # the per-layer report table
+
+
+def test_custom_pass_example_fuses_hand_written_swish(capsys):
+    load("custom_pass").main()
+    out = capsys.readouterr().out
+    assert "fuse-silu rule mul(x, sigmoid(x)) -> silu(x): 3 match(es)" in out
+    assert "conv post-ops:         ['none', 'none', 'none']" in out  # without the pass: nothing to fuse
+    assert "conv post-ops:         ['silu', 'silu', 'silu']" in out
+    assert "lower-cpu" in out and "fold-bn,fuse-silu,fuse-conv" in out
