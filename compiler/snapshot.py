@@ -21,9 +21,9 @@ _QPARAMS_KEY = "qparams_buffers"
 _OBSERVER_KEY = "observer_group"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ was most of the snapshot's cost
 class NodeRecord:
-    """One node of a snapshot. ``inputs`` are the names of the nodes it reads, in order."""
+    """One node of a snapshot (treat it as read-only). ``inputs`` are the names of the nodes it reads."""
 
     name: str
     op: str  # placeholder, get_attr, call_module, call_function, call_method, output
@@ -72,13 +72,20 @@ class GraphStage:
 
 
 class _Lookup:
-    """Module and scalar-constant lookups for one graph module (named_modules once: get_submodule per node
-    walks the path each time and dominated the snapshot's cost)."""
+    """Module and scalar-constant lookups for one graph module, memoized per path (``get_submodule`` per node
+    and ``named_modules`` per snapshot dominated the snapshot's cost)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self._modules: dict[str, torch.nn.Module] = {"": gm}
         self._tensors: dict[str, torch.Tensor] | None = None
+
+    def module(self, path: str) -> torch.nn.Module:
+        found = self._modules.get(path)
+        if found is None:
+            parent, _, name = path.rpartition(".")
+            found = self._modules[path] = self.module(parent)._modules[name]
+        return found
 
     def scalar(self, target: str) -> torch.Tensor | None:
         if self._tensors is None:
@@ -89,7 +96,7 @@ class _Lookup:
 
 def _kind(look: _Lookup, node: fx.Node) -> str:
     if node.op == "call_module":
-        return type(look.modules[str(node.target)]).__name__
+        return type(look.module(str(node.target))).__name__
     if node.op == "call_function":
         if isinstance(node.target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
             return str(node.target).removesuffix(".default")  # "quantized.conv2d_relu"
@@ -114,11 +121,13 @@ def _detail(look: _Lookup, node: fx.Node) -> str:
         return "" if value is None else f"{value.item():.4g}"
     if node.op != "call_module":
         return ""
-    mod = look.modules[str(node.target)]
-    post_ops = getattr(mod, "post_ops", None)
+    mod = look.module(str(node.target))
+    # class-level lookups: a missing attribute on an nn.Module goes through its slow __getattr__
+    post_ops = getattr(mod, "post_ops", None) if isinstance(getattr(type(mod), "post_ops", None), property) \
+        else mod.__dict__.get("post_ops")
     if isinstance(post_ops, str) and post_ops:
         return f"post-ops {post_ops}"
-    activation = getattr(mod, "activation", None)
+    activation = mod.__dict__.get("activation")
     return f"post-ops {activation}" if isinstance(activation, str) and activation else ""
 
 
@@ -159,6 +168,7 @@ def snapshot(gm: fx.GraphModule, title: str = "") -> GraphSnapshot:
     modules: dict[str, str] = {}
     for node in gm.graph.nodes:
         for entry in (node.meta.get("nn_module_stack") or {}).values():
-            if isinstance(entry, tuple) and len(entry) == 2:  # (path, class or its qualified name)
-                modules.setdefault(entry[0], getattr(entry[1], "__name__", str(entry[1]).rsplit(".", 1)[-1]))
+            # (path, class or its qualified name)
+            if isinstance(entry, tuple) and len(entry) == 2 and entry[0] not in modules:
+                modules[entry[0]] = getattr(entry[1], "__name__", str(entry[1]).rsplit(".", 1)[-1])
     return GraphSnapshot(tuple(_record(look, n) for n in gm.graph.nodes), title, modules)
