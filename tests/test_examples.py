@@ -25,3 +25,15 @@ def test_quantize_walkthrough_runs(capsys):
     for step in ("1. static int8", "2. percentile", "3. dynamic int8 LSTM", "4. QAT then int8", "5. recalibrated"):
         assert step in out
     assert "local dB" in out  # the per-layer report table
+
+
+@pytest.mark.slow
+def test_demo_writes_the_text_json_and_html_reports(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    monkeypatch.chdir(tmp_path)  # the demo writes ./fxforge-report
+    load("demo").main()
+    assert "x faster" in capsys.readouterr().out
+    report = tmp_path / "fxforge-report"
+    assert {p.name for p in report.iterdir()} == {"report.txt", "report.json", "report.html"}
+    page = (report / "report.html").read_text()
+    assert "fold-bn" in page and "Passes" in page
