@@ -95,4 +95,4 @@ def diff_view(before: GraphSnapshot, after: GraphSnapshot) -> View:
     edges = [(a, b, attrs) for a, b, attrs in edges if a in d.status and b in d.status]
     modules = {**before.modules, **after.modules}
     title = f"{before.title or 'before'} -> {after.title or 'after'}: {d.summary()}"
-    return View(nodes, edges, title, modules)
+    return View(nodes, edges, title, modules, beside=dict(d.merged_into))

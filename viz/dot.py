@@ -40,6 +40,7 @@ class View:
     edges: list[tuple[str, str, dict[str, str]]]
     title: str = ""
     modules: dict[str, str] = field(default_factory=dict)  # module path -> class name
+    beside: dict[str, str] = field(default_factory=dict)  # node -> node to draw it level with (diffs: old, new)
 
 
 def view_of(snap: GraphSnapshot, title: str | None = None) -> View:
@@ -58,7 +59,9 @@ def _shape_text(rec: NodeRecord) -> str:
     if rec.shape is None:
         return ""
     dims = "x".join(map(str, rec.shape)) or "scalar"
-    return f"{dims} {rec.dtype}" if rec.dtype else dims
+    # a lowered int8 kernel keeps the fp32 op's shape metadata, but its output is quantized (it has qparams)
+    dtype = "quantized" if rec.qparams is not None else rec.dtype
+    return f"{dims} {dtype}" if dtype else dims
 
 
 def _origins_text(origins: tuple[str, ...], most: int = 4) -> str:
@@ -259,7 +262,7 @@ def digraph(view: View, collapse: bool | None = None, constants: bool = False) -
                                      "ranksep": "0.3"},
                          node_attr={"shape": "box", "fontname": "Helvetica", "fontsize": "10", "margin": "0.08,0.03"},
                          edge_attr={"color": "#636363", "arrowsize": "0.6"})
-    _emit(g, root, by_name, consts, folded, view.modules)
+    _emit(g, root, by_name, consts, folded, view.modules, view.beside)
     seen: set[tuple[str, str]] = set()
     for src, dst, attrs in view.edges:
         if src in hidden or dst in hidden:
@@ -272,7 +275,14 @@ def digraph(view: View, collapse: bool | None = None, constants: bool = False) -
 
 
 def _emit(g: graphviz.Digraph, cluster: _Cluster, by_name: dict[str, ViewNode], consts: dict[str, str],
-          folded: _Collapse, modules: dict[str, str]) -> None:
+          folded: _Collapse, modules: dict[str, str], beside: dict[str, str]) -> None:
+    members = set(cluster.nodes)
+    for a, b in beside.items():
+        if a in members and b in members:
+            with g.subgraph() as level:
+                level.attr(rank="same")
+                level.node(a)
+                level.node(b)
     for name in cluster.nodes:
         if name in folded.boxes:
             first, repeats = folded.boxes[name]
@@ -286,4 +296,4 @@ def _emit(g: graphviz.Digraph, cluster: _Cluster, by_name: dict[str, ViewNode], 
             sub.attr(label=_esc(child.path + (f" : {cls}" if cls else "")), style="rounded", color="#bdbdbd",
                      fontsize="10", fontcolor="#525252", labeljust="l")
             sub.attr("graph", **{"class": "module"})
-            _emit(sub, child, by_name, consts, folded, modules)
+            _emit(sub, child, by_name, consts, folded, modules, beside)

@@ -41,6 +41,8 @@ def test_fold_bn_diff_svg_highlights_removed_bns_and_rewritten_convs(compiled_mo
     assert len(rewritten) == 20 and all("Conv2d" in t and "rewritten by fold-bn" in t for t in rewritten)
     assert "0 added, 20 removed, 20 rewritten" in svg
     assert any("layer1.0.bn1" in t and "folded into layer1_0_conv1" in t for t in removed)
+    dot = viz.diff(report.stage_before("fold-bn"), report.stage("fold-bn"), tmp_path / "fold-bn.dot").read_text()
+    assert dot.count("rank=same") == 20  # each removed BN drawn level with the conv that absorbed it
 
 
 def test_fuse_conv_replaces_conv_and_relu_with_a_new_node(compiled_models):

@@ -57,7 +57,7 @@ def test_resnet18_int8_stages_show_quantize_dequantize_and_kernels(compiled_mode
 
     lowered = svg_of(compiled_models["resnet18-x86"], tmp_path, "lowered.svg")
     kernels = nodes_with(lowered, "role-fused")
-    assert any("quantized.conv2d_relu" in t and "out scale" in t for t in kernels)
+    assert any("quantized.conv2d_relu" in t and "1x64x16x16 quantized" in t and "out scale" in t for t in kernels)
     assert any("quantized.add_relu" in t for t in kernels)
     assert len(nodes_with(lowered, "role-quantize")) == 1 and len(nodes_with(lowered, "role-dequantize")) == 1
 
