@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
 
-.PHONY: demo test lint bench bench-int8 graphviz clean gpu-wheels
+.PHONY: demo test lint bench bench-int8 graphviz chromium clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,20 @@ graphviz:
 	    echo "note: 'dot' not found; install the graphviz OS package (e.g. 'sudo apt-get install graphviz') to render SVG/PNG; .dot files are written meanwhile"; \
 	  fi; }
 
+# Headless chromium opens the HTML report in the tests (tests/viz/test_html_report.py; skipped without it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the HTML report's browser test will be skipped"; \
+	  else \
+	    echo "note: 'chromium' not found; install it (e.g. 'sudo apt-get install chromium') to run the HTML report's browser test"; \
+	  fi; }
+
 demo: $(STAMP) graphviz
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) graphviz lint
+test: $(STAMP) graphviz chromium lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

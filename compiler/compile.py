@@ -14,7 +14,7 @@ from torch import fx, nn
 from .composition import insert_passes
 from .context import PassContext, clone_inputs
 from .errors import CalibrationError, CompileError, ConfigError
-from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
+from .instruments import DumpAfterChange, GraphSnapshots, Instrument, NumericCheck, TimingInstrument
 from .numerics import max_errors
 from .pass_manager import PassManager
 from .quant.config import QuantConfig, QuantOptions, check_skip_names
@@ -161,7 +161,7 @@ def compile(  # noqa: A001 - the public name users expect
     ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
     ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
 
-    manager.instruments = [TimingInstrument(), *instruments]
+    manager.instruments = [TimingInstrument(), GraphSnapshots(), *instruments]
     if dump_dir is not None:
         manager.instruments.append(DumpAfterChange(dump_dir))
     if verify == "numeric":

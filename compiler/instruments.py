@@ -16,6 +16,7 @@ from .errors import NumericMismatchError
 from .numerics import max_errors
 from .pass_api import Pass, PassResult
 from .report import PassRecord
+from .snapshot import GraphStage, snapshot
 
 
 class Instrument:
@@ -49,6 +50,25 @@ class TimingInstrument(Instrument):
             PassRecord(p.name, str(p.spec()), seconds, self._nodes_before, count_nodes(result.gm),
                        result.modified, list(result.notes), dict(result.matches))
         )
+
+
+class GraphSnapshots(Instrument):
+    """Keep a plain-data snapshot of the traced graph and of the graph after every pass that changed it in
+    ``ctx.report.stages``, for ``fxforge.viz`` (render, diff) and the HTML report. Costs a walk over the nodes
+    per changing pass (no tensors are copied)."""
+
+    def __init__(self) -> None:
+        self._index = 0
+
+    def before_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if self._index == 0 and not ctx.report.stages:
+            ctx.report.stages.append(GraphStage("trace", 0, snapshot(gm, "traced")))
+
+    def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
+        self._index += 1
+        if result.modified:
+            spec = str(p.spec())
+            ctx.report.stages.append(GraphStage(spec, self._index, snapshot(result.gm, f"after {spec}")))
 
 
 class DumpAfterChange(Instrument):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .errors import ConfigError, suggest
+from .snapshot import GraphStage
 
 
 @dataclass
@@ -77,9 +81,41 @@ class CompileReport:
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     quantization: QuantSummary | None = None
+    # the traced graph, then the graph after each pass that changed it (see fxforge.snapshot); not in to_dict
+    stages: list[GraphStage] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(dataclasses.replace(self, stages=[]))  # graphs are for viz and to_html, not the JSON
+        del out["stages"]
+        return out
+
+    def stage(self, after: str) -> GraphStage:
+        """The graph as it was after pass ``after`` (its name or spec; "trace": the traced graph).
+
+        A pass that changed nothing leaves the graph of the last pass before it that did."""
+        return self.stages[self._stage_index(after)]
+
+    def stage_before(self, after: str) -> GraphStage:
+        """The graph that pass ``after`` started from (for ``fxforge.viz.diff``)."""
+        i = self._stage_index(after)
+        changed = self.stages[i].index == self._pass_index(after) and i > 0
+        return self.stages[i - 1] if changed else self.stages[i]
+
+    def _pass_index(self, after: str) -> int:
+        if after == "trace":
+            return 0
+        for i, r in enumerate(self.passes, start=1):
+            if after in (r.name, r.spec):
+                return i
+        names = [r.spec for r in self.passes]
+        raise ConfigError(f"no pass '{after}' ran in this compile.{suggest(after, names)} Passes: "
+                          f"{', '.join(names) or 'none'} (or 'trace' for the traced graph)")
+
+    def _stage_index(self, after: str) -> int:
+        index = self._pass_index(after)
+        if not self.stages:
+            raise ConfigError("this report has no graph stages: it was not made by fxforge.compile")
+        return max(i for i, s in enumerate(self.stages) if s.index <= index)
 
     def __str__(self) -> str:
         lines = [
@@ -111,3 +147,10 @@ class CompileReport:
         (out / "report.txt").write_text(str(self) + "\n")
         (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return out
+
+    def to_html(self, path: str | Path, graphs: bool = True) -> Path:
+        """Write one self-contained HTML page (inline SVG, no network access): target, pipeline, pass timeline,
+        the graph after each changing pass with its diff (``graphs=False`` leaves them out), the int8 tables."""
+        from fxforge.viz.html import write_report  # viz builds on the compiler, not the other way round
+
+        return write_report(self, path, graphs=graphs)

@@ -2,7 +2,8 @@
 
 Random-init weights (nothing is downloaded); BatchNorm statistics are re-estimated on random batches so
 the outputs are a meaningful numeric reference. Prints eager vs compiled latency at batch 1 and where the
-compile report went.
+compile report went: report.txt, report.json and report.html (one page with the pass timeline and the graph
+after each pass; open it in a browser).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def main() -> None:
     with torch.inference_mode():
         err = fxforge.numerics.max_errors(compiled(x), model(x))[1]
     report_dir = compiled.report.save(Path("fxforge-report"))
+    page = compiled.report.to_html(report_dir / "report.html")
     print(compiled.report)
     print(f"\nresnet18, batch 1, target '{compiled.target}': eager {eager:.2f} ms -> fxforge {fast:.2f} ms "
           f"({eager / fast:.2f}x faster), max relative error {err:.2g}")
     print(f"report written to {report_dir.resolve()}/report.txt (and report.json)")
+    print(f"open {page.resolve()} in a browser: the passes, their timings and the graph after each one")
 
 
 if __name__ == "__main__":

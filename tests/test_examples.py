@@ -34,3 +34,15 @@ def test_custom_pass_example_fuses_hand_written_swish(capsys):
     assert "conv post-ops:         ['none', 'none', 'none']" in out  # without the pass: nothing to fuse
     assert "conv post-ops:         ['silu', 'silu', 'silu']" in out
     assert "lower-cpu" in out and "fold-bn,fuse-silu,fuse-conv" in out
+
+
+@pytest.mark.slow
+def test_demo_writes_the_text_json_and_html_reports(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    monkeypatch.chdir(tmp_path)  # the demo writes ./fxforge-report
+    load("demo").main()
+    assert "x faster" in capsys.readouterr().out
+    report = tmp_path / "fxforge-report"
+    assert {p.name for p in report.iterdir()} == {"report.txt", "report.json", "report.html"}
+    page = (report / "report.html").read_text()
+    assert "fold-bn" in page and "Passes" in page

@@ -1,36 +1,20 @@
-"""Looking at graphs: Graphviz DOT text and a networkx view of a GraphModule."""
+"""Looking at graphs: rendering, pass-by-pass diffs, the HTML report, and a networkx view.
+
+- ``render(obj, path)``: a GraphModule, CompiledModule or report stage to .svg/.png/.pdf/.dot;
+- ``diff(before, after, path)``: what a pass added, removed and rewrote;
+- ``to_dot(obj)``: the DOT text; ``compare(before, after)``: the diff as data;
+- ``to_networkx(gm)``: a networkx DiGraph for your own analysis.
+``CompileReport.to_html(path)`` (``fxforge.viz.html``) puts them together in one page.
+"""
 
 from __future__ import annotations
 
-import graphviz
 import networkx as nx
 from torch import fx
 
-from fxforge.meta import tensor_shape
-
-_ROLE_COLORS = {"placeholder": "lightblue", "output": "lightblue", "call_module": "khaki",
-                "call_function": "white", "call_method": "white", "get_attr": "lightgrey"}
-
-
-def _label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        what = f"{node.target}\\n{type(gm.get_submodule(str(node.target))).__name__}"
-    elif node.op in ("call_function", "call_method"):
-        what = getattr(node.target, "__name__", str(node.target))
-    else:
-        what = node.name
-    shape = tensor_shape(node)
-    return what + (f"\\n{list(shape)}" if shape is not None else "")
-
-
-def to_dot(gm: fx.GraphModule, title: str = "") -> str:
-    """Graphviz DOT source for ``gm``: one box per node, coloured by op kind, with shapes where known."""
-    dot = graphviz.Digraph(graph_attr={"label": title, "rankdir": "TB"}, node_attr={"shape": "box", "style": "filled"})
-    for node in gm.graph.nodes:
-        dot.node(node.name, _label(gm, node), fillcolor=_ROLE_COLORS.get(node.op, "white"))
-        for inp in node.all_input_nodes:
-            dot.edge(inp.name, node.name)
-    return dot.source
+from .diff import GraphDiff, compare
+from .render import GraphvizNotFoundWarning, as_snapshot, diff, dot_available, render, to_dot
+from .roles import ROLES, role_of
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -40,3 +24,7 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
         g.add_node(node.name, node=node, op=node.op)
         g.add_edges_from((inp.name, node.name) for inp in node.all_input_nodes)
     return g
+
+
+__all__ = ["ROLES", "GraphDiff", "GraphvizNotFoundWarning", "as_snapshot", "compare", "diff", "dot_available",
+           "render", "role_of", "to_dot", "to_networkx"]

@@ -1,0 +1,389 @@
+"""The ``fxforge`` command: targets, pipelines, compile with a report, draw graphs, quick benchmarks.
+
+``main(argv)`` returns the exit status (0 ok, 2 usage error, 1 compile error) so tests can call it in
+process; the console script ``fxforge`` wraps it. Errors print their message (fxforge's typed errors say
+what to do) without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError, CompileError, suggest
+
+_EPILOG = """\
+MODEL is either
+  torchvision:NAME          a torchvision model with random weights (nothing is downloaded); its BatchNorm
+                            statistics are re-estimated on 2 random batches so the numbers mean something
+  path/to/file.py:FACTORY   FACTORY() returns an nn.Module, or (module, example_inputs)
+
+examples:
+  fxforge targets
+  fxforge pipeline x86
+  fxforge compile torchvision:resnet18 --target cpu --report out/
+  fxforge compile torchvision:resnet18 --target x86 --calibration random:8 --input-shape 1,3,64,64
+  fxforge show torchvision:resnet18 --after fold-bn -o fold-bn.svg
+  fxforge show torchvision:resnet18 --after fold-bn --diff -o fold-bn-diff.svg
+  fxforge bench torchvision:resnet18 --target cpu x86
+
+Exit status: 0 ok, 2 bad command line, 1 the compile failed (the message says what to do).
+"""
+
+
+class UsageError(Exception):
+    """A command line that cannot work (bad MODEL, bad --calibration): exit status 2."""
+
+
+# ---- models and inputs ------------------------------------------------------------------------------------
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape: write it as 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"'{text}': dimensions must be positive integers, e.g. 1,3,224,224")
+    return shape
+
+
+def _torchvision_model(name: str, shape: tuple[int, ...]) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise UsageError("torchvision is not installed: pip install torchvision, or give path/to/file.py:factory") \
+            from None
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise UsageError(f"torchvision has no model '{name}'.{suggest(name, names)} e.g. resnet18, mobilenet_v2, "
+                         f"efficientnet_b0")
+    from .testing import reestimate_bn
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    batch = (max(shape[0], 2), *shape[1:])  # train-mode BatchNorm needs more than one value per channel
+    return reestimate_bn(model, [torch.randn(batch) for _ in range(2)])
+
+
+def _file_model(path: str, factory: str) -> tuple[nn.Module, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"MODEL file '{path}' does not exist (MODEL is path/to/file.py:factory)")
+    spec = importlib.util.spec_from_file_location(f"fxforge_cli_model_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise CompileError(f"importing {path} failed with {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
+        raise UsageError(f"{path} has no function '{factory}'.{suggest(factory, found)} MODEL is path/to/file.py:"
+                         f"FACTORY, where FACTORY() returns an nn.Module or (module, example_inputs)")
+    try:
+        made = fn()
+    except Exception as exc:
+        raise CompileError(f"{path}:{factory}() failed with {type(exc).__name__}: {exc}") from exc
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{path}:{factory}() returned {type(model).__name__}; it must return an nn.Module or "
+                         f"(module, example_inputs)")
+    return model, inputs
+
+
+def load_model(spec: str, shape: tuple[int, ...]) -> tuple[nn.Module, Any]:
+    """``torchvision:NAME`` or ``path/to/file.py:FACTORY`` -> (model in eval mode, example inputs)."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UsageError(f"MODEL '{spec}' should be torchvision:NAME (e.g. torchvision:resnet18) or "
+                         f"path/to/file.py:FACTORY")
+    if source == "torchvision":
+        model, inputs = _torchvision_model(name, shape), None
+    else:
+        model, inputs = _file_model(source, name)
+    return model.eval(), torch.randn(shape) if inputs is None else inputs
+
+
+def calibration_data(text: str | None, example: Any) -> list | None:
+    """``random:N``: N random batches shaped like the example inputs (fine to try a target, not for accuracy)."""
+    if text is None:
+        return None
+    kind, _, count = text.partition(":")
+    if kind != "random" or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--calibration '{text}': use random:N, e.g. random:8 (N random batches shaped like the "
+                         f"example input); for real data call fxforge.compile(..., calibration=loader) from Python")
+    inputs = example if isinstance(example, tuple) else (example,)
+
+    def like(x: Any) -> Any:
+        return torch.randn_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return [tuple(like(x) for x in inputs) if len(inputs) > 1 else like(inputs[0]) for _ in range(int(count))]
+
+
+def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: Any, calibration: list | None):
+    import fxforge
+
+    try:
+        return fxforge.compile(model, target, example_inputs=example, pipeline=getattr(args, "pipeline", None),
+                               calibration=calibration, quantization=getattr(args, "quantization", None))
+    except CalibrationError as exc:
+        if calibration is None:
+            raise CalibrationError(f"{exc}. From the command line: --calibration random:8 (random data: to try the "
+                                   f"target, not to measure accuracy), or --quantization dynamic") from exc
+        raise
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .targets import all_targets
+
+    for t in all_targets().values():
+        reason = t.availability()
+        print(f"{t.name:<9}{'usable' if reason is None else 'unusable':<10}{t.description}")
+        if reason:
+            print(f"{'':<19}({reason})")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pass_api import pass_class
+    from .pipeline import parse_pipeline
+    from .targets import pipeline_for
+
+    text = pipeline_for(args.target, args.quantization)
+    print(text)
+    if args.explain:
+        for spec in parse_pipeline(text):
+            doc = (pass_class(spec.name).__doc__ or "").strip().splitlines()
+            print(f"  {str(spec):<30}{doc[0].replace('``', '') if doc else ''}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    model, example = load_model(args.model, args.input_shape)
+    compiled = _compile(args, args.target, model, example, calibration_data(args.calibration, example))
+    print(compiled.report)
+    if args.report is not None:
+        out = compiled.report.save(args.report)
+        html = compiled.report.to_html(out / "report.html")
+        print(f"\nreport written to {out}/: report.txt, report.json and {html.name} (open it in a browser)")
+    return 0
+
+
+def _draw(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
+    from fxforge.viz import GraphvizNotFoundWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GraphvizNotFoundWarning)
+        path = fn(*args, **kwargs)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return path
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from fxforge import viz
+    from fxforge.viz.render import DOT_SUFFIXES, FORMATS
+
+    if args.output.suffix.lower() not in (*FORMATS, *DOT_SUFFIXES):
+        raise UsageError(f"-o {args.output}: name the file .svg, .png, .pdf or .dot (the suffix picks the format)")
+    model, example = load_model(args.model, args.input_shape)
+    compiled = _compile(args, args.target, model, example, calibration_data(args.calibration, example))
+    report = compiled.report
+    if args.after is None:  # the final graph, and the one before the last change
+        stage, before = report.stages[-1], report.stages[max(len(report.stages) - 2, 0)]
+    else:
+        stage, before = report.stage(args.after), report.stage_before(args.after)
+    options = {"collapse": args.collapse, "constants": args.constants}
+    if args.diff:
+        path = _draw(viz.diff, before, stage, args.output, **options)
+    else:
+        path = _draw(viz.render, stage, args.output, **options)
+    print(f"wrote {path} (the graph after {stage.after}{', diff against ' + before.after if args.diff else ''})")
+    return 0
+
+
+@torch.inference_mode()
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> float:
+    from tqdm.auto import tqdm
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in tqdm(range(repeats), desc=f"timing {label}", unit="run", leave=False, disable=None):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
+    from .numerics import max_errors
+    from .quant.sqnr import outputs_sqnr_db
+
+    with torch.inference_mode():
+        got, want = compiled(*inputs), model(*inputs)
+    if compiled.report.quantization is not None:
+        return f"SQNR {outputs_sqnr_db(want, got):.1f} dB"
+    return f"max rel err {max_errors(got, want)[1]:.2g}"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .targets import resolve_target
+
+    model, example = load_model(args.model, args.input_shape)
+    inputs = example if isinstance(example, tuple) else (example,)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = "x".join(map(str, args.input_shape))
+    print(f"{args.model}, input {shape}, median of {args.repeats} runs after {args.warmup} warm-up, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    eager = _median_ms(lambda: model(*inputs), args.repeats, args.warmup, "eager")
+    print(f"{'eager':<10}{eager:>9.2f} ms")
+    for target in args.target:
+        calibration = args.calibration
+        if calibration is None and resolve_target(target).quant_backend is not None:
+            calibration = "random:8"
+            print(f"note: {target} is int8: calibrating on random:8 (give --calibration to change it)")
+        compiled = _compile(args, target, model, example, calibration_data(calibration, example))
+        ms = _median_ms(lambda c=compiled: c(*inputs), args.repeats, args.warmup, target)
+        print(f"{target:<10}{ms:>9.2f} ms  {eager / ms:5.2f}x eager  {_accuracy(compiled, model, inputs)}")
+    return 0
+
+
+# ---- the parser -------------------------------------------------------------------------------------------
+
+def _model_arguments(p: argparse.ArgumentParser, target_help: str, default_target: str | None = "cpu") -> None:
+    p.add_argument("model", metavar="MODEL", help="torchvision:NAME or path/to/file.py:FACTORY (see fxforge --help)")
+    if default_target is not None:
+        p.add_argument("--target", "-t", default=default_target, help=target_help)
+    p.add_argument("--input-shape", type=parse_shape, default=(1, 3, 224, 224), metavar="N,C,H,W",
+                   help="shape of the random example input (default 1,3,224,224; ignored when FACTORY returns inputs)")
+    p.add_argument("--calibration", metavar="random:N",
+                   help="int8 targets: calibrate on N random batches (try-out only; use real data from Python)")
+    p.add_argument("--quantization", choices=("static", "dynamic", "weight-only"),
+                   help="int8 targets: quantization mode (default static)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxforge", description="fxforge: compile PyTorch models with torch.fx, and see what the compiler did.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    parser.add_argument("--version", action="version", version=f"fxforge {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    sub.add_parser("targets", help="list the targets and whether this machine can run them",
+                   description="List every target: usable here or not (and why), and what it does.")
+    p = sub.add_parser("pipeline", help="print a target's pipeline text", formatter_class=raw,
+                       description="Print the pass pipeline of TARGET; the text works as compile(pipeline=...).",
+                       epilog="examples:\n  fxforge pipeline cpu\n  fxforge pipeline x86 --explain\n"
+                              "  fxforge pipeline x86 --quantization dynamic")
+    p.add_argument("target", metavar="TARGET", help="a target name (fxforge targets lists them)")
+    p.add_argument("--quantization", choices=("static", "dynamic", "weight-only"), help="int8 targets: mode")
+    p.add_argument("--explain", action="store_true", help="also list each pass with a line on what it does")
+
+    p = sub.add_parser("compile", help="compile MODEL and print the report (--report DIR: also HTML)",
+                       formatter_class=raw, description="Compile MODEL for a target and print the compile report.",
+                       epilog="examples:\n  fxforge compile torchvision:resnet18 --target cpu --report out/\n"
+                              "  fxforge compile torchvision:mobilenet_v2 --target x86 --calibration random:8\n"
+                              "  fxforge compile mymodel.py:make --target cpu --pipeline remove-noops,fold-bn")
+    _model_arguments(p, "target to compile for (default cpu; fxforge targets lists them)")
+    p.add_argument("--pipeline", help="run this pipeline text instead of the target's (fxforge pipeline TARGET)")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="write report.txt, report.json and report.html (graphs after each pass) into DIR")
+
+    p = sub.add_parser("show", help="draw MODEL's graph after a pass (.svg/.png/.pdf/.dot)", formatter_class=raw,
+                       description="Compile MODEL and draw its graph after a pass (default: the last one).",
+                       epilog="examples:\n  fxforge show torchvision:resnet18 -o resnet18.svg\n"
+                              "  fxforge show torchvision:resnet18 --after trace -o traced.png\n"
+                              "  fxforge show torchvision:resnet18 --after fold-bn --diff -o fold-bn.svg\n"
+                              "  fxforge show torchvision:resnet18 --target x86 --calibration random:4 "
+                              "--after insert-qdq -o qdq.svg")
+    _model_arguments(p, "target whose pipeline runs (default cpu)")
+    p.add_argument("--pipeline", help="run this pipeline text instead of the target's")
+    p.add_argument("--after", metavar="PASS", help="the pass (name or spec) after which to draw; 'trace': the traced "
+                                                   "graph; default: the final graph")
+    p.add_argument("--diff", action="store_true", help="highlight what that pass added, removed and rewrote")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="output file; its suffix picks the format: .svg, .png, .pdf or .dot")
+    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw runs of identical blocks once (default: when the graph has over 150 nodes)")
+    p.add_argument("--constants", action="store_true", help="also draw constants (weights, qparams)")
+
+    p = sub.add_parser("bench", help="time MODEL eager and compiled for one or more targets", formatter_class=raw,
+                       description="Quick in-process latency check: eager, then each target (median of --repeats).",
+                       epilog="examples:\n  fxforge bench torchvision:resnet18 --target cpu\n"
+                              "  fxforge bench torchvision:mobilenet_v2 --target cpu x86 --input-shape 1,3,160,160\n"
+                              "For peers side by side (onnxruntime, torch.compile, ...) use benchmarks/bench_cpu.py.")
+    _model_arguments(p, "", default_target=None)
+    p.add_argument("--target", "-t", nargs="+", default=["cpu"], metavar="T", help="targets to time (default cpu)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per model (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+_COMMANDS = {"targets": cmd_targets, "pipeline": cmd_pipeline, "compile": cmd_compile, "show": cmd_show,
+             "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return int(exc.code or 0)
+    with warnings.catch_warnings():
+        if not args.debug:  # torch 2.14 deprecates quantized tensors, which the int8 targets are built on
+            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        parser.print_usage(sys.stderr)
+        print(f"fxforge: error: {exc}", file=sys.stderr)
+        return 2
+    except CompileError as exc:
+        if args.debug:
+            raise
+        print(f"fxforge: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fxforge: unexpected {type(exc).__name__}: {exc}\nRerun with --debug for the traceback, and report it "
+              f"with the command line if it looks like a bug.", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,141 @@
+"""The fxforge command line: every command in process through main(argv), and the console script once."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fxforge
+from fxforge.cli import main
+from helpers import one_intra_op_thread
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
+
+MODEL_FILE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        return model, torch.randn(1, 3, 16, 16)
+
+    def broken():
+        raise RuntimeError("no weights here")
+""")
+
+
+@pytest.fixture
+def model_file(tmp_path) -> str:
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL_FILE)
+    return str(path)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_teaches_with_examples(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "torchvision:NAME" in out and "fxforge show torchvision:resnet18 --after fold-bn" in out
+    code, out, _ = run(capsys, "show", "--help")
+    assert code == 0 and "--after PASS" in out and "examples:" in out
+
+
+def test_targets_and_pipeline(capsys):
+    code, out, _ = run(capsys, "targets")
+    assert code == 0
+    assert all(any(line.startswith(t) and "usable" in line for line in out.splitlines()) for t in fxforge.targets())
+    code, out, _ = run(capsys, "pipeline", "x86")
+    assert code == 0 and out.strip() == fxforge.pipeline_for("x86")
+    code, out, _ = run(capsys, "pipeline", "x86", "--quantization", "dynamic", "--explain")
+    assert out.splitlines()[0] == fxforge.pipeline_for("x86", "dynamic") and "quantize-dynamic" in out
+
+
+def test_compile_file_model_with_html_report(capsys, model_file, tmp_path):
+    code, out, _ = run(capsys, "compile", f"{model_file}:make", "--target", "cpu", "--report", str(tmp_path / "r"))
+    assert code == 0 and "fxforge compile report: target=cpu" in out and "folded 1 BatchNorm(s)" in out
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.txt", "report.json", "report.html"}
+    assert "fold-bn" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_compile_torchvision_int8_with_random_calibration(capsys):
+    pytest.importorskip("torchvision")
+    code, out, _ = run(capsys, "compile", "torchvision:resnet18", "--target", "x86", "--calibration", "random:2",
+                       "--input-shape", "1,3,32,32")
+    assert code == 0 and "quantization: static int8 for x86" in out and "calibrated on 2 batches" in out
+
+
+def test_show_draws_a_stage_and_a_diff(capsys, model_file, tmp_path):
+    code, out, _ = run(capsys, "show", f"{model_file}:make", "--after", "fold-bn", "--diff", "-o",
+                       str(tmp_path / "d.dot"))
+    assert code == 0 and "after fold-bn, diff against normalize-relu" in out
+    dot = (tmp_path / "d.dot").read_text()
+    assert "status-removed" in dot and "folded into" in dot
+    code, _, _ = run(capsys, "show", f"{model_file}:make", "-o", str(tmp_path / "final.dot"))
+    assert code == 0 and "OneDnnConv2d" in (tmp_path / "final.dot").read_text()
+
+
+def test_bench_times_eager_and_each_target(capsys, model_file):
+    code, out, _ = run(capsys, "bench", f"{model_file}:make", "--target", "cpu", "x86", "--repeats", "3",
+                       "--warmup", "1")
+    assert code == 0
+    lines = out.splitlines()
+    assert any(line.startswith("eager") and " ms" in line for line in lines)
+    assert any(line.startswith("cpu") and "x eager" in line and "max rel err" in line for line in lines)
+    assert any(line.startswith("x86") and "SQNR" in line for line in lines)  # int8: calibrated on random:8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "resnet18"], "should be torchvision:NAME"),
+    (["compile", "torchvision:resnet1"], "Did you mean 'resnet18'"),
+    (["compile", "no/such/file.py:make"], "does not exist"),
+    (["compile", "{file}:mkae"], "Did you mean 'make'"),
+    (["compile", "{file}:make", "--calibration", "real:8"], "use random:N"),
+    (["compile", "{file}:make", "--input-shape", "1,3,a"], "is not a shape"),
+    (["show", "{file}:make", "-o", "graph.jpeg"], ".svg, .png, .pdf or .dot"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2(capsys, model_file, argv, message):
+    code, _, err = run(capsys, *(a.replace("{file}", model_file) for a in argv))
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "{file}:make", "--target", "x86"], "--calibration random:8"),
+    (["compile", "{file}:make", "--target", "nope"], "unknown target 'nope'"),
+    (["compile", "{file}:broken"], "no weights here"),
+    (["show", "{file}:make", "--after", "fold_bn", "-o", "g.svg"], "Did you mean 'fold-bn'"),
+])
+def test_compile_errors_exit_1_with_the_typed_message(capsys, model_file, argv, message):
+    code, _, err = run(capsys, *(a.replace("{file}", model_file) for a in argv))
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(model_file):
+    with pytest.raises(fxforge.ConfigError, match="unknown target"):
+        main(["--debug", "compile", f"{model_file}:make", "--target", "nope"])
+
+
+def _console_script() -> str:
+    found = Path(sys.executable).with_name("fxforge")
+    script = str(found) if found.exists() else shutil.which("fxforge")
+    assert script, "the fxforge console script is not installed: pip install -e . (make test does it)"
+    return script
+
+
+def test_console_script(model_file, tmp_path):
+    done = subprocess.run([_console_script(), "pipeline", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == fxforge.pipeline_for("cpu")
+    done = subprocess.run([_console_script(), "compile", f"{model_file}:make", "--target", "nope"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "unknown target 'nope'" in done.stderr and "Traceback" not in done.stderr
