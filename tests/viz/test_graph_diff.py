@@ -59,10 +59,12 @@ def test_insert_qdq_adds_quantize_nodes_and_removes_observers(compiled_models):
     report = compiled_models["resnet18-x86"].report
     before, after = report.stage_before("insert-qdq").graph, report.stage("insert-qdq").graph
     d = viz.compare(before, after)
-    kinds = {after.by_name()[n].kind for n in d.names("added")}
-    assert {"quantize_per_tensor", "dequantize"} <= kinds
+    added = [after.by_name()[n].kind for n in d.names("added")]
+    assert {"quantize_per_tensor", "dequantize"} <= set(added)
     observers = {n.name for n in before.nodes if n.hint == "observer"}
-    assert len(observers) == 30 and observers <= set(d.names("removed"))
+    assert observers and observers <= set(d.names("removed"))
+    # one quantize node per quantization point of the report (observed values, and requantized shares)
+    assert added.count("quantize_per_tensor") == len(report.quantization.layers) >= len(observers)
 
 
 def test_diff_of_a_graph_with_itself_changes_nothing(compiled_models):
@@ -92,7 +94,8 @@ def test_stages_are_kept_for_changing_passes_only(compiled_models):
     assert report.stage("calibrate") is report.stage("insert-observers")
     assert report.stage_before("calibrate") is report.stage("insert-observers")  # calibrate changed nothing
     assert report.stage_before("insert-qdq") is report.stage("insert-observers")
-    assert report.stage("fuse-conv{post_ops=relu}") is report.stage("fuse-conv")
+    fuse_conv = next(p.spec for p in report.passes if p.name == "fuse-conv")  # e.g. fuse-conv{post_ops=add+relu}
+    assert fuse_conv != "fuse-conv" and report.stage(fuse_conv) is report.stage("fuse-conv")
     with pytest.raises(fxforge.ConfigError, match="no pass 'fold_bn' ran.*Did you mean 'fold-bn'"):
         report.stage("fold_bn")
 

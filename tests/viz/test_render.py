@@ -47,7 +47,8 @@ def test_clusters_follow_the_module_hierarchy(compiled_models, tmp_path):
 def test_resnet18_int8_stages_show_quantize_dequantize_and_kernels(compiled_models, tmp_path):
     report = compiled_models["resnet18-x86"].report
     observed = svg_of(report.stage("insert-observers"), tmp_path, "observed.svg")
-    assert len(nodes_with(observed, "role-observer")) == 30  # one per quantized value (the report says 30)
+    observers = sum(n.hint == "observer" for n in report.stage("insert-observers").graph.nodes)
+    assert len(nodes_with(observed, "role-observer")) == observers > 0  # each observer drawn as one
 
     reference = svg_of(report.stage("insert-qdq"), tmp_path, "qdq.svg")
     assert {"quantize", "dequantize", "fused", "input", "output"} <= roles_in(reference)
@@ -58,7 +59,7 @@ def test_resnet18_int8_stages_show_quantize_dequantize_and_kernels(compiled_mode
     lowered = svg_of(compiled_models["resnet18-x86"], tmp_path, "lowered.svg")
     kernels = nodes_with(lowered, "role-fused")
     assert any("quantized.conv2d_relu" in t and "1x64x16x16 quantized" in t and "out scale" in t for t in kernels)
-    assert any("quantized.add_relu" in t for t in kernels)
+    assert any("quantized.conv2d_add_relu" in t for t in kernels)  # x86 runs residual adds inside the conv
     assert len(nodes_with(lowered, "role-quantize")) == 1 and len(nodes_with(lowered, "role-dequantize")) == 1
 
 
