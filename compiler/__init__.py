@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from . import numerics, testing  # noqa: F401  (fxforge.numerics / fxforge.testing for users and examples)
+from .artifact import load, read_metadata, save
 from .compile import CompiledModule, compile
 from .context import PassContext
 from .errors import (
+    ArtifactError,
     BackendUnavailableError,
     CalibrationError,
     CompileError,
@@ -33,6 +35,7 @@ from . import backends as _backends  # noqa: E402,F401  isort: skip
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError", "load", "read_metadata", "save",  # save / load (issue 9)
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PassResult", "PassSpec", "QuantConfig", "Target",

@@ -53,6 +53,13 @@ class CompiledModule(nn.Module):
     def extra_repr(self) -> str:
         return f"target={self.target!r}, pipeline={self.pipeline!r}"
 
+    def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
+        """The lowered graph as TorchScript for serving stacks (``fxforge.torchscript``); ``example_inputs``
+        default to random tensors of the compiled shapes."""
+        from .torchscript import to_torchscript
+
+        return to_torchscript(self, example_inputs)
+
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     if example_inputs is None:
