@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import numerics, testing  # noqa: F401  (fxforge.numerics / fxforge.testing for users and examples)
+from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / numerics / testing for users and examples)
 from .artifact import load, read_metadata, save
 from .compile import CompiledModule, compile
 from .context import PassContext

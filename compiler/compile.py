@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,45 @@ def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quan
                         skip=skip, calibration=calibration, calibration_batches=calibration_batches)
 
 
+@dataclass
+class Session:
+    """A compile up to the pass pipeline: the resolved target, the traced graph, its context and report."""
+
+    target: Target
+    quant: QuantOptions | None
+    inputs: tuple[Any, ...]
+    manager: PassManager
+    gm: fx.GraphModule
+    ctx: PassContext
+    report: CompileReport
+
+
+def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str | None, verify: str,
+            leaf_modules: Sequence[str | type], concrete_args: dict[str, Any] | None, calibration: Any,
+            calibration_batches: int | None, quantization: str | None, quant_config: Any,
+            skip: str | Sequence[str], start: float) -> Session:
+    """Check the arguments, trace a copy of ``model`` and record the eager reference (compile, bisect)."""
+    _check_eval(model)
+    if verify not in VERIFY_MODES:
+        raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
+    tgt = resolve_target(target)
+    quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
+    inputs = tuple(_to_device(x, tgt.device) for x in _as_tuple(example_inputs))
+    default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
+    manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
+
+    work = copy.deepcopy(model).to(tgt.device)  # never touch the user's model
+    convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay
+    traced = trace(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    report = CompileReport(tgt.name, manager.pipeline, torch.__version__,
+                           leaf_modules=traced.leaf_modules,
+                           bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
+                           trace_seconds=time.perf_counter() - start)
+    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
+    ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
+    return Session(tgt, quant, inputs, manager, traced.gm, ctx, report)
+
+
 def compile(  # noqa: A001 - the public name users expect
     model: nn.Module,
     target: str = "auto",
@@ -141,31 +181,18 @@ def compile(  # noqa: A001 - the public name users expect
     and a .dot of the graph after every pass that changed it. The model itself is never modified.
     """
     start = time.perf_counter()
-    _check_eval(model)
-    if verify not in VERIFY_MODES:
-        raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
-    tgt = resolve_target(target)
-    quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
-    inputs = tuple(_to_device(x, tgt.device) for x in _as_tuple(example_inputs))
-    default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
-    manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
-
-    work = copy.deepcopy(model).to(tgt.device)  # never touch the user's model
-    convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay
-    traced = trace(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    report = CompileReport(tgt.name, manager.pipeline, torch.__version__,
-                           leaf_modules=traced.leaf_modules,
-                           bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
-                           trace_seconds=time.perf_counter() - start)
-    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
-    ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
-
+    session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
+                      leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,
+                      calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config,
+                      skip=skip, start=start)
+    tgt, quant, inputs, manager, ctx, report = (session.target, session.quant, session.inputs, session.manager,
+                                                session.ctx, session.report)
     manager.instruments = [TimingInstrument(), *instruments]
     if dump_dir is not None:
         manager.instruments.append(DumpAfterChange(dump_dir))
     if verify == "numeric":
         manager.instruments.append(NumericCheck())
-    gm = manager.run(traced.gm, ctx)
+    gm = manager.run(session.gm, ctx)
 
     try:
         with torch.inference_mode():
@@ -180,4 +207,7 @@ def compile(  # noqa: A001 - the public name users expect
         if _has_trained_fake_quants(model):
             report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
     report.compile_seconds = time.perf_counter() - start
-    return CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
+    compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
+    # how the model was traced: fxforge.debug.compare traces it again the same way
+    compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    return compiled

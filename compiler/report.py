@@ -63,6 +63,44 @@ class QuantSummary:
         return out
 
 
+def _db(value: float | None) -> str:
+    return "-" if value is None else ("exact" if value >= 999 else f"{value:.1f}")
+
+
+@dataclass
+class LayerError:
+    """One value of the compiled graph against the fp32 model (``fxforge.debug.compare``)."""
+
+    layer: str  # module path of the fp32 node ("" for the root module's own code)
+    node: str  # the fp32 graph's node (the traced value)
+    op: str
+    compiled_node: str  # the compiled graph's node computing that value
+    sqnr_db: float | None  # accumulated: the compiled value against the fp32 model's (999: equal)
+    local_sqnr_db: float | None  # added here: the compiled value against the fp32 op run on its compiled inputs
+    max_abs_error: float
+
+
+@dataclass
+class LayerComparison:
+    """Per-layer errors of a compiled model, most damaging (lowest local SQNR) first."""
+
+    inputs: str
+    output_sqnr_db: float | None
+    rows: list[LayerError] = field(default_factory=list)
+    shown: int = 15  # rows printed by ``lines`` (all are kept)
+
+    def lines(self) -> list[str]:
+        out = [f"per-layer error vs fp32 on {self.inputs}: output SQNR {_db(self.output_sqnr_db)} dB, "
+               f"{len(self.rows)} values compared, most damaging first"]
+        out.append(f"  {'layer':<28}{'op':<26}{'local dB':>9}{'cum dB':>8}{'max abs err':>13}  compiled node")
+        for r in self.rows[:self.shown]:
+            out.append(f"  {(r.layer or '<root>')[:27]:<28}{r.op[:25]:<26}{_db(r.local_sqnr_db):>9}"
+                       f"{_db(r.sqnr_db):>8}{r.max_abs_error:>13.3g}  {r.compiled_node}")
+        if len(self.rows) > self.shown:
+            out.append(f"  ... {len(self.rows) - self.shown} more (report.comparison.rows)")
+        return out
+
+
 @dataclass
 class CompileReport:
     target: str
@@ -76,6 +114,7 @@ class CompileReport:
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     quantization: QuantSummary | None = None
+    comparison: LayerComparison | None = None  # fxforge.debug.compare
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +130,8 @@ class CompileReport:
                          f"relative {self.max_rel_error:.3g}")
         if self.quantization is not None:
             lines.extend(self.quantization.lines())
+        if self.comparison is not None:
+            lines.extend(self.comparison.lines())
         for path, why in self.leaf_modules.items():
             lines.append(f"kept as a leaf (not traced into): {path or '<root>'}: {why}")
         for name, value in self.bound_arguments.items():
