@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / numerics / testing for users and examples)
+from .accuracy import AccuracyBudget
 from .artifact import load, read_metadata, save
 from .compile import CompiledModule, compile
 from .context import PassContext
 from .errors import (
+    AccuracyBudgetError,
     ArtifactError,
     BackendUnavailableError,
     CalibrationError,
@@ -35,7 +37,7 @@ from . import backends as _backends  # noqa: E402,F401  isort: skip
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "load", "read_metadata", "save",  # save / load (issue 9)
+    "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",  # issue 9
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PassResult", "PassSpec", "QuantConfig", "Target",

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -25,6 +25,9 @@ from .quant.sqnr import outputs_sqnr_db
 from .report import CompileReport
 from .targets import Target, resolve_target
 from .tracing import trace
+
+if TYPE_CHECKING:
+    from .accuracy import AccuracyBudget
 
 VERIFY_MODES = ("none", "structure", "numeric")
 
@@ -172,14 +175,25 @@ def compile(  # noqa: A001 - the public name users expect
     quantization: str | None = None,
     quant_config: QuantConfig | dict | None = None,
     skip: str | Sequence[str] = (),
+    accuracy: AccuracyBudget | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
     ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
     replaces the target's pipeline text; ``verify`` is "none", "structure" (lint + invariants after each
     pass) or "numeric" (also compares the output with eager after each pass). ``dump_dir`` writes the code
-    and a .dot of the graph after every pass that changed it. The model itself is never modified.
+    and a .dot of the graph after every pass that changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
+    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.accuracy``).
+    The model itself is never modified.
     """
+    if accuracy is not None:
+        from .accuracy import compile_within_budget
+
+        options = dict(example_inputs=example_inputs, pipeline=pipeline, verify=verify, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments,
+                       calibration=calibration, calibration_batches=calibration_batches,
+                       quantization=quantization, quant_config=quant_config, skip=skip)
+        return compile_within_budget(model, target, accuracy, options)
     start = time.perf_counter()
     session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
                       leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,

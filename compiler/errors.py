@@ -43,6 +43,10 @@ class CalibrationError(CompileError):
     """Calibration data is missing, empty or does not fit the model."""
 
 
+class AccuracyBudgetError(CompileError):
+    """``compile(..., accuracy=...)``: the budget does not hold even with every candidate layer in fp32."""
+
+
 class ArtifactError(CompileError):
     """A compiled model cannot be saved or loaded: not an fxforge file, a newer format, an incompatible torch
     version, or a submodule that cannot be stored without its class."""

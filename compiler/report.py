@@ -102,6 +102,46 @@ class LayerComparison:
 
 
 @dataclass
+class LayerSensitivity:
+    """How much one layer costs when it alone is quantized (the rest of the model in fp32)."""
+
+    layer: str
+    score: float  # the budget's measure: output SQNR (dB) or the user's metric
+
+
+@dataclass
+class AccuracyRecord:
+    """What ``compile(..., accuracy=...)`` did to meet its budget (``fxforge.AccuracyBudget``)."""
+
+    requirement: str
+    measure: str
+    before: float  # every layer int8
+    after: float
+    met: bool
+    fp32_layers: list[str] = field(default_factory=list)  # moved back to fp32, in the order they were chosen
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)  # most damaging first
+    latency_ms_int8: float | None = None  # quick timing on the example inputs (median of a few runs)
+    latency_ms_final: float | None = None
+    compiles: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"accuracy budget: {self.requirement}: {'met' if self.met else 'NOT met'} "
+               f"({self.measure}: all-int8 {self.before:.4g} -> {self.after:.4g}, {self.compiles} compiles)"]
+        if self.fp32_layers:
+            out.append(f"  kept in fp32 to meet it: {', '.join(self.fp32_layers)}")
+        else:
+            out.append("  every quantized layer kept in int8")
+        if self.latency_ms_int8 is not None and self.latency_ms_final is not None:
+            out.append(f"  speed cost: {self.latency_ms_int8:.3g} ms all-int8 -> {self.latency_ms_final:.3g} ms "
+                       f"({self.latency_ms_final / max(self.latency_ms_int8, 1e-9):.2f}x), example inputs")
+        if self.sensitivity:
+            out.append("  sensitivity (only this layer int8), most damaging first: " + ", ".join(
+                f"{s.layer} {s.score:.4g}" for s in self.sensitivity[:8]) + (" ..." if len(self.sensitivity) > 8
+                                                                            else ""))
+        return out
+
+
+@dataclass
 class CompileReport:
     target: str
     pipeline: str
@@ -115,6 +155,7 @@ class CompileReport:
     max_rel_error: float | None = None
     quantization: QuantSummary | None = None
     comparison: LayerComparison | None = None  # fxforge.debug.compare
+    accuracy: AccuracyRecord | None = None  # compile(..., accuracy=fxforge.AccuracyBudget(...))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +171,8 @@ class CompileReport:
                          f"relative {self.max_rel_error:.3g}")
         if self.quantization is not None:
             lines.extend(self.quantization.lines())
+        if self.accuracy is not None:
+            lines.extend(self.accuracy.lines())
         if self.comparison is not None:
             lines.extend(self.comparison.lines())
         for path, why in self.leaf_modules.items():
