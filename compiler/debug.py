@@ -153,6 +153,12 @@ class BisectResult:
 
 
 def _run(gm: fx.GraphModule, inputs: tuple, engine: str | None) -> Any:
+    """``gm``'s outputs; a graph with observers runs as a copy (observers record every call, and the checks
+    must not add the example inputs to the calibration statistics)."""
+    from .quant.observers import Observer
+
+    if any(isinstance(m, Observer) for m in gm.modules()):
+        gm = copy.deepcopy(gm)
     with quantized_engine(engine), torch.inference_mode():
         return gm(*inputs)
 

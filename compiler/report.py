@@ -100,6 +100,9 @@ class LayerComparison:
             out.append(f"  ... {len(self.rows) - self.shown} more (report.comparison.rows)")
         return out
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
 
 @dataclass
 class LayerSensitivity:
@@ -139,6 +142,9 @@ class AccuracyRecord:
                 f"{s.layer} {s.score:.4g}" for s in self.sensitivity[:8]) + (" ..." if len(self.sensitivity) > 8
                                                                             else ""))
         return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
 
 @dataclass
