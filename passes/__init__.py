@@ -2,7 +2,9 @@
 
 from . import (  # noqa: F401
     calibrate,
+    correct_bias,
     dce,
+    equalize,
     fold_bn,
     fuse,
     insert_observers,
