@@ -6,7 +6,8 @@ The file is a zip archive (stored, not compressed) holding:
   engine or an incompatible torch fails with a typed error that says what to do (``fxforge.read_metadata``);
 - ``report.txt`` / ``report.json``: the compile report, readable without Python;
 - ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialize``: node records and the
-  modules/buffers/prepacked weights it uses) plus the report object.
+  modules/buffers/prepacked weights it uses) plus the report object; with ``recalibratable=True`` also the
+  fp32 graph with its observers (static int8), which ``fxforge.recalibrate`` needs.
 
 Why this representation: it is the only one that round-trips every target here. TorchScript (deprecated
 upstream) cannot hold the cpu target's oneDNN weights or the dynamic int8 RNN cells, and ``torch.export``
@@ -19,6 +20,7 @@ Like every pickle-based format, load only files you trust.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -88,16 +90,27 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
             "portable_submodules": {path: m.kind for path, m in leaves.items()}}
 
 
-def _payload(compiled: Any, example_inputs: Any) -> tuple[bytes, dict[str, Any]]:
+def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A graph module as data (``fxforge.serialize``), and the user submodules made portable in it."""
+    leaves = portable_leaves(gm, inputs)
+    state = {"records": graph_records(gm), "attrs": {**graph_attrs(gm), **leaves}, "class_name": type(gm).__name__}
+    return state, leaves
+
+
+def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[bytes, dict[str, Any]]:
+    from .quant.qspec import quantized_engine
+
     gm = compiled.graph_module
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
         (example_inputs,) if example_inputs is not None else synthetic_inputs(gm))
-    from .quant.qspec import quantized_engine
-
+    if recalibratable and compiled.observed_graph is None:
+        raise ArtifactError("recalibratable=True keeps the observers of a static int8 model: this one has none "
+                            "(fp32, dynamic or weight-only); save it without recalibratable")
     with quantized_engine(compiled.quant_options.backend if compiled.quant_options else None):
-        leaves = portable_leaves(gm, inputs)
-    state = {"records": graph_records(gm), "attrs": {**graph_attrs(gm), **leaves}, "class_name": type(gm).__name__,
-             "report": compiled.report}
+        state, leaves = _graph_state(gm, inputs)
+        if recalibratable:  # a copy: finding its user submodules' inputs would feed its observers
+            state["observed"] = _graph_state(copy.deepcopy(compiled.observed_graph), inputs)[0]
+    state["report"] = compiled.report
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
@@ -106,20 +119,22 @@ def _payload(compiled: Any, example_inputs: Any) -> tuple[bytes, dict[str, Any]]
         raise ArtifactError(f"the compiled model refers to code outside torch and fxforge ({', '.join(foreign[:5])}): "
                             f"loading it would need that code. Keep such functions out of the traced forward, or "
                             f"make them torch ops")
-    return data, metadata(compiled, leaves)
+    return data, {**metadata(compiled, leaves), "recalibratable": recalibratable}
 
 
-def save(compiled: Any, path: str | Path, *, example_inputs: Any = None) -> Path:
+def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalibratable: bool = False) -> Path:
     """Write ``compiled`` (from ``fxforge.compile``) to ``path``; returns the path.
 
     ``example_inputs`` are only needed when the graph holds a submodule the tracer kept whole (it is
-    exported with them); by default random inputs of the compiled shapes are used.
+    exported with them); by default random inputs of the compiled shapes are used. ``recalibratable``
+    (static int8) also stores the fp32 graph with its observers, so that ``fxforge.recalibrate`` works on
+    the loaded model (the file then holds the fp32 weights too).
     """
     from .compile import CompiledModule
 
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
-    data, meta = _payload(compiled, example_inputs)
+    data, meta = _payload(compiled, example_inputs, recalibratable)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -186,6 +201,7 @@ def load(path: str | Path, *, check_version: bool = True) -> Any:
         raise ArtifactError(f"{path} could not be read ({type(exc).__name__}: {exc}); it was saved by fxforge "
                             f"{meta['fxforge_version']} with torch {meta['torch_version']}") from exc
     gm = rebuild(state["records"], state["attrs"], state["class_name"])
+    observed = rebuild(**state["observed"]) if "observed" in state else None
     options = None if quant is None else QuantOptions(mode=quant["mode"], backend=quant["backend"],
                                                       skip=tuple(quant["skip"]), reduce_range=quant["reduce_range"])
-    return CompiledModule(gm, meta["target"], meta["pipeline"], state["report"], None, options)
+    return CompiledModule(gm, meta["target"], meta["pipeline"], state["report"], observed, options)

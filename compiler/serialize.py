@@ -125,8 +125,9 @@ def graph_records(gm: fx.GraphModule) -> list[NodeRecord]:
 
 
 def graph_attrs(gm: fx.GraphModule) -> dict[str, Any]:
-    """Qualified name -> object for everything the graph's ``call_module`` and ``get_attr`` nodes use."""
-    attrs = {}
+    """Qualified name -> object for everything the graph's ``call_module`` and ``get_attr`` nodes use, and
+    the graph module's own buffers (qparams that lowered kernels took as literals, read by recalibrate)."""
+    attrs: dict[str, Any] = dict(gm.named_buffers(recurse=False))
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             attrs[str(node.target)] = _fetch(gm, str(node.target))
@@ -157,6 +158,9 @@ def rebuild(records: list[NodeRecord], attrs: dict[str, Any], class_name: str = 
         node.meta.update(_walk(r.meta, lambda v: v.resolve() if isinstance(v, FormatRef) else v))
         env[r.name] = node
     gm = fx.GraphModule(attrs, graph, class_name)
+    for name, value in attrs.items():  # fx copies only what nodes use: add the graph module's own buffers
+        if "." not in name and isinstance(value, torch.Tensor) and not hasattr(gm, name):
+            gm.register_buffer(name, value)
     return gm.eval()
 
 

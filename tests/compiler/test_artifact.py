@@ -263,3 +263,19 @@ def test_a_graph_calling_user_code_is_refused_at_save(tmp_path):
     with pytest.raises(fxforge.ArtifactError, match="user_scale"):
         fxforge.save(compiled, tmp_path / "m.fxf")
     assert not (tmp_path / "m.fxf").exists()
+
+
+@pytest.mark.skipif(not INT8, reason="no int8 engine here")
+def test_a_recalibratable_file_can_be_recalibrated_after_loading(tmp_path):
+    compiled, x = compiled_case(INT8[0], "static", {"calibration": batches(4, scale=0.2)})
+    plain = fxforge.load(fxforge.save(compiled, tmp_path / "plain.fxf"))
+    with pytest.raises(fxforge.CalibrationError, match="recalibratable=True"):
+        fxforge.recalibrate(plain, batches(4, scale=3.0))
+    path = fxforge.save(compiled, tmp_path / "full.fxf", recalibratable=True)
+    assert fxforge.read_metadata(path)["recalibratable"]
+    loaded = fxforge.load(path)
+    drifted = batches(4, scale=3.0, seed=9)
+    assert fxforge.recalibrate(loaded, drifted) == fxforge.recalibrate(compiled, drifted)
+    assert torch.equal(outputs(loaded, drifted[0]), outputs(compiled, drifted[0]))
+    with pytest.raises(fxforge.ArtifactError, match="has none"):
+        fxforge.save(compiled_case("cpu", "fp32", {})[0], tmp_path / "x.fxf", recalibratable=True)
