@@ -4,6 +4,7 @@ torch.jit is deprecated upstream but still what libtorch (C++), TorchServe and T
 load; ``fxforge.save`` / ``fxforge.load`` is the format that round-trips every target. The graph is traced
 with ``torch.jit.trace`` (it is straight-line code), after swapping the modules the tracer cannot record:
 - the cpu target's oneDNN modules -> scripted twins on dense weights (``fxforge.backends.cpu_script``);
+- dynamic int8 LSTM/GRU -> scripted twins holding the same packed cells (``fxforge.backends.int8_rnn_script``);
 - user submodules the tracer kept whole -> ``torch.jit.script`` of them (tracing would freeze their
   control flow to the example's path).
 torch.export would be the maintained route, but it rejects the int8 kernels' prepacked weights and the
@@ -29,16 +30,12 @@ from .serialize import copy_graph_module, synthetic_inputs, user_module_paths
 
 
 def _replacements(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    from fxforge.backends.cpu_script import scripted_twin
-    from fxforge.backends.int8_rnn import DynamicInt8RNN
+    from fxforge.backends import cpu_script, int8_rnn_script
 
     out: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
         module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(module, DynamicInt8RNN):
-            raise UnsupportedOpError(f"'{node.target}' is a dynamic int8 {module.mode}, whose packed cells TorchScript "
-                                     f"cannot trace: use fxforge.save / fxforge.load for this model")
-        twin = scripted_twin(module) if module is not None else None
+        twin = None if module is None else (cpu_script.scripted_twin(module) or int8_rnn_script.scripted_twin(module))
         if twin is not None:
             out[str(node.target)] = twin
     for path in user_module_paths(gm):
