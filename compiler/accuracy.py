@@ -93,7 +93,8 @@ class _Judge:
         return score, ok
 
 
-def _materialize(options: dict[str, Any]) -> dict[str, Any]:
+def materialize_calibration(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the calibration data read into a list (at most calibration_batches items)."""
     data, batches = options.get("calibration"), options.get("calibration_batches")
     if data is None or isinstance(data, (list, tuple, torch.Tensor)):
         return options
@@ -170,7 +171,7 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
 
     if not isinstance(budget, AccuracyBudget):
         raise ConfigError(f"accuracy= takes an fxforge.AccuracyBudget, got {type(budget).__name__}")
-    options = _materialize(options)
+    options = materialize_calibration(options)
     inputs = _as_tuple(budget.inputs if budget.inputs is not None else options["example_inputs"])
     search = _Search(model, target, options, _Judge(budget, model, inputs))
     first, before, ok = search.compile([])

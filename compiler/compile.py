@@ -176,6 +176,7 @@ def compile(  # noqa: A001 - the public name users expect
     quant_config: QuantConfig | dict | None = None,
     skip: str | Sequence[str] = (),
     accuracy: AccuracyBudget | None = None,
+    profitability: bool = False,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
@@ -183,17 +184,15 @@ def compile(  # noqa: A001 - the public name users expect
     replaces the target's pipeline text; ``verify`` is "none", "structure" (lint + invariants after each
     pass) or "numeric" (also compares the output with eager after each pass). ``dump_dir`` writes the code
     and a .dot of the graph after every pass that changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
-    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.accuracy``).
+    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.accuracy``);
+    ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.profitability``).
     The model itself is never modified.
     """
-    if accuracy is not None:
-        from .accuracy import compile_within_budget
-
-        options = dict(example_inputs=example_inputs, pipeline=pipeline, verify=verify, leaf_modules=leaf_modules,
-                       concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments,
-                       calibration=calibration, calibration_batches=calibration_batches,
-                       quantization=quantization, quant_config=quant_config, skip=skip)
-        return compile_within_budget(model, target, accuracy, options)
+    if accuracy is not None or profitability:
+        return _compile_searched(model, target, accuracy, profitability, dict(
+            example_inputs=example_inputs, pipeline=pipeline, verify=verify, leaf_modules=leaf_modules,
+            concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments, calibration=calibration,
+            calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config, skip=skip))
     start = time.perf_counter()
     session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
                       leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,
@@ -224,4 +223,18 @@ def compile(  # noqa: A001 - the public name users expect
     compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
     # how the model was traced: fxforge.debug.compare traces it again the same way
     compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    return compiled
+
+
+def _compile_searched(model: nn.Module, target: str, accuracy: AccuracyBudget | None, profitability: bool,
+                      options: dict[str, Any]) -> CompiledModule:
+    """compile with an accuracy budget and/or the profitability check (each recompiles with more ``skip``)."""
+    from .accuracy import compile_within_budget, materialize_calibration
+    from .profitability import keep_profitable
+
+    options = materialize_calibration(options)  # every compile of the search sees the same batches
+    compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \
+        else compile(model, target, **options)
+    if profitability:
+        compiled = keep_profitable(model, target, compiled, options)
     return compiled

@@ -148,6 +148,42 @@ class AccuracyRecord:
 
 
 @dataclass
+class LayerTiming:
+    """One int8 conv/linear: its kernel against the same layer run in fp32 between int8 neighbours."""
+
+    layer: str
+    kernel: str
+    int8_ms: float
+    fp32_ms: float  # dequantize + fp32 layer + quantize
+
+
+@dataclass
+class ProfitabilityRecord:
+    """What ``compile(..., profitability=True)`` measured and moved to fp32 because int8 was slower there."""
+
+    timings: list[LayerTiming] = field(default_factory=list)
+    fp32_layers: list[str] = field(default_factory=list)
+    model_ms_before: float | None = None
+    model_ms_after: float | None = None  # with the slower-in-int8 layers in fp32 (None: none were slower)
+    margin: float = 0.1  # int8 counts as slower when int8_ms > fp32_ms * (1 + margin)
+
+    def lines(self) -> list[str]:
+        slower = [t.layer for t in self.timings if t.int8_ms > t.fp32_ms * (1 + self.margin)]
+        out = [f"profitability: {len(self.timings)} int8 kernels timed, {len(slower)} slower than fp32 "
+               f"(by > {self.margin:.0%}); "
+               + (f"kept in fp32: {', '.join(self.fp32_layers)}" if self.fp32_layers else "all kept in int8")]
+        if self.model_ms_after is not None:
+            out.append(f"  whole model: {self.model_ms_before:.3g} ms all-int8, {self.model_ms_after:.3g} ms with "
+                       f"those layers in fp32 ({'kept' if self.fp32_layers else 'not faster: discarded'})")
+        out.extend(f"  {t.layer:<28}{t.kernel:<14}int8 {t.int8_ms:8.3f} ms  fp32 {t.fp32_ms:8.3f} ms"
+                   for t in self.timings[:15])
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass
 class CompileReport:
     target: str
     pipeline: str
@@ -162,6 +198,7 @@ class CompileReport:
     quantization: QuantSummary | None = None
     comparison: LayerComparison | None = None  # fxforge.debug.compare
     accuracy: AccuracyRecord | None = None  # compile(..., accuracy=fxforge.AccuracyBudget(...))
+    profitability: ProfitabilityRecord | None = None  # compile(..., profitability=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,6 +216,8 @@ class CompileReport:
             lines.extend(self.quantization.lines())
         if self.accuracy is not None:
             lines.extend(self.accuracy.lines())
+        if self.profitability is not None:
+            lines.extend(self.profitability.lines())
         if self.comparison is not None:
             lines.extend(self.comparison.lines())
         for path, why in self.leaf_modules.items():
