@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from . import numerics, patterns, testing  # noqa: F401  (fxforge.numerics / .patterns / .testing for users)
+from . import debug, numerics, patterns, testing  # noqa: F401  (fxforge.debug / .numerics / .patterns / .testing)
+from .accuracy import AccuracyBudget
+from .artifact import load, read_metadata, save
 from .compile import CompiledModule, compile
 from .context import PassContext
 from .errors import (
+    AccuracyBudgetError,
+    ArtifactError,
     BackendUnavailableError,
     CalibrationError,
     CompileError,
@@ -34,6 +38,7 @@ from . import backends as _backends  # noqa: E402,F401  isort: skip
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",  # issue 9
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PluginWarning", "PassResult", "PassSpec", "QuantConfig", "Target",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -25,6 +26,9 @@ from .quant.sqnr import outputs_sqnr_db
 from .report import CompileReport
 from .targets import Target, resolve_target
 from .tracing import trace
+
+if TYPE_CHECKING:
+    from .accuracy import AccuracyBudget
 
 VERIFY_MODES = ("none", "structure", "numeric")
 
@@ -53,6 +57,13 @@ class CompiledModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, pipeline={self.pipeline!r}"
+
+    def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
+        """The lowered graph as TorchScript for serving stacks (``fxforge.torchscript``); ``example_inputs``
+        default to random tensors of the compiled shapes."""
+        from .torchscript import to_torchscript
+
+        return to_torchscript(self, example_inputs)
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -111,34 +122,24 @@ def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quan
                         engine=tgt.quantized_engine)
 
 
-def compile(  # noqa: A001 - the public name users expect
-    model: nn.Module,
-    target: str = "auto",
-    *,
-    example_inputs: Any = None,
-    pipeline: str | None = None,
-    extra_passes: Mapping[str, Any] | None = None,
-    verify: str = "structure",
-    leaf_modules: Sequence[str | type] = (),
-    concrete_args: dict[str, Any] | None = None,
-    dump_dir: str | Path | None = None,
-    instruments: Sequence[Instrument] = (),
-    calibration: Any = None,
-    calibration_batches: int | None = None,
-    quantization: str | None = None,
-    quant_config: QuantConfig | dict | None = None,
-    skip: str | Sequence[str] = (),
-) -> CompiledModule:
-    """Compile ``model`` for ``target`` and return a faster module with the same outputs.
+@dataclass
+class Session:
+    """A compile up to the pass pipeline: the resolved target, the traced graph, its context and report."""
 
-    ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
-    replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
-    "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
-    "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
-    eager after each pass). ``dump_dir`` writes the code and a .dot of the graph after every pass that
-    changed it. The model itself is never modified.
-    """
-    start = time.perf_counter()
+    target: Target
+    quant: QuantOptions | None
+    inputs: tuple[Any, ...]
+    manager: PassManager
+    gm: fx.GraphModule
+    ctx: PassContext
+    report: CompileReport
+
+
+def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str | None, verify: str,
+            leaf_modules: Sequence[str | type], concrete_args: dict[str, Any] | None, calibration: Any,
+            calibration_batches: int | None, quantization: str | None, quant_config: Any,
+            skip: str | Sequence[str], start: float, extra_passes: Mapping[str, Any] | None = None) -> Session:
+    """Check the arguments, trace a copy of ``model`` and record the eager reference (compile, bisect)."""
     _check_eval(model)
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
@@ -160,7 +161,54 @@ def compile(  # noqa: A001 - the public name users expect
                            trace_seconds=time.perf_counter() - start)
     ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
     ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
+    return Session(tgt, quant, inputs, manager, traced.gm, ctx, report)
 
+
+def compile(  # noqa: A001 - the public name users expect
+    model: nn.Module,
+    target: str = "auto",
+    *,
+    example_inputs: Any = None,
+    pipeline: str | None = None,
+    extra_passes: Mapping[str, Any] | None = None,
+    verify: str = "structure",
+    leaf_modules: Sequence[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    dump_dir: str | Path | None = None,
+    instruments: Sequence[Instrument] = (),
+    calibration: Any = None,
+    calibration_batches: int | None = None,
+    quantization: str | None = None,
+    quant_config: QuantConfig | dict | None = None,
+    skip: str | Sequence[str] = (),
+    accuracy: AccuracyBudget | None = None,
+    profitability: bool = False,
+) -> CompiledModule:
+    """Compile ``model`` for ``target`` and return a faster module with the same outputs.
+
+    ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
+    replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
+    "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
+    "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
+    eager after each pass). ``dump_dir`` writes the code and a .dot of the graph after every pass that
+    changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
+    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.accuracy``);
+    ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.profitability``).
+    The model itself is never modified.
+    """
+    if accuracy is not None or profitability:
+        return _compile_searched(model, target, accuracy, profitability, dict(
+            example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes, verify=verify,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments, calibration=calibration,
+            calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config, skip=skip))
+    start = time.perf_counter()
+    session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
+                      leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,
+                      calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config,
+                      skip=skip, start=start, extra_passes=extra_passes)
+    tgt, quant, inputs, manager, ctx, report = (session.target, session.quant, session.inputs, session.manager,
+                                                session.ctx, session.report)
     manager.instruments = [TimingInstrument(), GraphSnapshots(), *instruments]
     if dump_dir is not None:
         manager.instruments.append(DumpAfterChange(dump_dir))
@@ -168,7 +216,7 @@ def compile(  # noqa: A001 - the public name users expect
         manager.instruments.append(NumericCheck())
     engine = quant.runtime_engine if quant else None  # passes and checks run the graph as forward() will
     with quantized_engine(engine):
-        gm = manager.run(traced.gm, ctx)
+        gm = manager.run(session.gm, ctx)
 
     try:
         with torch.inference_mode(), quantized_engine(engine):
@@ -183,4 +231,21 @@ def compile(  # noqa: A001 - the public name users expect
         if _has_trained_fake_quants(model):
             report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
     report.compile_seconds = time.perf_counter() - start
-    return CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
+    compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
+    # how the model was traced: fxforge.debug.compare traces it again the same way
+    compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    return compiled
+
+
+def _compile_searched(model: nn.Module, target: str, accuracy: AccuracyBudget | None, profitability: bool,
+                      options: dict[str, Any]) -> CompiledModule:
+    """compile with an accuracy budget and/or the profitability check (each recompiles with more ``skip``)."""
+    from .accuracy import compile_within_budget, materialize_calibration
+    from .profitability import keep_profitable
+
+    options = materialize_calibration(options)  # every compile of the search sees the same batches
+    compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \
+        else compile(model, target, **options)
+    if profitability:
+        compiled = keep_profitable(model, target, compiled, options)
+    return compiled

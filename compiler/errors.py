@@ -47,6 +47,15 @@ class PluginWarning(UserWarning):
     """A pass plugin (``fxforge.passes`` entry point) failed to load; its passes are unavailable."""
 
 
+class AccuracyBudgetError(CompileError):
+    """``compile(..., accuracy=...)``: the budget does not hold even with every candidate layer in fp32."""
+
+
+class ArtifactError(CompileError):
+    """A compiled model cannot be saved or loaded: not an fxforge file, a newer format, an incompatible torch
+    version, or a submodule that cannot be stored without its class."""
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

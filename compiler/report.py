@@ -68,6 +68,126 @@ class QuantSummary:
         return out
 
 
+def _db(value: float | None) -> str:
+    return "-" if value is None else ("exact" if value >= 999 else f"{value:.1f}")
+
+
+@dataclass
+class LayerError:
+    """One value of the compiled graph against the fp32 model (``fxforge.debug.compare``)."""
+
+    layer: str  # module path of the fp32 node ("" for the root module's own code)
+    node: str  # the fp32 graph's node (the traced value)
+    op: str
+    compiled_node: str  # the compiled graph's node computing that value
+    sqnr_db: float | None  # accumulated: the compiled value against the fp32 model's (999: equal)
+    local_sqnr_db: float | None  # added here: the compiled value against the fp32 op run on its compiled inputs
+    max_abs_error: float
+
+
+@dataclass
+class LayerComparison:
+    """Per-layer errors of a compiled model, most damaging (lowest local SQNR) first."""
+
+    inputs: str
+    output_sqnr_db: float | None
+    rows: list[LayerError] = field(default_factory=list)
+    shown: int = 15  # rows printed by ``lines`` (all are kept)
+
+    def lines(self) -> list[str]:
+        out = [f"per-layer error vs fp32 on {self.inputs}: output SQNR {_db(self.output_sqnr_db)} dB, "
+               f"{len(self.rows)} values compared, most damaging first"]
+        out.append(f"  {'layer':<28}{'op':<26}{'local dB':>9}{'cum dB':>8}{'max abs err':>13}  compiled node")
+        for r in self.rows[:self.shown]:
+            out.append(f"  {(r.layer or '<root>')[:27]:<28}{r.op[:25]:<26}{_db(r.local_sqnr_db):>9}"
+                       f"{_db(r.sqnr_db):>8}{r.max_abs_error:>13.3g}  {r.compiled_node}")
+        if len(self.rows) > self.shown:
+            out.append(f"  ... {len(self.rows) - self.shown} more (report.comparison.rows)")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass
+class LayerSensitivity:
+    """How much one layer costs when it alone is quantized (the rest of the model in fp32)."""
+
+    layer: str
+    score: float  # the budget's measure: output SQNR (dB) or the user's metric
+
+
+@dataclass
+class AccuracyRecord:
+    """What ``compile(..., accuracy=...)`` did to meet its budget (``fxforge.AccuracyBudget``)."""
+
+    requirement: str
+    measure: str
+    before: float  # every layer int8
+    after: float
+    met: bool
+    fp32_layers: list[str] = field(default_factory=list)  # moved back to fp32, in the order they were chosen
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)  # most damaging first
+    latency_ms_int8: float | None = None  # quick timing on the example inputs (median of a few runs)
+    latency_ms_final: float | None = None
+    compiles: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"accuracy budget: {self.requirement}: {'met' if self.met else 'NOT met'} "
+               f"({self.measure}: all-int8 {self.before:.4g} -> {self.after:.4g}, {self.compiles} compiles)"]
+        if self.fp32_layers:
+            out.append(f"  kept in fp32 to meet it: {', '.join(self.fp32_layers)}")
+        else:
+            out.append("  every quantized layer kept in int8")
+        if self.latency_ms_int8 is not None and self.latency_ms_final is not None:
+            out.append(f"  speed cost: {self.latency_ms_int8:.3g} ms all-int8 -> {self.latency_ms_final:.3g} ms "
+                       f"({self.latency_ms_final / max(self.latency_ms_int8, 1e-9):.2f}x), example inputs")
+        if self.sensitivity:
+            out.append("  sensitivity (only this layer int8), most damaging first: " + ", ".join(
+                f"{s.layer} {s.score:.4g}" for s in self.sensitivity[:8]) + (" ..." if len(self.sensitivity) > 8
+                                                                            else ""))
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass
+class LayerTiming:
+    """One int8 conv/linear: its kernel against the same layer run in fp32 between int8 neighbours."""
+
+    layer: str
+    kernel: str
+    int8_ms: float
+    fp32_ms: float  # dequantize + fp32 layer + quantize
+
+
+@dataclass
+class ProfitabilityRecord:
+    """What ``compile(..., profitability=True)`` measured and moved to fp32 because int8 was slower there."""
+
+    timings: list[LayerTiming] = field(default_factory=list)
+    fp32_layers: list[str] = field(default_factory=list)
+    model_ms_before: float | None = None
+    model_ms_after: float | None = None  # with the slower-in-int8 layers in fp32 (None: none were slower)
+    margin: float = 0.1  # int8 counts as slower when int8_ms > fp32_ms * (1 + margin)
+
+    def lines(self) -> list[str]:
+        slower = [t.layer for t in self.timings if t.int8_ms > t.fp32_ms * (1 + self.margin)]
+        out = [f"profitability: {len(self.timings)} int8 kernels timed, {len(slower)} slower than fp32 "
+               f"(by > {self.margin:.0%}); "
+               + (f"kept in fp32: {', '.join(self.fp32_layers)}" if self.fp32_layers else "all kept in int8")]
+        if self.model_ms_after is not None:
+            out.append(f"  whole model: {self.model_ms_before:.3g} ms all-int8, {self.model_ms_after:.3g} ms with "
+                       f"those layers in fp32 ({'kept' if self.fp32_layers else 'not faster: discarded'})")
+        out.extend(f"  {t.layer:<28}{t.kernel:<14}int8 {t.int8_ms:8.3f} ms  fp32 {t.fp32_ms:8.3f} ms"
+                   for t in self.timings[:15])
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
 @dataclass
 class CompileReport:
     target: str
@@ -83,6 +203,9 @@ class CompileReport:
     quantization: QuantSummary | None = None
     # the traced graph, then the graph after each pass that changed it (see fxforge.snapshot); not in to_dict
     stages: list[GraphStage] = field(default_factory=list, repr=False)
+    comparison: LayerComparison | None = None  # fxforge.debug.compare
+    accuracy: AccuracyRecord | None = None  # compile(..., accuracy=fxforge.AccuracyBudget(...))
+    profitability: ProfitabilityRecord | None = None  # compile(..., profitability=True)
 
     def to_dict(self) -> dict:
         out = asdict(dataclasses.replace(self, stages=[]))  # graphs are for viz and to_html, not the JSON
@@ -128,6 +251,12 @@ class CompileReport:
                          f"relative {self.max_rel_error:.3g}")
         if self.quantization is not None:
             lines.extend(self.quantization.lines())
+        if self.accuracy is not None:
+            lines.extend(self.accuracy.lines())
+        if self.profitability is not None:
+            lines.extend(self.profitability.lines())
+        if self.comparison is not None:
+            lines.extend(self.comparison.lines())
         for path, why in self.leaf_modules.items():
             lines.append(f"kept as a leaf (not traced into): {path or '<root>'}: {why}")
         for name, value in self.bound_arguments.items():

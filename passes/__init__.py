@@ -3,7 +3,9 @@
 from . import (  # noqa: F401
     attention,
     calibrate,
+    correct_bias,
     dce,
+    equalize,
     fold_bn,
     fuse,
     insert_observers,

@@ -106,7 +106,8 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
     observed, opts = getattr(compiled, "observed_graph", None), getattr(compiled, "quant_options", None)
     if observed is None or opts is None:
         raise CalibrationError("recalibrate needs a model compiled for an int8 target with static quantization "
-                               "(quantization='static'); dynamic int8 picks its activation ranges per call")
+                               "(quantization='static'); dynamic int8 picks its activation ranges per call. A model "
+                               "from fxforge.load keeps its observers only when saved with recalibratable=True")
     modules = {fxmeta(n)[OBSERVER_KEY]: observed.get_submodule(str(n.target)) for n in observer_nodes(observed)}
     for module in modules.values():
         (module.observer if isinstance(module, FakeQuantize) else module).reset()

@@ -1,0 +1,140 @@
+"""Which value of the traced model each node of a rewritten graph computes, and errors value by value.
+
+Every rewrite records the original nodes it replaced (``record_rewrite``: ``origins``, the last one being
+the value the new node computes), so a node's *key* is:
+- ``origins[-1]`` for a rewritten node (a fused conv+bn+relu computes the relu's value);
+- its input's key for nodes that only change a value's representation (observers, quantize, dequantize,
+  dynamic quantization, ``contiguous``);
+- its own name otherwise: nodes keep the names the tracer gave them, and new names never reuse old ones.
+Two graphs derived from the same trace can then be compared value by value:
+- the *accumulated* error of a value: graph B's value against graph A's, each run on the same inputs;
+- the *local* error: B's value against A's op run on B's own values of its inputs (``local_errors``), i.e.
+  what this op adds. A region fused into one node in B is run from A's nodes between matched values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from .meta import fxmeta
+
+_PASSTHROUGH_METHODS = {"dequantize", "contiguous"}
+
+
+def _passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node that only changes how its input's value is represented (or watches it)."""
+    from .quant.plan import OBSERVER_KEY
+    from .quant.reference import dynamic_quantize
+
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _PASSTHROUGH_METHODS
+    if node.op == "call_function":
+        return node.target in (torch.quantize_per_tensor, dynamic_quantize)
+    if node.op == "call_module":
+        from .quant.observers import Observer
+        from .quant.qat_modules import FakeQuantize, SharedFakeQuantize
+
+        module = gm.get_submodule(str(node.target))
+        return OBSERVER_KEY in fxmeta(node) or isinstance(module, (Observer, FakeQuantize, SharedFakeQuantize))
+    return False
+
+
+def value_keys(gm: fx.GraphModule) -> dict[str, str]:
+    """node name -> the traced value it computes (see the module docstring); get_attr/output nodes have none."""
+    keys: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "output"):
+            continue
+        origins = fxmeta(node).get("origins")
+        if origins:
+            keys[node.name] = origins[-1]
+        elif _passthrough(gm, node):
+            if node.args[0].name in keys:
+                keys[node.name] = keys[node.args[0].name]
+        else:
+            keys[node.name] = node.name
+    return keys
+
+
+def as_float(value: Any) -> Any:
+    return value.dequantize() if isinstance(value, torch.Tensor) and value.is_quantized else value
+
+
+class _Capture(fx.Interpreter):
+    """Keeps every tensor value under its key: the last node's value (its final form, e.g. after rounding),
+    and the first node computing it (the op; later ones only re-represent it)."""
+
+    def __init__(self, gm: fx.GraphModule, keys: dict[str, str]) -> None:
+        super().__init__(gm)
+        self.keys, self.values, self.nodes = keys, {}, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        key = self.keys.get(n.name)
+        if key is not None and isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_quantized):
+            self.values[key] = as_float(out).detach().clone()  # later in-place ops must not change it
+            self.nodes.setdefault(key, n)
+        return out
+
+
+def capture(gm: fx.GraphModule, inputs: tuple, keys: dict[str, str] | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, fx.Node]]:
+    """(key -> value as float, key -> the node that computed it) for ``gm`` run on ``inputs``."""
+    interp = _Capture(gm, value_keys(gm) if keys is None else keys)
+    with torch.no_grad():
+        interp.run(*inputs)
+    return interp.values, interp.nodes
+
+
+@dataclass
+class ValueErrors:
+    """Errors of one value of graph B against graph A."""
+
+    sqnr_db: float
+    max_abs_error: float
+    max_rel_error: float  # max abs error / max |A's value|
+
+
+def errors(reference: torch.Tensor, value: torch.Tensor) -> ValueErrors:
+    from .quant.sqnr import sqnr_db
+
+    ref, val = reference.detach().double(), value.detach().double()
+    diff = (ref - val).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return ValueErrors(sqnr_db(ref, val), diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+
+
+class _Substitute(fx.Interpreter):
+    """Runs graph A; wherever graph B has the same value, records A's op result against B's and continues
+    with B's value (so each op of A sees B's inputs)."""
+
+    def __init__(self, gm: fx.GraphModule, keys: dict[str, str], values: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.keys, self.values, self.local = keys, values, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        key = self.keys.get(n.name)
+        other = self.values.get(key) if key is not None else None
+        if other is None or not isinstance(out, torch.Tensor) or out.shape != other.shape:
+            return out
+        self.local.setdefault(key, errors(as_float(out), other))
+        if out.is_quantized or not out.is_floating_point():
+            return out  # B's value is kept as float: it cannot stand in for a quantized tensor
+        return torch.empty_like(out).copy_(other)  # A's layout (a later .view may need it)
+
+
+def local_errors(reference: fx.GraphModule, inputs: tuple, values: dict[str, torch.Tensor],
+                 keys: dict[str, str] | None = None) -> dict[str, ValueErrors]:
+    """key -> the error graph B adds at that value (``values`` are B's, from ``capture``)."""
+    interp = _Substitute(reference, value_keys(reference) if keys is None else keys, values)
+    with torch.no_grad():
+        interp.run(*inputs)
+    return interp.local
