@@ -119,7 +119,7 @@ def _quant_options(model: nn.Module, tgt: Target, quantization: str | None, quan
     skip = check_skip_names(model, skip)
     return QuantOptions(mode=mode, backend=tgt.quant_backend, config=QuantConfig.from_value(quant_config),
                         skip=skip, calibration=calibration, calibration_batches=calibration_batches,
-                        engine=tgt.quantized_engine)
+                        engine=tgt.quantized_engine if mode == "static" else None)  # only static fuses conv+add
 
 
 @dataclass

@@ -28,7 +28,8 @@ from .report import LayerTiming, ProfitabilityRecord
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
 _q = torch.ops.quantized
-_KERNELS = {_q.conv1d, _q.conv2d, _q.conv3d, _q.conv2d_relu, _q.linear, _q.linear_relu}
+_KERNELS = {_q.conv1d, _q.conv2d, _q.conv3d, _q.conv2d_relu, _q.conv2d_add, _q.conv2d_add_relu, _q.linear,
+            _q.linear_relu}
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 15) -> float:
@@ -86,8 +87,10 @@ def _call(kernel: Callable, args: tuple) -> Callable[[], Any]:
 
 
 def _fp32_island(module: nn.Module, args: tuple) -> Callable[[], Any]:
-    x, scale, zero_point = args[0], args[-2], args[-1]
-    return lambda: torch.quantize_per_tensor(module(x.dequantize()), scale, zero_point, torch.quint8)
+    # the kernel's int8 inputs (x, and the residual of conv2d_add) dequantized into the fp32 layer
+    inputs, scale, zero_point = [a for a in args if isinstance(a, torch.Tensor) and a.is_quantized], args[-2], args[-1]
+    return lambda: torch.quantize_per_tensor(module(*(a.dequantize() for a in inputs)), scale, zero_point,
+                                             torch.quint8)
 
 
 def keep_profitable(model: nn.Module, target: str, compiled: Any, options: dict[str, Any],
