@@ -2,6 +2,7 @@
 fallbacks, copies, and the TF32 policy. A fake capture stands in for CUDA graphs: like a real graph, its
 replay writes into the same output buffers every time."""
 
+import contextlib
 import copy
 
 import pytest
@@ -213,6 +214,26 @@ def test_copies_start_without_captured_graphs():
     clone = copy.deepcopy(runtime)
     assert not clone.graphs.keys and runtime.graphs.keys
     assert torch.equal(clone(x), runtime(x))
+
+
+def test_eager_runs_and_captures_are_under_the_tf32_policy_replays_are_not(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(allow):
+        entered.append(allow)
+        yield
+
+    monkeypatch.setattr(cuda_graphs, "tf32_policy", spy)
+    runtime, _ = runtime_with_fake()
+    runtime.tf32 = True
+    runtime.graphs.capture = lambda fn, args: (lambda: None, fn(*args))  # a replay that launches nothing
+    runtime(torch.randn(4))
+    runtime(torch.randn(4))
+    assert entered == [True]  # the capture; the replay set no flag
+    runtime.capture = False
+    runtime(torch.randn(4))
+    assert entered == [True, True]
 
 
 def test_runtime_pass_wraps_the_graph_and_keeps_bound_arguments():
