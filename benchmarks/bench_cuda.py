@@ -19,8 +19,10 @@ Run it on the GPU machine (``benchmarks/gpu_check.sh`` does, after the CUDA test
     python3 benchmarks/bench_cuda.py [--models resnet50,mobilenet_v2] [--batch-sizes 1,64]
 Results are printed and written to ``benchmarks/RESULTS.md`` (``--out``) between the ``bench-cuda:begin`` /
 ``bench-cuda:end`` markers (appended at the end when missing); the last thing printed is a short table
-(also written to ``--summary`` when given). ``--dry-run`` checks the script without a GPU: CPU, perf_counter
-timings, the CUDA pipelines compiled for CPU graphs, torch.compile skipped, nothing written unless ``--out``.
+(also written to ``--summary`` when given); both files are rewritten after every (model, batch size), so
+a run stopped by a time limit keeps what it measured. ``--dry-run`` checks the script without a GPU: CPU,
+perf_counter timings, the CUDA pipelines compiled for CPU graphs, torch.compile skipped, nothing written
+unless ``--out``.
 """
 
 from __future__ import annotations
@@ -293,22 +295,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(rows: list[Row], peers: list[str], args: argparse.Namespace, final: bool) -> None:
+    """Write the results so far (after every row: a run stopped by a time limit keeps what it measured);
+    print them when ``final``, the short table last."""
+    body = render(rows, peers, machine_info(args))
+    summary = "\n".join(short_table(rows))
+    if args.out is not None:
+        write_results(args.out, body, BEGIN, END, header=None)
+    if args.summary is not None:
+        args.summary.write_text(summary + "\n")
+    if final:
+        print(body)
+        if args.out is not None:
+            print(f"wrote {args.out}", file=sys.stderr)
+        print(f"\n{machine_info(args)[1][2:]}\n{summary}")
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     peers = list(dict.fromkeys(args.peers.split(",")))
-    rows = []
+    rows: list[Row] = []
     for name in args.models.split(","):
         model = make_model(name, args.image_size, "cpu" if args.dry_run else "cuda")
-        rows += [bench_row(model, name, int(bs), peers, args) for bs in args.batch_sizes.split(",")]
-    body = render(rows, peers, machine_info(args))
-    summary = "\n".join(short_table(rows))
-    print(body)
-    if args.out is not None:
-        write_results(args.out, body, BEGIN, END, header=None)
-        print(f"wrote {args.out}", file=sys.stderr)
-    if args.summary is not None:
-        args.summary.write_text(summary + "\n")
-    print(f"\n{machine_info(args)[1][2:]}\n{summary}")
+        for bs in args.batch_sizes.split(","):
+            rows.append(bench_row(model, name, int(bs), peers, args))
+            report(rows, peers, args, final=False)
+    report(rows, peers, args, final=True)
     return rows
 
 

@@ -198,6 +198,16 @@ def test_compile_leaves_the_users_model_alone():
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
 
 
+def test_compiled_module_survives_deepcopy_and_save_load(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    compiled = cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), x)
+    torch.save(compiled, tmp_path / "m.pt")
+    for other in (copy.deepcopy(compiled), torch.load(tmp_path / "m.pt", weights_only=False)):
+        assert torch.equal(other(x), compiled(x))
+        conv = inner(other).c1
+        assert conv.kernel == "cudnn_relu" and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_fp16_pipeline_loses_no_more_than_eager_fp16(name):
     """On CPU fp16 (rounding to fp16 between layers, like the GPU). Random-init networks amplify rounding
