@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
 
-.PHONY: demo test lint bench bench-int8 graphviz chromium clean gpu-wheels
+.PHONY: demo test lint bench bench-int8 bench-cuda graphviz chromium clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 
 bench-int8: $(STAMP)
 	$(BIN)/python benchmarks/bench_int8.py
+
+# needs a CUDA GPU (on the lent GPU machine use benchmarks/gpu_check.sh); --dry-run checks the script on CPU
+bench-cuda: $(STAMP)
+	$(BIN)/python benchmarks/bench_cuda.py
 
 clean:
 	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis

@@ -1,28 +1,326 @@
-"""The "cuda" backend (foundation level): fp32 on the GPU with the graph-level clean-ups.
+"""The CUDA backend: targets "cuda" (fp16), "cuda-bf16" and "cuda-fp32"; the lower-cuda pass and its conv module.
 
-Pipeline: remove no-ops, dead code elimination, normalize, fold BatchNorm; kernels are torch's own
-(cuDNN/cuBLAS). Fused cuDNN conv kernels, fp16/bf16, channels-last weights and CUDA graph capture are the
-CUDA backend's next steps; this target exists so that ``target="auto"`` does the right thing on a GPU
-machine today. Without a visible GPU it reports itself unavailable with the reason.
+lower-cuda{dtype=float16,fused=true,autotune=true} rewrites:
+    FusedConv[Conv2d, relu]        =>  CudaConv2d  kernel "cudnn_relu"      (torch.cudnn_convolution_relu)
+    FusedConv[Conv2d, add+relu]    =>  CudaConv2d  kernel "cudnn_add_relu"  (torch.cudnn_convolution_add_relu)
+    FusedConv[Conv2d, other post-ops] / Conv2d  =>  CudaConv2d  kernel "conv2d"  (F.conv2d, then the add and
+                                                    the activation in place on the fresh conv output)
+    every other floating-point parameter and buffer  =>  ``dtype``
+    each floating graph input x    =>  x.to(dtype, memory_format=channels_last)   (4-d inputs; others: dtype)
+    each floating graph output y   =>  y.to(<eager dtype>[, contiguous])  (the dtype and layout eager returned)
+    x.view(...) of a value eager had NCHW-contiguous  =>  x.contiguous().view(...)
+Weights are converted to ``dtype`` and laid out channels-last once, here; cuDNN then runs channels-last
+convolutions (tensor cores in fp16/bf16) without converting a weight per call. Outputs come back in the dtype
+eager produced on the example inputs (fp32 for an fp32 model), so the compiled model is a drop-in replacement;
+inside, values flow in ``dtype``.
+
+Which kernel, chosen here from the module's attributes: the fused cuDNN ops compute relu(conv(x) + bias) and
+relu(conv(x) + z + bias) in one kernel (cuDNN's runtime-fusion engines), and only relu; they are used for
+ungrouped, undilated convs whose channel counts are multiples of 8 (tensor-core alignment in channels-last
+fp16; a 3-channel stem or a depthwise conv would take a slow or no fused engine: pytorch#68506 measured a
+7x7 fused conv 17x slower than conv + relu). With ``autotune`` and a graph on the GPU, each layer that
+qualifies is timed with both kernels on its input shape (CUDA events) and keeps the faster; a fused kernel
+that fails to run falls back to "conv2d". On the CPU (graph-level tests of this pipeline) nothing is timed,
+and a CudaConv2d computes its "conv2d" composition whatever its kernel: the fused ops exist only on CUDA.
+Why correct: both kernels compute conv + bias, then the add, then the activation of the FusedConv they
+replace; results differ from fp32 eager by the rounding of ``dtype`` (fp16 SQNR is measured by the CUDA tests).
+Preconditions: shapes propagated (the eager dtypes and layouts of the outputs come from that metadata).
+Conv1d/3d, string paddings and non-zero padding modes stay eager, with their weights converted.
 """
 
 from __future__ import annotations
 
-import torch
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxforge.context import PassContext
+from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.passes.fuse import FusedConv
+from fxforge.passes.matching import module_of, replace_submodule
 from fxforge.targets import Target, register_target
 
+from . import cuda_graphs  # noqa: F401  (registers the cuda-runtime pass)
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_CL = torch.channels_last
+FUSED_KERNELS = ("cudnn_relu", "cudnn_add_relu")
+ALIGNMENT = 8  # channels per tensor-core tile in channels-last fp16/bf16
+
+
+def _hardtanh06_(y: torch.Tensor) -> torch.Tensor:
+    return F.hardtanh_(y, 0.0, 6.0)
+
+
+def _hardswish_(y: torch.Tensor) -> torch.Tensor:
+    return F.hardswish(y, inplace=True)
+
+
+def _silu_(y: torch.Tensor) -> torch.Tensor:
+    return F.silu(y, inplace=True)
+
+
+# fused activation -> the same function applied in place (on a conv output nobody else holds yet)
+INPLACE_ACTIVATIONS = {"relu": torch.relu_, "relu6": _hardtanh06_, "hardswish": _hardswish_, "silu": _silu_}
+
+
+def fused_kernel(conv: nn.Conv2d, add: bool, activation: str) -> tuple[str | None, str]:
+    """The fused cuDNN kernel for this conv and its post-ops, or (None, why none applies)."""
+    if activation != "relu":
+        return None, f"post-ops {'add+' if add else ''}{activation or 'none'} (fused kernels end in relu)"
+    if conv.groups != 1:
+        return None, "grouped"
+    if tuple(conv.dilation) != (1, 1):
+        return None, "dilated"
+    if conv.in_channels % ALIGNMENT or conv.out_channels % ALIGNMENT:
+        return None, f"channels not multiples of {ALIGNMENT}"
+    return ("cudnn_add_relu" if add else "cudnn_relu"), ""
+
+
+class CudaConv2d(nn.Module):
+    """Conv2d (+ add) (+ activation) with its weight in the compute dtype, channels-last, for the CUDA targets.
+
+    ``kernel`` is "cudnn_relu", "cudnn_add_relu" (fused cuDNN ops, used on CUDA tensors) or "conv2d".
+    """
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, add: bool = False, activation: str = "",
+                 kernel: str = "conv2d") -> None:
+        super().__init__()
+        self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=_CL))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.add, self.activation, self.kernel = add, activation, kernel
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # an op upstream produced another dtype (e.g. a constant in fp32)
+            x = x.to(self.weight.dtype)
+        if x.is_cuda and self.kernel == "cudnn_relu":
+            return torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride, self.padding,
+                                                self.dilation, self.groups)
+        if x.is_cuda and self.kernel == "cudnn_add_relu":
+            return torch.cudnn_convolution_add_relu(x, self.weight, other, 1.0, self.bias, self.stride,
+                                                    self.padding, self.dilation, self.groups)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.add:
+            y.add_(other)  # y is fresh: adding in place saves an allocation
+        return INPLACE_ACTIVATIONS[self.activation](y) if self.activation else y
+
+    def extra_repr(self) -> str:
+        post = "+".join(filter(None, ("add" if self.add else "", self.activation))) or "none"
+        return (f"{list(self.weight.shape)}, {self.weight.dtype}, stride={self.stride}, groups={self.groups}, "
+                f"post_ops={post!r}, kernel={self.kernel!r}")
+
+
+# ---------------------------------------------------------------------------------------------- autotune
+def cuda_event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> float:
+    """Mean GPU time of ``fn`` over ``repeats`` back-to-back calls, after ``warmup`` calls (CUDA events)."""
+    for _ in range(warmup):  # the first call of a fused kernel builds its cuDNN plan (and may compile it)
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+Timer = Callable[[Callable[[], Any]], float]
+
+
+def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None, timer: Timer) -> str:
+    """Time ``module`` with its fused kernel and with "conv2d" on (x, other); keep the faster (or the one that
+    runs) in ``module.kernel``. Returns a note for the report."""
+    times: dict[str, float] = {}
+    failures = []
+    for kernel in (module.kernel, "conv2d"):
+        module.kernel = kernel
+        try:
+            times[kernel] = timer(lambda: module(x, other))
+        except RuntimeError as exc:  # e.g. no cuDNN engine for this fused graph
+            failures.append(f"{kernel} failed ({str(exc).strip().splitlines()[0][:80]})")
+    module.kernel = min(times, key=times.__getitem__)
+    measured = ", ".join(f"{k} {t:.3f} ms" for k, t in times.items())
+    return "; ".join(filter(None, (measured, *failures)))
+
+
+def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | None:
+    if shape is None:
+        return None
+    return torch.randn(tuple(shape), device=like.device, dtype=like.dtype).contiguous(memory_format=_CL)
+
+
+def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: Timer) -> list[str]:
+    """Time each node's fused kernel against "conv2d"; a summary line, then one line per layer that left
+    its fused kernel (slower or failed)."""
+    kept, switched = 0, []
+    with torch.inference_mode():
+        for node in nodes:
+            module = module_of(gm, node)
+            x = _example(tensor_shape(node.args[0]), module.weight)
+            other = _example(tensor_shape(node.args[1]), module.weight) if module.add else None
+            if x is None or (module.add and other is None):
+                continue  # shape unknown: keep the rule's choice
+            fused = module.kernel
+            note = choose_kernel(module, x, other, timer)
+            if module.kernel == fused:
+                kept += 1
+            else:
+                switched.append(f"  {node.target}: {note} -> {module.kernel}")
+    return [f"autotune: {kept} layer(s) kept their fused kernel, {len(switched)} run conv2d instead", *switched]
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+def _conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype, fused: bool) -> tuple[CudaConv2d, str] | None:
+    """The CudaConv2d replacing ``node`` and why it is not fused ("" when it is), or None to leave it eager."""
+    mod = module_of(gm, node)
+    conv, add, activation = (mod.conv, mod.add, mod.activation) if isinstance(mod, FusedConv) else (mod, False, "")
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    kernel, why = fused_kernel(conv, add, activation) if fused else (None, "fused=false")
+    return CudaConv2d(conv, dtype, add, activation, kernel or "conv2d"), why
+
+
+def _floating_meta(node: object) -> Any:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta if meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point else None
+
+
+def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Each floating input -> ``dtype`` (4-d: also channels-last) once, at the top of the graph."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        meta = _floating_meta(node)
+        if meta is None:
+            continue
+        kwargs = {"dtype": dtype, **({"memory_format": _CL} if len(meta.shape) == 4 else {})}
+        with gm.graph.inserting_after(placeholders[-1]):
+            cast = gm.graph.call_method("to", (node,), kwargs)
+        record_rewrite(cast, "lower-cuda", node)
+        # an input returned as it is stays untouched (no round trip through dtype)
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
+
+
+def _eager_contiguous(meta: Any) -> bool:
+    return meta.memory_format == torch.contiguous_format
+
+
+def _restore_outputs(gm: fx.GraphModule) -> None:
+    """Floating outputs -> the dtype eager returned, NCHW-contiguous again where eager had them so."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+    def restore(value: object) -> object:
+        meta = _floating_meta(value)
+        if meta is None or value.op == "placeholder":
+            return value
+        fmt = torch.contiguous_format if _eager_contiguous(meta) else torch.preserve_format
+        with gm.graph.inserting_before(output):
+            new = gm.graph.call_method("to", (value,), {"dtype": meta.dtype, "memory_format": fmt})
+        record_rewrite(new, "lower-cuda", value)
+        return new
+
+    output.args = fx.node.map_aggregate(output.args, restore)
+
+
+def _contiguous_before_views(gm: fx.GraphModule) -> None:
+    """``.view`` needs strides that channels-last values lack: make values eager had contiguous so again."""
+    for node in [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]:
+        meta = _floating_meta(node.args[0])
+        if meta is not None and len(meta.shape) == 4 and _eager_contiguous(meta):
+            with gm.graph.inserting_before(node):
+                fixed = gm.graph.call_method("contiguous", (node.args[0],))
+            record_rewrite(fixed, "lower-cuda", node.args[0])
+            node.replace_input_with(node.args[0], fixed)
+
+
+def _summary(kernels: Counter, why_not: Counter) -> str:
+    done = ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) or "none"
+    reasons = "; ".join(f"{why}: {n}" for why, n in sorted(why_not.items()))
+    return f"convs lowered: {done}" + (f" (not fused: {reasons})" if reasons else "")
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowerCuda(Pass):
+    """Convs -> CudaConv2d (fused cuDNN kernels where they apply), everything in ``dtype``, casts at the edges."""
+
+    name = "lower-cuda"
+    provides = frozenset({"lowered"})
+    dtype: str = "float16"
+    fused: bool = True
+    autotune: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype != "float32":  # the numeric check then compares by SQNR, as for int8 graphs
+            object.__setattr__(self, "provides", frozenset({"lowered", "reduced-precision"}))
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ctx.shapes(gm)
+        dtype = DTYPES[self.dtype]
+        kernels, why_not, fused_nodes = Counter(), Counter(), []
+        for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
+            lowered = _conv_lowering(gm, node, dtype, self.fused)
+            if lowered is None:
+                continue
+            module, why = lowered
+            replace_submodule(gm, str(node.target), module)
+            record_rewrite(node, "lower-cuda", node)
+            if why:
+                why_not[why] += 1
+            else:
+                fused_nodes.append(node)
+        gm.to(dtype)  # every other floating parameter and buffer (CudaConv2d's are converted already)
+        notes = _autotune(gm, fused_nodes, cuda_event_ms) if self.autotune and _on_gpu(gm) else []
+        for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
+            module = module_of(gm, node)
+            if isinstance(module, CudaConv2d):
+                kernels[module.kernel] += 1
+        _cast_inputs(gm, dtype)
+        _restore_outputs(gm)
+        _contiguous_before_views(gm)
+        return PassResult(gm, True, [f"compute dtype {self.dtype}, weights channels-last",
+                                     _summary(kernels, why_not), *notes])
+
+
+def _on_gpu(gm: fx.GraphModule) -> bool:
+    return any(t.is_cuda for t in gm.parameters()) or any(t.is_cuda for t in gm.buffers())
+
+
+# ---------------------------------------------------------------------------------------------- targets
 def cuda_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
     return None
 
 
-register_target(Target(
-    name="cuda",
-    description="fp32 on a CUDA GPU: BatchNorm folded, no-ops removed, torch's cuDNN/cuBLAS kernels",
-    pipeline="remove-noops,dce,normalize-inplace,normalize-relu,fold-bn",
-    device="cuda",
-    availability=cuda_unavailable_reason,
-))
+def bf16_unavailable_reason() -> str | None:
+    reason = cuda_unavailable_reason()
+    if reason is None and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name()} has no bfloat16 support (needs compute capability 8.0+): use 'cuda'"
+    return reason
+
+
+GRAPH_PASSES = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv"
+_TARGETS = {
+    "cuda": ("fp16", "lower-cuda", cuda_unavailable_reason),
+    "cuda-bf16": ("bf16", "lower-cuda{dtype=bfloat16}", bf16_unavailable_reason),
+    "cuda-fp32": ("fp32 (TF32 off)", "lower-cuda{dtype=float32}", cuda_unavailable_reason),
+}
+for _name, (_precision, _lowering, _availability) in _TARGETS.items():
+    register_target(Target(
+        name=_name,
+        description=f"{_precision} on a CUDA GPU: BN folded, conv+relu / conv+add+relu on fused cuDNN kernels, "
+                    f"channels-last weights, a CUDA graph per input shape",
+        pipeline=f"{GRAPH_PASSES},{_lowering},cuda-runtime",
+        device="cuda",
+        availability=_availability,
+    ))

@@ -109,7 +109,8 @@ class NumericCheck(Instrument):
                 f"after pass '{p.spec()}' the model no longer runs on the example inputs: "
                 f"{type(exc).__name__}: {exc}. Passes before it: {', '.join(ran_before) or 'none'}.",
                 pass_name=p.name, ran_before=ran_before) from exc
-        if "quantized" in ctx.properties or "quantized" in p.provides:
+        # int8 and fp16/bf16 graphs ("reduced-precision") are compared by SQNR, not a relative tolerance
+        if {"quantized", "reduced-precision"} & (ctx.properties | p.provides):
             self._check_sqnr(p, result, ctx, ran_before)
         elif rel_err > self.rtol:
             raise NumericMismatchError(
@@ -125,7 +126,8 @@ class NumericCheck(Instrument):
         sqnr = outputs_sqnr_db(ctx.reference_outputs, self._outputs)
         if sqnr < self.min_sqnr_db:
             raise NumericMismatchError(
-                f"after pass '{p.spec()}' the int8 model's output SQNR against fp32 is {sqnr:.1f} dB (minimum "
+                f"after pass '{p.spec()}' the int8 / reduced-precision model's output SQNR against fp32 is "
+                f"{sqnr:.1f} dB (minimum "
                 f"{self.min_sqnr_db:g}). Passes before it: {', '.join(ran_before) or 'none'}. The report's "
                 f"per-layer SQNR shows the layers that lose the most: skip=[...] keeps them in fp32.",
                 pass_name=p.name, ran_before=ran_before)

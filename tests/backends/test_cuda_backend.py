@@ -1,55 +1,423 @@
+"""The CUDA targets. Without a GPU: availability, pipeline text, and the pipelines' graph-level work checked on
+CPU graphs (a CudaConv2d computes its F.conv2d composition on CPU tensors; fp16/bf16 convs run on the CPU
+too). With a GPU (tests marked ``needs_gpu``): the fused cuDNN kernels, CUDA graph capture and fp16 SQNR."""
+
+import copy
+
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxforge
-from helpers import module_types, randomize_bn, rel_error
+from fxforge.backends.cuda import ALIGNMENT, CudaConv2d, _autotune, choose_kernel, fused_kernel
+from fxforge.backends.cuda_graphs import CudaRuntime, tf32_policy
+from fxforge.quant.sqnr import outputs_sqnr_db
+from helpers import module_types, randomize_bn, reestimate_bn, rel_error
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_TARGETS = ("cuda", "cuda-bf16", "cuda-fp32")
+LOWERING = {"cuda": "lower-cuda", "cuda-bf16": "lower-cuda{dtype=bfloat16}", "cuda-fp32": "lower-cuda{dtype=float32}"}
 
 
-class Net(nn.Module):
-    def __init__(self):
+class Block(nn.Module):
+    """A 3-channel stem, conv+bn+relu, a residual conv+bn+add+relu, a depthwise conv+relu6, a .view, a linear."""
+
+    def __init__(self, c: int = 16):
         super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.stem, self.bn0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.dw, self.act = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.ReLU6()
+        self.fc = nn.Linear(c * 8 * 8, 4)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.c1(x)))
+        y = torch.relu(self.bn2(self.c2(y)) + x)
+        y = self.act(self.dw(y))
+        return self.fc(y.view(y.size(0), -1))
 
 
-def test_cuda_pipeline_text_is_available_without_a_gpu():
-    assert "fold-bn" in fxforge.pipeline_for("cuda")
+def inner(compiled: fxforge.CompiledModule) -> torch.fx.GraphModule:
+    """The lowered graph inside the CudaRuntime the pipeline ends with."""
+    runtime = compiled.graph_module.cuda_runtime
+    assert isinstance(runtime, CudaRuntime)
+    return runtime.graph_module
+
+
+def cuda_pipeline_on_cpu(model: nn.Module, x, target: str = "cuda", pipeline: str | None = None, **kwargs):
+    return fxforge.compile(model, "cpu", example_inputs=x, pipeline=pipeline or fxforge.pipeline_for(target), **kwargs)
+
+
+def convs(gm: torch.fx.GraphModule) -> dict[str, CudaConv2d]:
+    return {name: m for name, m in gm.named_modules() if isinstance(m, CudaConv2d)}
+
+
+# ---------------------------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+def test_cuda_pipeline_text_is_available_without_a_gpu(target):
+    text = fxforge.pipeline_for(target)
+    graph_passes = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv"
+    assert text == f"{graph_passes},{LOWERING[target]},cuda-runtime"
+    assert fxforge.PassManager.from_text(text).pipeline == text  # canonical: the compiled module reports it so
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_target_without_gpu_is_backend_unavailable():
-    assert "cuda" not in fxforge.targets()
+@pytest.mark.parametrize("target", CUDA_TARGETS)
+def test_cuda_targets_without_gpu_are_backend_unavailable(target):
+    assert target not in fxforge.targets()
     with pytest.raises(fxforge.BackendUnavailableError, match="no CUDA GPU.*Usable here: cpu"):
-        fxforge.compile(Net().eval(), "cuda", example_inputs=torch.randn(1, 3, 8, 8))
+        fxforge.compile(Block().eval(), target, example_inputs=torch.randn(1, 3, 8, 8))
 
 
-def test_cuda_pipeline_runs_on_cpu_graphs():
-    """The graph-level part of the CUDA pipeline is device independent: check it on CPU."""
-    model = randomize_bn(Net()).eval()
+@pytest.mark.parametrize("text, match", [("lower-cuda{dtype=float64}", "dtype='float64'.*float16, bfloat16"),
+                                         ("lower-cuda{fused=maybe}", "expected true or false")])
+def test_lower_cuda_rejects_bad_options(text, match):
+    with pytest.raises(fxforge.ConfigError, match=match):
+        fxforge.PassManager.from_text(text)
+
+
+# ---------------------------------------------------------------------------------------------- structure
+def test_cuda_pipeline_on_a_cpu_graph_folds_bn_fuses_and_converts_weights():
+    model = randomize_bn(Block()).eval()
     x = torch.randn(2, 3, 8, 8)
-    compiled = fxforge.compile(model, "cpu", example_inputs=x, pipeline=fxforge.pipeline_for("cuda"))
-    assert "BatchNorm2d" not in module_types(compiled.graph_module)
-    assert rel_error(compiled(x), model(x)) <= 1e-5
+    compiled = cuda_pipeline_on_cpu(model, x)
+    gm = inner(compiled)
+    assert "BatchNorm2d" not in module_types(gm) and "FusedConv" not in module_types(gm)
+    kernels = {name: m.kernel for name, m in convs(gm).items()}
+    # the stem has 3 input channels, the depthwise conv is grouped and ends in relu6: no fused kernel for those
+    assert kernels == {"stem": "conv2d", "c1": "cudnn_relu", "c2": "cudnn_add_relu", "dw": "conv2d"}
+    for m in convs(gm).values():
+        assert m.weight.dtype == torch.float16 and m.weight.is_contiguous(memory_format=torch.channels_last)
+        assert m.bias.dtype == torch.float16  # c1 had no bias: folding BN gave it one
+    assert gm.fc.weight.dtype == torch.float16
+    y = compiled(x)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    assert outputs_sqnr_db(model(x), y) >= 40
+
+
+def test_inputs_are_cast_once_at_the_top_and_outputs_cast_back():
+    gm = inner(cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8)))
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert casts[0].args[0].op == "placeholder"
+    assert casts[0].kwargs == {"dtype": torch.float16, "memory_format": torch.channels_last}
+    assert casts[-1].kwargs == {"dtype": torch.float32, "memory_format": torch.contiguous_format}
+    assert [n.op for n in casts[-1].users] == ["output"] and len(casts) == 2
+
+
+def test_view_of_a_channels_last_value_gets_a_contiguous_copy_first():
+    gm = inner(cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8)))
+    view = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view")
+    assert view.args[0].op == "call_method" and view.args[0].target == "contiguous"
+
+
+@pytest.mark.parametrize("target, dtype, min_db", [("cuda-bf16", torch.bfloat16, 25), ("cuda-fp32", torch.float32, 90)])
+def test_other_dtypes(target, dtype, min_db):
+    model = randomize_bn(Block()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = cuda_pipeline_on_cpu(model, x, target)
+    assert {m.weight.dtype for m in convs(inner(compiled)).values()} == {dtype}
+    y = compiled(x)
+    assert y.dtype == torch.float32 and outputs_sqnr_db(model(x), y) >= min_db
+
+
+def test_fused_false_keeps_every_conv_on_conv2d():
+    x = torch.randn(2, 3, 8, 8)
+    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{fused=false}")
+    compiled = cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), x, pipeline=pipeline)
+    assert {m.kernel for m in convs(inner(compiled)).values()} == {"conv2d"}
+    assert "not fused: fused=false: 4" in str(compiled.report)
+
+
+def test_report_says_why_convs_were_not_fused():
+    report = str(cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8)).report)
+    assert "convs lowered: 2 conv2d, 1 cudnn_add_relu, 1 cudnn_relu" in report
+    assert f"channels not multiples of {ALIGNMENT}: 1" in report and "post-ops relu6" in report
+
+
+def test_an_input_returned_as_is_is_not_rounded():
+    class PassThrough(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)), x
+
+    x = torch.randn(1, 3, 4, 4)
+    y, same = cuda_pipeline_on_cpu(PassThrough().eval(), x)(x)
+    assert torch.equal(same, x) and y.dtype == torch.float32
+
+
+def test_integer_outputs_and_non_conv_models_keep_their_dtypes():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return y, y.argmax(1)
+
+    model, x = Mlp().eval(), torch.randn(3, 8)
+    y, idx = cuda_pipeline_on_cpu(model, x)(x)
+    assert y.dtype == torch.float32 and idx.dtype == torch.int64
+    assert outputs_sqnr_db(model(x)[0], y) >= 40
+
+
+def test_unsupported_convs_stay_eager_with_converted_weights():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = nn.Conv2d(8, 8, 3, padding="same")
+            self.circ = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+            self.c1d = nn.Conv1d(8, 8, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.circ(torch.relu(self.same(x))))
+            return self.c1d(y.flatten(2))
+
+    model, x = Odd().eval(), torch.randn(1, 8, 6, 6)
+    compiled = cuda_pipeline_on_cpu(model, x)
+    gm = inner(compiled)
+    assert not convs(gm) and all(p.dtype == torch.float16 for p in gm.parameters())
+    assert outputs_sqnr_db(model(x), compiled(x)) >= 40
+
+
+def test_verify_numeric_compares_reduced_precision_graphs_by_sqnr():
+    compiled = cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8), verify="numeric")
+    assert compiled.report.max_rel_error > 1e-4  # fp16: more than the fp32 tolerance, accepted by SQNR
+
+
+def test_compile_leaves_the_users_model_alone():
+    model = randomize_bn(Block()).eval()
+    before = copy.deepcopy(model.state_dict())
+    cuda_pipeline_on_cpu(model, torch.randn(2, 3, 8, 8))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_compiled_module_survives_deepcopy_and_save_load(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    compiled = cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), x)
+    torch.save(compiled, tmp_path / "m.pt")
+    for other in (copy.deepcopy(compiled), torch.load(tmp_path / "m.pt", weights_only=False)):
+        assert torch.equal(other(x), compiled(x))
+        conv = inner(other).c1
+        assert conv.kernel == "cudnn_relu" and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_fp16_pipeline_loses_no_more_than_eager_fp16(name):
+    """On CPU fp16 (rounding to fp16 between layers, like the GPU). Random-init networks amplify rounding
+    errors layer after layer; mobilenet_v2 does so strongly, so eager .half() is the yardstick there."""
+    torch.manual_seed(0)
+    model = reestimate_bn(getattr(torchvision.models, name)(), [torch.randn(8, 3, 64, 64) for _ in range(2)])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        reference = model(x)
+        eager_half = outputs_sqnr_db(reference, copy.deepcopy(model).half()(x.half()).float())
+    sqnr = outputs_sqnr_db(reference, cuda_pipeline_on_cpu(model, x)(x))
+    assert sqnr >= eager_half - 1.0
+    if name == "resnet18":
+        assert sqnr >= 40
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def test_fused_kernels_are_called_with_the_argument_order_of_their_schema():
+    """CudaConv2d passes these positionally: a change of the ops' signatures must fail here, not on a GPU."""
+    def names(op):
+        return [a.name for a in op.default._schema.arguments]
+
+    assert names(torch.ops.aten.cudnn_convolution_relu) == [
+        "self", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    assert names(torch.ops.aten.cudnn_convolution_add_relu) == [
+        "self", "weight", "z", "alpha", "bias", "stride", "padding", "dilation", "groups"]
+
+
+@pytest.mark.parametrize("conv, add, activation, expected", [
+    (nn.Conv2d(16, 32, 3), False, "relu", "cudnn_relu"),
+    (nn.Conv2d(16, 32, 3), True, "relu", "cudnn_add_relu"),
+    (nn.Conv2d(16, 32, 3), True, "", None),
+    (nn.Conv2d(16, 32, 3), False, "relu6", None),
+    (nn.Conv2d(16, 32, 3, groups=2), False, "relu", None),
+    (nn.Conv2d(16, 32, 3, dilation=2), False, "relu", None),
+    (nn.Conv2d(3, 32, 7), False, "relu", None),
+    (nn.Conv2d(16, 20, 3), False, "relu", None),
+])
+def test_fused_kernel_rules(conv, add, activation, expected):
+    kernel, why = fused_kernel(conv, add, activation)
+    assert kernel == expected and bool(why) == (expected is None)
+
+
+def fake_timer(module: CudaConv2d, times: dict[str, float], failing: str | None = None):
+    """A Timer that runs the call once (on CPU: the conv2d composition) and reports the time set for the
+    module's current kernel, or fails like cuDNN without an engine for it."""
+    def timer(fn):
+        fn()
+        if module.kernel == failing:
+            raise RuntimeError("FIND was unable to find an engine to execute this computation")
+        return times[module.kernel]
+
+    return timer
+
+
+@pytest.mark.parametrize("times, failing, expected", [
+    ({"cudnn_relu": 1.0, "conv2d": 2.0}, None, "cudnn_relu"),
+    ({"cudnn_relu": 2.0, "conv2d": 1.0}, None, "conv2d"),
+    ({"cudnn_relu": 1.0, "conv2d": 2.0}, "cudnn_relu", "conv2d"),
+])
+def test_autotune_keeps_the_faster_kernel_that_runs(times, failing, expected):
+    module = CudaConv2d(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
+    note = choose_kernel(module, torch.randn(1, 8, 6, 6), None, fake_timer(module, times, failing))
+    assert module.kernel == expected
+    assert ("failed (FIND was unable" in note) == (failing is not None)
+
+
+def test_autotune_times_each_fused_layer_on_its_shapes_and_reports_the_switches():
+    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{autotune=false}")
+    gm = inner(cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8), pipeline=pipeline))
+    timed = []
+
+    def timer_for(module: CudaConv2d):
+        def timer(fn):
+            fn()  # runs on the layer's example shapes (the residual's too)
+            timed.append((module.kernel, module.add))
+            return 1.0 if (module.kernel == "conv2d") == module.add else 2.0  # c2 (add) is faster unfused
+        return timer
+
+    notes = {}
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ("c1", "c2")]:
+        notes[node.target] = _autotune(gm, [node], timer_for(gm.get_submodule(node.target)))
+    assert {name: m.kernel for name, m in convs(gm).items()} == {
+        "stem": "conv2d", "c1": "cudnn_relu", "c2": "conv2d", "dw": "conv2d"}
+    assert sorted(timed) == [("conv2d", False), ("conv2d", True), ("cudnn_add_relu", True), ("cudnn_relu", False)]
+    assert notes["c1"] == ["autotune: 1 layer(s) kept their fused kernel, 0 run conv2d instead"]
+    assert notes["c2"][0] == "autotune: 0 layer(s) kept their fused kernel, 1 run conv2d instead"
+    assert notes["c2"][1] == "  c2: cudnn_add_relu 2.000 ms, conv2d 1.000 ms -> conv2d"
+
+
+@pytest.mark.parametrize("activation", ["", "relu", "relu6", "hardswish", "silu"])
+@pytest.mark.parametrize("add", [False, True])
+def test_cuda_conv2d_composition_matches_the_fused_conv_it_replaces(add, activation):
+    from fxforge.passes.fuse import FusedConv
+
+    conv = nn.Conv2d(8, 8, 3, padding=1, stride=1)
+    fused = FusedConv(conv, add, activation)
+    x, other = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    args = (x, other) if add else (x,)
+    before = [a.clone() for a in args]
+    lowered = CudaConv2d(conv, torch.float32, add, activation)
+    torch.testing.assert_close(lowered(*args), fused(*args))
+    assert all(torch.equal(a, b) for a, b in zip(args, before, strict=True))  # inputs are read, not written
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def gpu_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().cuda()
+    return reestimate_bn(model, [torch.randn(8, 3, 224, 224, device="cuda") for _ in range(2)])
+
+
+@pytest.fixture
+def ieee_fp32():
+    with tf32_policy(False):  # fp32 references without TF32
+        yield
 
 
 @needs_gpu
-def test_cuda_target_compiles_and_matches_eager_on_gpu():
-    model = randomize_bn(Net()).eval()
+@pytest.mark.parametrize("name, min_db", [("resnet18", 40.0), ("mobilenet_v2", 30.0)])
+def test_fp16_sqnr_against_fp32_on_gpu(name, min_db, ieee_fp32):
+    model, x = gpu_model(name), torch.randn(4, 3, 224, 224, device="cuda")
+    compiled = fxforge.compile(model, "cuda", example_inputs=x)
+    with torch.inference_mode():
+        reference = model(x)
+        eager_half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+        eager_db = outputs_sqnr_db(reference, eager_half(x.half().contiguous(memory_format=torch.channels_last)))
+    sqnr = outputs_sqnr_db(reference, compiled(x))
+    print(f"{name}: fxforge cuda {sqnr:.1f} dB, eager fp16 channels-last {eager_db:.1f} dB")
+    assert sqnr >= min_db and sqnr >= eager_db - 1.0
+
+
+@needs_gpu
+def test_bf16_sqnr_against_fp32_on_gpu(ieee_fp32):
+    if "cuda-bf16" not in fxforge.targets():
+        pytest.skip("this GPU has no bfloat16")
+    model, x = gpu_model("resnet18"), torch.randn(4, 3, 224, 224, device="cuda")
+    sqnr = outputs_sqnr_db(model(x), fxforge.compile(model, "cuda-bf16", example_inputs=x)(x))
+    print(f"resnet18 cuda-bf16: {sqnr:.1f} dB")
+    assert sqnr >= 25
+
+
+@needs_gpu
+def test_fused_cudnn_kernels_run_and_match_on_gpu(ieee_fp32):
+    model, x = gpu_model("resnet18"), torch.randn(2, 3, 224, 224, device="cuda")
+    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{autotune=false}")
+    compiled = fxforge.compile(model, "cuda", example_inputs=x, pipeline=pipeline)
+    kernels = {m.kernel for m in convs(inner(compiled)).values()}
+    assert {"cudnn_relu", "cudnn_add_relu"} <= kernels
+    assert outputs_sqnr_db(model(x), compiled(x)) >= 40
+
+
+@needs_gpu
+def test_autotune_measures_on_gpu_and_notes_it():
+    model, x = gpu_model("resnet18"), torch.randn(2, 3, 224, 224, device="cuda")
+    compiled = fxforge.compile(model, "cuda", example_inputs=x)
+    fused = sum(m.kernel != "conv2d" for m in convs(inner(compiled)).values())
+    assert f"autotune: {fused} layer(s) kept their fused kernel" in str(compiled.report)
+
+
+@needs_gpu
+def test_capture_replay_per_shape_and_outputs_are_not_overwritten():
+    model = gpu_model("resnet18")
+    x1, x2, x3 = (torch.randn(b, 3, 224, 224, device="cuda") for b in (2, 2, 3))
+    compiled = fxforge.compile(model, "cuda", example_inputs=x1)
+    runtime = compiled.graph_module.cuda_runtime
+    assert len(runtime.graphs.keys) == 1 and runtime.capture_error is None  # compile ran the example once
+    y1 = compiled(x1)
+    kept = y1.clone()
+    y2 = compiled(x2)
+    assert torch.equal(y1, kept)  # the replay for x2 did not write into what the caller holds
+    y3 = compiled(x3)
+    assert len(runtime.graphs.keys) == 2 and y3.shape[0] == 3
+    runtime.capture = False  # the same kernels, launched one by one
+    for x, y in ((x1, y1), (x2, y2), (x3, y3)):
+        assert outputs_sqnr_db(compiled(x), y) >= 60
+    assert len(runtime.graphs.keys) == 2
+
+
+@needs_gpu
+def test_capture_false_runs_without_graphs(ieee_fp32):
+    model, x = gpu_model("resnet18"), torch.randn(2, 3, 224, 224, device="cuda")
+    pipeline = fxforge.pipeline_for("cuda").replace("cuda-runtime", "cuda-runtime{capture=false}")
+    compiled = fxforge.compile(model, "cuda", example_inputs=x, pipeline=pipeline)
+    y = compiled(x)
+    assert not compiled.graph_module.cuda_runtime.graphs.keys
+    assert outputs_sqnr_db(model(x), y) >= 40
+
+
+@needs_gpu
+def test_tf32_flags_are_not_leaked_by_a_call():
+    model, x = gpu_model("resnet18"), torch.randn(1, 3, 224, 224, device="cuda")
+    compiled = fxforge.compile(model, "cuda-fp32", example_inputs=x)
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    compiled(x)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@needs_gpu
+def test_cuda_fp32_matches_eager_and_leaves_the_model_on_cpu(ieee_fp32):
+    model = randomize_bn(Block()).eval()
     x = torch.randn(2, 3, 8, 8, device="cuda")
-    compiled = fxforge.compile(model, "auto", example_inputs=x)
+    compiled = fxforge.compile(model, "cuda-fp32", example_inputs=x)
+    assert next(model.parameters()).device.type == "cpu"
+    out = compiled(x)
+    assert out.device.type == "cuda" and rel_error(out, model.cuda()(x)) <= 1e-4
+
+
+@needs_gpu
+def test_auto_picks_the_fp16_cuda_target_on_a_gpu():
+    compiled = fxforge.compile(randomize_bn(Block()).eval(), "auto", example_inputs=torch.randn(2, 3, 8, 8))
     assert compiled.target == "cuda"
-    assert next(model.parameters()).device.type == "cpu"  # the user's model stays where it was
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32, not TF32 convolutions
-    try:
-        out = compiled(x)
-        expected = model.cuda()(x)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-    assert out.device.type == "cuda"
-    assert rel_error(out, expected) <= 1e-4
+    assert inner(compiled).c1.weight.dtype == torch.float16

@@ -1,0 +1,290 @@
+"""cuda-runtime: run the lowered graph under an explicit TF32 policy, replaying a CUDA graph per input shape.
+
+Rewrites the whole graph into one call of a ``CudaRuntime`` module that holds it:
+    def forward(x): ...lowered body...   =>   def forward(x): return cuda_runtime(x)
+Why: at small batch sizes a CNN on a GPU is bound by the CPU launching hundreds of kernels one by one (eager
+resnet50 at batch 1 is no faster in fp16 than in fp32). A CUDA graph records the launches once and replays
+them with one call; torch.compile's "reduce-overhead" mode gets its batch-1 speed the same way.
+
+What the runtime does per call (``GraphCache``):
+- the cache key is each argument's (shape, dtype, device) for tensors and (type, value) for ints, floats,
+  bools, strings and None; any other argument, a tensor not on a GPU, or a call made while the current stream
+  is itself being captured runs the graph eagerly instead;
+- a new key is captured: static input buffers are allocated and filled, the graph runs a few times on a side
+  stream (warm-up: cuDNN/cuBLAS choose their algorithms and workspaces outside the capture, as the CUDA graph
+  docs require), then one run is captured with ``torch.cuda.graph``;
+- every call copies its tensors into the key's static inputs, replays, and returns *clones* of the static
+  outputs: the next replay writes into the same memory, and the caller may still hold the previous result;
+- at most ``max_graphs`` keys are kept (least recently used dropped first, its memory freed);
+- a capture that fails (an op that synchronizes with the host, data-dependent shapes) turns capture off for
+  the module with one RuntimeWarning and the reason in ``capture_error``; calls then run eagerly.
+Why correct: replaying the captured kernels on the same static buffers computes what the captured run
+computed on the values copied in; outputs are copied out before anything can overwrite them. The captured
+kernels read the module's weights by address, so moving the module (``.to()``) drops every captured graph
+(``load_state_dict`` copies in place and keeps them valid), and copies or pickles of the module start empty.
+TF32 (cuDNN convolutions and cuBLAS matmuls on fp32 data) is set for the duration of each eager run and
+each capture, and restored after: the process-wide flags are left as the caller had them (a replay runs the
+kernels chosen under the policy at capture and touches no flag).
+Not thread-safe: one module must not be called from two threads at once (the static buffers are shared).
+
+Options: ``capture=false`` runs the graph eagerly (TF32 policy still applied); ``max_graphs`` bounds the cache;
+``tf32`` allows TF32 for fp32 convolutions and matmuls (only the cuda-fp32 target has any).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_map
+
+from fxforge.context import PassContext
+from fxforge.meta import record_rewrite
+from fxforge.pass_api import Pass, PassResult, register_pass
+
+WARMUP_RUNS = 3  # the CUDA graph docs' example warms up 3 iterations on a side stream before capturing
+_VALUE_TYPES = (int, float, bool, str, type(None))  # non-tensor arguments that may be part of a cache key
+
+# capture(fn, static_args) -> (replay, static_outputs): records fn on static_args; replay() re-runs it in place
+Capture = Callable[[Callable[..., Any], tuple[Any, ...]], tuple[Callable[[], None], Any]]
+
+
+# ---------------------------------------------------------------------------------------------- TF32
+def _has_fp32_precision_api() -> bool:
+    """torch >= 2.9 spells TF32 as ``fp32_precision`` per backend; mixing it with the legacy ``allow_tf32``
+    flags makes torch raise when the flags disagree, so only one API is ever used."""
+    return hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
+def _flag_owners() -> tuple[Any, Any]:
+    return torch.backends.cudnn, torch.backends.cuda.matmul
+
+
+def _read_legacy(owner: Any) -> bool | None:
+    try:
+        return owner.allow_tf32
+    except RuntimeError:  # torch >= 2.9 when the caller mixed the legacy and new APIs: no single legacy value
+        return None
+
+
+@contextlib.contextmanager
+def tf32_policy(allow: bool) -> Iterator[None]:
+    """TF32 on (``allow``) or off for cuDNN (convolutions, RNNs) and cuBLAS matmuls inside the block; every
+    flag is restored after.
+
+    torch >= 2.9 keeps the legacy ``allow_tf32`` flags beside the new ``fp32_precision`` ones and raises when a
+    legacy flag is read while the two disagree; so the legacy flags are set to agree first (setting one resets
+    the new flags it shadows), then the new ones, and they are restored in the same order.
+    """
+    owners = _flag_owners()
+    new_api = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul] \
+        if _has_fp32_precision_api() else []
+    saved_legacy = [_read_legacy(owner) for owner in owners]
+    saved_new = [b.fp32_precision for b in new_api]
+    for owner in owners:
+        owner.allow_tf32 = allow
+    for b in new_api:
+        b.fp32_precision = "tf32" if allow else "ieee"
+    try:
+        yield
+    finally:
+        for owner, value in zip(owners, saved_legacy, strict=True):
+            if value is not None:
+                owner.allow_tf32 = value
+        for b, value in zip(new_api, saved_new, strict=True):
+            b.fp32_precision = value
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def capture_cuda_graph(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Callable[[], None], Any]:
+    """Warm ``fn`` up on a side stream, then capture one run of it into a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*args)
+    return graph.replay, outputs
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def cache_key(args: tuple[Any, ...], capturable: Callable[[torch.Tensor], bool] = _on_gpu) -> tuple | None:
+    """(shape, dtype, device) per tensor and (type, value) per plain value; None when the call cannot replay
+    a graph (a tensor that is not capturable, or an argument that is neither a tensor nor a plain value)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if not capturable(a):
+                return None
+            key.append((a.shape, a.dtype, a.device))
+        elif isinstance(a, _VALUE_TYPES):  # hash() of a tuple holding tensors would be by identity: not a key
+            key.append((type(a), a))
+        else:
+            return None
+    return tuple(key)
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
+class _Entry:
+    inputs: list[torch.Tensor]  # the static input buffers, in argument order
+    replay: Callable[[], None]
+    outputs: Any  # the static outputs (the structure fn returns)
+
+
+class GraphCache:
+    """Captured graphs by cache key, least recently used first; see the module docstring for the protocol.
+
+    ``capture`` and ``capturable`` are parameters so that the bookkeeping can be tested without a GPU.
+    """
+
+    def __init__(self, max_graphs: int = 8, capture: Capture = capture_cuda_graph,
+                 capturable: Callable[[torch.Tensor], bool] = _on_gpu,
+                 capturing: Callable[[], bool] = _capturing) -> None:
+        self.max_graphs = max_graphs
+        self.capture, self.capturable, self.capturing = capture, capturable, capturing
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.error: str | None = None  # why capture was turned off
+
+    def __call__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        key = None if self.error else cache_key(args, self.capturable)
+        if key is None or self.capturing():
+            return fn(*args)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._capture(fn, args, key)
+            if entry is None:
+                return fn(*args)
+        else:
+            self.entries.move_to_end(key)
+        for static, a in zip(entry.inputs, _tensors(args), strict=True):  # copy-in
+            static.copy_(a)
+        entry.replay()
+        return tree_map(_clone, entry.outputs)
+
+    def _capture(self, fn: Callable[..., Any], args: tuple[Any, ...], key: tuple) -> _Entry | None:
+        static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        try:
+            replay, outputs = self.capture(fn, static_args)
+        except Exception as exc:  # capture is an optimization: say why it is off and run eagerly
+            self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            warnings.warn(f"fxforge cuda-runtime: CUDA graph capture failed ({self.error}); this module runs "
+                          f"without capture from now on", RuntimeWarning, stacklevel=4)
+            return None
+        self.entries[key] = _Entry(_tensors(static_args), replay, outputs)
+        while len(self.entries) > self.max_graphs:
+            self.entries.popitem(last=False)
+        return self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @property
+    def keys(self) -> list[tuple]:
+        return list(self.entries)
+
+
+def _tensors(args: tuple[Any, ...]) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+class CudaRuntime(nn.Module):
+    """Runs ``graph_module`` under the TF32 policy, replaying a CUDA graph per input shape when ``capture``."""
+
+    def __init__(self, graph_module: fx.GraphModule, capture: bool = True, max_graphs: int = 8,
+                 tf32: bool = False) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.capture, self.max_graphs, self.tf32 = capture, max_graphs, tf32
+        self.graphs = GraphCache(max_graphs)
+
+    def forward(self, *args: Any) -> Any:
+        with torch.inference_mode():
+            return self.graphs(self.run_graph, args) if self.capture else self.run_graph(*args)
+
+    def run_graph(self, *args: Any) -> Any:
+        """One eager run under the TF32 policy. Captures go through here too, so the captured kernels are the
+        ones the policy selects; replays launch them without it (setting the flags costs tens of microseconds
+        of Python per call, as much as a small model's replay)."""
+        with tf32_policy(self.tf32):
+            return self.graph_module(*args)
+
+    @property
+    def capture_error(self) -> str | None:
+        return self.graphs.error
+
+    # Captured graphs read the weights by address and belong to one process: never copy or keep them stale.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["graphs"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.graphs = GraphCache(self.max_graphs)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): the weights move
+        self.graphs.clear()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"capture={self.capture}, max_graphs={self.max_graphs}, tf32={self.tf32}"
+
+
+def wrap_in_runtime(gm: fx.GraphModule, runtime: nn.Module, name: str = "cuda_runtime") -> fx.GraphModule:
+    """A new GraphModule whose forward passes its placeholders to ``runtime`` (which holds ``gm``)."""
+    outer, placeholders = fx.Graph(), []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            default = node.args[0] if node.args else inspect.Signature.empty
+            placeholders.append(outer.placeholder(node.target, default_value=default))
+            placeholders[-1].meta = dict(node.meta)
+    call = outer.call_module(name, tuple(placeholders))
+    result = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    record_rewrite(call, "cuda-runtime", *([result] if isinstance(result, fx.Node) else []))
+    outer.output(call)
+    root = nn.Module()
+    root.add_module(name, runtime)
+    return fx.GraphModule(root, outer, class_name=type(gm).__name__).train(gm.training)
+
+
+@register_pass
+@dataclass(frozen=True)
+class CudaRuntimePass(Pass):
+    """The lowered graph -> one call of a CudaRuntime (TF32 policy, CUDA graph capture per input shape)."""
+
+    name = "cuda-runtime"
+    provides = frozenset({"cuda-runtime"})
+    capture: bool = True
+    max_graphs: int = 8
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_graphs < 1:
+            raise ValueError(f"max_graphs={self.max_graphs}: keep at least 1 graph (capture=false turns capture off)")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        wrapped = wrap_in_runtime(gm, CudaRuntime(gm, self.capture, self.max_graphs, self.tf32))
+        capture = f"CUDA graph per input shape (at most {self.max_graphs})" if self.capture else "no graph capture"
+        return PassResult(wrapped, True, [f"runtime: {capture}, TF32 {'on' if self.tf32 else 'off'}"])
