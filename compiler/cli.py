@@ -178,6 +178,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out = compiled.report.save(args.report)
         html = compiled.report.to_html(out / "report.html")
         print(f"\nreport written to {out}/: report.txt, report.json and {html.name} (open it in a browser)")
+    if args.save is not None:
+        from fxforge.artifact import save
+
+        path = save(compiled, args.save, example_inputs=example)
+        print(f"\ncompiled model saved to {path}: load it with fxforge.load({str(path)!r}) "
+              f"(no tracing, no model class needed)")
     return 0
 
 
@@ -298,12 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile MODEL and print the report (--report DIR: also HTML)",
                        formatter_class=raw, description="Compile MODEL for a target and print the compile report.",
                        epilog="examples:\n  fxforge compile torchvision:resnet18 --target cpu --report out/\n"
+                              "  fxforge compile torchvision:resnet18 --target x86 --calibration random:8 --save m.fx\n"
                               "  fxforge compile torchvision:mobilenet_v2 --target x86 --calibration random:8\n"
                               "  fxforge compile mymodel.py:make --target cpu --pipeline remove-noops,fold-bn")
     _model_arguments(p, "target to compile for (default cpu; fxforge targets lists them)")
     p.add_argument("--pipeline", help="run this pipeline text instead of the target's (fxforge pipeline TARGET)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="write report.txt, report.json and report.html (graphs after each pass) into DIR")
+    p.add_argument("--save", type=Path, metavar="PATH",
+                   help="save the compiled model (fxforge.save: a self-describing file, fxforge.load reads it)")
 
     p = sub.add_parser("show", help="draw MODEL's graph after a pass (.svg/.png/.pdf/.dot)", formatter_class=raw,
                        description="Compile MODEL and draw its graph after a pass (default: the last one).",

@@ -9,9 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import fxforge
-from fxforge.cli import main
+from fxforge.cli import load_model, main
+from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import one_intra_op_thread
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -73,6 +75,18 @@ def test_compile_torchvision_int8_with_random_calibration(capsys):
     code, out, _ = run(capsys, "compile", "torchvision:resnet18", "--target", "x86", "--calibration", "random:2",
                        "--input-shape", "1,3,32,32")
     assert code == 0 and "quantization: static int8 for x86" in out and "calibrated on 2 batches" in out
+
+
+def test_compile_saves_a_model_that_loads_without_its_class(capsys, model_file, tmp_path):
+    path = tmp_path / "m.fxf"
+    code, out, _ = run(capsys, "compile", f"{model_file}:make", "--target", "x86", "--calibration", "random:2",
+                       "--save", str(path))
+    assert code == 0 and f"compiled model saved to {path}" in out
+    loaded = fxforge.load(path)
+    assert loaded.target == fxforge.read_metadata(path)["target"] == "x86"
+    model, example = load_model(f"{model_file}:make", None)
+    with torch.inference_mode():
+        assert outputs_sqnr_db(model(example), loaded(example)) >= 15  # the int8 model, not just any module
 
 
 def test_show_draws_a_stage_and_a_diff(capsys, model_file, tmp_path):
