@@ -38,12 +38,12 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from bench_cpu import short, write_results
+from bench_cpu import Row, short, write_results
 from torch import nn
 
 import fxforge
@@ -126,13 +126,6 @@ class Cell:
     sqnr_db: float | None = None
     build_s: float | None = None
     error: str | None = None
-
-
-@dataclass
-class Row:
-    model: str
-    batch_size: int
-    cells: dict[str, Cell] = field(default_factory=dict)
 
 
 def call_times_ms(run: Runner, x: torch.Tensor, warmup: int, repeats: int, cuda: bool) -> list[float]:
