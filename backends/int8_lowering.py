@@ -19,12 +19,19 @@ output qparams as the reference graph; results differ by rounding inside the ker
 on a small fraction of elements, measured in the tests). ``dequantize`` nodes left without readers go.
 Engines: prepacked weights carry their engine; ops without weights (add, pooling) follow the process-wide
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
+Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
+``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
+Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
+(relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
+windows, count_include_pad=False with padding, divisor_override) and adaptive pooling that upsamples a 1x1
+map (wrong on every engine) keep their reference form.
 Preconditions: ``quantized`` (insert-qdq ran); convs fused only with relu (these engines have no conv+add
 kernel), which the int8 targets' pipelines ensure.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +40,17 @@ import torch
 from torch import fx, nn
 
 from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite
+from fxforge.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pass_api import PassResult, graph_pass
 from fxforge.passes.dce import remove_dead_code
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import module_of, replace_submodule
-from fxforge.quant.ops import weight_axis
+from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
+from .cpu import restore_eager_layout
 from .int8_rnn import DynamicInt8RNN
 
 _q = torch.ops.quantized
@@ -51,6 +59,7 @@ _CONV_OPS = {nn.Conv1d: ("conv1d", _q.conv1d_prepack), nn.Conv2d: ("conv2d", _q.
 _BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "mul", torch.mul: "mul", "mul": "mul"}
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
+_CLAMPS = {"relu6", "hardtanh", "clamp"}
 
 
 def _is_dq(node: Any) -> bool:
@@ -218,10 +227,34 @@ def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
     if stored(op).get("role") != "share" or stored(op).get("kind") not in _INT8_POOLS or not _is_dq(op.args[0]) \
             or len(op.all_input_nodes) != 1:
         return None
+    if (low.engine == "qnnpack" and _qnnpack_pool_differs(op, module_of(low.gm, op))) or _upsamples_one_pixel(op):
+        return None
     op.replace_input_with(op.args[0], op.args[0].args[0])
     q.replace_all_uses_with(op)
     low.lowered["avgpool"] = low.lowered.get("avgpool", 0) + 1
     return op
+
+
+def _qnnpack_pool_differs(op: fx.Node, module: nn.Module | None) -> bool:
+    """Average pooling that qnnpack's int8 kernel rejects (one-element windows: "1x1 pooling is
+    meaningless") or gets wrong (measured: it ignores count_include_pad=False with padding, and
+    divisor_override): it keeps its reference form (dequantize -> pool -> quantize)."""
+    options = pool_options(op, module)
+    if options is None:
+        return False
+    padding = options.get("padding", 0)
+    padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+    return pool_window(op, module) == 1 or options.get("divisor_override") is not None or \
+        (padded and not options.get("count_include_pad", True))
+
+
+def _upsamples_one_pixel(op: fx.Node) -> bool:
+    """Adaptive average pooling from 1x1 maps to larger ones: torch's int8 kernel gets it wrong (measured on
+    every engine: (N>1, C>1, 1, 1) -> 2x2 is off by whole input ranges; 1x1 maps are NCHW and channels-last
+    at once), so the op keeps its reference form (dequantize -> pool -> quantize)."""
+    before, after = tensor_shape(op.args[0]), tensor_shape(op)
+    return before is not None and after is not None and len(before) > 2 and math.prod(before[2:]) == 1 \
+        and math.prod(after[2:]) > 1
 
 
 _MODULE_RULES = (_lower_weighted, _lower_batchnorm)  # regions around a module call
@@ -267,6 +300,20 @@ def _lower_dynamic_rnn(low: _Lowering, node: fx.Node) -> bool:
     return True
 
 
+def _clamp_on_nchw(gm: fx.GraphModule) -> int:
+    """qnnpack's int8 clamp (relu6, hardtanh, clamp) misreads channels-last tensors (measured: errors of
+    whole clamp ranges), and int8 kernels (conv, batch norm) return channels-last ones: clamp a contiguous
+    copy (``contiguous()`` is a no-op on a tensor that already is)."""
+    clamps = [n for n in gm.graph.nodes if stored(n).get("state") == "derived" and stored(n).get("kind") in _CLAMPS
+              and n.args and isinstance(n.args[0], fx.Node)]
+    for node in clamps:
+        with gm.graph.inserting_before(node):
+            contiguous = gm.graph.call_method("contiguous", (node.args[0],))
+        record_rewrite(contiguous, "lower-qnnpack", node.args[0])
+        node.replace_input_with(node.args[0], contiguous)
+    return len(clamps)
+
+
 def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine)
@@ -276,10 +323,14 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str) -> PassResult:
     for q in lowered:
         if not q.users:
             gm.graph.erase_node(q)
+    if engine == "qnnpack" and lowered:
+        _clamp_on_nchw(gm)
+    # int8 kernels (and cat of 1-channel maps) return channels-last tensors: eager's layout where observable
+    restored = restore_eager_layout(gm, f"lower-{engine}", ctx.reference_outputs)
     remove_dead_code(gm)  # the reference nodes the kernels replaced (quantize, ops, dequantize, qparams)
     gm.delete_all_unused_submodules()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
-    return PassResult(gm, bool(lowered or dynamic), [f"int8 kernels ({engine}): {summary or 'none'}"])
+    return PassResult(gm, bool(lowered or dynamic or restored), [f"int8 kernels ({engine}): {summary or 'none'}"])
 
 
 def _lowering_pass(engine: str) -> type:

@@ -49,7 +49,8 @@ def as_args(item: Any, names: list[str], device: torch.device | str) -> tuple[tu
         raise CalibrationError(f"a calibration item has {len(values)} value(s) but the model takes {len(names)} "
                                f"inputs ({', '.join(names)}): give a tuple with one value per input, or a dict")
     dropped = len(values) > len(names)
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in used), dropped
+    # a copy: a model that changes its input in place (x += 1) must not change the caller's data
+    return tuple(v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for v in used), dropped
 
 
 def _run_batch(gm: fx.GraphModule, args: tuple[Any, ...], index: int) -> None:
