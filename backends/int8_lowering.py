@@ -23,7 +23,7 @@ Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCH
 ``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
 Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
 (relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
-windows, count_include_pad=False with padding, divisor_override) and adaptive pooling that upsamples a 1x1
+windows, count_include_pad=False with padding) and adaptive pooling that upsamples a 1x1
 map (wrong on every engine) keep their reference form.
 Preconditions: ``quantized`` (insert-qdq ran); convs fused only with relu (these engines have no conv+add
 kernel), which the int8 targets' pipelines ensure.
@@ -237,15 +237,15 @@ def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
 
 def _qnnpack_pool_differs(op: fx.Node, module: nn.Module | None) -> bool:
     """Average pooling that qnnpack's int8 kernel rejects (one-element windows: "1x1 pooling is
-    meaningless") or gets wrong (measured: it ignores count_include_pad=False with padding, and
-    divisor_override): it keeps its reference form (dequantize -> pool -> quantize)."""
+    meaningless") or gets wrong (measured: it ignores count_include_pad=False with padding): it keeps its
+    reference form (dequantize -> pool -> quantize). (divisor_override, which it ignores too, never gets
+    here: such pooling has qparams of its own, a compute op.)"""
     options = pool_options(op, module)
     if options is None:
         return False
     padding = options.get("padding", 0)
     padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
-    return pool_window(op, module) == 1 or options.get("divisor_override") is not None or \
-        (padded and not options.get("count_include_pad", True))
+    return pool_window(op, module) == 1 or (padded and not options.get("count_include_pad", True))
 
 
 def _upsamples_one_pixel(op: fx.Node) -> bool:

@@ -10,7 +10,8 @@ Every node gets a *role*:
 - ``direct``: runs on the quantized tensor itself and keeps its qparams, exactly (flatten, reshape, view,
   permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, tensor slicing).
   Max pooling over a one-element window (a strided subsampling, which qnnpack's int8 kernel rejects) is a
-  ``share`` op.
+  ``share`` op; average pooling with a ``divisor_override`` (a scaled sum, outside its inputs' range) is a
+  ``compute`` op.
   Ops that only pick input values but have no quantized kernel in torch (adaptive max-pool, nearest
   upsampling of 1-d signals) are ``share`` ops instead: exact too, through dequantize -> op -> quantize.
   ``cat`` is direct too, once all its inputs share one set of qparams.
@@ -122,6 +123,13 @@ def _pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
     return SHARE if pool_window(node, mod) == 1 else DIRECT
 
 
+def _avg_pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
+    """Average pooling keeps its input's qparams (an average stays inside its inputs' range), except with a
+    divisor_override, which divides the window's sum by another count: sum / 2 over a 3x3 window reaches
+    4.5x the inputs' range, so it gets qparams of its own."""
+    return COMPUTE if (pool_options(node, mod) or {}).get("divisor_override") is not None else SHARE
+
+
 def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
     if isinstance(mod, FusedConv):
         kind = _COMPUTE_MODULES.get(type(mod.conv), "conv")
@@ -135,7 +143,7 @@ def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
     if type(mod) in _COMPUTE_MODULES:
         return OpInfo(COMPUTE, _COMPUTE_MODULES[type(mod)], type(mod))
     if isinstance(mod, _SHARE_MODULES):
-        return OpInfo(SHARE, "avgpool", type(mod))
+        return OpInfo(_avg_pool_role(node, mod), "avgpool", type(mod))
     if isinstance(mod, nn.AdaptiveMaxPool2d):  # no quantized kernel; the max of grid values is on the grid
         return OpInfo(SHARE, "maxpool", type(mod))
     if isinstance(mod, nn.Upsample):
@@ -156,6 +164,8 @@ def _function_info(node: fx.Node) -> OpInfo:
         return OpInfo(_nearest_role(node) if nearest else COMPUTE, "interpolate")
     if fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
         return OpInfo(_pool_role(node), "maxpool")
+    if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+        return OpInfo(_avg_pool_role(node), "avgpool")
     for table, role in ((_COMPUTE_FUNCTIONS, COMPUTE), (_SHARE_FUNCTIONS, SHARE), (_DIRECT_FUNCTIONS, DIRECT)):
         if fn in table:
             return OpInfo(role, table[fn])

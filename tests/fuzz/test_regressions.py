@@ -143,19 +143,38 @@ def test_int8_outputs_keep_eager_layout(target: str):
 
 
 @pytest.mark.parametrize("pool", [nn.AvgPool2d(2, padding=1, count_include_pad=False),
-                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
-                                  nn.AvgPool2d(2, divisor_override=3)],
-                         ids=["exclude-padding-2", "exclude-padding-3", "divisor-override"])
-def test_qnnpack_average_pooling_options(pool: nn.Module):
-    """qnnpack's int8 average pooling ignores ``count_include_pad=False`` (with padding) and
-    ``divisor_override``: SQNR 4.2 dB. Fix: lower-qnnpack leaves such pooling in its reference form
-    (dequantize -> pool -> quantize), which x86 and fbgemm still run on int8."""
+                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)],
+                         ids=["exclude-padding-2", "exclude-padding-3"])
+def test_qnnpack_average_pooling_that_excludes_padding(pool: nn.Module):
+    """qnnpack's int8 average pooling ignores ``count_include_pad=False`` (with padding): SQNR 4.2 dB.
+    Fix: lower-qnnpack leaves such pooling in its reference form (dequantize -> pool -> quantize), which x86
+    and fbgemm still run on int8."""
     model = nn.Sequential(nn.Conv2d(4, 4, 1), pool).eval()
     x = torch.randn(3, 4, 5, 7)
     for target in ("qnnpack", "x86", "fbgemm"):
         compiled, db = _int8(model, target, x)
         assert db >= SQNR_FLOOR_DB
         assert _pools_on_int8(compiled.graph_module) == (target != "qnnpack")
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_int8_average_pooling_with_a_divisor_override(target: str, functional: bool):
+    """Average pooling requantized its output with its input's qparams, but with ``divisor_override`` it is a
+    scaled sum (3x3 window / 2: up to 4.5x the input range), so outputs saturated: SQNR 19.7 dB (x86) and
+    15.6 dB (qnnpack, whose int8 kernel also ignores the override) for a single conv + pool, ~36 / 42 dB
+    expected. Fix: the op table makes such pooling a compute op, with qparams of its own."""
+    class ConvSumPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(4, 4, 1), nn.AvgPool2d(3, divisor_override=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return F.avg_pool2d(y, 3, divisor_override=2) if functional else self.pool(y)
+
+    _, db = _int8(ConvSumPool().eval(), target, torch.randn(3, 4, 9, 9))
+    assert db >= 30.0
 
 
 def _pools_on_int8(gm: fx.GraphModule) -> bool:
