@@ -64,3 +64,10 @@ gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps -d .gpu-wheels --only-binary=:all: --python-version 3.12 graphviz
 	$(BIN)/pip wheel -q --no-deps -w .gpu-wheels .
 	rm -rf build
+
+# Long fuzzing run of the graph fuzzer (tests/fuzz): FUZZ_EXAMPLES random graphs per target (CI runs a few
+# hundred in all), with hypothesis statistics. Failures print a FuzzGraph(...) to paste into a regression test.
+FUZZ_EXAMPLES ?= 2000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FXFORGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/fuzz/test_fuzz_graphs.py --hypothesis-show-statistics

@@ -8,7 +8,8 @@ Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and a
 the kernel; results differ from eager only by float summation order.
 Layout: the oneDNN convs run channels-last (measured fastest here); each converts its input once if needed
 (a no-op along a chain of convs). Values that eager had NCHW-contiguous are made contiguous again before a
-``.view`` (which needs it) and at the graph outputs, so users get the layout eager gives them.
+``.view`` (which needs it), before reshapes whose result is mutated in place (eager's reshape is then a
+view that carries the mutation back) and at the graph outputs, so users get the layout eager gives them.
 Plain Linear stays on eager's MKL sgemm, which measured faster at batch 1.
 Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings
 stay eager (still correct, not yet lowered).
@@ -16,14 +17,17 @@ stay eager (still correct, not yet lowered).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from fxforge.context import PassContext
 from fxforge.meta import record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
 from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import ACTIVATIONS, module_of, replace_submodule
+from fxforge.passes.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
 from fxforge.targets import Target, register_target
 
 _mkldnn = torch.ops.mkldnn
@@ -152,29 +156,83 @@ def _eager_was_contiguous_4d(value: object) -> bool:
     The shape metadata was recorded on the eager graph, before lowering made conv outputs channels-last.
     """
     meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-    return meta is not None and len(meta.shape) == 4 and meta.memory_format == torch.contiguous_format
+    shape = getattr(meta, "shape", None)  # None too for nodes returning tuples
+    return shape is not None and len(shape) == 4 and meta.memory_format == torch.contiguous_format
 
 
-def _contiguous_before(gm: fx.GraphModule, value: fx.Node, before: fx.Node) -> fx.Node:
+def _contiguous_before(gm: fx.GraphModule, value: fx.Node, before: fx.Node, pass_name: str) -> fx.Node:
     with gm.graph.inserting_before(before):
         new = gm.graph.call_method("contiguous", (value,))
-    record_rewrite(new, "lower-cpu", value)
+    record_rewrite(new, pass_name, value)
     return new
 
 
-def _restore_eager_layout(gm: fx.GraphModule) -> None:
+def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """flatten / reshape / view: a view of their input on NCHW-contiguous tensors, a copy on channels-last."""
+    if node.op == "call_method":
+        return node.target in ("flatten", "reshape", "view")
+    return (node.op == "call_function" and node.target in (torch.flatten, torch.reshape)) or \
+        isinstance(module_of(gm, node), nn.Flatten)
+
+
+def _mutated_through_reshape(gm: fx.GraphModule, value: fx.Node) -> bool:
+    """True when an in-place op mutates ``value`` through a reshape of it (``value.flatten(1).relu_()``):
+    eager's mutation reaches ``value`` only while the reshape is a view, i.e. in the NCHW layout."""
+    views = [u for u in value.users if _is_reshape(gm, u)]
+    while views:
+        view = views.pop()
+        if any(is_in_place(gm, u) and u.args and u.args[0] is view for u in view.users):
+            return True
+        views.extend(u for u in view.users if _is_reshape(gm, u))
+    return False
+
+
+def _contiguous_after(gm: fx.GraphModule, value: fx.Node, pass_name: str) -> None:
+    """Every reader of ``value`` reads it NCHW-contiguous (one copy, shared: aliasing as in eager)."""
+    with gm.graph.inserting_after(value):
+        new = gm.graph.call_method("contiguous", (value,))
+    value.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    record_rewrite(new, pass_name, value)
+
+
+def _contiguous_in_eager(output: fx.Node, reference: Any) -> set[fx.Node]:
+    """The output values that eager returned as NCHW-contiguous rank-4 tensors (``reference``: its outputs)."""
+    nodes, refs = tree_flatten(output.args[0])[0], tree_flatten(reference)[0]
+    if len(nodes) != len(refs):
+        return set()
+    return {n for n, r in zip(nodes, refs, strict=True) if isinstance(n, fx.Node) and isinstance(r, torch.Tensor)
+            and r.dim() == 4 and r.is_contiguous()}
+
+
+def restore_eager_layout(gm: fx.GraphModule, pass_name: str = "lower-cpu", reference: Any = None) -> int:
     """Where eager had NCHW-contiguous tensors, give them back before layout-sensitive uses: ``.view``
-    (which fails on channels-last strides) and graph outputs. ``.contiguous()`` is a no-op when the value
-    is already contiguous, e.g. when it never passed through a lowered conv."""
+    (which fails on channels-last strides), reshapes whose result is mutated in place (the mutation must
+    reach the reshaped value, as it does through eager's view) and graph outputs. ``.contiguous()`` is a
+    no-op when the value is already contiguous, e.g. when it never passed through a lowered conv.
+    Eager's layout comes from the shape metadata, and for the outputs from ``reference`` (eager's outputs)
+    when given: graphs whose metadata was propagated after quantization no longer know it.
+    Returns the number of ``contiguous`` calls added."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" and _eager_was_contiguous_4d(node) and _mutated_through_reshape(gm, node):
+            _contiguous_after(gm, node, pass_name)
+            count += 1
     for node in list(gm.graph.nodes):
         if node.op == "call_method" and node.target == "view" and _eager_was_contiguous_4d(node.args[0]):
-            node.replace_input_with(node.args[0], _contiguous_before(gm, node.args[0], node))
+            node.replace_input_with(node.args[0], _contiguous_before(gm, node.args[0], node, pass_name))
+            count += 1
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    contiguous = _contiguous_in_eager(output, reference) if reference is not None else None
 
     def restore(value: object) -> object:
-        return _contiguous_before(gm, value, output) if _eager_was_contiguous_4d(value) else value
+        nonlocal count
+        if not (_eager_was_contiguous_4d(value) if contiguous is None else value in contiguous):
+            return value
+        count += 1
+        return _contiguous_before(gm, value, output, pass_name)
 
     output.args = fx.node.map_aggregate(output.args, restore)
+    return count
 
 
 @graph_pass(name="lower-cpu", provides=("lowered",))
@@ -191,7 +249,7 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 counts[kind] += 1
                 break  # lowered: the node now calls a oneDNN module
     if counts["conv"]:
-        _restore_eager_layout(gm)
+        restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     return any(counts.values())
 

@@ -22,6 +22,12 @@ Engines: prepacked weights carry their engine; ops without weights (add, pooling
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
 lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
 input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
+Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
+``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
+Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
+(relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
+windows, count_include_pad=False with padding) and adaptive pooling that upsamples a 1x1
+map (wrong on every engine) keep their reference form.
 Preconditions: ``quantized`` (insert-qdq ran); convs fused with relu, and with an add only where oneDNN packs
 the weight (the x86 target's pipeline fuses conv+add; fbgemm and qnnpack have no conv+add kernel and their
 pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 reference form).
@@ -29,6 +35,7 @@ pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -37,16 +44,17 @@ import torch
 from torch import fx, nn
 
 from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite
+from fxforge.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pass_api import PassResult, graph_pass
 from fxforge.passes.dce import remove_dead_code
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import module_of, replace_submodule
-from fxforge.quant.ops import weight_axis
+from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
+from .cpu import restore_eager_layout
 from .int8_packed import PackedWeight
 from .int8_rnn import DynamicInt8RNN
 from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
@@ -56,6 +64,7 @@ _CONV_OPS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 _BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "mul", torch.mul: "mul", "mul": "mul"}
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
+_CLAMPS = {"relu6", "hardtanh", "clamp"}
 
 
 def _is_dq(node: Any) -> bool:
@@ -193,13 +202,14 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
 
 
 _FRESH_INT8 = {torch.quantize_per_tensor, torch.nn.functional.max_pool2d, torch.max_pool2d}
-_CLAMPS = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh; on int8 they return their input or a new tensor
+_CLAMP_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh; on int8 they return their input or a new tensor
 
 
 def _storage_chain(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     """The nodes whose value may share ``node``'s memory: ``node``, and through int8 clamps (in place or
     not) the kernel output they clamp. None when ``node`` may be a view of another value (or unknown)."""
-    if node.op == "call_module" and isinstance(module_of(gm, node), _CLAMPS) and isinstance(node.args[0], fx.Node):
+    if node.op == "call_module" and isinstance(module_of(gm, node), _CLAMP_MODULES) \
+            and isinstance(node.args[0], fx.Node):
         inner = _storage_chain(gm, node.args[0])
         return None if inner is None else [node, *inner]
     if node.op == "call_module" and isinstance(module_of(gm, node), nn.MaxPool2d):
@@ -292,10 +302,34 @@ def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
     if stored(op).get("role") != "share" or stored(op).get("kind") not in _INT8_POOLS or not _is_dq(op.args[0]) \
             or len(op.all_input_nodes) != 1:
         return None
+    if (low.engine == "qnnpack" and _qnnpack_pool_differs(op, module_of(low.gm, op))) or _upsamples_one_pixel(op):
+        return None
     op.replace_input_with(op.args[0], op.args[0].args[0])
     q.replace_all_uses_with(op)
     low.lowered["avgpool"] = low.lowered.get("avgpool", 0) + 1
     return op
+
+
+def _qnnpack_pool_differs(op: fx.Node, module: nn.Module | None) -> bool:
+    """Average pooling that qnnpack's int8 kernel rejects (one-element windows: "1x1 pooling is
+    meaningless") or gets wrong (measured: it ignores count_include_pad=False with padding): it keeps its
+    reference form (dequantize -> pool -> quantize). (divisor_override, which it ignores too, never gets
+    here: such pooling has qparams of its own, a compute op.)"""
+    options = pool_options(op, module)
+    if options is None:
+        return False
+    padding = options.get("padding", 0)
+    padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+    return pool_window(op, module) == 1 or (padded and not options.get("count_include_pad", True))
+
+
+def _upsamples_one_pixel(op: fx.Node) -> bool:
+    """Adaptive average pooling from 1x1 maps to larger ones: torch's int8 kernel gets it wrong (measured on
+    every engine: (N>1, C>1, 1, 1) -> 2x2 is off by whole input ranges; 1x1 maps are NCHW and channels-last
+    at once), so the op keeps its reference form (dequantize -> pool -> quantize)."""
+    before, after = tensor_shape(op.args[0]), tensor_shape(op)
+    return before is not None and after is not None and len(before) > 2 and math.prod(before[2:]) == 1 \
+        and math.prod(after[2:]) > 1
 
 
 _MODULE_RULES = (_lower_weighted, _lower_batchnorm)  # regions around a module call
@@ -341,6 +375,20 @@ def _lower_dynamic_rnn(low: _Lowering, node: fx.Node) -> bool:
     return True
 
 
+def _clamp_on_nchw(gm: fx.GraphModule) -> int:
+    """qnnpack's int8 clamp (relu6, hardtanh, clamp) misreads channels-last tensors (measured: errors of
+    whole clamp ranges), and int8 kernels (conv, batch norm) return channels-last ones: clamp a contiguous
+    copy (``contiguous()`` is a no-op on a tensor that already is)."""
+    clamps = [n for n in gm.graph.nodes if stored(n).get("state") == "derived" and stored(n).get("kind") in _CLAMPS
+              and n.args and isinstance(n.args[0], fx.Node)]
+    for node in clamps:
+        with gm.graph.inserting_before(node):
+            contiguous = gm.graph.call_method("contiguous", (node.args[0],))
+        record_rewrite(contiguous, "lower-qnnpack", node.args[0])
+        node.replace_input_with(node.args[0], contiguous)
+    return len(clamps)
+
+
 def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines: tuple[str, ...] = ()) -> PassResult:
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine, kernel_engines)
@@ -350,6 +398,10 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines
     for q in lowered:
         if not q.users:
             gm.graph.erase_node(q)
+    if engine == "qnnpack" and lowered:
+        _clamp_on_nchw(gm)
+    # int8 kernels (and cat of 1-channel maps) return channels-last tensors: eager's layout where observable
+    restored = restore_eager_layout(gm, f"lower-{engine}", ctx.reference_outputs)
     remove_dead_code(gm)  # the reference nodes the kernels replaced (quantize, ops, dequantize, qparams)
     gm.delete_all_unused_submodules()
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(low.lowered.items()))
@@ -357,7 +409,7 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines
     if len(low.kernel_engines) > 1 and low.chosen:
         notes.append("weights packed for the fastest engine measured per layer: "
                      + ", ".join(f"{n} {e}" for e, n in sorted(low.chosen.items())))
-    return PassResult(gm, bool(lowered or dynamic), notes)
+    return PassResult(gm, bool(lowered or dynamic or restored), notes)
 
 
 def _lowering_pass(engine: str, tunable: tuple[str, ...] = ()) -> type:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +90,23 @@ def _to_device(value: Any, device: str) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+def _reference_outputs(ctx: PassContext, gm: fx.GraphModule) -> Any:
+    """The traced model's outputs on the example inputs (recording shapes); failing there means the example
+    inputs do not fit the model. (ShapeProp prints the traceback it chains: kept off stderr on failure.)"""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            outputs = ctx.propagate(gm)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise ConfigError(f"the model fails on example_inputs with {type(cause).__name__}: {first}. Pass example "
+                          f"inputs that its forward accepts: one value per argument, shaped and typed like real "
+                          f"data (e.g. one real batch)") from cause
+    sys.stderr.write(printed.getvalue())  # warnings printed on success are the user's to see
+    return outputs
+
+
 QUANT_MODES = ("static", "dynamic", "weight-only")
 
 
@@ -160,7 +180,7 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
                            bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
                            trace_seconds=time.perf_counter() - start)
     ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
-    ctx.reference_outputs = ctx.propagate(traced.gm)  # the eager reference, and shapes in node.meta
+    ctx.reference_outputs = _reference_outputs(ctx, traced.gm)  # the eager reference, and shapes in node.meta
     return Session(tgt, quant, inputs, manager, traced.gm, ctx, report)
 
 

@@ -60,6 +60,9 @@ def _known_target(name: str) -> Target:
 
 def resolve_target(name: str) -> Target:
     """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
+    if not isinstance(name, str):
+        raise ConfigError(f"target must be a target name, got {type(name).__name__}: use 'auto' or one of "
+                          f"{', '.join(_TARGETS)}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
     target = _known_target(name)

@@ -4,7 +4,9 @@ Calibration data is any iterable of model inputs: a tensor per item, a tuple/lis
 dict of them by forward argument name. The inputs are the forward arguments compile was given examples for
 (arguments it bound to their defaults, such as ``flag=False``, keep their traced value). Items with more
 values than that (a DataLoader over ``(input, label)`` pairs, a dict with a label key) are cut to the model's
-inputs, and the report says so; items with fewer, or a batch the model fails on, raise CalibrationError.
+inputs, and the report says so; items with fewer, a tensor of another rank than the example's (a missing batch
+dimension), NaN / inf values, or a batch the model fails on raise CalibrationError. The model runs on copies: a
+model that changes its input in place leaves the caller's data alone.
 ``batches`` caps how many items are used; a tqdm bar shows progress when stderr is a terminal.
 """
 
@@ -49,7 +51,32 @@ def as_args(item: Any, names: list[str], device: torch.device | str) -> tuple[tu
         raise CalibrationError(f"a calibration item has {len(values)} value(s) but the model takes {len(names)} "
                                f"inputs ({', '.join(names)}): give a tuple with one value per input, or a dict")
     dropped = len(values) > len(names)
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in used), dropped
+    # a copy: a model that changes its input in place (x += 1) must not change the caller's data
+    return tuple(v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for v in used), dropped
+
+
+def _input_ranks(gm: fx.GraphModule) -> list[int | None]:
+    """Rank of each calibrated input as the example inputs had it (None when unknown or not a tensor)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not fxmeta(n).get("bound")]
+    return [len(n.meta["tensor_meta"].shape) if hasattr(n.meta.get("tensor_meta"), "shape") else None
+            for n in placeholders]
+
+
+def _check_batch(args: tuple[Any, ...], names: list[str], ranks: list[int | None], index: int) -> None:
+    """A batch of another rank than the example (a missing batch dimension) may run, on wrong statistics;
+    NaN / inf values would be skipped by the observers, leaving ranges from whatever else there was."""
+    for name, value, rank in zip(names, args, ranks, strict=False):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if rank is not None and value.dim() != rank:
+            raise CalibrationError(
+                f"calibration batch {index}: input '{name}' has shape {tuple(value.shape)}, {value.dim()} dims where "
+                f"example_inputs had {rank} (a missing or extra batch dimension?): give batches shaped like the "
+                f"example inputs (the batch size may differ)")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CalibrationError(
+                f"calibration batch {index}: input '{name}' contains NaN or inf values, which have no int8 range: "
+                f"drop or clean such batches (e.g. torch.nan_to_num) before calibrating")
 
 
 def _run_batch(gm: fx.GraphModule, args: tuple[Any, ...], index: int) -> None:
@@ -59,6 +86,14 @@ def _run_batch(gm: fx.GraphModule, args: tuple[Any, ...], index: int) -> None:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CalibrationError(f"calibration batch {index} failed in the model with {type(exc).__name__}: {first}. "
                                f"Calibration items must be model inputs like example_inputs") from exc
+
+
+def _iterable(data: Any) -> bool:
+    try:
+        iter(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _total(data: Iterable[Any], batches: int | None) -> int | None:
@@ -77,13 +112,17 @@ def run_calibration(gm: fx.GraphModule, data: Iterable[Any], batches: int | None
                                "tensors, a generator or a DataLoader), or quantization='dynamic', which needs none")
     if isinstance(data, torch.Tensor):
         data = [data]  # one batch given directly
+    if isinstance(data, (str, bytes)) or not _iterable(data):
+        raise CalibrationError(f"calibration must be an iterable of model inputs (a list of tensors, a generator or "
+                               f"a DataLoader), got {type(data).__name__}")
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise CalibrationError(f"calibration_batches={batches}: use a positive integer or None for all")
-    names, used, dropped = input_names(gm), 0, False
+    names, ranks, used, dropped = input_names(gm), _input_ranks(gm), 0, False
     items = itertools.islice(data, batches) if batches is not None else data
     with torch.no_grad():
         for item in tqdm(items, total=_total(data, batches), desc=desc, unit="batch", disable=None, leave=False):
             args, cut = as_args(item, names, device)
+            _check_batch(args, names, ranks, used)
             _run_batch(gm, args, used)
             used, dropped = used + 1, dropped or cut
     if used == 0:

@@ -9,6 +9,9 @@ Every node gets a *role*:
   stays inside their range, and the int8 kernels keep the input's qparams).
 - ``direct``: runs on the quantized tensor itself and keeps its qparams, exactly (flatten, reshape, view,
   permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, tensor slicing).
+  Max pooling over a one-element window (a strided subsampling, which qnnpack's int8 kernel rejects) is a
+  ``share`` op; average pooling with a ``divisor_override`` (a scaled sum, outside its inputs' range) is a
+  ``compute`` op.
   Ops that only pick input values but have no quantized kernel in torch (adaptive max-pool, nearest
   upsampling of 1-d signals) are ``share`` ops instead: exact too, through dequantize -> op -> quantize.
   ``cat`` is direct too, once all its inputs share one set of qparams.
@@ -18,8 +21,10 @@ Every node gets a *role*:
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +91,45 @@ def _nearest_role(node: fx.Node) -> str:
     return DIRECT if shape is not None and len(shape) in (4, 5) else SHARE
 
 
+_WINDOW_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_WINDOW_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+# positional parameters after the input (max pooling's 4th is dilation; avg_pool1d has no divisor_override)
+_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+
+
+def pool_options(node: fx.Node, mod: nn.Module | None = None) -> dict[str, Any] | None:
+    """kernel_size, padding, count_include_pad, ... of a (non-adaptive) max/avg pooling call, else None."""
+    if isinstance(mod, _WINDOW_POOL_MODULES):
+        return {name: getattr(mod, name) for name in (*_POOL_PARAMETERS, "dilation") if hasattr(mod, name)}
+    if mod is not None or node.op != "call_function" or node.target not in _WINDOW_POOL_FUNCTIONS:
+        return None
+    names = _MAX_POOL_PARAMETERS if node.target in _WINDOW_POOL_FUNCTIONS[:3] else _POOL_PARAMETERS
+    return {**dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
+
+
+def pool_window(node: fx.Node, mod: nn.Module | None = None) -> int | None:
+    """Elements in the window of a (non-adaptive) max/avg pooling call, None for other ops or when unknown."""
+    kernel = (pool_options(node, mod) or {}).get("kernel_size")
+    if isinstance(kernel, int):
+        kernel = (kernel,)
+    return math.prod(kernel) if isinstance(kernel, (tuple, list)) and all(isinstance(k, int) for k in kernel) else None
+
+
+def _pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
+    """Max pooling runs on int8 tensors, except over one-element windows (a strided subsampling), which
+    qnnpack's int8 kernel rejects ("1x1 pooling is meaningless"): those dequantize -> pool -> quantize with
+    the input's qparams (exact, as every share op)."""
+    return SHARE if pool_window(node, mod) == 1 else DIRECT
+
+
+def _avg_pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
+    """Average pooling keeps its input's qparams (an average stays inside its inputs' range), except with a
+    divisor_override, which divides the window's sum by another count: sum / 2 over a 3x3 window reaches
+    4.5x the inputs' range, so it gets qparams of its own."""
+    return COMPUTE if (pool_options(node, mod) or {}).get("divisor_override") is not None else SHARE
+
+
 def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
     if isinstance(mod, FusedConv):
         kind = _COMPUTE_MODULES.get(type(mod.conv), "conv")
@@ -99,11 +143,13 @@ def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
     if type(mod) in _COMPUTE_MODULES:
         return OpInfo(COMPUTE, _COMPUTE_MODULES[type(mod)], type(mod))
     if isinstance(mod, _SHARE_MODULES):
-        return OpInfo(SHARE, "avgpool", type(mod))
+        return OpInfo(_avg_pool_role(node, mod), "avgpool", type(mod))
     if isinstance(mod, nn.AdaptiveMaxPool2d):  # no quantized kernel; the max of grid values is on the grid
         return OpInfo(SHARE, "maxpool", type(mod))
     if isinstance(mod, nn.Upsample):
         return OpInfo(_nearest_role(node) if mod.mode == "nearest" else COMPUTE, "interpolate", type(mod))
+    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        return OpInfo(_pool_role(node, mod), "maxpool", type(mod))
     if type(mod) in _DIRECT_MODULES:
         return OpInfo(DIRECT, _DIRECT_MODULES[type(mod)], type(mod))
     return OpInfo(FLOAT, type(mod).__name__, type(mod))
@@ -116,6 +162,10 @@ def _function_info(node: fx.Node) -> OpInfo:
     if fn is F.interpolate:
         nearest = node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
         return OpInfo(_nearest_role(node) if nearest else COMPUTE, "interpolate")
+    if fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+        return OpInfo(_pool_role(node), "maxpool")
+    if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+        return OpInfo(_avg_pool_role(node), "avgpool")
     for table, role in ((_COMPUTE_FUNCTIONS, COMPUTE), (_SHARE_FUNCTIONS, SHARE), (_DIRECT_FUNCTIONS, DIRECT)):
         if fn in table:
             return OpInfo(role, table[fn])

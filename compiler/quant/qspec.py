@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,15 +103,72 @@ def backend_quant(backend: str, reduce_range: bool | None = None) -> BackendQuan
                         QSpec(torch.qint8, -128, 127, symmetric=True, axis=0))
 
 
-@contextlib.contextmanager
-def quantized_engine(engine: str | None) -> Iterator[None]:
-    """Run with ``torch.backends.quantized.engine = engine`` (None: leave it), restoring it afterwards."""
-    previous = torch.backends.quantized.engine
-    if engine is None or previous == engine:
-        yield
-        return
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+class _EngineGate:
+    """``torch.backends.quantized.engine`` is one process-wide setting, which int8 kernels without prepacked
+    weights (add, pooling, hardswish, clamp, ...) dispatch on. Pins of the same engine run together (threads
+    serving one model in parallel); a pin of another engine waits until they are done. The engine found
+    before the first pin is restored after the last. A thread that already holds a pin and pins another
+    engine (a compiled module calling one compiled for another engine) switches at once rather than wait
+    for itself, and new pins wait until it switches back; other threads already running keep running, so
+    only that nesting, from several threads at once, can still mix engines."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders: dict[int, int] = {}  # thread id -> pins it holds
+        self._engine: str | None = None  # the pinned engine while any pin is held
+        self._base = ""  # the engine to restore after the last pin
+        self._nested = 0  # nested switches in effect
+
+    @contextlib.contextmanager
+    def pin(self, engine: str) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(lambda: self._may_enter(me, engine))
+            switched_from = self._enter(me, engine)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._leave(me, switched_from)
+                self._cond.notify_all()
+
+    def _may_enter(self, me: int, engine: str) -> bool:
+        if not self._holders or me in self._holders:
+            return True
+        return self._engine == engine and not self._nested
+
+    def _enter(self, me: int, engine: str) -> str | None:
+        """Take a pin; returns the engine that a nested switch replaced, else None."""
+        switched_from = None
+        if not self._holders:
+            self._base = torch.backends.quantized.engine
+        elif self._engine != engine:
+            switched_from, self._nested = self._engine, self._nested + 1
+        self._set(engine)
+        self._holders[me] = self._holders.get(me, 0) + 1
+        return switched_from
+
+    def _leave(self, me: int, switched_from: str | None) -> None:
+        self._holders[me] -= 1
+        if not self._holders[me]:
+            del self._holders[me]
+        if switched_from is not None:
+            self._nested -= 1
+            self._set(switched_from)
+        if not self._holders:
+            self._set(self._base)
+            self._engine = None
+
+    def _set(self, engine: str) -> None:
+        self._engine = engine
+        if torch.backends.quantized.engine != engine:
+            torch.backends.quantized.engine = engine
+
+
+_ENGINE_GATE = _EngineGate()
+
+
+def quantized_engine(engine: str | None) -> contextlib.AbstractContextManager[None]:
+    """Run with ``torch.backends.quantized.engine = engine`` (None: leave it), restoring it afterwards; safe
+    across threads (see ``_EngineGate``)."""
+    return contextlib.nullcontext() if engine is None else _ENGINE_GATE.pin(engine)

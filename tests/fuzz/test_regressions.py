@@ -1,0 +1,204 @@
+"""Bugs the graph fuzzer (test_fuzz_graphs.py) found, each reduced to a minimal model and fixed.
+
+Each test names the bug; its docstring says what was wrong, which pass was at fault, and the fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fxforge
+from fxforge.quant.sqnr import outputs_sqnr_db
+from helpers import one_intra_op_thread, randomize_bn, rel_error
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
+
+SQNR_FLOOR_DB = 20.0  # these graphs are one or two quantization points deep: ~35 dB (7 bits) to ~41 dB (8 bits)
+
+
+def _int8(model: nn.Module, target: str, x: torch.Tensor) -> tuple[fxforge.CompiledModule, float]:
+    """Compile for ``target`` calibrated on ``x``; (compiled, SQNR of its output on ``x`` against eager)."""
+    compiled = fxforge.compile(model, target, example_inputs=x, calibration=[x])
+    with torch.no_grad():
+        return compiled, outputs_sqnr_db(model(x), compiled(x))
+
+
+def _targets_of(gm: fx.GraphModule) -> list[str]:
+    return [str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes if n.op != "placeholder"]
+
+
+class _MutateThroughFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        F.hardswish(y.flatten(1), inplace=True)  # flatten is a view of y: hardswish changes y too
+        return y * 2
+
+
+def test_cpu_in_place_op_through_a_flatten_of_a_conv_output():
+    """lower-cpu made the conv output channels-last, so ``y.flatten(1)`` became a copy and the in-place
+    hardswish no longer reached ``y`` (relative error 0.6). Fix: lower-cpu makes a value NCHW-contiguous right
+    after its producer when an in-place op mutates it through a flatten/reshape/view (one shared copy)."""
+    model = _MutateThroughFlatten().eval()
+    x = torch.randn(1, 1, 5, 5)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    assert "OneDnnConv2d" in str(compiled.graph_module)  # still lowered
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(1, stride=2), nn.AvgPool2d(1), nn.MaxPool2d((1, 1))],
+                         ids=["max-1x1-stride-2", "avg-1x1", "max-(1,1)"])
+def test_qnnpack_pooling_over_one_element_windows(pool: nn.Module):
+    """qnnpack's int8 pooling kernels reject one-element windows ("1x1 pooling is meaningless": an internal
+    assert at run time). Fix: max pooling over one element (a strided subsampling) is a ``share`` op in the
+    op table (dequantize -> pool -> quantize with the input's qparams, exact), and lower-qnnpack leaves
+    average pooling over one element in that reference form."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), pool).eval()
+    _, db = _int8(model, "qnnpack", torch.randn(3, 4, 5, 6))
+    assert db >= SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+def test_int8_adaptive_average_pooling_of_a_1x1_map_to_a_larger_one(target: str):
+    """torch's int8 adaptive_avg_pool2d is wrong when it upsamples a 1x1 map (N > 1, C > 1: off by whole
+    input ranges, SQNR -2.5 dB; 1x1 maps are NCHW and channels-last at once). Fix: lower-<engine> leaves
+    such pooling in its reference form."""
+    class MeanThenUpsample(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.conv(x).mean((2, 3), keepdim=True))  # an NCHW-strided 1x1 map
+
+    compiled, db = _int8(MeanThenUpsample().eval(), target, torch.randn(3, 8, 7, 6))
+    assert db >= SQNR_FLOOR_DB
+    assert "conv2d" in " ".join(_targets_of(compiled.graph_module))  # the conv still runs on its int8 kernel
+
+
+class _BnPoolRelu6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = randomize_bn(nn.BatchNorm2d(8))
+        self.pool = nn.AdaptiveMaxPool2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self.pool(self.bn(x)))
+
+
+def test_qnnpack_relu6_on_a_channels_last_int8_tensor():
+    """qnnpack's int8 clamp (relu6, hardtanh, clamp) misreads channels-last tensors, which int8 kernels
+    return (here batch norm, then a max-pool in fp32 that keeps the layout): SQNR 1.2 dB. Fix: lower-qnnpack
+    gives every int8 clamp an NCHW-contiguous input."""
+    model = _BnPoolRelu6().eval()
+    compiled, db = _int8(model, "qnnpack", torch.randn(3, 8, 1, 5))
+    assert db >= SQNR_FLOOR_DB
+    assert "batch_norm2d" in _targets_of(compiled.graph_module)
+
+
+class _ConvView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y.view(y.shape[0], -1), y
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+def test_int8_view_of_an_int8_conv_output(target: str):
+    """int8 kernels return channels-last tensors, on which ``.view`` fails: the compile failed on its own
+    example ("view size is not compatible with input tensor's size and stride"). Fix: lower-<engine>
+    restores eager's NCHW layout before ``.view`` (as lower-cpu does)."""
+    _, db = _int8(_ConvView().eval(), target, torch.randn(3, 3, 6, 7))
+    assert db >= SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+def test_int8_outputs_keep_eager_layout(target: str):
+    """An int8 ``cat`` of 1-channel maps, like int8 conv kernels, returns channels-last tensors, so the
+    compiled model's outputs were not contiguous where eager's are (a ``.view`` on them fails). Fix:
+    lower-<engine> makes the outputs contiguous where eager's outputs are (eager's outputs decide: shapes
+    propagated after quantization no longer know eager's layout)."""
+    class CatAndConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([x, x], 1), self.conv(x)
+
+    x = torch.randn(3, 1, 6, 7)
+    compiled, db = _int8(CatAndConv().eval(), target, x)
+    assert db >= SQNR_FLOOR_DB
+    assert all(out.is_contiguous() for out in compiled(x))
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2, padding=1, count_include_pad=False),
+                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)],
+                         ids=["exclude-padding-2", "exclude-padding-3"])
+def test_qnnpack_average_pooling_that_excludes_padding(pool: nn.Module):
+    """qnnpack's int8 average pooling ignores ``count_include_pad=False`` (with padding): SQNR 4.2 dB.
+    Fix: lower-qnnpack leaves such pooling in its reference form (dequantize -> pool -> quantize), which x86
+    and fbgemm still run on int8."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), pool).eval()
+    x = torch.randn(3, 4, 5, 7)
+    for target in ("qnnpack", "x86", "fbgemm"):
+        compiled, db = _int8(model, target, x)
+        assert db >= SQNR_FLOOR_DB
+        assert _pools_on_int8(compiled.graph_module) == (target != "qnnpack")
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_int8_average_pooling_with_a_divisor_override(target: str, functional: bool):
+    """Average pooling requantized its output with its input's qparams, but with ``divisor_override`` it is a
+    scaled sum (3x3 window / 2: up to 4.5x the input range), so outputs saturated: SQNR 19.7 dB (x86) and
+    15.6 dB (qnnpack, whose int8 kernel also ignores the override) for a single conv + pool, ~36 / 42 dB
+    expected. Fix: the op table makes such pooling a compute op, with qparams of its own."""
+    class ConvSumPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(4, 4, 1), nn.AvgPool2d(3, divisor_override=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return F.avg_pool2d(y, 3, divisor_override=2) if functional else self.pool(y)
+
+    _, db = _int8(ConvSumPool().eval(), target, torch.randn(3, 4, 9, 9))
+    assert db >= 30.0
+
+
+def _pools_on_int8(gm: fx.GraphModule) -> bool:
+    """Whether the pooling module reads an int8 tensor (not a dequantized one)."""
+    pool = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                    nn.AvgPool2d))
+    return not (pool.args[0].op == "call_method" and pool.args[0].target == "dequantize")
+
+
+class _SquaresItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x *= x  # legal in eager: the caller's tensor changes
+        return self.conv(x)
+
+
+def test_calibration_leaves_the_callers_data_alone():
+    """Calibration ran the model on the caller's own tensors, so a model that changes its input in place
+    changed the calibration data (found when a second compile on the same list calibrated on x*x and
+    disagreed with the first). Fix: calibration feeds copies, as compile already did for example_inputs."""
+    x = torch.randn(2, 1, 4, 4)
+    data = [x.clone(), x.clone()]
+    fxforge.compile(_SquaresItsInput().eval(), "x86", example_inputs=x.clone(), calibration=data)
+    assert all(torch.equal(batch, x) for batch in data)
