@@ -3,7 +3,7 @@
 For each target hypothesis draws FuzzGraphs (conv with groups / stride / dilation / padding modes,
 conv-transpose, BN, relu / relu6 / hardswish, add, mul, cat, pooling, linear, flatten / reshape; 1-channel,
 odd and 1-pixel shapes, batch 1 and 3: see ``fxforge/fuzz.py``) and checks, on the model built from it:
-- ``cpu`` (fp32): outputs within 1e-4 of max |eager| at the example batch size and at the other one (1 <-> 3),
+- ``cpu`` (fp32): outputs within 1e-4 of max |eager| (+1e-6) at the example batch size and the other one (1 <-> 3),
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;
 - ``x86``, ``fbgemm``, ``qnnpack`` (static int8, calibrated on the example batch itself, so the calibrated
   ranges cover the evaluation data): SQNR against eager >= SQNR_FLOOR_DB, the lowered graph within
@@ -40,6 +40,7 @@ from fxforge.testing import FuzzGraph, FuzzModel, graphs
 from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
 
 RTOL = 1e-4
+ATOL = 1e-6
 SQNR_FLOOR_DB = 8.0
 KERNEL_FLOOR_DB = 15.0
 INT8_TARGETS = ("x86", "fbgemm", "qnnpack")
@@ -56,8 +57,12 @@ def _examples(target: str) -> int:
 
 
 def _fuzz(target: str):
-    """@given(graphs()) with the target's example count."""
-    return lambda test: settings(max_examples=_examples(target), deadline=None,
+    """@given(graphs()) with the target's example count. The suite (and CI) draws the same examples every run
+    (derandomize): the SQNR floors are statistical, and a run must not fail on a graph no one has looked at.
+    ``make fuzz`` (FXFORGE_FUZZ_EXAMPLES set) explores new random graphs."""
+    explore = "FXFORGE_FUZZ_EXAMPLES" in os.environ
+    return lambda test: settings(max_examples=_examples(target), deadline=None, derandomize=not explore,
+                                 database=None if not explore else settings.default.database,
                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
         given(graph=graphs())(test))
 
@@ -84,7 +89,11 @@ def _check_fp32(model: FuzzModel, compiled: fxforge.CompiledModule, x: torch.Ten
     expected, x_eager = _run(model, x)
     actual, x_compiled = _run(compiled, x)
     _check_layout(actual, expected)
-    assert rel_error(actual, expected) <= RTOL, f"rel error {rel_error(actual, expected):.3g} at batch {len(x)}"
+    # relative to the output's scale, with an absolute floor: a BN over a constant map gives eager ~1e-9 where
+    # the folded conv gives 0 (cancellation at float eps of unit-scale inputs), which no relative bound admits
+    abs_err = max((a - e).abs().max().item() for a, e in zip(actual, expected, strict=True))
+    scale = max(e.abs().max().item() for e in expected)
+    assert abs_err <= RTOL * scale + ATOL, f"error {abs_err:.3g} (max |eager| {scale:.3g}) at batch {len(x)}"
     assert rel_error(x_compiled, x_eager) <= RTOL, "the input was mutated differently than in eager"
 
 
