@@ -5,21 +5,25 @@ conv-transpose, BN, relu / relu6 / hardswish, add, mul, cat, pooling, linear, fl
 odd and 1-pixel shapes, batch 1 and 3: see ``fxforge/fuzz.py``) and checks, on the model built from it:
 - ``cpu`` (fp32): outputs within 1e-4 of max |eager| (+1e-6) at the example batch size and the other one (1 <-> 3),
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;
-- ``x86``, ``fbgemm``, ``qnnpack`` (static int8, calibrated on the example batch itself, so the calibrated
-  ranges cover the evaluation data): SQNR against eager >= SQNR_FLOOR_DB, the lowered graph within
-  KERNEL_FLOOR_DB of its own reference int8 graph (kernels may only round differently), the same at the
-  other batch size (its samples taken from the example batch), eager's layout;
+- ``x86``, ``fbgemm``, ``qnnpack`` (static int8): calibrated on the very batch it is evaluated on (8 samples,
+  the example's first, so the calibrated ranges cover the data): SQNR against eager >= SQNR_FLOOR_DB; the
+  lowered graph >= KERNEL_FLOOR_DB from its own reference int8 graph (kernels may only round differently);
+  batches of 1 and 3 give the same rows as the batch of 8; eager's layout and input mutation;
 - every target: the user's model is untouched (state_dict, training flags, submodules).
 
 SQNR floors. With b-bit activations over a calibrated range of about +-4 sigma, one quantization point of a
 Gaussian-like value costs SQNR ~ 6.02 b - 7.3 dB: 35 dB at 7 bits (x86 / fbgemm without VNNI use
-reduce_range), 41 dB at 8 bits (qnnpack), which are the medians measured over 500 drawn graphs per target
-(36.9 / 35.6 / 41.3 dB). The low tail is by design: average pooling and means keep their input's qparams, so
-a spatial mean of a zero-mean value (a conv without relu, then global pooling) loses up to 10 log10(H*W) dB,
-and errors add up over up to 8 quantization points: the lowest bug-free value measured over 2,000 graphs
-(after the fixes in test_regressions.py) was 12.3 dB. Every bug the fuzzer found gave <= 4.2 dB (-2.6 to 4.2),
-so SQNR_FLOOR_DB = 8 separates the two. The lowered graph against its reference graph differs only where a
-kernel rounds differently (one int8 step on some elements): measured >= 23.6 dB, floor 15 dB.
+reduce_range), 41 dB at 8 bits (qnnpack); the medians over 700 drawn graphs per target were 34.0 / 33.8 /
+39.4 dB. The low tail is by design, not bugs: an output much smaller than the quantization steps of its
+inputs (cancellation in a conv), spatial means requantized with their input's qparams (a mean of a zero-mean
+value loses up to 10 log10(H*W) dB), a standalone BN that scales up narrow channels of a per-tensor quantized
+input, errors adding up over up to 8 quantization points. The lowest bug-free values over those 2,100 graphs
+(after the fixes in test_regressions.py): 7.3 dB against eager, 15.9 dB lowered against reference. The bugs
+the fuzzer found gave -2.6 to 4.2 dB against eager (lowering bugs: -2.5 to 3.4 dB against the reference), so
+SQNR_FLOOR_DB = 5 catches outright broken quantization (wrong qparams or kernels, saturated or sign-flipped
+values) and KERNEL_FLOOR_DB = 10 any kernel that computes something else than its reference region. Subtle
+precision losses (the divisor_override bug: 15-19 dB) pass both: read the low tail of a ``make fuzz`` run
+(its hypothesis statistics list the SQNR distribution).
 
 Examples: EXAMPLES per target (550 in all) in CI; ``FXFORGE_FUZZ_EXAMPLES=n`` runs n per target
 (``make fuzz``). Every failure found is a named test in test_regressions.py.
@@ -27,12 +31,13 @@ Examples: EXAMPLES per target (550 in all) in CI; ``FXFORGE_FUZZ_EXAMPLES=n`` ru
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 
 import fxforge
 from fxforge.quant.sqnr import outputs_sqnr_db
@@ -41,8 +46,8 @@ from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snap
 
 RTOL = 1e-4
 ATOL = 1e-6
-SQNR_FLOOR_DB = 8.0
-KERNEL_FLOOR_DB = 15.0
+SQNR_FLOOR_DB = 5.0
+KERNEL_FLOOR_DB = 10.0
 INT8_TARGETS = ("x86", "fbgemm", "qnnpack")
 EXAMPLES = {"cpu": 250, "x86": 100, "fbgemm": 80, "qnnpack": 120}
 
@@ -107,34 +112,37 @@ def test_cpu_matches_eager(graph: FuzzGraph) -> None:
     assert_unchanged(model, snapshot)
 
 
-def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """A batch of the other size (1 <-> 3) made of the example's samples, and which ones."""
-    rows = [0] if len(x) > 1 else [0, 0, 0]
-    return x[rows].clone(), rows
+EVAL_BATCH = 8
+
+
+def _bucket(db: float) -> str:
+    low = min(5 * math.floor(db / 5), 40) if math.isfinite(db) else 40
+    return f">= {low} dB" if low == 40 else f"{low}-{low + 5} dB"
 
 
 def _check_int8(target: str, graph: FuzzGraph) -> None:
     model = FuzzModel(graph)
     snapshot = state_snapshot(model)
-    x = graph.example()
-    compiled = fxforge.compile(model, target, example_inputs=x.clone(), calibration=[x.clone()])
-    reference = fxforge.compile(model, target, example_inputs=x.clone(), calibration=[x.clone()],
+    example = graph.example()
+    data = torch.cat([example, graph.example(EVAL_BATCH - len(example), seed=2)])  # the example's samples first
+    compiled = fxforge.compile(model, target, example_inputs=example.clone(), calibration=[data.clone()])
+    reference = fxforge.compile(model, target, example_inputs=example.clone(), calibration=[data.clone()],
                                 pipeline=fxforge.pipeline_for(target).replace(f",lower-{target}", ""))
-    expected, x_eager = _run(model, x)
-    actual, x_compiled = _run(compiled, x)
+    expected, x_eager = _run(model, data)
+    actual, x_compiled = _run(compiled, data)
     _check_layout(actual, expected)
     db = outputs_sqnr_db(expected, actual)
+    event(f"SQNR against eager: {_bucket(db)}")  # --hypothesis-show-statistics lists the distribution
     assert db >= SQNR_FLOOR_DB, f"{target}: SQNR {db:.1f} dB against eager"
     assert outputs_sqnr_db(x_eager, x_compiled) >= SQNR_FLOOR_DB, "the input was mutated differently than in eager"
-    kernels_db = outputs_sqnr_db(_run(reference, x)[0], actual)
+    kernels_db = outputs_sqnr_db(_run(reference, data)[0], actual)
     assert kernels_db >= KERNEL_FLOOR_DB, f"{target}: lowered graph {kernels_db:.1f} dB from its reference graph"
 
-    other, rows = _other_batch(x)
-    actual_other, _ = _run(compiled, other)
-    _check_layout(actual_other, _run(model, other)[0])
-    same_rows = tuple(a[rows] if a.dim() and len(a) == len(x) else a for a in actual)
-    other_db = outputs_sqnr_db(same_rows, actual_other)
-    assert other_db >= KERNEL_FLOOR_DB, f"{target}: batch {len(other)} gives other values ({other_db:.1f} dB)"
+    for batch in (1, 3):  # the example's batch size and the other one: the same rows as at batch 8
+        rows, _ = _run(compiled, data[:batch])
+        _check_layout(rows, _run(model, data[:batch])[0])
+        rows_db = outputs_sqnr_db(tuple(a[:batch] for a in actual), rows)
+        assert rows_db >= KERNEL_FLOOR_DB, f"{target}: batch {batch} gives other values ({rows_db:.1f} dB)"
     assert_unchanged(model, snapshot)
 
 
