@@ -202,3 +202,24 @@ def test_calibration_leaves_the_callers_data_alone():
     data = [x.clone(), x.clone()]
     fxforge.compile(_SquaresItsInput().eval(), "x86", example_inputs=x.clone(), calibration=data)
     assert all(torch.equal(batch, x) for batch in data)
+
+
+class _ScaledSigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 16 * torch.sigmoid(self.conv(x))  # as swin_v2's continuous position bias
+
+
+def test_qnnpack_sigmoid_with_calibrated_qparams():
+    """Found by the zoo sweep (swin_v2_t/s/b on qnnpack): qnnpack's int8 sigmoid only produces output qparams
+    (1/256, 0) and hits an internal assert for any others, such as the calibrated ones. Fix: lower-qnnpack
+    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel."""
+    x = torch.randn(2, 4, 5, 5)
+    for target in ("qnnpack", "x86"):
+        compiled, db = _int8(_ScaledSigmoid().eval(), target, x)
+        assert db >= SQNR_FLOOR_DB
+        on_int8 = any(n.target is torch.ops.quantized.sigmoid for n in compiled.graph_module.graph.nodes)
+        assert on_int8 == (target == "x86")
