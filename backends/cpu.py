@@ -56,6 +56,7 @@ class _Prepacked(nn.Module):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("packed_weight", None)
+        state.pop("other_sizes", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -73,6 +74,9 @@ class _Prepacked(nn.Module):
         self._pack()
 
 
+MAX_OTHER_SIZES = 4  # input sizes besides the example's that a conv packs its weight for
+
+
 class OneDnnConv2d(_Prepacked):
     """Conv2d (+ add) (+ activation) on oneDNN with a weight prepacked for the example input size."""
 
@@ -88,24 +92,44 @@ class OneDnnConv2d(_Prepacked):
         self._pack()
 
     def _pack(self) -> None:
-        self.packed_weight = _mkldnn._reorder_convolution_weight(
-            self.weight, self.padding, self.stride, self.dilation, self.groups, self.input_size)
+        self.packed_weight = self._pack_for(self.input_size)
+        self.other_sizes: dict[tuple[int, ...], torch.Tensor] = {}  # input size -> weight packed for it
+
+    def _pack_for(self, input_size: list[int] | None) -> torch.Tensor:
+        return _mkldnn._reorder_convolution_weight(
+            self.weight, self.padding, self.stride, self.dilation, self.groups, input_size)
+
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight packed for ``x``'s size. oneDNN may pick a weight layout per input size, and a weight
+        packed for another size can then run ~100x slower (measured: regnet_y_8gf's 896-channel, 16-group
+        convs on 4x4 maps, packed at batch 2 and run at batch 1: 40 ms instead of 0.3 ms). Other sizes get
+        their own packing (up to MAX_OTHER_SIZES of them; past that, the dense weight: eager's speed)."""
+        size = tuple(x.shape)
+        if self.input_size is None or list(size) == self.input_size:
+            return self.packed_weight
+        packed = self.other_sizes.get(size)
+        if packed is None:
+            if len(self.other_sizes) >= MAX_OTHER_SIZES:
+                return self.weight
+            packed = self.other_sizes[size] = self._pack_for(list(size))
+        return packed
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous(memory_format=_CHANNELS_LAST)
+        weight = self._weight_for(x)
         if not self.binary:
             return _mkldnn._convolution_pointwise(
-                x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
                 self.unary, self.unary_scalars, "")
         if other.size(1) == 1 or other.size(2) * other.size(3) == 1:
             # One channel or 1x1 maps: NCHW and NHWC strides coincide, and oneDNN's fused sum fails on these
             # in some torch builds (2.11: "could not create a memory"). Add outside the kernel instead.
             y = _mkldnn._convolution_pointwise(
-                x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
                 "none", [], "") + other
             return ACTIVATIONS[self.activation](y) if self.activation else y
         return _mkldnn._convolution_pointwise.binary(
-            x, other, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            x, other, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "add", None, self.binary_unary, self.unary_scalars, "")
 
     def extra_repr(self) -> str:

@@ -26,8 +26,8 @@ Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCH
 ``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
 Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
 (relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
-windows, count_include_pad=False with padding) and adaptive pooling that upsamples a 1x1
-map (wrong on every engine) keep their reference form.
+windows, count_include_pad=False with padding), adaptive pooling that upsamples a 1x1 map (wrong on
+every engine) and, on qnnpack, sigmoid with other output qparams than (1/256, 0) keep their reference form.
 Preconditions: ``quantized`` (insert-qdq ran); convs fused with relu, and with an add only where oneDNN packs
 the weight (the x86 target's pipeline fuses conv+add; fbgemm and qnnpack have no conv+add kernel and their
 pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 reference form).
@@ -65,6 +65,7 @@ _BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "m
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
 _CLAMPS = {"relu6", "hardtanh", "clamp"}
+_QNNPACK_SIGMOID_QPARAMS = (1.0 / 256, 0)
 
 
 def _is_dq(node: Any) -> bool:
@@ -282,6 +283,8 @@ def _lower_unary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -
     kind = stored(op).get("kind")
     if act is not None or kind not in _UNARY or not _is_dq(op.args[0]) or len(op.all_input_nodes) != 1:
         return None
+    if low.engine == "qnnpack" and kind == "sigmoid" and low.qparams(q) != _QNNPACK_SIGMOID_QPARAMS:
+        return None  # qnnpack's int8 sigmoid only produces these (others: an internal assert at run time)
     return low.emit(q, _UNARY[kind], (op.args[0].args[0],), [op], kind)
 
 

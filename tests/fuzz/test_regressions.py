@@ -5,6 +5,8 @@ Each test names the bug; its docstring says what was wrong, which pass was at fa
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,3 +204,45 @@ def test_calibration_leaves_the_callers_data_alone():
     data = [x.clone(), x.clone()]
     fxforge.compile(_SquaresItsInput().eval(), "x86", example_inputs=x.clone(), calibration=data)
     assert all(torch.equal(batch, x) for batch in data)
+
+
+class _ScaledSigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 16 * torch.sigmoid(self.conv(x))  # as swin_v2's continuous position bias
+
+
+def test_qnnpack_sigmoid_with_calibrated_qparams():
+    """Found by the zoo sweep (swin_v2_t/s/b on qnnpack): qnnpack's int8 sigmoid only produces output qparams
+    (1/256, 0) and hits an internal assert for any others, such as the calibrated ones. Fix: lower-qnnpack
+    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel."""
+    x = torch.randn(2, 4, 5, 5)
+    for target in ("qnnpack", "x86"):
+        compiled, db = _int8(_ScaledSigmoid().eval(), target, x)
+        assert db >= SQNR_FLOOR_DB
+        on_int8 = any(n.target is torch.ops.quantized.sigmoid for n in compiled.graph_module.graph.nodes)
+        assert on_int8 == (target == "x86")
+
+
+def test_cpu_conv_packs_its_weight_per_input_size():
+    """Found by the zoo sweep (regnet_y_8gf: 7x slower than eager at batch 1 after compiling at batch 2):
+    oneDNN lays a prepacked conv weight out for one input size, and run at another size the same weight can
+    be ~100x slower (its 896-channel, 16-group convs on 4x4 maps: 40 ms instead of 0.3 ms). Fix: OneDnnConv2d
+    packs its weight once per input size it meets (up to MAX_OTHER_SIZES, then the dense weight). Checked
+    here by values and by which weight each size uses (no timing)."""
+    from fxforge.backends.cpu import MAX_OTHER_SIZES, OneDnnConv2d
+
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=16), nn.ReLU()).eval()
+    compiled = fxforge.compile(model, "cpu", example_inputs=torch.randn(2, 64, 4, 4))
+    conv = next(m for m in compiled.modules() if isinstance(m, OneDnnConv2d))
+    sizes = [(b, 64, 4, 4) for b in (1, 3, 5, 6, 7, 9)] + [(2, 64, 4, 4)]
+    for size in sizes:
+        x = torch.randn(size)
+        with torch.no_grad():
+            assert rel_error(compiled(x), model(x)) <= 1e-5
+    assert list(conv.other_sizes) == sizes[:MAX_OTHER_SIZES]  # the example's size keeps its own packing
+    assert conv._weight_for(torch.randn(9, 64, 4, 4)) is conv.weight  # past the cap: the dense weight
+    assert not copy.deepcopy(conv).other_sizes  # copies pack again when they need to
