@@ -93,7 +93,8 @@ class _Lowering:
         engines = engines or self.kernel_engines
         x = example_int8_input(self.gm, dequantize) if len(engines) > 1 else None
         engine, packed = fastest_prepacked(kernel, prepack, engines, x, scale, zero_point)
-        self.chosen[engine] = self.chosen.get(engine, 0) + 1
+        if x is not None:  # a measured choice (conv2d_add has one engine only: not counted)
+            self.chosen[engine] = self.chosen.get(engine, 0) + 1
         return packed
 
     def pack(self, packed: PackedWeight) -> fx.Node:
