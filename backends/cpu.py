@@ -93,6 +93,7 @@ class OneDnnConv2d(_Prepacked):
 
     def _pack(self) -> None:
         self.packed_weight = self._pack_for(self.input_size)
+        self.packed_size = None if self.input_size is None else tuple(self.input_size)
         self.other_sizes: dict[tuple[int, ...], torch.Tensor] = {}  # input size -> weight packed for it
 
     def _pack_for(self, input_size: list[int] | None) -> torch.Tensor:
@@ -104,8 +105,8 @@ class OneDnnConv2d(_Prepacked):
         packed for another size can then run ~100x slower (measured: regnet_y_8gf's 896-channel, 16-group
         convs on 4x4 maps, packed at batch 2 and run at batch 1: 40 ms instead of 0.3 ms). Other sizes get
         their own packing (up to MAX_OTHER_SIZES of them; past that, the dense weight: eager's speed)."""
-        size = tuple(x.shape)
-        if self.input_size is None or list(size) == self.input_size:
+        size = x.shape  # torch.Size: a tuple, compared without building a list per call
+        if self.input_size is None or size == self.packed_size:
             return self.packed_weight
         packed = self.other_sizes.get(size)
         if packed is None:
