@@ -4,7 +4,8 @@ Rewrites, using the plan insert-observers stored on each node:
     observer_k(v)           -> quantize_per_tensor(v, act_k_scale, act_k_zero_point, quint8)
     compute op (conv, add)  -> reads dequantize(x) for each quantized input; its output is quantized by
                                the node above (``dq -> op -> q``, the pattern lowering passes match)
-    direct op (flatten,...) -> unchanged: runs on the quantized tensor and keeps its qparams
+    direct op (flatten,...) -> unchanged: runs on the quantized tensor and keeps its qparams (``view`` becomes
+                               ``reshape``: int8 tensors may be channels-last where eager's were not)
     share op (avg-pool)     -> dq -> op -> quantize with its input's qparams
     fp32 island / output    -> reads dequantize(x)
     weighted layers         -> weight replaced by its int8 grid values (quantize_per_channel + dequantize),
@@ -101,6 +102,10 @@ class _Converter:
         elif plan.get("role") == META or (plan.get("role") in (DIRECT, CAT) and plan.get("state") == "derived"):
             if plan["role"] != META:
                 self.quantized.add(node)  # runs on the quantized input, keeps its qparams
+            if node.op == "call_method" and node.target == "view" and plan["role"] == DIRECT:
+                # int8 cat of 1-channel maps (and int8 kernels) can return channels-last tensors, which .view
+                # cannot reshape; int8 values are never changed in place, so reshape's copy is unobservable
+                node.target = "reshape"
         else:
             self.read_fp32(node)
             if plan.get("role") == SHARE and plan.get("state") == "requant":

@@ -246,3 +246,18 @@ def test_cpu_conv_packs_its_weight_per_input_size():
     assert list(conv.other_sizes) == sizes[:MAX_OTHER_SIZES]  # the example's size keeps its own packing
     assert conv._weight_for(torch.randn(9, 64, 4, 4)) is conv.weight  # past the cap: the dense weight
     assert not copy.deepcopy(conv).other_sizes  # copies pack again when they need to
+
+
+class _CatThenView(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([x, x], 1)
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+def test_int8_view_of_an_int8_cat_of_one_channel_maps(target: str):
+    """torch's int8 cat of 1-channel maps returns a channels-last tensor, so ``.view`` failed inside
+    insert-qdq's own run of the reference graph (PassError from a ShapeProp error). Fix: insert-qdq turns
+    ``view`` on int8 values into ``reshape`` (int8 values are never changed in place: the copy is unseen)."""
+    _, db = _int8(_CatThenView().eval(), target, torch.randn(2, 1, 1, 3))
+    assert db >= SQNR_FLOOR_DB
