@@ -37,7 +37,7 @@ from fxforge.quant.plan import ABSORBED, CAT, DIRECT, META, OBSERVER_KEY, SHARE,
 from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
-from fxforge.quant.sqnr import capture, local_errors, sample_inputs, sqnr_db
+from fxforge.quant.sqnr import capture, local_errors_and_values, sample_inputs, sqnr_db
 from fxforge.report import QuantLayerRecord, QuantSummary
 
 from .insert_observers import quant_options
@@ -161,7 +161,6 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
     roots = {**{q.name: root for root, q in conv.q_of_root.items()}, **{q.name: op for op, q in conv.requant.items()}}
     inputs = _report_inputs(gm, ctx)
     fp32 = capture(observed, inputs, {v.name for v in roots.values()})
-    got = capture(gm, inputs, set(roots))
     fp32_op = _fp32_op(observed)
     first_op = {q: (op.args[0] if stored(op).get("role") == ABSORBED else op) for q, (op, _) in heads.items()}
     activation = {first_op[q].name: op for q, (op, _) in heads.items() if op is not first_op[q]}
@@ -171,7 +170,7 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
         act = activation.get(node.name)  # an absorbed relu runs before the layer's quantize
         return y if act is None else fp32_op(act, (y, *act.args[1:]), dict(act.kwargs))
 
-    local = local_errors(gm, inputs, {first_op[q].name: q for q in heads}, reference)
+    local, got = local_errors_and_values(gm, inputs, {first_op[q].name: q for q in heads}, reference, set(roots))
     records = []
     for q_name, value in roots.items():
         gid = stored(value).get("group")

@@ -56,13 +56,14 @@ class _Capture(fx.Interpreter):
         return out
 
 
-class _LocalError(fx.Interpreter):
+class _LocalError(_Capture):
     """Runs the quantized graph; at each layer head also runs ``reference(head, args, kwargs)`` (the fp32 op
-    on the same inputs) and keeps it until that layer's quantize node produces its value."""
+    on the same inputs) and keeps it until that layer's quantize node produces its value. Like ``_Capture``
+    it also keeps the values of the nodes named in ``keep`` (one run of the graph serves both)."""
 
     def __init__(self, gm: fx.GraphModule, heads: dict[str, str],
-                 reference: Callable[[fx.Node, tuple, dict], torch.Tensor]) -> None:
-        super().__init__(gm)
+                 reference: Callable[[fx.Node, tuple, dict], torch.Tensor], keep: set[str] = frozenset()) -> None:
+        super().__init__(gm, keep)
         self.heads, self.reference = heads, reference  # head node name -> quantize node name
         self.pending: dict[str, torch.Tensor] = {}
         self.local: dict[str, float] = {}
@@ -101,7 +102,14 @@ def capture(gm: fx.GraphModule, inputs: tuple, keep: set[str]) -> dict[str, torc
 def local_errors(gm: fx.GraphModule, inputs: tuple, heads: dict[str, str],
                  reference: Callable[[fx.Node, tuple, dict], torch.Tensor]) -> dict[str, float]:
     """quantize-node name -> local SQNR (see the module docstring)."""
+    return local_errors_and_values(gm, inputs, heads, reference, set())[0]
+
+
+def local_errors_and_values(gm: fx.GraphModule, inputs: tuple, heads: dict[str, str],
+                            reference: Callable[[fx.Node, tuple, dict], torch.Tensor],
+                            keep: set[str]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``local_errors`` and ``capture(gm, inputs, keep)`` from one run of the graph."""
     with torch.no_grad():
-        interp = _LocalError(gm, heads, reference)
+        interp = _LocalError(gm, heads, reference, keep)
         interp.run(*inputs)
-    return interp.local
+    return interp.local, interp.values
