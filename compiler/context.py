@@ -58,6 +58,9 @@ class PassContext:
         return gm
 
     def propagate(self, gm: fx.GraphModule) -> Any:
-        """Run ``gm`` on (copies of) the example inputs, recording shapes in node.meta; returns its output."""
-        with torch.no_grad():
+        """Run ``gm`` on (copies of) the example inputs, recording shapes in node.meta; returns its output.
+        Observers in ``gm`` do not record these inputs: they are not calibration data."""
+        from .quant.observers import observers_paused
+
+        with torch.no_grad(), observers_paused():
             return ShapeProp(gm).propagate(*self.fresh_inputs())

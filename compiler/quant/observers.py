@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +41,23 @@ from torch import Tensor, nn
 from .qspec import QSpec
 
 __all__ = ["OBSERVERS", "EntropyObserver", "HistogramBasedObserver", "HistogramObserver", "MinMaxObserver",
-           "MovingAverageMinMaxObserver", "Observer", "PercentileObserver", "make_observer"]
+           "MovingAverageMinMaxObserver", "Observer", "PercentileObserver", "make_observer", "observers_paused"]
+
+# True while observers must not record (per thread / task: a check in one thread never pauses another's calibration)
+_PAUSED: ContextVar[bool] = ContextVar("fxforge_observers_paused", default=False)
+
+
+@contextmanager
+def observers_paused() -> Iterator[None]:
+    """Observers pass values through without recording statistics inside this block.
+
+    For every run of an observed graph on data that is not calibration data: shape propagation and
+    ``verify="numeric"`` run it on the example inputs, which must not widen the calibrated ranges."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 class Observer(nn.Module):
@@ -62,7 +81,7 @@ class Observer(nn.Module):
         return self._batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > 0:
+        if x.numel() > 0 and not _PAUSED.get():
             with torch.no_grad():
                 if self._observe(x.detach().float()):
                     self._batches += 1

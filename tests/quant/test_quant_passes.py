@@ -223,6 +223,19 @@ def test_verify_numeric_accepts_int8_by_sqnr():
     assert compiled.report.quantization.model_sqnr_db >= 30
 
 
+@pytest.mark.parametrize("target", ["x86", "qnnpack"])
+def test_verify_numeric_does_not_calibrate_on_the_example_inputs(target: str):
+    """The numeric check ran the observed graph on the example inputs, so their range leaked into the
+    observers (examples wider than the calibration data widened the scales). The same
+    qparams come out with and without the check."""
+    model = realistic_toy()
+    plain = fxforge.compile(model, target, example_inputs=X * 1.2, calibration=batches(2))
+    checked = fxforge.compile(model, target, example_inputs=X * 1.2, calibration=batches(2), verify="numeric")
+    scales = [(r.node, r.scale, r.zero_point) for r in plain.report.quantization.layers]
+    assert scales == [(r.node, r.scale, r.zero_point) for r in checked.report.quantization.layers]
+    assert len(scales) > 2
+
+
 def test_conv_bn_relu_variants_reach_30db():
     for seed in range(3):
         torch.manual_seed(seed)
