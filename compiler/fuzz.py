@@ -10,7 +10,8 @@ exactly the drawn ops). Ops and their variants:
                   zeros / reflect / replicate / circular padding modes, with or without bias
     conv_t        ConvTranspose2d: groups, stride, dilation, padding, output_padding
     bn            BatchNorm2d / BatchNorm1d, affine or not
-    act           relu / relu6 / hardswish as modules, functions, methods, in place or not
+    act           relu / relu6 / hardswish / silu / sigmoid / tanh / gelu as modules, functions, methods, in
+                  place or not (where torch has the spelling; else the function)
     add, mul      same shape or broadcast ((C, 1, 1) against (C, H, W)), operator / torch / Tensor spellings
     cat           along channels (dim 1 or its negative spelling)
     pool          max / avg (kernel, stride, padding, ceil_mode), adaptive avg / max, mean over H and W
@@ -76,8 +77,12 @@ class FuzzGraph:
 
 # --- running one op -------------------------------------------------------------------------------------------
 
-_ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
-_ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish}
+_ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU,
+                "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
+_ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu,
+                  "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu}
+_ACT_INPLACE_ARG = {"relu", "relu6", "hardswish", "silu"}  # modules and functions with an ``inplace`` argument
+_ACT_TENSOR_METHODS = {"relu", "sigmoid", "tanh"}  # x.relu() / x.relu_(), x.sigmoid() / x.sigmoid_(), ...
 ACT_SPELLINGS = ("module", "module-inplace", "F", "F-inplace", "torch", "method", "method-inplace")
 _BINARY = {
     "add": {"op": operator.add, "torch": torch.add, "method": lambda a, b: a.add(b)},
@@ -99,7 +104,8 @@ def _make_module(op: Op, src_shape: Shape) -> nn.Module | None:
     if op.kind == "linear":
         return nn.Linear(src_shape[-1], p["out_features"], bias=p["bias"])
     if op.kind == "act" and p["spelling"].startswith("module"):
-        return _ACT_MODULES[p["fn"]](inplace=p["spelling"] == "module-inplace")
+        inplace = dict(inplace=p["spelling"] == "module-inplace") if p["fn"] in _ACT_INPLACE_ARG else {}
+        return _ACT_MODULES[p["fn"]](**inplace)
     if op.kind == "pool" and p["spelling"] == "module":
         return _pool_module(p)
     if op.kind == "flatten" and p["spelling"] == "module":
@@ -126,13 +132,15 @@ def _act(p: dict[str, Any], x: torch.Tensor, module: nn.Module | None) -> torch.
     if module is not None:
         return module(x)
     inplace = spelling.endswith("inplace")
-    if spelling.startswith("F"):
+    if spelling.startswith("method") and fn in _ACT_TENSOR_METHODS:
+        return getattr(x, f"{fn}_" if inplace else fn)()
+    if spelling == "torch" and fn in _ACT_TENSOR_METHODS:  # torch.relu, torch.sigmoid, torch.tanh
+        return getattr(torch, fn)(x)
+    if fn in _ACT_INPLACE_ARG:  # F.relu6(x, inplace=...) and the like
         return _ACT_FUNCTIONS[fn](x, inplace=inplace)
-    if spelling == "torch":  # torch.relu / torch.relu_ exist; relu6 and hardswish only in F
-        return torch.relu(x) if fn == "relu" else _ACT_FUNCTIONS[fn](x)
-    if fn == "relu":
-        return x.relu_() if inplace else x.relu()
-    return _ACT_FUNCTIONS[fn](x, inplace=inplace)
+    if inplace and fn in _ACT_TENSOR_METHODS:  # F-inplace of sigmoid / tanh: torch.sigmoid_
+        return getattr(torch, f"{fn}_")(x)
+    return _ACT_FUNCTIONS[fn](x)  # gelu has no in-place form
 
 
 def _binary(kind: str, spelling: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_graphs_reach_every_op_variant_and_shape():
         "conv-padding-int", "conv-padding-same", "conv-padding-valid",
         "conv-zeros", "conv-reflect", "conv-replicate", "conv-circular",
         "conv_t", "conv_t-groups", "conv_t-stride", "conv_t-dilation", "conv_t-output-padding",
-        "bn", "bn-1d", "act-relu", "act-relu6", "act-hardswish",
+        "bn", "bn-1d", "act-relu", "act-relu6", "act-hardswish", "act-silu", "act-sigmoid", "act-tanh", "act-gelu",
         *(f"act-{s}" for s in ("module", "module-inplace", "F", "F-inplace", "torch", "method", "method-inplace")),
         *(f"{k}-{s}" for k in ("add", "mul") for s in ("op", "torch", "method", "inplace")), "mul-broadcast",
         "cat", "cat-negative-dim", "pool-max", "pool-avg", "pool-adaptive_avg", "pool-adaptive_max", "pool-mean",
