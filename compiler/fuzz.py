@@ -223,6 +223,28 @@ class FuzzModel(nn.Module):
         outputs = tuple(values[i] for i in self.graph.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
+    @torch.no_grad()
+    def forward_with_rounding_noise(self, x: torch.Tensor, bits: int = 7, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """The outputs when the input and every op's output carry rounding-sized noise: uniform noise of one
+        ``bits``-bit step of that value's range (what per-tensor int8 quantization adds at each point).
+
+        Comparing these with the clean outputs tells how much any int8 compile of this graph can keep: a graph
+        whose output is a near-cancellation of large intermediate values (two 1x1 convs whose product of
+        weights is ~0) turns rounding noise into noise larger than its output, whatever the compiler does."""
+        g = torch.Generator().manual_seed(seed)
+
+        def noisy(v: torch.Tensor) -> torch.Tensor:
+            if not v.is_floating_point() or v.numel() == 0:
+                return v
+            step = (v.max() - v.min()).clamp_min(1e-12) / (2 ** bits - 1)
+            return v + (torch.rand(v.shape, generator=g) - 0.5) * step
+
+        values = [noisy(x)]
+        for i, op in enumerate(self.graph.ops):
+            module = getattr(self, f"{op.kind}{i + 1}", None)
+            values.append(noisy(run_op(op, [values[s] for s in op.srcs], module)))  # in-place ops as in forward
+        return tuple(values[i] for i in self.graph.outputs)
+
 
 @torch.no_grad()
 def _init_weights(model: nn.Module, g: torch.Generator) -> None:
