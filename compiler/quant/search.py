@@ -120,10 +120,14 @@ def _db(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _error(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> float:
-    signal = sum(float(r.double().pow(2).sum()) for r in refs)
-    noise = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs, strict=True))
-    return _db(signal, noise)
+def _power(refs: Sequence[torch.Tensor]) -> float:
+    return sum(float(r.float().square().sum(dtype=torch.float64)) for r in refs)
+
+
+def _noise(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> float:
+    # squares in float32 (relative error ~1e-7), sums in float64
+    return sum(float((o.float() - r.float()).square().sum(dtype=torch.float64)) for o, r in zip(outs, refs,
+                                                                                                 strict=True))
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,9 @@ class ObserverSearch:
             return options  # trained QAT qparams are kept
         seen = {(options[0].scale, options[0].zero_point)}
         for choice in self.activations:
+            if choice == "histogram" and type(configured) is HistogramObserver \
+                    and configured.bins == histograms[gid].bins:
+                continue  # the configured observer itself (the default): same qparams
             observer = observer_from_histogram(choice, histograms[gid])
             option = self._option(observer.describe(), observer)
             if (option.scale, option.zero_point) not in seen:  # same qparams: same numerics, nothing to try
@@ -273,11 +280,11 @@ class ObserverSearch:
         """Pick (weight scheme, activation option) with the best local SQNR; returns the scheme."""
         options = [self.decided[gid]] if gid in self.decided else (
             self._options(gid, self.histograms) if gid is not None else [None])
-        scores = {}
+        scores, signal = {}, _power(refs)
         for scheme, outs in values.items():
             for i, option in enumerate(options):
                 quantized = outs if option is None else [self.fake_quant(v, option) for v in outs]
-                scores[(scheme, i)] = _error(refs, quantized)
+                scores[(scheme, i)] = _db(signal, _noise(refs, quantized))
         default = (configured, 0)
         best = self._pick(scores, default)
         if gid is not None and gid not in self.decided:
