@@ -23,13 +23,16 @@ by several values (the inputs of a ``cat``) is decided at its first value. The c
 and any gain under ``min_gain_db``, so on the search data no layer is worse than without the search.
 
 Cost: one emulated int8 forward per search batch, plus, per conv/linear, its fp32 reference and one run per
-extra weight scheme: about ``2 + len(weight choices) - 1`` model forwards in all (3 with both schemes),
-plus one plain forward when histograms must be collected; fake-quantization of each candidate is elementwise.
+extra weight scheme: ``1 + len(weight choices)`` model forwards over the search batches in all (3 with both
+schemes; conv/linear runs dominate), plus one plain forward when histograms must be collected (a configured
+observer without one, e.g. minmax); fake-quantizing each activation candidate is elementwise. Memory: every
+batch's values are alive at once (as if the batches were one), and at a conv/linear one output per scheme.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,14 +123,12 @@ def _db(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _power(refs: Sequence[torch.Tensor]) -> float:
-    return sum(float(r.float().square().sum(dtype=torch.float64)) for r in refs)
+def _power(ref: torch.Tensor) -> float:
+    return float(ref.float().square().sum(dtype=torch.float64))  # squares in float32, the sum in float64
 
 
-def _noise(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> float:
-    # squares in float32 (relative error ~1e-7), sums in float64
-    return sum(float((o.float() - r.float()).square().sum(dtype=torch.float64)) for o, r in zip(outs, refs,
-                                                                                                 strict=True))
+def _noise(ref: torch.Tensor, value: torch.Tensor) -> float:
+    return float((value.float() - ref.float()).square().sum(dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,9 @@ class ObserverSearch:
         self.histograms = histograms
         runner = _Lockstep(self.gm, batches)
         with torch.no_grad():
-            for node in tqdm(list(self.gm.graph.nodes), desc="searching observers", unit="node", disable=None
-                             if progress else True, leave=False):
+            bar = tqdm(list(self.gm.graph.nodes), desc="searching observers", unit="node", leave=False,
+                       disable=None if progress else True)  # None: shown when stderr is a terminal
+            for node in bar:
                 runner.set(node, self._step(node, runner))
                 if node.op == "output":
                     break
@@ -232,8 +234,12 @@ class ObserverSearch:
         if OBSERVER_KEY in fxmeta(node):
             gid = fxmeta(node)[OBSERVER_KEY]
             values = [args[0] for args, _ in runner.fetch(node)]
-            if gid not in self.decided:
-                self._decide(node.args[0], gid, {None: values}, values)
+            if gid not in self.decided:  # a value no conv/linear computes (input, add, ...): activations only
+                options, noise, signal = self._group_options(gid), defaultdict(float), 0.0
+                for v in values:
+                    signal += _power(v)
+                    self._score(noise, None, v, v, options)
+                self._decide(node.args[0], gid, options, signal, noise, None)
             return [self.fake_quant(v, self.decided[gid]) for v in values]
         layer = weighted_layer(self.gm.get_submodule(str(node.target))) if node.op == "call_module" else None
         plan = stored(node)
@@ -244,28 +250,42 @@ class ObserverSearch:
             out = [self.fake_quant(v, self.decided[plan["group"]]) for v in out]
         return out
 
+    def _group_options(self, gid: int | None) -> list[_Option | None]:
+        if gid is None:
+            return [None]  # the value is not quantized (changed in place): weights only
+        return [self.decided[gid]] if gid in self.decided else self._options(gid, self.histograms)
+
+    def _score(self, noise: dict, scheme: bool | None, value: torch.Tensor, ref: torch.Tensor,
+               options: list[_Option | None]) -> None:
+        """Add one batch's noise of each activation option, for weight scheme ``scheme``."""
+        for i, option in enumerate(options):
+            noise[(scheme, i)] += _noise(ref, value if option is None else self.fake_quant(value, option))
+
     def _weighted(self, node: fx.Node, layer: nn.Module, runner: _Lockstep) -> list[Any]:
-        """A conv/linear: decide its weight scheme (and its output group when still open) here."""
+        """A conv/linear: decide its weight scheme (and its output group when still open) here, batch by batch
+        (only each scheme's outputs are kept until the choice is made)."""
         configured = self.configured_per_channel(node)
         searchable = call_count(self.gm, str(node.target)) == 1  # a shared layer has one weight for all calls
         schemes = list(dict.fromkeys((configured, *self.weights))) if searchable else [configured]
         act = next((u for u in node.users if stored(u).get("role") == ABSORBED), None)
         root = act or node
         obs = next((u for u in root.users if OBSERVER_KEY in fxmeta(u)), None)
-        if len(schemes) == 1 and (obs is None or fxmeta(obs)[OBSERVER_KEY] in self.decided):
-            self.per_channel[node.name] = configured
+        gid = fxmeta(obs)[OBSERVER_KEY] if obs is not None else None
+        self.per_channel[node.name] = configured
+        if len(schemes) == 1 and (gid is None or gid in self.decided):
             with _weight(layer, self._qweight(layer, configured)):
                 return runner.run(node)
-        calls = runner.fetch(node)
         self.layer_runs += len(schemes)  # the fp32 reference and one run per scheme, instead of one run
-        refs = [self._through(act, _apply(self.gm, node, a, k)) for a, k in calls]
-        outs, values = {}, {}
-        for scheme in schemes:
-            with _weight(layer, self._qweight(layer, scheme)):
-                outs[scheme] = [_apply(self.gm, node, a, k) for a, k in calls]
-            values[scheme] = [self._through(act, y) for y in outs[scheme]]
-        gid = fxmeta(obs)[OBSERVER_KEY] if obs is not None else None
-        scheme = self._decide(root, gid, values, refs, configured)
+        options, noise, signal = self._group_options(gid), defaultdict(float), 0.0
+        outs: dict[bool, list[Any]] = {scheme: [] for scheme in schemes}
+        for args, kwargs in runner.fetch(node):
+            ref = self._through(act, _apply(self.gm, node, args, kwargs))
+            signal += _power(ref)
+            for scheme in schemes:
+                with _weight(layer, self._qweight(layer, scheme)):
+                    outs[scheme].append(_apply(self.gm, node, args, kwargs))
+                self._score(noise, scheme, self._through(act, outs[scheme][-1]), ref, options)
+        scheme = self._decide(root, gid, options, signal, noise, configured)
         self.per_channel[node.name] = scheme
         if scheme != configured:
             self.result.per_channel[node.name] = scheme
@@ -275,16 +295,10 @@ class ObserverSearch:
         """An absorbed activation (relu after a conv) applied in fp32, as the reference graph runs it."""
         return y if act is None else _apply(self.gm, act, (y, *act.args[1:]), dict(act.kwargs))
 
-    def _decide(self, value: fx.Node, gid: int | None, values: dict[Any, list[torch.Tensor]],
-                refs: list[torch.Tensor], configured: Any = None) -> Any:
+    def _decide(self, value: fx.Node, gid: int | None, options: list[_Option | None], signal: float,
+                noise: dict[tuple[Any, int], float], configured: bool | None) -> Any:
         """Pick (weight scheme, activation option) with the best local SQNR; returns the scheme."""
-        options = [self.decided[gid]] if gid in self.decided else (
-            self._options(gid, self.histograms) if gid is not None else [None])
-        scores, signal = {}, _power(refs)
-        for scheme, outs in values.items():
-            for i, option in enumerate(options):
-                quantized = outs if option is None else [self.fake_quant(v, option) for v in outs]
-                scores[(scheme, i)] = _db(signal, _noise(refs, quantized))
+        scores = {key: _db(signal, n) for key, n in noise.items()}
         default = (configured, 0)
         best = self._pick(scores, default)
         if gid is not None and gid not in self.decided:
