@@ -38,6 +38,7 @@ from fxforge.quant.search import (
     WEIGHT_CHOICES,
     WEIGHT_SCHEME_KEY,
     ObserverSearch,
+    SearchResult,
     collect_histograms,
     configured_per_channel,
     parse_activation,
@@ -69,6 +70,17 @@ def _batches(gm: fx.GraphModule, ctx: PassContext, cap: int) -> tuple[list[tuple
     return [ctx.fresh_inputs()], "the example inputs (calibration data that can be read again, a list, was not given)"
 
 
+def _keep_choices(gm: fx.GraphModule, result: SearchResult) -> None:
+    """Chosen observers replace their group's module; chosen weight schemes go on the compute nodes."""
+    for node in observer_nodes(gm):
+        chosen = result.observers.get(fxmeta(node)[OBSERVER_KEY])
+        if chosen is not None:
+            gm.add_submodule(str(node.target), chosen.train(gm.training))
+    for node in gm.graph.nodes:
+        if node.name in result.per_channel:
+            fxmeta(node)[WEIGHT_SCHEME_KEY] = result.per_channel[node.name]
+
+
 @register_pass
 @dataclass(frozen=True)
 class SearchObservers(Pass):
@@ -95,21 +107,13 @@ class SearchObservers(Pass):
         if not observer_nodes(gm):
             return PassResult(gm, False, ["no quantization points to search"])
         batches, source = _batches(gm, ctx, self.batches)
-        histograms = collect_histograms(gm, batches)
-        extra_pass = any(not any(h is gm.get_submodule(str(n.target)) for n in observer_nodes(gm))
-                         for h in histograms.values())
+        histograms, extra_pass = collect_histograms(gm, batches)
         search = ObserverSearch(gm, backend_quant(opts.backend, opts.reduce_range),
                                 _split(self.activations, "activations"),
                                 [WEIGHT_CHOICES[w] for w in _split(self.weights, "weights")],
                                 lambda node: configured_per_channel(opts, node), self.min_gain_db)
         result = search.search(batches, histograms)
-        for node in observer_nodes(gm):
-            chosen = result.observers.get(fxmeta(node)[OBSERVER_KEY])
-            if chosen is not None:
-                gm.add_submodule(str(node.target), chosen.train(gm.training))
-        for node in gm.graph.nodes:
-            if node.name in result.per_channel:
-                fxmeta(node)[WEIGHT_SCHEME_KEY] = result.per_channel[node.name]
+        _keep_choices(gm, result)
         changed = [r for r in result.records if r.chosen != r.default]
         forwards = result.forwards + extra_pass
         summary = (f"observer search on {source}: {len(changed)} of {len(result.records)} quantization points "

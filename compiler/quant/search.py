@@ -352,9 +352,10 @@ class _Lockstep:
 
 
 def collect_histograms(gm: fx.GraphModule, batches: Sequence[tuple], bins: int = 2048
-                       ) -> dict[int, HistogramBasedObserver]:
-    """gid -> a histogram of the group's values: the configured observer's own when it keeps one, else one
-    filled by running ``batches`` through the graph with a fresh HistogramObserver in its place."""
+                       ) -> tuple[dict[int, HistogramBasedObserver], bool]:
+    """(gid -> a histogram of the group's values, whether the graph ran for them): the configured observer's
+    own when it keeps one, else one filled by running ``batches`` through the graph with a fresh
+    HistogramObserver in its place."""
     found: dict[int, HistogramBasedObserver] = {}
     fresh: dict[str, tuple[nn.Module, HistogramObserver]] = {}
     for node in observer_nodes(gm):
@@ -375,4 +376,4 @@ def collect_histograms(gm: fx.GraphModule, batches: Sequence[tuple], bins: int =
         finally:
             for name, (original, _) in fresh.items():
                 gm.add_submodule(name, original)
-    return found
+    return found, bool(fresh)
