@@ -271,6 +271,8 @@ class ObserverSearch:
         root = act or node
         obs = next((u for u in root.users if OBSERVER_KEY in fxmeta(u)), None)
         gid = fxmeta(obs)[OBSERVER_KEY] if obs is not None else None
+        if gid is not None and isinstance(self.gm.get_submodule(str(obs.target)), FakeQuantize):
+            schemes = [configured]  # quantization-aware training: the weights were trained on this scheme
         self.per_channel[node.name] = configured
         if len(schemes) == 1 and (gid is None or gid in self.decided):
             with _weight(layer, self._qweight(layer, configured)):

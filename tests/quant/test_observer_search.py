@@ -214,3 +214,19 @@ def test_graph_shapes_the_search_meets(target):
     shared = [r for r in searched.report.quantization.layers if r.layer == "shared"]
     assert shared and all("per-channel" in r.weight for r in shared)  # one weight for both calls: configured
     assert gain > -1.0  # measured -0.1 to +0.9 dB
+
+
+def test_a_qat_model_keeps_its_trained_qparams_and_weight_scheme():
+    model, (calibration, held_out) = outlier_net(), data()
+    target = CPU_INT8[0]
+    qat = fxforge.prepare_qat(model, target, example_inputs=calibration[0])
+    with torch.no_grad():
+        for batch in calibration:  # observe: the fake-quants learn their ranges
+            qat(batch)
+    qat.eval()
+    plain = fxforge.compile(qat, target, example_inputs=calibration[0])
+    searched = fxforge.compile(qat, target, example_inputs=calibration[0], calibration=calibration,
+                               extra_passes=SEARCH)
+    assert ": 0 of " in searched.report.quantization.search  # nothing to choose: every point was trained
+    with torch.no_grad():
+        assert torch.equal(plain(held_out), searched(held_out))
