@@ -37,6 +37,10 @@ class QuantLayerRecord:
     weight: str = ""
     local_sqnr_db: float | None = None  # this layer's own error, on the same (quantized) inputs
     sqnr_db: float | None = None  # accumulated error at this point, against the fp32 model
+    # search-observers: what it compared here ("configured -> chosen", "" when not searched) and the local
+    # SQNR gain of the kept choice over the configured one, on the search data
+    search: str = ""
+    search_gain_db: float | None = None
 
 
 @dataclass
@@ -50,19 +54,23 @@ class QuantSummary:
     calibration_batches: int = 0
     model_sqnr_db: float | None = None
     reference: str = "fp32"  # what SQNRs are measured against (a QAT model: itself, with fake quantization)
+    search: str = ""  # search-observers: one line on what it searched, on which data, at what cost
 
     def lines(self) -> list[str]:
         out = [f"quantization: {self.mode} int8 for {self.backend}"
                + (" (reduce_range: 7-bit activations, this CPU has no VNNI)" if self.reduce_range else "")]
         if self.model_sqnr_db is not None:
             out.append(f"model output SQNR vs {self.reference} on the example inputs: {self.model_sqnr_db:.1f} dB")
+        if self.search:
+            out.append(f"{self.search}; per layer: [search: gain in local dB over the configured choice]")
         out.append(f"  {'layer':<28}{'op':<16}{'scale':>11}{'zp':>5}{'local dB':>10}{'cum dB':>8}  observer / weight")
         for r in self.layers:
             local = "-" if r.local_sqnr_db is None else f"{r.local_sqnr_db:.1f}"
             cum = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
             weight = f" / {r.weight}" if r.weight else ""
+            searched = "" if r.search_gain_db is None else f"  [search: {r.search_gain_db:+.1f} dB]"
             out.append(f"  {r.layer[:27]:<28}{r.op[:15]:<16}{r.scale:>11.4g}{r.zero_point:>5}{local:>10}{cum:>8}"
-                       f"  {r.observer}{weight}")
+                       f"  {r.observer}{weight}{searched}")
         out.extend(f"  fp32 island: {i}" for i in self.islands)
         out.extend(f"  kept in fp32 (skip): {s}" for s in self.skipped)
         return out

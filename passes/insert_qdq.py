@@ -37,11 +37,13 @@ from fxforge.quant.plan import ABSORBED, CAT, DIRECT, META, OBSERVER_KEY, SHARE,
 from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
+from fxforge.quant.search import WEIGHT_SCHEME_KEY, SearchResult, configured_per_channel
 from fxforge.quant.sqnr import capture, local_errors_and_values, sample_inputs, sqnr_db
 from fxforge.report import QuantLayerRecord, QuantSummary
 
 from .insert_observers import quant_options
 from .matching import module_of
+from .search_observers import SEARCH_ARTIFACT
 
 
 def _group_qparams(gm: fx.GraphModule, spec: QSpec) -> dict[int, nn.Module]:
@@ -225,6 +227,19 @@ def _islands(gm: fx.GraphModule) -> list[str]:
             and n.op not in ("placeholder", "output", "get_attr") and "tensor_meta" in n.meta]
 
 
+def _attach_search(summary: QuantSummary, search: tuple[SearchResult, str] | None) -> None:
+    """search-observers ran: each searched point's comparison and gain goes into its record."""
+    if search is None:
+        return
+    result, summary.search = search
+    by_node = {r.node: r for r in result.records}
+    for record in summary.layers:
+        found = by_node.get(record.node)
+        if found is not None:
+            record.search = found.default if found.chosen == found.default else f"{found.default} -> {found.chosen}"
+            record.search_gain_db = _finite(found.gain_db)
+
+
 @register_pass
 @dataclass(frozen=True)
 class InsertQdq(Pass):
@@ -240,8 +255,9 @@ class InsertQdq(Pass):
         backend = backend_quant(opts.backend, opts.reduce_range)
         observed = copy.deepcopy(gm)
         observers = _group_qparams(gm, backend.activation)
-        per_channel = {n.name: opts.config.resolve(stored(n)["layer"], stored(n)["op_type"], stored(n)["kind"])
-                       .per_channel for n in gm.graph.nodes if stored(n).get("role") == "compute"}
+        # the scheme search-observers chose, else quant_config's
+        per_channel = {n.name: fxmeta(n).get(WEIGHT_SCHEME_KEY, configured_per_channel(opts, n))
+                       for n in gm.graph.nodes if stored(n).get("role") == "compute"}
         weights = _quantize_weights(gm, backend, per_channel)
         converter = _Converter(gm, backend.activation.dtype)
         for node in list(gm.graph.nodes):
@@ -253,6 +269,7 @@ class InsertQdq(Pass):
                                layers=_records(gm, converter, observed, observers, weights, backend.activation, ctx),
                                islands=_islands(gm), skipped=list(opts.skip),
                                calibration_batches=ctx.artifacts.get("calibration_batches", 0))
+        _attach_search(summary, ctx.artifacts.get(SEARCH_ARTIFACT))
         ctx.report.quantization = summary
         ctx.artifacts["observed_graph"] = observed
         notes = [f"{len(summary.layers)} quantized layers, {len(summary.islands)} fp32 islands, "

@@ -19,7 +19,7 @@ from .dot import digraph, view_of
 from .render import svg_text
 
 if TYPE_CHECKING:
-    from fxforge.report import CompileReport, PassRecord, QuantSummary
+    from fxforge.report import CompileReport, PassRecord, QuantLayerRecord, QuantSummary
     from fxforge.snapshot import GraphStage
 
 _CSS = """
@@ -126,6 +126,12 @@ def _db(db: float | None) -> str:
     return f"<td class='num {_db_class(db)}'>{'-' if db is None else f'{db:.1f}'}</td>"
 
 
+def _search_cell(x: QuantLayerRecord) -> str:
+    if x.search_gain_db is None:
+        return "<td>-</td>"
+    return f"<td>{_e(x.search)} <b>{x.search_gain_db:+.1f}</b></td>"
+
+
 def _quantization(q: QuantSummary) -> str:
     facts = [f"{q.mode} int8 for <b>{_e(q.backend)}</b>"]
     if q.reduce_range:
@@ -134,12 +140,16 @@ def _quantization(q: QuantSummary) -> str:
         facts.append(f"calibrated on {q.calibration_batches} batches")
     if q.model_sqnr_db is not None:
         facts.append(f"model output SQNR {q.model_sqnr_db:.1f} dB against {_e(q.reference)}")
+    if q.search:
+        facts.append(_e(q.search))
+    searched = bool(q.search)  # search-observers ran: a column with each point's choice and gain
     head = ("<tr><th>layer</th><th>op</th><th>scale</th><th>zero point</th><th>observer</th><th>weight</th>"
-            "<th>own SQNR (dB)</th><th>cumulative SQNR (dB)</th></tr>")
+            "<th>own SQNR (dB)</th><th>cumulative SQNR (dB)</th>"
+            + ("<th>observer search (gain in own dB)</th>" if searched else "") + "</tr>")
     rows = "".join(
         f"<tr><td><code>{_e(x.layer)}</code></td><td>{_e(x.op)}</td><td class='num'>{x.scale:.4g}</td>"
         f"<td class='num'>{x.zero_point}</td><td>{_e(x.observer)}</td><td>{_e(x.weight) or '-'}</td>"
-        f"{_db(x.local_sqnr_db)}{_db(x.sqnr_db)}</tr>" for x in q.layers)
+        f"{_db(x.local_sqnr_db)}{_db(x.sqnr_db)}{_search_cell(x) if searched else ''}</tr>" for x in q.layers)
     table = (f'<h3>Per-layer quantization ({len(q.layers)} quantization points)</h3><table class="layers">{head}{rows}'
              f"</table><p class='note'>SQNR: signal-to-quantization-noise ratio of the layer's output. Own: the "
              f"error this layer adds, run on the same (quantized) inputs; cumulative: the error so far, against "
