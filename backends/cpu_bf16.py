@@ -78,9 +78,13 @@ def emulation_allowed() -> bool:
 
 
 def bf16_unavailable_reason() -> str | None:
-    """None when "cpu-bf16" can run here, else what the machine lacks and what to use instead."""
-    if emulation_allowed():
-        return None
+    """None when "cpu-bf16" can run here (or the testing override is set), else what the machine lacks and what
+    to use instead."""
+    return None if emulation_allowed() else hardware_unavailable_reason()
+
+
+def hardware_unavailable_reason() -> str | None:
+    """Like ``bf16_unavailable_reason``, ignoring the testing override (benchmarks: no emulated timings)."""
     instead = "use 'cpu' (fp32) or 'x86' (int8) instead"
     if not torch.backends.mkldnn.is_available():
         return f"this torch build has no oneDNN (mkldnn): {instead}"
