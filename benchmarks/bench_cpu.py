@@ -64,9 +64,19 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 # ---------------------------------------------------------------------------------------------- models
+@torch.no_grad()
+def randomize_zero_heads(model: nn.Module) -> nn.Module:
+    """torchvision zero-initializes some classifier heads (vit_*: ``heads.head``): the output is then all zeros and
+    every peer's error reads 0. Such Linear layers get random weights (in place; returns ``model``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.02)
+    return model
+
+
 def make_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    model = randomize_zero_heads(torchvision.models.get_model(name, weights=None))
     batches = [torch.randn(8, 3, 224, 224) for _ in range(2)]
     return reestimate_bn(model, batches)
 
