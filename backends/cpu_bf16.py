@@ -4,6 +4,7 @@ lower-cpu-bf16 rewrites (it replaces lower-cpu at the end of the "cpu" target's 
     every floating parameter and buffer            =>  bfloat16
     FusedConv[Conv2d, add? act?] / Conv2d          =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
     FusedLinear[act] / Linear                      =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
+    SdpaSelfAttention's out_proj (a Linear inside) =>  OneDnnLinearBf16  (its in-projection stays F.linear)
     each fp32 graph input x                        =>  x.to(torch.bfloat16)
     each floating graph output y                   =>  y.to(<eager dtype>)  (NCHW-contiguous where eager was)
 The boundary: users pass fp32 and get fp32 back (the dtype eager returned), so the compiled model is a drop-in
@@ -40,6 +41,7 @@ from torch import fx, nn
 from fxforge.context import PassContext
 from fxforge.meta import record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
+from fxforge.passes.attention import SdpaSelfAttention
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import ACTIVATIONS, module_of, replace_submodule
 from fxforge.pipeline import PassSpec, format_pipeline, parse_pipeline
@@ -207,8 +209,16 @@ def _restore_output_dtypes(gm: fx.GraphModule) -> None:
     output.args = fx.node.map_aggregate(output.args, restore)
 
 
+def _lower_attention_projections(gm: fx.GraphModule) -> int:
+    """attention-to-sdpa's modules call their out-projection inside forward, out of the graph's sight."""
+    attention = [m for m in gm.modules() if isinstance(m, SdpaSelfAttention) and type(m.out_proj) is nn.Linear]
+    for module in attention:
+        module.out_proj = OneDnnLinearBf16(module.out_proj, "", None).train(module.training)
+    return len(attention)
+
+
 def _lower_modules(gm: fx.GraphModule) -> dict[str, int]:
-    counts = {"conv": 0, "linear": 0}
+    counts = {"conv": 0, "linear": _lower_attention_projections(gm)}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
             new_module = lowering(gm, node)

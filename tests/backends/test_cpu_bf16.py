@@ -175,6 +175,9 @@ def test_attention_block_runs_in_bf16(emulate):
     types = module_types(compiled.graph_module)
     assert "SdpaSelfAttention" in types and "MultiheadAttention" not in types
     assert types.count("OneDnnLinearBf16") == 2  # the feed-forward layers
+    attention = next(m for m in compiled.graph_module.modules() if type(m).__name__ == "SdpaSelfAttention")
+    assert isinstance(attention.out_proj, OneDnnLinearBf16)  # called inside the module, lowered all the same
+    assert attention.in_proj_weight.dtype == torch.bfloat16
     y = compiled(x)
     assert y.dtype == torch.float32 and outputs_sqnr_db(model(x), y) > 30
 
