@@ -199,3 +199,12 @@ def test_save_load_round_trip(emulate, tmp_path, monkeypatch):
     if bf16_unavailable_reason() is not None:  # a bf16 model does not load where the target cannot run
         with pytest.raises(fxforge.BackendUnavailableError, match="compiled for target 'cpu-bf16'"):
             fxforge.load(path)
+
+
+def test_torchscript_export_reproduces_the_compiled_model(emulate):
+    x = torch.randn(2, 3, 16, 16)
+    compiled = fxforge.compile(_model(), "cpu-bf16", example_inputs=x)
+    scripted = compiled.to_torchscript()  # checks itself against the compiled model, bit for bit
+    for got, want in zip(scripted(x), compiled(x), strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
