@@ -121,13 +121,15 @@ def test_outputs_are_fp32_in_eager_layout_and_close_to_fp32(emulate):
         assert outputs_sqnr_db(model(inputs.float()), (logits, feat)) > 30
 
 
-def test_report_gives_the_output_sqnr_against_fp32(emulate):
+def test_report_gives_the_output_sqnr_against_fp32(emulate, tmp_path):
     model, x = _model(), torch.randn(2, 3, 16, 16)
     compiled = fxforge.compile(model, "cpu-bf16", example_inputs=x)
     measured = outputs_sqnr_db(model(x), compiled(x))
     assert compiled.report.output_sqnr_db == pytest.approx(measured, abs=0.01)
     assert f"output SQNR vs fp32 on the example inputs: {measured:.1f} dB" in str(compiled.report)
     assert compiled.report.to_dict()["output_sqnr_db"] == compiled.report.output_sqnr_db
+    html = compiled.report.to_html(tmp_path / "report.html", graphs=False).read_text()
+    assert f"{measured:.1f} dB against fp32" in html
     # fp32 targets have no such line: their error is the relative one
     assert fxforge.compile(model, "cpu", example_inputs=x).report.output_sqnr_db is None
 
