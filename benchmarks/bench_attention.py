@@ -1,7 +1,7 @@
 """What attention-to-sdpa buys: eager against fxforge "cpu" with and without the pass, interleaved in one process.
 
     .venv/bin/python benchmarks/bench_attention.py                      # vit_b_16, batch 1
-    .venv/bin/python benchmarks/bench_attention.py --rounds 30 --batch-size 4
+    .venv/bin/python benchmarks/bench_attention.py --rounds 30 --batch-size 4 --threads 1
 
 Each round calls every variant once, in an order that rotates from round to round, so that load from other
 processes falls on all variants alike; the medians over the rounds and their ratios are printed. (bench_cpu.py
@@ -47,7 +47,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = make_model(args.model)
     x = torch.randn(args.batch_size, 3, 224, 224)
     pipeline = fxforge.pipeline_for("cpu")
