@@ -8,7 +8,8 @@ Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` 
 ``skipped: no AMX/AVX512-BF16``, never timed emulated). vit_b_16 exercises the attention-to-sdpa rewrite.
 
 Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
-re-estimated on random batches, so outputs do not vanish and relative errors mean something. Every peer is
+re-estimated on random batches and random weights in heads torchvision zero-initializes (vit_b_16's), so outputs
+do not vanish and relative errors mean something. Every peer is
 built per (model, batch size) and checked against eager fp32 on the same input; then all peers are timed
 under ``torch.inference_mode``, one peer after another: ``--warmup`` untimed calls, then ``--repeats`` timed
 ones back to back (see ``time_blocks`` for why not interleaved). Run it on an otherwise idle machine. The
