@@ -84,6 +84,8 @@ class ScriptableOneDnnLinear(nn.Module):
 
 def scripted_twin(module: nn.Module) -> torch.jit.ScriptModule | None:
     """The scripted twin of a oneDNN module, else None."""
+    if getattr(module, "native", True) is False:  # cpu-bf16 emulated (no oneDNN bf16 on this CPU): eager ops trace
+        return None
     if isinstance(module, OneDnnConv2d):
         return torch.jit.script(ScriptableOneDnnConv2d(module))
     if isinstance(module, OneDnnLinear):

@@ -3,10 +3,13 @@
 Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` (channels_last),
 ``jit`` (torch.jit.script + freeze + optimize_for_inference; torch.jit.trace when script fails),
 ``ort`` (onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL), ``inductor`` (torch.compile with
-``torch._inductor.config.freezing = True``) and ``fxforge`` (``fxforge.compile(model, "cpu", ...)``).
+``torch._inductor.config.freezing = True``), ``fxforge`` (``fxforge.compile(model, "cpu", ...)``) and
+``fxforge_bf16`` (``"cpu-bf16"``: bf16 on oneDNN; only on CPUs with AMX or AVX512-BF16, elsewhere recorded as
+``skipped: no AMX/AVX512-BF16``, never timed emulated). vit_b_16 exercises the attention-to-sdpa rewrite.
 
 Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
-re-estimated on random batches, so outputs do not vanish and relative errors mean something. Every peer is
+re-estimated on random batches and random weights in heads torchvision zero-initializes (vit_b_16's), so outputs
+do not vanish and relative errors mean something. Every peer is
 built per (model, batch size) and checked against eager fp32 on the same input; then all peers are timed
 under ``torch.inference_mode``, one peer after another: ``--warmup`` untimed calls, then ``--repeats`` timed
 ones back to back (see ``time_blocks`` for why not interleaved). Run it on an otherwise idle machine. The
@@ -52,7 +55,7 @@ from fxforge.testing import reestimate_bn
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[nn.Module, torch.Tensor], Runner]
 
-DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0"
+DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,vit_b_16"
 # Timed and untimed calls per peer and batch size (other sizes use the bs32 counts): the full default run took 9 min
 # on 2 lightly shared cores, 20 min on heavily shared ones. Every peer also makes one untimed call after its
 # build (the accuracy check).
@@ -62,9 +65,19 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 # ---------------------------------------------------------------------------------------------- models
+@torch.no_grad()
+def randomize_zero_heads(model: nn.Module) -> nn.Module:
+    """torchvision zero-initializes some classifier heads (vit_*: ``heads.head``): the output is then all zeros and
+    every peer's error reads 0. Such Linear layers get random weights (in place; returns ``model``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.02)
+    return model
+
+
 def make_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    model = randomize_zero_heads(torchvision.models.get_model(name, weights=None))
     batches = [torch.randn(8, 3, 224, 224) for _ in range(2)]
     return reestimate_bn(model, batches)
 
@@ -131,6 +144,18 @@ def build_fxforge(model: nn.Module, x: torch.Tensor) -> Runner:
     return fxforge.compile(model, "cpu", example_inputs=x)
 
 
+class PeerSkipped(Exception):
+    """A peer that cannot run on this machine by design (recorded as ``skipped: <reason>``, not as a failure)."""
+
+
+def build_fxforge_bf16(model: nn.Module, x: torch.Tensor) -> Runner:
+    from fxforge.backends.cpu_bf16 import hardware_unavailable_reason
+
+    if hardware_unavailable_reason() is not None:  # FXFORGE_CPU_BF16_EMULATE does not count: no emulated timings
+        raise PeerSkipped("no AMX/AVX512-BF16")
+    return fxforge.compile(model, "cpu-bf16", example_inputs=x)
+
+
 PEERS: dict[str, Builder] = {
     "eager": build_eager,
     "eager_cl": build_eager_cl,
@@ -138,6 +163,7 @@ PEERS: dict[str, Builder] = {
     "ort": build_ort,
     "inductor": build_inductor,
     "fxforge": build_fxforge,
+    "fxforge_bf16": build_fxforge_bf16,
 }
 
 
@@ -152,6 +178,7 @@ class Cell:
     spread: float | None = None  # interquartile range / median of the timed calls
     best_ms: float | None = None
     error: str | None = None
+    skipped: str | None = None  # why the peer does not run on this machine (PeerSkipped)
 
 
 @dataclass
@@ -184,6 +211,8 @@ def build_peer(builder: Builder, model: nn.Module, x: torch.Tensor,
             run = builder(model, x)
         setup_s = time.perf_counter() - start
         return run, Cell(rel_err=rel_error(run(x), ref), setup_s=setup_s)
+    except PeerSkipped as exc:
+        return None, Cell(skipped=str(exc))
     except Exception as exc:  # one peer failing must not stop the others
         return None, Cell(error=short(exc))
 
@@ -282,6 +311,8 @@ def machine_info(load_before: float) -> list[str]:
 
 
 def fmt_cell(cell: Cell, fmt: Callable[[Cell], str]) -> str:
+    if cell.skipped:
+        return f"skipped: {cell.skipped}"
     return f"failed: {cell.error}" if cell.error else fmt(cell)
 
 

@@ -53,7 +53,7 @@ def _engine(compiled: Any) -> str | None:
     """The kernel library the compiled graph calls: the quantized engine, oneDNN for cpu, else None."""
     if compiled.quant_options is not None:
         return compiled.quant_options.runtime_engine
-    return "onednn" if compiled.target == "cpu" else None
+    return "onednn" if compiled.target in ("cpu", "cpu-bf16") else None
 
 
 def _inputs_meta(gm: Any) -> list[dict[str, Any]]:

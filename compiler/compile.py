@@ -246,6 +246,8 @@ def compile(  # noqa: A001 - the public name users expect
         raise CompileError(
             f"the compiled model failed on the example inputs with {type(exc).__name__}: {exc}. Compile with "
             f"verify='numeric' to find the pass that broke it (pipeline: {manager.pipeline})") from exc
+    if "reduced-precision" in ctx.properties and report.quantization is None:  # e.g. cpu-bf16
+        report.output_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
     if report.quantization is not None:
         report.quantization.model_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
         if _has_trained_fake_quants(model):

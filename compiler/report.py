@@ -208,6 +208,8 @@ class CompileReport:
     compile_seconds: float = 0.0
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    # reduced-precision float targets (cpu-bf16, cuda fp16/bf16): the output's SQNR against the fp32 model
+    output_sqnr_db: float | None = None
     quantization: QuantSummary | None = None
     # the traced graph, then the graph after each pass that changed it (see fxforge.snapshot); not in to_dict
     stages: list[GraphStage] = field(default_factory=list, repr=False)
@@ -257,6 +259,8 @@ class CompileReport:
         if self.max_rel_error is not None:
             lines.append(f"output vs eager on example inputs: max abs err {self.max_abs_error:.3g}, "
                          f"relative {self.max_rel_error:.3g}")
+        if self.output_sqnr_db is not None:
+            lines.append(f"reduced precision: output SQNR vs fp32 on the example inputs: {_db(self.output_sqnr_db)} dB")
         if self.quantization is not None:
             lines.extend(self.quantization.lines())
         if self.accuracy is not None:

@@ -62,6 +62,8 @@ def _summary(r: CompileReport) -> str:
     q = r.quantization
     if q is not None and q.model_sqnr_db is not None:
         rows.append(("int8 output SQNR", f"{q.model_sqnr_db:.1f} dB against {q.reference}"))
+    if r.output_sqnr_db is not None:  # reduced-precision float targets (cpu-bf16, ...)
+        rows.append(("output SQNR", f"{r.output_sqnr_db:.1f} dB against fp32 (example inputs)"))
     rows += [("kept as a leaf", f"{path or '<root>'}: {why}") for path, why in r.leaf_modules.items()]
     rows += [("argument fixed while tracing", f"{k}={v}") for k, v in r.bound_arguments.items()]
     body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)

@@ -1,0 +1,262 @@
+"""The "cpu-bf16" target: bf16 weights and activations on oneDNN, for CPUs with AMX or AVX512-BF16.
+
+lower-cpu-bf16 rewrites (it replaces lower-cpu at the end of the "cpu" target's pipeline):
+    every floating parameter and buffer            =>  bfloat16
+    FusedConv[Conv2d, add? act?] / Conv2d          =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
+    FusedLinear[act] / Linear                      =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
+    SdpaSelfAttention's out_proj (a Linear inside) =>  OneDnnLinearBf16  (its in-projection stays F.linear)
+    each fp32 graph input x                        =>  x.to(torch.bfloat16)
+    each floating graph output y                   =>  y.to(<eager dtype>)  (NCHW-contiguous where eager was)
+The boundary: users pass fp32 and get fp32 back (the dtype eager returned), so the compiled model is a drop-in
+replacement for the fp32 one; inside, every value is bf16 (half the memory traffic, AMX/AVX512-BF16 dot
+products). Inputs already in bf16 pass the cast unchanged. Unlike "cpu", plain Linear layers are lowered too:
+eager bf16 matmuls would reorder their weight on every call.
+Why correct: the same oneDNN ops as lower-cpu (_convolution_pointwise[.binary], _linear_pointwise with weights
+prepacked once, post-ops fused) on bf16 operands; oneDNN accumulates in fp32 and rounds each output to bf16
+(8-bit mantissa). Results differ from fp32 by that rounding, not a float tolerance: the pass provides
+"reduced-precision", so compile reports the output SQNR against fp32 and verify="numeric" checks SQNR.
+Hardware (``bf16_unavailable_reason``): the CPU must have AMX or AVX512-BF16 (``torch.cpu._is_amx_tile_supported``
+/ ``_is_avx512_bf16_supported``: torch's cpuinfo, CPUID-based and portable; /proc/cpuinfo flags where those
+private helpers are missing) and oneDNN must accept bf16 here (``torch.ops.mkldnn._is_mkldnn_bf16_supported``).
+The latter alone is not enough: it is also true on plain AVX512 CPUs, where oneDNN emulates bf16 and runs slower
+than fp32; ``torch.backends.cpu.get_cpu_capability()`` says "AVX512" on both kinds of CPU.
+Testing override: FXFORGE_CPU_BF16_EMULATE=1 makes the target usable anywhere. Where oneDNN refuses bf16
+(AVX2 CPUs: "bf16 path needs the cpu support avx_ne_convert or avx512bw..."), the modules then run the same
+computation through eager bf16 ops (F.conv2d / F.linear on the bf16 weight, post-ops after): same graph, same
+bf16 weights and activations, slow, weights not prepacked. It is for tests, not for speed.
+Preconditions: shapes propagated; fp32 model. Values computed in fp32 inside the graph (e.g. a constant made
+with dtype=torch.float32) are cast to bf16 by the lowered conv/linear that reads them; eager ops reading such a
+value together with bf16 weights fail, as they would for ``model.bfloat16()``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxforge.context import PassContext
+from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.pass_api import graph_pass
+from fxforge.passes.attention import SdpaSelfAttention
+from fxforge.passes.fuse import FusedConv, FusedLinear
+from fxforge.passes.matching import ACTIVATIONS, module_of, replace_submodule
+from fxforge.pipeline import PassSpec, format_pipeline, parse_pipeline
+from fxforge.targets import Target, all_targets, register_target
+
+from .cpu import OneDnnConv2d, OneDnnLinear, restore_eager_layout
+
+BF16 = torch.bfloat16
+EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
+PASS_NAME = "lower-cpu-bf16"
+
+
+# ---------------------------------------------------------------------------------------------- hardware
+def _proc_cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _cpu_has(torch_check: str, flag: str) -> bool:
+    """torch's own CPUID check (torch.cpu._is_*, private: may be missing), else the Linux flag."""
+    check = getattr(torch.cpu, torch_check, None)
+    return bool(check()) if check is not None else flag in _proc_cpuinfo_flags()
+
+
+def native_bf16_kernels() -> bool:
+    """oneDNN runs bf16 convolutions and matmuls on this CPU (natively or, on plain AVX512, emulated by oneDNN)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def emulation_allowed() -> bool:
+    return os.environ.get(EMULATE_ENV, "") == "1"
+
+
+def bf16_unavailable_reason() -> str | None:
+    """None when "cpu-bf16" can run here (or the testing override is set), else what the machine lacks and what
+    to use instead."""
+    return None if emulation_allowed() else hardware_unavailable_reason()
+
+
+def hardware_unavailable_reason() -> str | None:
+    """Like ``bf16_unavailable_reason``, ignoring the testing override (benchmarks: no emulated timings)."""
+    instead = "use 'cpu' (fp32) or 'x86' (int8) instead"
+    if not torch.backends.mkldnn.is_available():
+        return f"this torch build has no oneDNN (mkldnn): {instead}"
+    if not (_cpu_has("_is_amx_tile_supported", "amx_bf16") or _cpu_has("_is_avx512_bf16_supported", "avx512_bf16")):
+        return (f"this CPU has neither AMX nor AVX512-BF16 (torch CPU capability: "
+                f"{torch.backends.cpu.get_cpu_capability()}), so bf16 would run emulated and slower than fp32: "
+                f"{instead} ({EMULATE_ENV}=1 forces the emulated path, for tests)")
+    if not native_bf16_kernels():
+        return f"oneDNN in this torch build does not run bf16 on this CPU: {instead}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def _as_bf16(x: torch.Tensor | None) -> torch.Tensor | None:
+    # a value computed in fp32 upstream (e.g. a constant); a no-op on bf16 tensors
+    return x if x is None or x.dtype == BF16 else x.to(BF16)
+
+
+class OneDnnConv2dBf16(OneDnnConv2d):
+    """OneDnnConv2d on a bf16 weight; where oneDNN has no bf16 path (emulation), eager bf16 ops instead."""
+
+    def _pack(self) -> None:
+        self.native = native_bf16_kernels()
+        super()._pack()
+
+    def _pack_for(self, input_size: list[int] | None) -> torch.Tensor:
+        return super()._pack_for(input_size) if self.native else self.weight
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        x, other = _as_bf16(x), _as_bf16(other)
+        if self.native:
+            return super().forward(x, other)
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout the oneDNN path produces
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = y + other if self.binary else y
+        return ACTIVATIONS[self.activation](y) if self.activation else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bf16{'' if self.native else ' (emulated)'}"
+
+
+class OneDnnLinearBf16(OneDnnLinear):
+    """OneDnnLinear on a bf16 weight; where oneDNN has no bf16 path (emulation), eager bf16 ops instead."""
+
+    def _pack(self) -> None:
+        self.native = native_bf16_kernels()
+        if self.native:
+            super()._pack()
+        else:
+            self.packed_weight = self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_bf16(x)
+        if self.native:
+            return super().forward(x)
+        y = F.linear(x, self.weight, self.bias)
+        return ACTIVATIONS[self.activation](y) if self.activation else y
+
+    def extra_repr(self) -> str:
+        post = self.activation or "none"
+        return f"{list(self.weight.shape)}, post_ops={post!r}, bf16{'' if self.native else ' (emulated)'}"
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+def _conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The bf16 oneDNN module replacing ``node``, or None when it is not a lowerable Conv2d."""
+    mod = module_of(gm, node)
+    conv, add, activation = (mod.conv, mod.add, mod.activation) if isinstance(mod, FusedConv) else (mod, False, "")
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    shape = tensor_shape(node.args[0])
+    if conv.weight.dtype != BF16 or shape is None or len(shape) != 4:
+        return None
+    return OneDnnConv2dBf16(conv, add, activation, list(shape))
+
+
+def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    mod = module_of(gm, node)
+    linear, activation = (mod.linear, mod.activation) if isinstance(mod, FusedLinear) else (mod, "")
+    if type(linear) is not nn.Linear or linear.weight.dtype != BF16:
+        return None
+    shape = tensor_shape(node.args[0])
+    return OneDnnLinearBf16(linear, activation, shape[0] if shape is not None and len(shape) == 2 else None)
+
+
+def _eager_float_dtype(node: object) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    dtype = getattr(meta, "dtype", None)  # None too for nodes returning tuples
+    return dtype if dtype is not None and dtype.is_floating_point else None
+
+
+def _cast_inputs(gm: fx.GraphModule) -> int:
+    """Each fp32 graph input -> bf16 once, at the top of the graph (an input returned as it is stays as it is)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    count = 0
+    for node in placeholders:
+        if _eager_float_dtype(node) != torch.float32:
+            continue
+        with gm.graph.inserting_after(placeholders[-1]):
+            cast = gm.graph.call_method("to", (node,), {"dtype": BF16})
+        record_rewrite(cast, PASS_NAME, node)
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
+        count += 1
+    return count
+
+
+def _restore_output_dtypes(gm: fx.GraphModule) -> None:
+    """Floating outputs -> the dtype eager returned (fp32 for an fp32 model)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+    def restore(value: object) -> object:
+        dtype = _eager_float_dtype(value)
+        if dtype is None or value.op == "placeholder":
+            return value
+        with gm.graph.inserting_before(output):
+            new = gm.graph.call_method("to", (value,), {"dtype": dtype})
+        record_rewrite(new, PASS_NAME, value)
+        return new
+
+    output.args = fx.node.map_aggregate(output.args, restore)
+
+
+def _lower_attention_projections(gm: fx.GraphModule) -> int:
+    """attention-to-sdpa's modules call their out-projection inside forward, out of the graph's sight."""
+    attention = [m for m in gm.modules() if isinstance(m, SdpaSelfAttention) and type(m.out_proj) is nn.Linear]
+    for module in attention:
+        module.out_proj = OneDnnLinearBf16(module.out_proj, "", None).train(module.training)
+    return len(attention)
+
+
+def _lower_modules(gm: fx.GraphModule) -> dict[str, int]:
+    counts = {"conv": 0, "linear": _lower_attention_projections(gm)}
+    for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
+        for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
+            new_module = lowering(gm, node)
+            if new_module is not None:
+                replace_submodule(gm, str(node.target), new_module)
+                record_rewrite(node, PASS_NAME, node)
+                counts[kind] += 1
+                break
+    return counts
+
+
+@graph_pass(name=PASS_NAME, provides=("lowered", "reduced-precision"))
+def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    """Everything to bf16; conv/linear onto oneDNN bf16 kernels with prepacked weights; casts at the edges."""
+    ctx.shapes(gm)
+    gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
+    counts = _lower_modules(gm)
+    inputs = _cast_inputs(gm)
+    _restore_output_dtypes(gm)
+    if counts["conv"]:
+        restore_eager_layout(gm, PASS_NAME)  # bf16 convs return channels-last, as in lower-cpu
+    kernels = "oneDNN bf16" if native_bf16_kernels() else \
+        f"eager bf16 ops (emulated: oneDNN has no bf16 path on this CPU; {EMULATE_ENV}=1)"
+    ctx.note(f"weights and activations in bf16, {inputs} input(s) cast from fp32; lowered {counts['conv']} "
+             f"conv(s) and {counts['linear']} linear(s) to {kernels}")
+    return True
+
+
+def _pipeline() -> str:
+    """The "cpu" target's pipeline with lower-cpu-bf16 in place of lower-cpu (graph passes shared)."""
+    specs = parse_pipeline(all_targets()["cpu"].pipeline)
+    return format_pipeline([PassSpec(PASS_NAME) if s.name == "lower-cpu" else s for s in specs])
+
+
+register_target(Target(
+    name="cpu-bf16",
+    description="bf16 on CPUs with AMX / AVX512-BF16: the cpu pipeline with bf16 weights and activations on "
+                "oneDNN; fp32 in and out, output SQNR vs fp32 in the report",
+    pipeline=_pipeline(),
+    availability=bf16_unavailable_reason,
+))

@@ -1,0 +1,42 @@
+"""benchmarks/bench_cpu.py: the fxforge_bf16 peer is skipped (not failed, not timed emulated) without bf16 hardware,
+and runs the cpu-bf16 target where the CPU has it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fxforge.backends.cpu_bf16 import EMULATE_ENV, hardware_unavailable_reason
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def bench_cpu(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
+    import bench_cpu
+
+    return bench_cpu
+
+
+def _tiny():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+
+
+def test_bf16_peer_is_skipped_without_bf16_hardware_even_with_the_test_override(bench_cpu, monkeypatch):
+    if hardware_unavailable_reason() is None:
+        pytest.skip("this CPU has AMX or AVX512-BF16")
+    monkeypatch.setenv(EMULATE_ENV, "1")  # the override makes the target usable, the benchmark still skips it
+    x = torch.randn(1, 3, 8, 8)
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["fxforge_bf16"], _tiny(), x, _tiny()(x))
+    assert run is None and cell.skipped == "no AMX/AVX512-BF16" and cell.error is None
+    assert bench_cpu.fmt_cell(cell, lambda c: "timed") == "skipped: no AMX/AVX512-BF16"
+
+
+def test_bf16_peer_runs_where_the_cpu_has_bf16(bench_cpu):
+    if hardware_unavailable_reason() is not None:
+        pytest.skip(hardware_unavailable_reason())
+    model, x = _tiny(), torch.randn(1, 3, 8, 8)
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["fxforge_bf16"], model, x, model(x))
+    assert run is not None and cell.error is None and cell.rel_err < 0.05
