@@ -10,11 +10,12 @@ Why correct: a 1x1 stride-1 unpadded conv on a channels-last tensor is the matri
 [N*H*W, C_in] view with the [C_in, C_out] weight; bias, residual add and activation are then applied in
 place on the product, as oneDNN's post-ops do. Results differ from oneDNN's only by float summation order.
 GemmConv1x1 returns the channels-last tensor OneDnnConv2d would (the [N, H, W, C_out] product seen as NCHW).
-Why measured: which kernel wins depends on the shape and the thread count. On a 2-core AVX2 EPYC (see
-``benchmarks/fp32_kernels.py``) addmm beat oneDNN on efficientnet_b0's 1x1 convs (1.09x at 1 thread, 1.39x at 2)
-but lost on some of mobilenet_v2's at 1 thread (0.94x); oneDNN's prepacked linear beat MKL on vit_b_16's
-[197, 768] x [768, 3072] projections (1.19x) but lost on batch-1 classifier heads (0.7-0.9x). Depthwise convs
-stay on oneDNN channels-last: aten's F.conv2d, NCHW and (converted) blocked formats all measured slower.
+Why measured: which kernel wins depends on the shape and the thread count. On a 2-core AVX2 EPYC at 1 thread
+(``benchmarks/fp32_kernels.py``, table in benchmarks/RESULTS.md) addmm summed 1.02x of oneDNN over efficientnet_b0's
+1x1 convs but 0.90x over mobilenet_v2's (0.64x at batch 8); oneDNN's prepacked linear was 1.11x of MKL on vit_b_16's
+[197, 768] projections but 0.70-0.89x on batch-1 classifier heads. Depthwise convs stay on oneDNN channels-last:
+aten's F.conv2d, NCHW and blocked formats measured no faster. Whole models moved by less than the run-to-run noise
+(``benchmarks/fp32_autotune.py``), so the choice is opt-in.
 A switch needs a ``MARGIN`` lead over the current kernel, so that load noise rarely flips a layer.
 Layers with the same kernel, weight shape, input shape(s) and post-ops share one measurement (vit_b_16's 12
 blocks are timed once). The choice costs a few calls per distinct layer at compile time and depends on the
