@@ -261,8 +261,9 @@ def restore_eager_layout(gm: fx.GraphModule, pass_name: str = "lower-cpu", refer
 
 
 @graph_pass(name="lower-cpu", provides=("lowered",))
-def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
-    """Fused conv/linear modules -> oneDNN modules with prepacked weights."""
+def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
+    """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
+    instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
     ctx.shapes(gm)
     counts = {"conv": 0, "linear": 0}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
@@ -276,7 +277,12 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
     if counts["conv"]:
         restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
-    return any(counts.values())
+    # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
+    switched = False
+    if autotune:
+        from fxforge.backends.fp32_kernel_choice import autotune_cpu_kernels  # imports this module
+        switched = autotune_cpu_kernels(gm, ctx)
+    return any(counts.values()) or switched
 
 
 register_target(Target(

@@ -1,0 +1,201 @@
+"""lower-cpu{autotune=true}: per layer, keep lower-cpu's oneDNN kernel or switch to an MKL GEMM, whichever is faster.
+
+Runs at the end of ``lower-cpu`` when its ``autotune`` option is on (off by default) and rewrites a layer only when the
+alternative timed faster on this machine at compile time (random input of the layer's recorded shape, at the current
+thread count):
+    OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (torch.addmm on the [N*H*W, C] view)
+    OneDnnLinear (linear + activation)                =>  GemmLinear    (torch.addmm, weight pre-transposed)
+    nn.Linear (left on eager's F.linear by lower-cpu)  =>  OneDnnLinear (prepacked, no post-op) or GemmLinear
+Why correct: a 1x1 stride-1 unpadded conv on a channels-last tensor is the matrix product of its free
+[N*H*W, C_in] view with the [C_in, C_out] weight; bias, residual add and activation are then applied in
+place on the product, as oneDNN's post-ops do. Results differ from oneDNN's only by float summation order.
+GemmConv1x1 returns the channels-last tensor OneDnnConv2d would (the [N, H, W, C_out] product seen as NCHW).
+Why measured: which kernel wins depends on the shape and the thread count. On a 2-core AVX2 EPYC at 1 thread
+(``benchmarks/fp32_kernels.py``, table in benchmarks/RESULTS.md) addmm summed 1.02x of oneDNN over efficientnet_b0's
+1x1 convs but 0.90x over mobilenet_v2's (0.64x at batch 8); oneDNN's prepacked linear was 1.11x of MKL on vit_b_16's
+[197, 768] projections but 0.70-0.89x on batch-1 classifier heads. Depthwise convs stay on oneDNN channels-last:
+aten's F.conv2d, NCHW and blocked formats measured no faster. Whole models moved by less than the run-to-run noise
+(``benchmarks/fp32_autotune.py``), so the choice is opt-in.
+A switch needs a ``MARGIN`` lead over the current kernel, so that load noise rarely flips a layer.
+Layers with the same kernel, weight shape, input shape(s) and post-ops share one measurement (vit_b_16's 12
+blocks are timed once). The choice costs a few calls per distinct layer at compile time and depends on the
+machine and its load, so it is opt-in: ``lower-cpu{autotune=true}``; the default keeps lower-cpu's kernels
+(deterministic module structure).
+Preconditions: lower-cpu's lowering ran; shapes propagated (layers without a recorded input shape are left as
+they are). A module called from several nodes is left as it is (its inputs may differ).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
+from fxforge.context import PassContext
+from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.passes.matching import module_of, replace_submodule
+
+WARMUP_CALLS = 2  # oneDNN builds its primitive on the first call
+ROUNDS = 5  # timed calls per candidate, interleaved (one of each per round); the best counts
+MARGIN = 0.05  # an alternative replaces the current kernel only when at least this much faster
+
+Timer = Callable[[Callable[[], object]], float]  # seconds for one call of the given function
+
+# in-place activations (the product is a fresh tensor)
+_INPLACE = {"relu": torch.relu_, "relu6": lambda y: y.clamp_(0.0, 6.0),
+            "hardswish": lambda y: F.hardswish(y, inplace=True), "silu": lambda y: F.silu(y, inplace=True)}
+
+
+class GemmConv1x1(nn.Module):
+    """A 1x1, stride-1, unpadded, ungrouped conv (+ add) (+ activation) as an MKL GEMM on the channels-last view."""
+
+    def __init__(self, conv: OneDnnConv2d) -> None:
+        super().__init__()
+        weight = conv.weight.detach()
+        self.register_buffer("weight_t", weight.reshape(weight.shape[0], -1).t().contiguous())  # [C_in, C_out]
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
+        self.binary, self.activation = conv.binary, conv.activation
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
+        y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
+        out = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+        if self.binary:
+            out.add_(other)
+        if self.activation:
+            _INPLACE[self.activation](y)
+        return out
+
+    def extra_repr(self) -> str:
+        post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
+        return f"{list(self.weight_t.shape)}, post_ops={post!r}"
+
+
+class GemmLinear(nn.Module):
+    """Linear (+ activation) as torch.addmm with the weight transposed once ([in, out], contiguous)."""
+
+    def __init__(self, linear: nn.Module, activation: str = "") -> None:
+        super().__init__()
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
+        if self.activation:
+            _INPLACE[self.activation](y)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"{list(self.weight_t.shape)}, post_ops={self.activation or 'none'!r}"
+
+
+def seconds_per_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fastest(candidates: dict[str, Callable[[], object]], timer: Timer = seconds_per_call) -> tuple[str, dict]:
+    """(name, {name: seconds}) of the fastest candidate, timed interleaved (one call of each per round, best of
+    ``ROUNDS``) after ``WARMUP_CALLS``. The first candidate is the incumbent: another wins only with a ``MARGIN``
+    lead over it (and is the fastest of those)."""
+    for fn in candidates.values():
+        for _ in range(WARMUP_CALLS):
+            fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(ROUNDS):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], timer(fn))
+    incumbent = next(iter(candidates))
+    name = min(best, key=best.get)
+    return (name if best[name] < best[incumbent] * (1 - MARGIN) else incumbent), best
+
+
+def _example(shape: torch.Size) -> torch.Tensor:
+    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0))
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _is_gemm_conv(module: OneDnnConv2d) -> bool:
+    return (tuple(module.weight.shape[2:]) == (1, 1) and module.stride == [1, 1] and module.padding == [0, 0]
+            and module.groups == 1)
+
+
+def _alternatives(gm: fx.GraphModule, node: fx.Node) -> dict[str, tuple[nn.Module, tuple]] | None:
+    """{kernel name: (module, example args)} for ``node``, the current module first; None: nothing to choose."""
+    module = module_of(gm, node)
+    shape = tensor_shape(node.args[0]) if node.args else None
+    if shape is None or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    x = _example(shape)
+    if isinstance(module, OneDnnConv2d) and _is_gemm_conv(module) and len(shape) == 4:
+        args = (x,)
+        if module.binary:
+            other_shape = tensor_shape(node.args[1]) if len(node.args) > 1 else None
+            if other_shape is None:
+                return None
+            args = (x, _example(other_shape))
+        return {"onednn": (module, args), "gemm": (GemmConv1x1(module), args)}
+    if isinstance(module, OneDnnLinear) and (module.activation == "" or module.activation in _INPLACE):
+        return {"onednn": (module, (x,)), "gemm": (GemmLinear(module, module.activation), (x,))}
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and len(shape) >= 2:
+        rows = int(torch.Size(shape[:-1]).numel())
+        packed = OneDnnLinear(module, "", rows)
+        return {"eager": (module, (x,)), "onednn": (packed, (x,)), "gemm": (GemmLinear(module), (x,))}
+    return None
+
+
+def _signature(module: nn.Module, args: tuple) -> tuple:
+    """Layers with equal signatures run the same kernels on the same shapes: one measurement serves them all."""
+    post = (getattr(module, "binary", False), getattr(module, "activation", ""), getattr(module, "stride", None),
+            getattr(module, "padding", None), module.bias is None)
+    return type(module).__name__, tuple(module.weight.shape), tuple(tuple(a.shape) for a in args), str(post)
+
+
+def choose_kernels(gm: fx.GraphModule, timer: Timer | None = None) -> tuple[dict[str, int], list[str]]:
+    """Swap each layer's module for its fastest alternative; ({kernel: layers}, one line per switched layer).
+    ``timer`` (default ``seconds_per_call``) times one call of a ``functools.partial(module, *args)``."""
+    timer = timer or seconds_per_call
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    chosen: dict[str, int] = {}
+    measured: dict[tuple, tuple[str, dict]] = {}
+    switched = []
+    with torch.inference_mode():
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and calls[str(n.target)] == 1]:
+            options = _alternatives(gm, node)
+            if options is None:
+                continue
+            current, args = options[next(iter(options))]
+            key = _signature(current, args)
+            if key not in measured:
+                measured[key] = fastest({k: functools.partial(m, *a) for k, (m, a) in options.items()}, timer)
+            name, seconds = measured[key]
+            chosen[name] = chosen.get(name, 0) + 1
+            if name != next(iter(options)):
+                replace_submodule(gm, str(node.target), options[name][0])
+                record_rewrite(node, "lower-cpu", node)
+                times = ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in seconds.items())
+                switched.append(f"  {node.target}: {times} -> {name}")
+    return chosen, switched
+
+
+def autotune_cpu_kernels(gm: fx.GraphModule, ctx: PassContext, timer: Timer | None = None) -> bool:
+    """lower-cpu's ``autotune`` step: notes for the report; True when some layer was switched."""
+    chosen, switched = choose_kernels(gm, timer)
+    if chosen:
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(chosen.items()))
+        ctx.note(f"kernels chosen by timing ({torch.get_num_threads()} thread(s)): {summary}")
+        for line in switched:
+            ctx.note(line)
+    return bool(switched)
