@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
@@ -264,16 +264,19 @@ def restore_eager_layout(gm: fx.GraphModule, pass_name: str = "lower-cpu", refer
 def lower_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Fused conv/linear modules -> oneDNN modules with prepacked weights."""
     ctx.shapes(gm)
+    planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
     counts = {"conv": 0, "linear": 0}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
+            if planned and kind == "conv" and fxmeta(node).get("layout") != "channels_last":
+                continue  # to-nhwc kept it in eager layout (it may share memory with a value mutated in place)
             new_module = lowering(gm, node)
             if new_module is not None:
                 replace_submodule(gm, str(node.target), new_module)
                 record_rewrite(node, "lower-cpu", node)
                 counts[kind] += 1
                 break  # lowered: the node now calls a oneDNN module
-    if counts["conv"]:
+    if counts["conv"] and not planned:
         restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     return any(counts.values())
@@ -283,5 +286,5 @@ register_target(Target(
     name="cpu",
     description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
     pipeline="remove-noops,dce,normalize-inplace,normalize-relu,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,"
-             "lower-cpu",
+             "to-nhwc,lower-cpu",
 ))

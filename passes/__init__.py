@@ -15,4 +15,5 @@ from . import (  # noqa: F401
     prepare_qat,
     quantize_dynamic,
     remove_noops,
+    to_nhwc,
 )
