@@ -194,22 +194,13 @@ def regions(gm: fx.GraphModule, excluded: set[fx.Node] = frozenset()) -> list[se
 
 
 # ---------------------------------------------------------------------------------------------- rewriting
-def _cl_meta(meta: object) -> object:
-    """Shape metadata of ``meta``'s tensor made channels-last."""
-    n, c, h, w = meta.shape
-    fmt = CL if c > 1 and h * w > 1 else torch.contiguous_format  # ShapeProp names ambiguous ones contiguous
-    return meta._replace(stride=(c * h * w, 1, w * c, c), memory_format=fmt) if hasattr(meta, "_replace") else meta
-
-
 def _conversion(gm: fx.GraphModule, value: fx.Node, kind: str, where: fx.Node, before: bool) -> fx.Node:
     """``value.contiguous(...)`` inserted before/after ``where``, with provenance and its layout recorded."""
     kwargs = {} if kind == "exit" else {"memory_format": CL}
     method = "to" if kind != "exit" and _single_channel(value) else "contiguous"
     with gm.graph.inserting_before(where) if before else gm.graph.inserting_after(where):
         new = gm.graph.call_method(method, (value,), kwargs)
-    record_rewrite(new, "to-nhwc", value)
-    if kind != "exit" and "tensor_meta" in new.meta:
-        new.meta["tensor_meta"] = _cl_meta(new.meta["tensor_meta"])
+    record_rewrite(new, "to-nhwc", value)  # with eager's shape metadata (its layout decides the outputs')
     meta = fxmeta(new)
     meta.update(role="layout", nhwc=kind, layout="contiguous" if kind == "exit" else "channels_last")
     return new

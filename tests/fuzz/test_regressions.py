@@ -261,3 +261,24 @@ def test_int8_view_of_an_int8_cat_of_one_channel_maps(target: str):
     ``view`` on int8 values into ``reshape`` (int8 values are never changed in place: the copy is unseen)."""
     _, db = _int8(_CatThenView().eval(), target, torch.randn(2, 1, 1, 3))
     assert db >= SQNR_FLOOR_DB
+
+
+class _ConvThenCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, (1, 2), padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y], 1)
+
+
+def test_cpu_output_of_a_reasserted_cat_keeps_eager_layout():
+    """to-nhwc re-asserts channels-last after a cat, and gave the re-assertion node channels-last shape
+    metadata; the outputs' layout is decided from that metadata (eager's), so the cat, returned, stayed
+    channels-last where eager's is contiguous. Fix: to-nhwc's conversion nodes keep eager's metadata."""
+    model, x = _ConvThenCat().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out.is_contiguous() and rel_error(out, model(x)) <= 1e-5
