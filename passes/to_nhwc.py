@@ -10,7 +10,7 @@ A *region* is a weakly connected set of nodes computing 4-D floating tensors wit
 (convs, FusedConv, BatchNorm, activations, pooling, elementwise arithmetic, cat, interpolate, pad, keepdim
 reductions; the tables below) that contains at least one Conv2d: that is where channels-last pays (oneDNN's
 and cuDNN's conv kernels run NHWC, and every op between them keeps the layout, so nothing is converted
-between convs). Regions are found on a networkx view of the graph (``fxforge.viz.to_networkx``).
+between convs). Regions are the weakly connected components of a networkx view of the graph.
 
 Inside a region, every op listed as keeping the layout returns channels-last when its 4-D inputs are
 channels-last (checked on torch 2.14: conv, BN, activations, pooling, broadcasting arithmetic). cat,
@@ -61,7 +61,7 @@ from fxforge.pass_api import Pass, PassResult, register_pass
 from fxforge.verify import invariant
 
 from .fuse import FusedConv
-from .matching import is_in_place, module_of
+from .matching import is_in_place
 
 CL = torch.channels_last
 OUTPUTS = ("eager", "channels_last")
@@ -87,6 +87,22 @@ _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 # ---------------------------------------------------------------------------------------------- node kinds
+@dataclass(frozen=True)
+class _Graph:
+    """The graph module and its submodules by path (``get_submodule`` walks the path on every call: with
+    ~1000 look-ups per model that was most of this pass's time)."""
+
+    gm: fx.GraphModule
+    modules: dict[str, nn.Module]
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def in_place(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return bool(getattr(self.module(node), "inplace", False)) or node.kwargs.get("inplace", False)
+        return is_in_place(self.gm, node)
+
 def is_to_channels_last(node: fx.Node) -> bool:
     """``x.contiguous(memory_format=torch.channels_last)`` or ``x.to(memory_format=torch.channels_last)``:
     a conversion into channels-last."""
@@ -112,32 +128,32 @@ def _function_or_method(node: fx.Node, functions: set, methods: set) -> bool:
     return node.op == "call_method" and node.target in methods
 
 
-def _keeps(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(module_of(gm, node), _KEEP_MODULES) or _function_or_method(node, _KEEP_FUNCTIONS,
+def _keeps(g: _Graph, node: fx.Node) -> bool:
+    return isinstance(g.module(node), _KEEP_MODULES) or _function_or_method(node, _KEEP_FUNCTIONS,
                                                                                  _KEEP_METHODS)
 
 
-def _drops(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(module_of(gm, node), _DROP_MODULES) or _function_or_method(node, _DROP_FUNCTIONS, set())
+def _drops(g: _Graph, node: fx.Node) -> bool:
+    return isinstance(g.module(node), _DROP_MODULES) or _function_or_method(node, _DROP_FUNCTIONS, set())
 
 
-def _layout_free(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _layout_free(g: _Graph, node: fx.Node) -> bool:
     """An op that may join a region: known to compute the same 4-D values in either layout, not in place."""
-    if not _is_4d_float(node) or is_in_place(gm, node):
+    if not _is_4d_float(node) or g.in_place(node):
         return False
-    return is_to_channels_last(node) or _keeps(gm, node) or _drops(gm, node)
+    return is_to_channels_last(node) or _keeps(g, node) or _drops(g, node)
 
 
-def _is_conv2d(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = module_of(gm, node)
+def _is_conv2d(g: _Graph, node: fx.Node) -> bool:
+    mod = g.module(node)
     if isinstance(mod, FusedConv):
         mod = mod.conv
     return type(mod) is nn.Conv2d or (node.op == "call_function" and node.target in (F.conv2d, torch.conv2d))
 
 
-def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_global_pool(g: _Graph, node: fx.Node) -> bool:
     """A pooling/reduction whose output is 1x1 whatever the input size."""
-    mod = module_of(gm, node)
+    mod = g.module(node)
     if isinstance(mod, _GLOBAL_POOLS):
         return mod.output_size in (1, (1, 1), [1, 1])
     if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
@@ -154,21 +170,21 @@ def _single_channel(node: fx.Node) -> bool:
     return tensor_info(node).shape[1] == 1
 
 
-def _is_fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_fresh(g: _Graph, node: fx.Node) -> bool:
     """Returns a new tensor (no view of an input): the region ops, except conversions (which may not copy)."""
-    return _layout_free(gm, node) and not is_to_channels_last(node)
+    return _layout_free(g, node) and not is_to_channels_last(node)
 
 
 # ---------------------------------------------------------------------------------------------- analysis
-def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
+def mutated_values(g: _Graph) -> set[fx.Node]:
     """Values that an in-place op mutates or that may share memory with one (conservatively: every op not
     known to return a fresh tensor may return a view of any input)."""
-    in_place = [n for n in gm.graph.nodes if n.op != "output" and is_in_place(gm, n)]
+    in_place = [n for n in g.gm.graph.nodes if n.op != "output" and g.in_place(n)]
     if not in_place:
         return set()
     aliases = nx.Graph()
-    for node in gm.graph.nodes:
-        if node.op not in ("placeholder", "get_attr", "output") and not _is_fresh(gm, node):
+    for node in g.gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "output") and not _is_fresh(g, node):
             aliases.add_edges_from((node, source) for source in node.all_input_nodes)
     mutated: set[fx.Node] = set()
     for node in in_place:
@@ -177,69 +193,67 @@ def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
     return mutated
 
 
-def regions(gm: fx.GraphModule, excluded: set[fx.Node] = frozenset()) -> list[set[fx.Node]]:
-    """The channels-last regions: weakly connected sets of layout-free 4-D ops holding at least one Conv2d."""
-    from fxforge.viz import to_networkx  # viz imports the compiler package: import here, not at load time
-
-    view = to_networkx(gm)
-    members = [name for name, data in view.nodes(data=True)
-               if data["node"] not in excluded and _layout_free(gm, data["node"])]
-    found = []
-    for names in nx.weakly_connected_components(view.subgraph(members)):
-        nodes = {view.nodes[name]["node"] for name in names}
-        if any(_is_conv2d(gm, n) for n in nodes):
-            found.append(nodes)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+def regions(g: _Graph, excluded: set[fx.Node] = frozenset()) -> list[set[fx.Node]]:
+    """The channels-last regions: weakly connected sets of layout-free 4-D ops holding at least one Conv2d,
+    in graph order. The view is ``fxforge.viz.to_networkx``'s, keyed by node (importing viz costs ~0.2 s)."""
+    view = nx.DiGraph()
+    for node in g.gm.graph.nodes:
+        if node not in excluded and _layout_free(g, node):
+            view.add_node(node)
+            view.add_edges_from((source, node) for source in node.all_input_nodes if source in view)
+    found = [region for region in map(set, nx.weakly_connected_components(view))
+             if any(_is_conv2d(g, n) for n in region)]
+    order = {n: i for i, n in enumerate(g.gm.graph.nodes)}
     return sorted(found, key=lambda region: min(map(order.__getitem__, region)))
 
 
 # ---------------------------------------------------------------------------------------------- rewriting
-def _conversion(gm: fx.GraphModule, value: fx.Node, kind: str, where: fx.Node, before: bool) -> fx.Node:
+def _conversion(g: _Graph, value: fx.Node, kind: str, where: fx.Node, before: bool) -> fx.Node:
     """``value.contiguous(...)`` inserted before/after ``where``, with provenance and its layout recorded."""
     kwargs = {} if kind == "exit" else {"memory_format": CL}
     method = "to" if kind != "exit" and _single_channel(value) else "contiguous"
-    with gm.graph.inserting_before(where) if before else gm.graph.inserting_after(where):
-        new = gm.graph.call_method(method, (value,), kwargs)
+    with g.gm.graph.inserting_before(where) if before else g.gm.graph.inserting_after(where):
+        new = g.gm.graph.call_method(method, (value,), kwargs)
     record_rewrite(new, "to-nhwc", value)  # with eager's shape metadata (its layout decides the outputs')
     meta = fxmeta(new)
     meta.update(role="layout", nhwc=kind, layout="contiguous" if kind == "exit" else "channels_last")
     return new
 
 
-def _reassert(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node]) -> bool:
+def _reassert(g: _Graph, node: fx.Node, region: set[fx.Node]) -> bool:
     """Re-assert channels-last after ``node`` when it may have dropped it; True when a node was added."""
-    constant_input = any(a.op == "get_attr" and _is_4d_float(a) and not _is_global_pool(gm, a)
+    constant_input = any(a.op == "get_attr" and _is_4d_float(a) and not _is_global_pool(g, a)
                          for a in node.all_input_nodes)
     # a single-channel result of anything but a conv may come back NCHW-strided (x.mean(1, keepdim=True) does)
-    may_drop = _drops(gm, node) or constant_input or (_single_channel(node) and not _is_conv2d(gm, node))
-    if not may_drop or is_to_channels_last(node) or _is_global_pool(gm, node):
+    may_drop = _drops(g, node) or constant_input or (_single_channel(node) and not _is_conv2d(g, node))
+    if not may_drop or is_to_channels_last(node) or _is_global_pool(g, node):
         return False
     if node.users and all(is_to_channels_last(u) for u in node.users):
         return False  # asserted already (a second run)
-    new = _conversion(gm, node, "reassert", node, before=False)
+    new = _conversion(g, node, "reassert", node, before=False)
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     region.add(new)
     return True
 
 
-def _needs_entry(gm: fx.GraphModule, value: fx.Node, region: set[fx.Node]) -> bool:
+def _needs_entry(g: _Graph, value: fx.Node, region: set[fx.Node]) -> bool:
     """A 4-D value from outside the region that is not channels-last already (constants stay as they are:
     converting one would copy it on every call; the ops reading them are re-asserted instead)."""
     return (value not in region and value.op != "get_attr" and _is_4d_float(value)
-            and not is_to_channels_last(value) and not _is_global_pool(gm, value))
+            and not is_to_channels_last(value) and not _is_global_pool(g, value))
 
 
-def _enter(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node], mutated: set[fx.Node],
+def _enter(g: _Graph, value: fx.Node, readers: list[fx.Node], mutated: set[fx.Node],
            region: set[fx.Node]) -> int:
     """Convert ``value`` for its ``readers`` in the region: once, after it, or (when it may be mutated) per
     reader, right before it reads. Returns the number of conversions."""
     if value in mutated:
         for reader in readers:
-            region.add(new := _conversion(gm, value, "enter", reader, before=True))
+            region.add(new := _conversion(g, value, "enter", reader, before=True))
             reader.replace_input_with(value, new)
         return len(readers)
-    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    new = _conversion(gm, value, "enter", last_placeholder if value.op == "placeholder" else value, before=False)
+    last_placeholder = [n for n in g.gm.graph.nodes if n.op == "placeholder"][-1]
+    new = _conversion(g, value, "enter", last_placeholder if value.op == "placeholder" else value, before=False)
     region.add(new)
     for reader in readers:
         reader.replace_input_with(value, new)
@@ -263,51 +277,53 @@ def _exit_readers(value: fx.Node, region: set[fx.Node], outputs: str) -> list[fx
             if outputs == "channels_last" or eager is not torch.contiguous_format:
                 continue
         readers.append(user)
+    if len(readers) < 2:
+        return readers
     order = {n: i for i, n in enumerate(value.graph.nodes)}
     return sorted(readers, key=order.__getitem__)
 
 
-def _exit(gm: fx.GraphModule, value: fx.Node, region: set[fx.Node], outputs: str) -> int:
+def _exit(g: _Graph, value: fx.Node, region: set[fx.Node], outputs: str) -> int:
     readers = _exit_readers(value, region, outputs)
-    if not readers or _single_channel(value) or _is_global_pool(gm, value):
+    if not readers or _single_channel(value) or _is_global_pool(g, value):
         return 0  # NCHW-contiguous already: contiguous() would return it as it is
-    new = _conversion(gm, value, "exit", readers[0], before=True)  # one copy, taken when it is first needed
+    new = _conversion(g, value, "exit", readers[0], before=True)  # one copy, taken when it is first needed
     for reader in readers:
         reader.replace_input_with(value, new)
     return 1
 
 
-def _exit_at_once(gm: fx.GraphModule, node: fx.Node, mutated: set[fx.Node]) -> int:
+def _exit_at_once(g: _Graph, node: fx.Node, mutated: set[fx.Node]) -> int:
     """A region op whose value may be mutated in place: every reader reads one NCHW copy made right after it
     (the copy is then the tensor eager had, aliases and mutations included)."""
     if all(is_to_contiguous(u) for u in node.users):
         return 0  # done already (a second run), or nothing reads it
-    new = _conversion(gm, node, "exit", node, before=False)
+    new = _conversion(g, node, "exit", node, before=False)
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     mutated.add(new)  # region ops reading it get their own conversion, right before they read
     return 1
 
 
-def _in_order(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[fx.Node]:
+def _in_order(g: _Graph, nodes: set[fx.Node]) -> list[fx.Node]:
     """``nodes`` in graph order: rewrites in a deterministic order give the same graph (and names) each time."""
-    return [n for n in gm.graph.nodes if n in nodes]
+    return [n for n in g.gm.graph.nodes if n in nodes]
 
 
-def _rewrite_region(gm: fx.GraphModule, region: set[fx.Node], mutated: set[fx.Node], outputs: str) -> Counter:
+def _rewrite_region(g: _Graph, region: set[fx.Node], mutated: set[fx.Node], outputs: str) -> Counter:
     counts: Counter = Counter()
-    for node in _in_order(gm, region & mutated):
-        counts["exit"] += _exit_at_once(gm, node, mutated)
-    for node in _in_order(gm, region):
-        counts["reassert"] += _reassert(gm, node, region)
+    for node in _in_order(g, region & mutated):
+        counts["exit"] += _exit_at_once(g, node, mutated)
+    for node in _in_order(g, region):
+        counts["reassert"] += _reassert(g, node, region)
     entries: dict[fx.Node, list[fx.Node]] = {}
-    for node in _in_order(gm, region):
+    for node in _in_order(g, region):
         for value in node.all_input_nodes if not is_to_channels_last(node) else ():
-            if _needs_entry(gm, value, region):
+            if _needs_entry(g, value, region):
                 entries.setdefault(value, []).append(node)
     for value, readers in entries.items():
-        counts["enter"] += _enter(gm, value, readers, mutated, region)
-    for node in _in_order(gm, region):
-        counts["exit"] += _exit(gm, node, region, outputs)
+        counts["enter"] += _enter(g, value, readers, mutated, region)
+    for node in _in_order(g, region):
+        counts["exit"] += _exit(g, node, region, outputs)
     for node in region:
         fxmeta(node)["layout"] = "channels_last"
     return counts
@@ -333,12 +349,13 @@ class ToNhwc(Pass):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.shapes(gm)
-        mutated = mutated_values(gm)
-        found = regions(gm, {n for n in mutated if not _is_fresh(gm, n)})  # fresh ones exit at once
+        g = _Graph(gm, dict(gm.named_modules()))
+        mutated = mutated_values(g)
+        found = regions(g, {n for n in mutated if not _is_fresh(g, n)})  # fresh ones exit at once
         counts: Counter = Counter()
         for region in found:
-            counts += _rewrite_region(gm, region, mutated, self.outputs)
-        convs = sum(_is_conv2d(gm, n) for region in found for n in region)
+            counts += _rewrite_region(g, region, mutated, self.outputs)
+        convs = sum(_is_conv2d(g, n) for region in found for n in region)
         notes = [f"{len(found)} channels-last region(s) holding {convs} conv(s): {counts['enter']} conversion(s) "
                  f"in, {counts['exit']} out, {counts['reassert']} re-assertion(s)"]
         if mutated:
