@@ -170,6 +170,12 @@ def _single_channel(node: fx.Node) -> bool:
     return tensor_info(node).shape[1] == 1
 
 
+def _contiguous_anyway(g: _Graph, node: fx.Node) -> bool:
+    """NCHW-contiguous in either layout (``contiguous()`` returns it as it is, ``.view`` works on it): one
+    channel, or the 1x1 output of a global pooling."""
+    return _single_channel(node) or _is_global_pool(g, node)
+
+
 def _is_fresh(g: _Graph, node: fx.Node) -> bool:
     """Returns a new tensor (no view of an input): the region ops, except conversions (which may not copy)."""
     return _layout_free(g, node) and not is_to_channels_last(node)
@@ -285,8 +291,8 @@ def _exit_readers(value: fx.Node, region: set[fx.Node], outputs: str) -> list[fx
 
 def _exit(g: _Graph, value: fx.Node, region: set[fx.Node], outputs: str) -> int:
     readers = _exit_readers(value, region, outputs)
-    if not readers or _single_channel(value) or _is_global_pool(g, value):
-        return 0  # NCHW-contiguous already: contiguous() would return it as it is
+    if not readers or _contiguous_anyway(g, value):
+        return 0
     new = _conversion(g, value, "exit", readers[0], before=True)  # one copy, taken when it is first needed
     for reader in readers:
         reader.replace_input_with(value, new)
@@ -366,7 +372,10 @@ class ToNhwc(Pass):
 
 @invariant("nhwc")
 def _no_view_of_channels_last(gm: fx.GraphModule) -> str | None:
-    """``.view`` fails on channels-last strides: no view may read a value planned channels-last."""
+    """``.view`` fails on channels-last strides: no view may read a value planned channels-last (unless it is
+    NCHW-contiguous too)."""
+    g = _Graph(gm, dict(gm.named_modules()))
     bad = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"
-           and isinstance(n.args[0], fx.Node) and fxmeta(n.args[0]).get("layout") == "channels_last"]
+           and isinstance(n.args[0], fx.Node) and fxmeta(n.args[0]).get("layout") == "channels_last"
+           and not _contiguous_anyway(g, n.args[0])]
     return f"view of a channels-last value: {', '.join(bad)}" if bad else None

@@ -282,3 +282,23 @@ def test_cpu_output_of_a_reasserted_cat_keeps_eager_layout():
     with torch.no_grad():
         out = compiled(x)
         assert out.is_contiguous() and rel_error(out, model(x)) <= 1e-5
+
+
+class _OneChannelConvView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.relu(x))
+        return y.view(y.shape[0], -1)
+
+
+def test_cpu_view_of_a_one_channel_conv_output():
+    """to-nhwc inserts no NCHW copy before a view of a one-channel value (it is NCHW-contiguous in either
+    layout), but its own invariant ('no view reads a channels-last value') still counted it and failed the
+    compile. Fix: the invariant exempts values that are contiguous in both layouts, as the pass does."""
+    model, x = _OneChannelConvView().eval(), torch.randn(1, 1, 3, 3)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
