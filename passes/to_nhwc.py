@@ -1,6 +1,7 @@
 """to-nhwc{outputs=eager}: run conv-heavy regions channels-last, converting once at their boundaries.
 
-Rewrites (all new nodes are explicit ``contiguous`` calls, recorded as layout conversions for reports and viz):
+Rewrites (all new nodes are explicit ``contiguous`` calls, or ``to(memory_format=...)`` where that one would not
+restride, see below; recorded as layout conversions for reports and viz):
     x (4-D, produced outside a region, read inside)  =>  x.contiguous(memory_format=torch.channels_last)  "enter"
     v (region value read by a view / flatten / reshape / linear head / unknown op / the graph output)
                                                      =>  v.contiguous()                                  "exit"
@@ -16,13 +17,15 @@ Inside a region, every op listed as keeping the layout returns channels-last whe
 channels-last (checked on torch 2.14: conv, BN, activations, pooling, broadcasting arithmetic). cat,
 interpolate and pad keep it on recent torch but not in every version and mode, and an op reading a 4-D
 constant (kept in its own layout) can return either: their outputs are re-asserted, a no-op at run time
-when the layout was kept. One-channel values are the trap: ``contiguous(memory_format=channels_last)`` is a
-no-op on their NCHW strides, which torch still reads as NCHW (a conv then returns NCHW), so they enter with
-``x.to(memory_format=torch.channels_last)`` (which restrides), and one-channel results of ops other than convs
-are re-asserted the same way (``x.mean(1, keepdim=True)`` returns NCHW strides). No conversion is inserted
-where it would be a no-op whatever the input size: before exits of one-channel values, and for the 1x1
-output of a global pooling (the head of ResNet / MobileNet / EfficientNet), so those models get exactly one
-conversion, at the input.
+when the layout was kept. Values contiguous in both layouts at the example's shape (one channel, 1x1 maps) are
+the trap: ``contiguous(memory_format=fmt)`` returns them as they are, with strides on which torch may still
+read the other layout (a conv reading a one-channel NCHW input returns NCHW; a conv-transpose reading a
+channels-last 1x1 map returns channels-last), so they are converted with ``x.to(memory_format=fmt)``, which
+restrides them; one-channel results of ops other than convs are re-asserted (``x.mean(1, keepdim=True)``
+returns NCHW strides). No conversion is inserted where it is a no-op whatever the input size and nothing can
+carry the layout on: before a view / flatten / output of a one-channel value or of the 1x1 output of a global
+pooling (the head of ResNet / MobileNet / EfficientNet), so those models get exactly one conversion, at the
+input. A value read by several regions is converted once for all of them.
 
 Why correct: the listed ops compute the same values in either layout (up to float summation order); layout
 is observable only through ``.view`` (fails on channels-last strides), strides, aliasing, and the layout of
@@ -35,8 +38,9 @@ output mutated through a flatten of it): their readers all read one NCHW copy ma
 then is the tensor eager had. Region ops that read a possibly mutated value get their own conversion right
 before them (a copy taken when eager read the value). Other conversions are shared by all their readers:
 their source is never mutated, so when the copy is made does not matter.
-Idempotent: existing ``contiguous(memory_format=channels_last)`` nodes count as region members that need no
-conversion, ``contiguous()`` nodes as consumers that need none, and a re-assertion is not repeated.
+Idempotent: existing conversions into channels-last (``contiguous``/``to`` with that memory format) count as
+region members that need no conversion, conversions into NCHW as readers that need none, and a re-assertion
+is not repeated.
 Preconditions: shapes propagated (eager's output layouts come from the shape metadata); run it after fusion and
 before lowering (``lower-cpu`` then lowers the convs of the regions and adds no layout fixes of its own).
 
@@ -111,9 +115,13 @@ def is_to_channels_last(node: fx.Node) -> bool:
 
 
 def is_to_contiguous(node: fx.Node) -> bool:
-    """``x.contiguous()``: a conversion into NCHW (the default format)."""
-    fmt = node.kwargs.get("memory_format", torch.contiguous_format)
-    return node.op == "call_method" and node.target == "contiguous" and fmt is torch.contiguous_format
+    """``x.contiguous()`` or ``x.to(memory_format=torch.contiguous_format)``: a conversion into NCHW."""
+    if node.op != "call_method" or len(node.args) != 1:
+        return False
+    if node.target == "to":
+        return node.kwargs == {"memory_format": torch.contiguous_format}
+    return node.target == "contiguous" and node.kwargs.get("memory_format", torch.contiguous_format) is \
+        torch.contiguous_format
 
 
 def _is_4d_float(node: object) -> bool:
@@ -162,6 +170,14 @@ def _is_global_pool(g: _Graph, node: fx.Node) -> bool:
     keep = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
     reduces = _function_or_method(node, {torch.mean, torch.amax, torch.sum}, {"mean", "amax", "sum"})
     return reduces and keep is True and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+
+
+def _ambiguous_here(node: fx.Node) -> bool:
+    """Contiguous in both layouts at the example's shape (one channel or 1x1 maps): ``contiguous(fmt)`` then
+    returns it as it is, with strides on which torch may still read the other layout (a conv would return that
+    one), while ``to(memory_format=fmt)`` restrides it. Elsewhere both do the same: the plain spelling is used."""
+    shape = tensor_info(node).shape
+    return shape[1] == 1 or shape[2] * shape[3] == 1
 
 
 def _single_channel(node: fx.Node) -> bool:
@@ -216,8 +232,9 @@ def regions(g: _Graph, excluded: set[fx.Node] = frozenset()) -> list[set[fx.Node
 # ---------------------------------------------------------------------------------------------- rewriting
 def _conversion(g: _Graph, value: fx.Node, kind: str, where: fx.Node, before: bool) -> fx.Node:
     """``value.contiguous(...)`` inserted before/after ``where``, with provenance and its layout recorded."""
-    kwargs = {} if kind == "exit" else {"memory_format": CL}
-    method = "to" if kind != "exit" and _single_channel(value) else "contiguous"
+    method = "to" if _ambiguous_here(value) else "contiguous"
+    fmt = torch.contiguous_format if kind == "exit" else CL
+    kwargs = {} if method == "contiguous" and kind == "exit" else {"memory_format": fmt}
     with g.gm.graph.inserting_before(where) if before else g.gm.graph.inserting_after(where):
         new = g.gm.graph.call_method(method, (value,), kwargs)
     record_rewrite(new, "to-nhwc", value)  # with eager's shape metadata (its layout decides the outputs')
@@ -249,21 +266,25 @@ def _needs_entry(g: _Graph, value: fx.Node, region: set[fx.Node]) -> bool:
             and not is_to_channels_last(value) and not _is_global_pool(g, value))
 
 
-def _enter(g: _Graph, value: fx.Node, readers: list[fx.Node], mutated: set[fx.Node],
-           region: set[fx.Node]) -> int:
-    """Convert ``value`` for its ``readers`` in the region: once, after it, or (when it may be mutated) per
-    reader, right before it reads. Returns the number of conversions."""
+def _enter(g: _Graph, value: fx.Node, readers: list[fx.Node], mutated: set[fx.Node], region: set[fx.Node],
+           entered: dict[fx.Node, fx.Node]) -> int:
+    """Convert ``value`` for its ``readers`` in the region: once, after it (shared with the other regions
+    that read it: ``entered``), or (when it may be mutated) per reader, right before it reads. Returns the
+    number of conversions added."""
     if value in mutated:
         for reader in readers:
             region.add(new := _conversion(g, value, "enter", reader, before=True))
             reader.replace_input_with(value, new)
         return len(readers)
-    last_placeholder = [n for n in g.gm.graph.nodes if n.op == "placeholder"][-1]
-    new = _conversion(g, value, "enter", last_placeholder if value.op == "placeholder" else value, before=False)
-    region.add(new)
+    added = value not in entered
+    if added:
+        last_placeholder = [n for n in g.gm.graph.nodes if n.op == "placeholder"][-1]
+        where = last_placeholder if value.op == "placeholder" else value
+        entered[value] = _conversion(g, value, "enter", where, before=False)
+    region.add(entered[value])
     for reader in readers:
-        reader.replace_input_with(value, new)
-    return 1
+        reader.replace_input_with(value, entered[value])
+    return int(added)
 
 
 def _insensitive(node: fx.Node) -> bool:
@@ -291,7 +312,9 @@ def _exit_readers(value: fx.Node, region: set[fx.Node], outputs: str) -> list[fx
 
 def _exit(g: _Graph, value: fx.Node, region: set[fx.Node], outputs: str) -> int:
     readers = _exit_readers(value, region, outputs)
-    if not readers or _contiguous_anyway(g, value):
+    if _contiguous_anyway(g, value):  # its strides may still read as channels-last: only readers making 4-D
+        readers = [r for r in readers if r.op != "output" and _is_4d_float(r)]  # tensors of it pass that on
+    if not readers:
         return 0
     new = _conversion(g, value, "exit", readers[0], before=True)  # one copy, taken when it is first needed
     for reader in readers:
@@ -315,7 +338,8 @@ def _in_order(g: _Graph, nodes: set[fx.Node]) -> list[fx.Node]:
     return [n for n in g.gm.graph.nodes if n in nodes]
 
 
-def _rewrite_region(g: _Graph, region: set[fx.Node], mutated: set[fx.Node], outputs: str) -> Counter:
+def _rewrite_region(g: _Graph, region: set[fx.Node], mutated: set[fx.Node], outputs: str,
+                    entered: dict[fx.Node, fx.Node]) -> Counter:
     counts: Counter = Counter()
     for node in _in_order(g, region & mutated):
         counts["exit"] += _exit_at_once(g, node, mutated)
@@ -327,7 +351,7 @@ def _rewrite_region(g: _Graph, region: set[fx.Node], mutated: set[fx.Node], outp
             if _needs_entry(g, value, region):
                 entries.setdefault(value, []).append(node)
     for value, readers in entries.items():
-        counts["enter"] += _enter(g, value, readers, mutated, region)
+        counts["enter"] += _enter(g, value, readers, mutated, region, entered)
     for node in _in_order(g, region):
         counts["exit"] += _exit(g, node, region, outputs)
     for node in region:
@@ -358,9 +382,9 @@ class ToNhwc(Pass):
         g = _Graph(gm, dict(gm.named_modules()))
         mutated = mutated_values(g)
         found = regions(g, {n for n in mutated if not _is_fresh(g, n)})  # fresh ones exit at once
-        counts: Counter = Counter()
-        for region in found:
-            counts += _rewrite_region(g, region, mutated, self.outputs)
+        # one membership set: a value entered once serves every region reading it, and a reader in another
+        # region needs no conversion
+        counts = _rewrite_region(g, set().union(*found), mutated, self.outputs, {})
         convs = sum(_is_conv2d(g, n) for region in found for n in region)
         notes = [f"{len(found)} channels-last region(s) holding {convs} conv(s): {counts['enter']} conversion(s) "
                  f"in, {counts['exit']} out, {counts['reassert']} re-assertion(s)"]

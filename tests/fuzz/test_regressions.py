@@ -302,3 +302,28 @@ def test_cpu_view_of_a_one_channel_conv_output():
     compiled = fxforge.compile(model, "cpu", example_inputs=x)
     with torch.no_grad():
         assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class _OneByOneLeaves(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(1, 2, 1, bias=False), nn.ReLU(inplace=True)
+        self.c2, self.up = nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        z = self.c2(y)
+        y = self.act(y)  # in place: the conv's readers all read its NCHW copy, made right after it
+        return self.up(x + y), z  # the add and conv-transpose hold no Conv2d: no region, eager layout
+
+
+def test_cpu_one_by_one_map_leaving_a_region_is_restrided():
+    """On 1x1 maps ``contiguous()`` returns a channels-last tensor as it is (it is contiguous in both layouts),
+    but torch still reads its strides as channels-last, so the conv-transpose outside any region returned
+    channels-last where eager's output is contiguous. Fix: to-nhwc converts values that are contiguous in both
+    layouts at the example's shape with ``.to(memory_format=...)``, which restrides them."""
+    model, x = _OneByOneLeaves().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out[0].is_contiguous() and rel_error(out, model(x)) <= 1e-5

@@ -275,3 +275,22 @@ def test_conversions_are_layout_nodes_in_viz():
     added = set(diff.names("added"))
     roles = {rec.name: role_of(rec) for rec in as_snapshot(stage).nodes if rec.name in added}
     assert len(roles) == 2 and set(roles.values()) == {"layout"}
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x).flatten(1), self.b(x).flatten(1)
+
+
+def test_regions_share_the_conversion_of_an_input_they_both_read():
+    """Two convs reading x are two regions (joined only through x, which is outside both): x enters once."""
+    model, x = TwoHeads().eval(), torch.randn(2, 3, 6, 6)
+    compiled = _compile(model, x)
+    assert conversions(compiled.graph_module) == {"enter": 1, "exit": 2}
+    assert "2 channels-last region(s)" in str(compiled.report)
+    with torch.inference_mode():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
