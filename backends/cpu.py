@@ -89,7 +89,10 @@ class OneDnnConv2d(_Prepacked):
                  input_size: list[int] | None = None) -> None:
         super().__init__(conv)
         self.padding, self.stride = list(conv.padding), list(conv.stride)
-        self.dilation, self.groups = list(conv.dilation), conv.groups
+        # dilating a one-tap kernel dimension changes nothing, and oneDNN crashed on some such convs (a 1x1
+        # kernel, dilation 2, stride 3, padding 2 on a 4x1 map: a segfault in torch 2.14)
+        self.dilation = [1 if k == 1 else d for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        self.groups = conv.groups
         self.binary, self.activation = add, activation
         self.unary, self.unary_scalars = _UNARY[activation]
         self.binary_unary = None if activation == "" else self.unary  # the .binary op's spelling of "none"

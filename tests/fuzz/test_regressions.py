@@ -327,3 +327,21 @@ def test_cpu_one_by_one_map_leaving_a_region_is_restrided():
     with torch.no_grad():
         out = compiled(x)
         assert out[0].is_contiguous() and rel_error(out, model(x)) <= 1e-5
+
+
+def test_cpu_dilated_one_by_one_conv_does_not_crash():
+    """oneDNN's prepacked conv segfaulted on a 1x1 conv with dilation 2, stride 3 and padding 2 over a 4x1 map
+    (torch 2.14; found by a longer fuzzing run, in any input layout). Dilation of a one-tap kernel dimension
+    changes nothing: OneDnnConv2d drops it. Run in a subprocess: before the fix it killed the interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fxforge; from torch import nn; torch.set_num_threads(1)\n"
+            "m = nn.Sequential(nn.Conv2d(2, 10, 1, stride=3, padding=2, dilation=2)).eval()\n"
+            "x = torch.randn(1, 2, 4, 1)\n"
+            "c = fxforge.compile(m, 'cpu', example_inputs=x)\n"
+            "assert 'OneDnnConv2d' in str(c.graph_module)\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(20): torch.testing.assert_close(c(x), m(x))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
