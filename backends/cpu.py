@@ -6,10 +6,15 @@ lower-cpu rewrites:
     (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order.
-Layout: the oneDNN convs run channels-last (measured fastest here); each converts its input once if needed
-(a no-op along a chain of convs). Values that eager had NCHW-contiguous are made contiguous again before a
-``.view`` (which needs it), before reshapes whose result is mutated in place (eager's reshape is then a
-view that carries the mutation back) and at the graph outputs, so users get the layout eager gives them.
+Layout: the oneDNN convs run channels-last (measured fastest here). In the "cpu" pipeline ``to-nhwc`` runs
+first (property ``nhwc``) and has made every layout conversion explicit: lower-cpu then lowers the convs of its
+channels-last regions and adds nothing (a conv to-nhwc kept in eager layout, because its value may share
+memory with one mutated in place, stays an eager Conv2d). Without to-nhwc (pipelines written without it),
+lower-cpu keeps its own handling: each oneDNN conv converts its input once if needed (a no-op along a chain
+of convs; with to-nhwc too, where it costs ~1 us per conv), and values that eager had NCHW-contiguous are made
+contiguous again before a ``.view`` (which needs it), before reshapes whose result is mutated in place
+(eager's reshape is then a view that carries the mutation back) and at the graph outputs, so users get the
+layout eager gives them.
 Plain Linear stays on eager's MKL sgemm, which measured faster at batch 1.
 Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings
 stay eager (still correct, not yet lowered).
@@ -24,7 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
 from fxforge.passes.fuse import FusedConv, FusedLinear
 from fxforge.passes.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
@@ -84,7 +89,10 @@ class OneDnnConv2d(_Prepacked):
                  input_size: list[int] | None = None) -> None:
         super().__init__(conv)
         self.padding, self.stride = list(conv.padding), list(conv.stride)
-        self.dilation, self.groups = list(conv.dilation), conv.groups
+        # dilating a one-tap kernel dimension changes nothing, and oneDNN crashed on some such convs (a 1x1
+        # kernel, dilation 2, stride 3, padding 2 on a 4x1 map: a segfault in torch 2.14)
+        self.dilation = [1 if k == 1 else d for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        self.groups = conv.groups
         self.binary, self.activation = add, activation
         self.unary, self.unary_scalars = _UNARY[activation]
         self.binary_unary = None if activation == "" else self.unary  # the .binary op's spelling of "none"
@@ -265,16 +273,19 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
     instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
     ctx.shapes(gm)
+    planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
     counts = {"conv": 0, "linear": 0}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
+            if planned and kind == "conv" and fxmeta(node).get("layout") != "channels_last":
+                continue  # to-nhwc kept it in eager layout (it may share memory with a value mutated in place)
             new_module = lowering(gm, node)
             if new_module is not None:
                 replace_submodule(gm, str(node.target), new_module)
                 record_rewrite(node, "lower-cpu", node)
                 counts[kind] += 1
                 break  # lowered: the node now calls a oneDNN module
-    if counts["conv"]:
+    if counts["conv"] and not planned:
         restore_eager_layout(gm)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
@@ -289,5 +300,5 @@ register_target(Target(
     name="cpu",
     description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
     pipeline="remove-noops,dce,normalize-inplace,normalize-relu,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,"
-             "lower-cpu",
+             "to-nhwc,lower-cpu",
 ))

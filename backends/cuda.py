@@ -24,6 +24,12 @@ that fails to run falls back to "conv2d". On the CPU (graph-level tests of this 
 and a CudaConv2d computes its "conv2d" composition whatever its kernel: the fused ops exist only on CUDA.
 Why correct: both kernels compute conv + bias, then the add, then the activation of the FusedConv they
 replace; results differ from fp32 eager by the rounding of ``dtype`` (fp16 SQNR is measured by the CUDA tests).
+Layout: the CUDA pipelines run ``to-nhwc`` first (property ``nhwc``); lower-cuda then lowers the convs of its
+channels-last regions only (a conv it kept in eager layout, whose value may share memory with one mutated in
+place, stays an eager Conv2d in ``dtype``: a channels-last weight would make its output channels-last), casts
+an input straight to channels-last when only to-nhwc's conversions read it (they become no-ops), folds
+to-nhwc's NCHW copy before an output into the cast back, and adds no ``contiguous`` before views. Without
+to-nhwc (a pipeline written without it), the rules in the table above apply.
 Preconditions: shapes propagated (the eager dtypes and layouts of the outputs come from that metadata).
 Conv1d/3d, string paddings and non-zero padding modes stay eager, with their weights converted.
 """
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
+from fxforge.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pass_api import Pass, PassResult, register_pass
 from fxforge.passes.fuse import FusedConv
 from fxforge.passes.matching import module_of, replace_submodule
@@ -193,14 +199,22 @@ def _floating_meta(node: object) -> Any:
     return meta if meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point else None
 
 
-def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype) -> None:
-    """Each floating input -> ``dtype`` (4-d: also channels-last) once, at the top of the graph."""
+def _channels_last_input(node: fx.Node, meta: Any, planned: bool) -> bool:
+    """Cast this 4-d input straight to channels-last: always without to-nhwc; with it, when its readers are all
+    to-nhwc conversions into channels-last (which the cast then makes no-ops: one copy instead of two)."""
+    if len(meta.shape) != 4:
+        return False
+    return not planned or all(fxmeta(u).get("nhwc") == "enter" for u in node.users if u.op != "output")
+
+
+def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype, planned: bool) -> None:
+    """Each floating input -> ``dtype`` (4-d: also channels-last where it goes) once, at the top of the graph."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in placeholders:
         meta = _floating_meta(node)
         if meta is None:
             continue
-        kwargs = {"dtype": dtype, **({"memory_format": _CL} if len(meta.shape) == 4 else {})}
+        kwargs = {"dtype": dtype, **({"memory_format": _CL} if _channels_last_input(node, meta, planned) else {})}
         with gm.graph.inserting_after(placeholders[-1]):
             cast = gm.graph.call_method("to", (node,), kwargs)
         record_rewrite(cast, "lower-cuda", node)
@@ -212,21 +226,29 @@ def _eager_contiguous(meta: Any) -> bool:
     return meta.memory_format == torch.contiguous_format
 
 
-def _restore_outputs(gm: fx.GraphModule) -> None:
-    """Floating outputs -> the dtype eager returned, NCHW-contiguous again where eager had them so."""
+def _restore_outputs(gm: fx.GraphModule, planned: bool) -> None:
+    """Floating outputs -> the dtype eager returned, NCHW-contiguous again where eager had them so (with
+    to-nhwc: its copy to NCHW before an output folded into this cast; region outputs it left channels-last
+    stay so)."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
     def restore(value: object) -> object:
         meta = _floating_meta(value)
         if meta is None or value.op == "placeholder":
             return value
-        fmt = torch.contiguous_format if _eager_contiguous(meta) else torch.preserve_format
+        source, fmt = value, torch.contiguous_format if _eager_contiguous(meta) else torch.preserve_format
+        if planned and fxmeta(value).get("layout") == "channels_last":
+            fmt = torch.preserve_format  # to-nhwc{outputs=channels_last} left it so
+        elif planned and fxmeta(value).get("nhwc") == "exit" and len(value.users) == 1:
+            source = value.args[0]  # cast and make NCHW in one copy
         with gm.graph.inserting_before(output):
-            new = gm.graph.call_method("to", (value,), {"dtype": meta.dtype, "memory_format": fmt})
+            new = gm.graph.call_method("to", (source,), {"dtype": meta.dtype, "memory_format": fmt})
         record_rewrite(new, "lower-cuda", value)
         return new
 
     output.args = fx.node.map_aggregate(output.args, restore)
+    for node in [n for n in gm.graph.nodes if fxmeta(n).get("nhwc") == "exit" and not n.users]:
+        gm.graph.erase_node(node)
 
 
 def _contiguous_before_views(gm: fx.GraphModule) -> None:
@@ -266,8 +288,11 @@ class LowerCuda(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.shapes(gm)
         dtype = DTYPES[self.dtype]
+        planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
         kernels, why_not, fused_nodes = Counter(), Counter(), []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
+            if planned and fxmeta(node).get("layout") != "channels_last":
+                continue  # kept in eager layout by to-nhwc: a channels-last weight would make its output so
             lowered = _conv_lowering(gm, node, dtype, self.fused)
             if lowered is None:
                 continue
@@ -284,9 +309,10 @@ class LowerCuda(Pass):
             module = module_of(gm, node)
             if isinstance(module, CudaConv2d):
                 kernels[module.kernel] += 1
-        _cast_inputs(gm, dtype)
-        _restore_outputs(gm)
-        _contiguous_before_views(gm)
+        _cast_inputs(gm, dtype, planned)
+        _restore_outputs(gm, planned)
+        if not planned:  # with to-nhwc, views read NCHW values already
+            _contiguous_before_views(gm)
         return PassResult(gm, True, [f"compute dtype {self.dtype}, weights channels-last",
                                      _summary(kernels, why_not), *notes])
 
@@ -309,7 +335,7 @@ def bf16_unavailable_reason() -> str | None:
     return reason
 
 
-GRAPH_PASSES = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv"
+GRAPH_PASSES = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,to-nhwc"
 _TARGETS = {
     "cuda": ("fp16", "lower-cuda", cuda_unavailable_reason),
     "cuda-bf16": ("bf16", "lower-cuda{dtype=bfloat16}", bf16_unavailable_reason),

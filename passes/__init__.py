@@ -16,4 +16,5 @@ from . import (  # noqa: F401
     quantize_dynamic,
     remove_noops,
     search_observers,
+    to_nhwc,
 )

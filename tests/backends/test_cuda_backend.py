@@ -58,7 +58,7 @@ def convs(gm: torch.fx.GraphModule) -> dict[str, CudaConv2d]:
 @pytest.mark.parametrize("target", CUDA_TARGETS)
 def test_cuda_pipeline_text_is_available_without_a_gpu(target):
     text = fxforge.pipeline_for(target)
-    graph_passes = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv"
+    graph_passes = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,to-nhwc"
     assert text == f"{graph_passes},{LOWERING[target]},cuda-runtime"
     assert fxforge.PassManager.from_text(text).pipeline == text  # canonical: the compiled module reports it so
 
@@ -421,3 +421,46 @@ def test_auto_picks_the_fp16_cuda_target_on_a_gpu():
     compiled = fxforge.compile(randomize_bn(Block()).eval(), "auto", example_inputs=torch.randn(2, 3, 8, 8))
     assert compiled.target == "cuda"
     assert inner(compiled).c1.weight.dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------- to-nhwc
+class MutateThroughFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        nn.functional.hardswish(y.flatten(1), inplace=True)  # a view of y in eager: y changes too
+        return y * 2
+
+
+def test_in_place_op_through_a_flatten_of_a_conv_output():
+    """lower-cuda made the conv output channels-last, so ``y.flatten(1)`` was a copy and the in-place hardswish
+    never reached ``y`` (max error 1.8 in fp32). Fix: the CUDA pipelines run to-nhwc, which gives every reader
+    of such a value one NCHW copy made right after the conv (the flatten is a view again)."""
+    model, x = MutateThroughFlatten().eval(), torch.randn(2, 3, 6, 6)
+    y = cuda_pipeline_on_cpu(model, x, "cuda-fp32")(x)
+    assert rel_error(y, model(x)) <= 1e-5
+
+
+class FeatureMap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_a_4d_output_is_cast_and_made_contiguous_in_one_copy():
+    """to-nhwc's NCHW copy before a 4-d output folds into lower-cuda's cast back to fp32."""
+    model, x = FeatureMap().eval(), torch.randn(2, 3, 8, 8)
+    compiled = cuda_pipeline_on_cpu(model, x)
+    gm = inner(compiled)
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "contiguous"
+                and n.kwargs.get("memory_format", torch.contiguous_format) is torch.contiguous_format]
+    last = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    assert last.target == "to" and last.kwargs["memory_format"] is torch.contiguous_format
+    y = compiled(x)
+    assert y.dtype == torch.float32 and y.is_contiguous() and outputs_sqnr_db(model(x), y) >= 40

@@ -296,3 +296,87 @@ def test_int8_conv_input_codes_beyond_the_seven_bit_range(target: str):
                                 pipeline=fxforge.pipeline_for(target).replace(f",lower-{target}", ""))
     with torch.no_grad():
         assert outputs_sqnr_db(reference(data), lowered(data)) >= 10.0
+
+
+class _ConvThenCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, (1, 2), padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y], 1)
+
+
+def test_cpu_output_of_a_reasserted_cat_keeps_eager_layout():
+    """to-nhwc re-asserts channels-last after a cat, and gave the re-assertion node channels-last shape
+    metadata; the outputs' layout is decided from that metadata (eager's), so the cat, returned, stayed
+    channels-last where eager's is contiguous. Fix: to-nhwc's conversion nodes keep eager's metadata."""
+    model, x = _ConvThenCat().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out.is_contiguous() and rel_error(out, model(x)) <= 1e-5
+
+
+class _OneChannelConvView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.relu(x))
+        return y.view(y.shape[0], -1)
+
+
+def test_cpu_view_of_a_one_channel_conv_output():
+    """to-nhwc inserts no NCHW copy before a view of a one-channel value (it is NCHW-contiguous in either
+    layout), but its own invariant ('no view reads a channels-last value') still counted it and failed the
+    compile. Fix: the invariant exempts values that are contiguous in both layouts, as the pass does."""
+    model, x = _OneChannelConvView().eval(), torch.randn(1, 1, 3, 3)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class _OneByOneLeaves(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(1, 2, 1, bias=False), nn.ReLU(inplace=True)
+        self.c2, self.up = nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        z = self.c2(y)
+        y = self.act(y)  # in place: the conv's readers all read its NCHW copy, made right after it
+        return self.up(x + y), z  # the add and conv-transpose hold no Conv2d: no region, eager layout
+
+
+def test_cpu_one_by_one_map_leaving_a_region_is_restrided():
+    """On 1x1 maps ``contiguous()`` returns a channels-last tensor as it is (it is contiguous in both layouts),
+    but torch still reads its strides as channels-last, so the conv-transpose outside any region returned
+    channels-last where eager's output is contiguous. Fix: to-nhwc converts values that are contiguous in both
+    layouts at the example's shape with ``.to(memory_format=...)``, which restrides them."""
+    model, x = _OneByOneLeaves().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out[0].is_contiguous() and rel_error(out, model(x)) <= 1e-5
+
+
+def test_cpu_dilated_one_by_one_conv_does_not_crash():
+    """oneDNN's prepacked conv segfaulted on a 1x1 conv with dilation 2, stride 3 and padding 2 over a 4x1 map
+    (torch 2.14; found by a longer fuzzing run, in any input layout). Dilation of a one-tap kernel dimension
+    changes nothing: OneDnnConv2d drops it. Run in a subprocess: before the fix it killed the interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fxforge; from torch import nn; torch.set_num_threads(1)\n"
+            "m = nn.Sequential(nn.Conv2d(2, 10, 1, stride=3, padding=2, dilation=2)).eval()\n"
+            "x = torch.randn(1, 2, 4, 1)\n"
+            "c = fxforge.compile(m, 'cpu', example_inputs=x)\n"
+            "assert 'OneDnnConv2d' in str(c.graph_module)\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(20): torch.testing.assert_close(c(x), m(x))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,405 @@
+"""to-nhwc{outputs=eager}: run conv-heavy regions channels-last, converting once at their boundaries.
+
+Rewrites (all new nodes are explicit ``contiguous`` calls, or ``to(memory_format=...)`` where that one would not
+restride, see below; recorded as layout conversions for reports and viz):
+    x (4-D, produced outside a region, read inside)  =>  x.contiguous(memory_format=torch.channels_last)  "enter"
+    v (region value read by a view / flatten / reshape / linear head / unknown op / the graph output)
+                                                     =>  v.contiguous()                                  "exit"
+    cat / interpolate / pad / an op reading a 4-D constant, inside a region
+                                                     =>  its output .contiguous(memory_format=channels_last) "reassert"
+A *region* is a weakly connected set of nodes computing 4-D floating tensors with ops known to be layout-free
+(convs, FusedConv, BatchNorm, activations, pooling, elementwise arithmetic, cat, interpolate, pad, keepdim
+reductions; the tables below) that contains at least one Conv2d: that is where channels-last pays (oneDNN's
+and cuDNN's conv kernels run NHWC, and every op between them keeps the layout, so nothing is converted
+between convs). Regions are the weakly connected components of a networkx view of the graph.
+
+Inside a region, every op listed as keeping the layout returns channels-last when its 4-D inputs are
+channels-last (checked on torch 2.14: conv, BN, activations, pooling, broadcasting arithmetic). cat,
+interpolate and pad keep it on recent torch but not in every version and mode, and an op reading a 4-D
+constant (kept in its own layout) can return either: their outputs are re-asserted, a no-op at run time
+when the layout was kept. Values contiguous in both layouts at the example's shape (one channel, 1x1 maps) are
+the trap: ``contiguous(memory_format=fmt)`` returns them as they are, with strides on which torch may still
+read the other layout (a conv reading a one-channel NCHW input returns NCHW; a conv-transpose reading a
+channels-last 1x1 map returns channels-last), so they are converted with ``x.to(memory_format=fmt)``, which
+restrides them; one-channel results of ops other than convs are re-asserted (``x.mean(1, keepdim=True)``
+returns NCHW strides). No conversion is inserted where it is a no-op whatever the input size and nothing can
+carry the layout on: before a view / flatten / output of a one-channel value or of the 1x1 output of a global
+pooling (the head of ResNet / MobileNet / EfficientNet), so those models get exactly one conversion, at the
+input. A value read by several regions is converted once for all of them.
+
+Why correct: the listed ops compute the same values in either layout (up to float summation order); layout
+is observable only through ``.view`` (fails on channels-last strides), strides, aliasing, and the layout of
+the outputs. Every consumer outside a region reads an NCHW-contiguous copy (a view, reshape or flatten then
+sees what eager saw), and the outputs get the layout eager returned (``outputs=channels_last`` leaves region
+outputs channels-last). Aliasing: a conversion may copy. If the graph mutates anything in place, every value
+that may share memory with a mutated one (the undirected closure over ops that may return a view of their
+input) stays out of the regions and in its eager layout, except the fresh tensors of region ops (a conv
+output mutated through a flatten of it): their readers all read one NCHW copy made right after the op, which
+then is the tensor eager had. Region ops that read a possibly mutated value get their own conversion right
+before them (a copy taken when eager read the value). Other conversions are shared by all their readers:
+their source is never mutated, so when the copy is made does not matter.
+Idempotent: existing conversions into channels-last (``contiguous``/``to`` with that memory format) count as
+region members that need no conversion, conversions into NCHW as readers that need none, and a re-assertion
+is not repeated.
+Preconditions: shapes propagated (eager's output layouts come from the shape metadata); run it after fusion and
+before lowering (``lower-cpu`` then lowers the convs of the regions and adds no layout fixes of its own).
+
+Before: ``y = fc(flatten(avgpool(relu(conv2(relu(conv1(x)))))))``
+After:  ``y = fc(flatten(avgpool(relu(conv2(relu(conv1(x.contiguous(memory_format=channels_last))))))))``
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxforge.context import PassContext
+from fxforge.meta import fxmeta, record_rewrite, tensor_info
+from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.verify import invariant
+
+from .fuse import FusedConv
+from .matching import is_in_place
+
+CL = torch.channels_last
+OUTPUTS = ("eager", "channels_last")
+KINDS = ("enter", "exit", "reassert")  # fxmeta(node)["nhwc"] of the conversions this pass writes
+
+# ops that return channels-last when their 4-D inputs are channels-last
+_KEEP_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Hardtanh,
+                 nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU,
+                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, FusedConv)
+_KEEP_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
+                   torch.div, torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu,
+                   torch.sigmoid, F.sigmoid, torch.tanh, F.gelu, F.leaky_relu, F.elu, F.conv2d, torch.conv2d,
+                   F.conv_transpose2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                   torch.clamp, F.batch_norm, torch.mean}
+_KEEP_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid", "tanh", "clamp", "mean"}
+# ops that compute the same values in any layout but may return another one: re-asserted
+_DROP_MODULES = (nn.Upsample,)  # and its subclasses UpsamplingNearest2d / UpsamplingBilinear2d
+_DROP_FUNCTIONS = {torch.cat, torch.concat, F.interpolate, F.pad}
+# consumers outside a region that read a value's numbers without caring for its strides: no exit before them
+_INSENSITIVE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, getattr, torch.numel}
+_INSENSITIVE_METHODS = {"size", "dim", "numel", "mean", "sum", "amax", "amin"}
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+# ---------------------------------------------------------------------------------------------- node kinds
+@dataclass(frozen=True)
+class _Graph:
+    """The graph module and its submodules by path (``get_submodule`` walks the path on every call: with
+    ~1000 look-ups per model that was most of this pass's time)."""
+
+    gm: fx.GraphModule
+    modules: dict[str, nn.Module]
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def in_place(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return bool(getattr(self.module(node), "inplace", False)) or node.kwargs.get("inplace", False)
+        return is_in_place(self.gm, node)
+
+def is_to_channels_last(node: fx.Node) -> bool:
+    """``x.contiguous(memory_format=torch.channels_last)`` or ``x.to(memory_format=torch.channels_last)``:
+    a conversion into channels-last."""
+    return (node.op == "call_method" and node.target in ("contiguous", "to") and len(node.args) == 1
+            and node.kwargs == {"memory_format": CL})
+
+
+def is_to_contiguous(node: fx.Node) -> bool:
+    """``x.contiguous()`` or ``x.to(memory_format=torch.contiguous_format)``: a conversion into NCHW."""
+    if node.op != "call_method" or len(node.args) != 1:
+        return False
+    if node.target == "to":
+        return node.kwargs == {"memory_format": torch.contiguous_format}
+    return node.target == "contiguous" and node.kwargs.get("memory_format", torch.contiguous_format) is \
+        torch.contiguous_format
+
+
+def _is_4d_float(node: object) -> bool:
+    info = tensor_info(node) if isinstance(node, fx.Node) else None
+    shape = getattr(info, "shape", None)
+    return shape is not None and len(shape) == 4 and info.dtype.is_floating_point
+
+
+def _function_or_method(node: fx.Node, functions: set, methods: set) -> bool:
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _keeps(g: _Graph, node: fx.Node) -> bool:
+    return isinstance(g.module(node), _KEEP_MODULES) or _function_or_method(node, _KEEP_FUNCTIONS,
+                                                                                 _KEEP_METHODS)
+
+
+def _drops(g: _Graph, node: fx.Node) -> bool:
+    return isinstance(g.module(node), _DROP_MODULES) or _function_or_method(node, _DROP_FUNCTIONS, set())
+
+
+def _layout_free(g: _Graph, node: fx.Node) -> bool:
+    """An op that may join a region: known to compute the same 4-D values in either layout, not in place."""
+    if not _is_4d_float(node) or g.in_place(node):
+        return False
+    return is_to_channels_last(node) or _keeps(g, node) or _drops(g, node)
+
+
+def _is_conv2d(g: _Graph, node: fx.Node) -> bool:
+    mod = g.module(node)
+    if isinstance(mod, FusedConv):
+        mod = mod.conv
+    return type(mod) is nn.Conv2d or (node.op == "call_function" and node.target in (F.conv2d, torch.conv2d))
+
+
+def _is_global_pool(g: _Graph, node: fx.Node) -> bool:
+    """A pooling/reduction whose output is 1x1 whatever the input size."""
+    mod = g.module(node)
+    if isinstance(mod, _GLOBAL_POOLS):
+        return mod.output_size in (1, (1, 1), [1, 1])
+    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        return node.args[1:2] in ((1,), ((1, 1),), ([1, 1],)) or node.kwargs.get("output_size") in (1, (1, 1))
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
+    reduces = _function_or_method(node, {torch.mean, torch.amax, torch.sum}, {"mean", "amax", "sum"})
+    return reduces and keep is True and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+
+
+def _ambiguous_here(node: fx.Node) -> bool:
+    """Contiguous in both layouts at the example's shape (one channel or 1x1 maps): ``contiguous(fmt)`` then
+    returns it as it is, with strides on which torch may still read the other layout (a conv would return that
+    one), while ``to(memory_format=fmt)`` restrides it. Elsewhere both do the same: the plain spelling is used."""
+    shape = tensor_info(node).shape
+    return shape[1] == 1 or shape[2] * shape[3] == 1
+
+
+def _single_channel(node: fx.Node) -> bool:
+    """One channel: ``contiguous()`` is then a no-op on either layout, and ``contiguous(channels_last)`` one on
+    NCHW strides, which torch still reads as NCHW (a conv would return NCHW): ``.to(channels_last)`` restrides."""
+    return tensor_info(node).shape[1] == 1
+
+
+def _contiguous_anyway(g: _Graph, node: fx.Node) -> bool:
+    """NCHW-contiguous in either layout (``contiguous()`` returns it as it is, ``.view`` works on it): one
+    channel, or the 1x1 output of a global pooling."""
+    return _single_channel(node) or _is_global_pool(g, node)
+
+
+def _is_fresh(g: _Graph, node: fx.Node) -> bool:
+    """Returns a new tensor (no view of an input): the region ops, except conversions (which may not copy)."""
+    return _layout_free(g, node) and not is_to_channels_last(node)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def mutated_values(g: _Graph) -> set[fx.Node]:
+    """Values that an in-place op mutates or that may share memory with one (conservatively: every op not
+    known to return a fresh tensor may return a view of any input)."""
+    in_place = [n for n in g.gm.graph.nodes if n.op != "output" and g.in_place(n)]
+    if not in_place:
+        return set()
+    aliases = nx.Graph()
+    for node in g.gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "output") and not _is_fresh(g, node):
+            aliases.add_edges_from((node, source) for source in node.all_input_nodes)
+    mutated: set[fx.Node] = set()
+    for node in in_place:
+        if node not in mutated:
+            mutated |= nx.node_connected_component(aliases, node) if node in aliases else {node}
+    return mutated
+
+
+def regions(g: _Graph, excluded: set[fx.Node] = frozenset()) -> list[set[fx.Node]]:
+    """The channels-last regions: weakly connected sets of layout-free 4-D ops holding at least one Conv2d,
+    in graph order. The view is ``fxforge.viz.to_networkx``'s, keyed by node (importing viz costs ~0.2 s)."""
+    view = nx.DiGraph()
+    for node in g.gm.graph.nodes:
+        if node not in excluded and _layout_free(g, node):
+            view.add_node(node)
+            view.add_edges_from((source, node) for source in node.all_input_nodes if source in view)
+    found = [region for region in map(set, nx.weakly_connected_components(view))
+             if any(_is_conv2d(g, n) for n in region)]
+    order = {n: i for i, n in enumerate(g.gm.graph.nodes)}
+    return sorted(found, key=lambda region: min(map(order.__getitem__, region)))
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+def _conversion(g: _Graph, value: fx.Node, kind: str, where: fx.Node, before: bool) -> fx.Node:
+    """``value.contiguous(...)`` inserted before/after ``where``, with provenance and its layout recorded."""
+    method = "to" if _ambiguous_here(value) else "contiguous"
+    fmt = torch.contiguous_format if kind == "exit" else CL
+    kwargs = {} if method == "contiguous" and kind == "exit" else {"memory_format": fmt}
+    with g.gm.graph.inserting_before(where) if before else g.gm.graph.inserting_after(where):
+        new = g.gm.graph.call_method(method, (value,), kwargs)
+    record_rewrite(new, "to-nhwc", value)  # with eager's shape metadata (its layout decides the outputs')
+    meta = fxmeta(new)
+    meta.update(role="layout", nhwc=kind, layout="contiguous" if kind == "exit" else "channels_last")
+    return new
+
+
+def _reassert(g: _Graph, node: fx.Node, region: set[fx.Node]) -> bool:
+    """Re-assert channels-last after ``node`` when it may have dropped it; True when a node was added."""
+    constant_input = any(a.op == "get_attr" and _is_4d_float(a) and not _is_global_pool(g, a)
+                         for a in node.all_input_nodes)
+    # a single-channel result of anything but a conv may come back NCHW-strided (x.mean(1, keepdim=True) does)
+    may_drop = _drops(g, node) or constant_input or (_single_channel(node) and not _is_conv2d(g, node))
+    if not may_drop or is_to_channels_last(node) or _is_global_pool(g, node):
+        return False
+    if node.users and all(is_to_channels_last(u) for u in node.users):
+        return False  # asserted already (a second run)
+    new = _conversion(g, node, "reassert", node, before=False)
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    region.add(new)
+    return True
+
+
+def _needs_entry(g: _Graph, value: fx.Node, region: set[fx.Node]) -> bool:
+    """A 4-D value from outside the region that is not channels-last already (constants stay as they are:
+    converting one would copy it on every call; the ops reading them are re-asserted instead)."""
+    return (value not in region and value.op != "get_attr" and _is_4d_float(value)
+            and not is_to_channels_last(value) and not _is_global_pool(g, value))
+
+
+def _enter(g: _Graph, value: fx.Node, readers: list[fx.Node], mutated: set[fx.Node], region: set[fx.Node],
+           entered: dict[fx.Node, fx.Node]) -> int:
+    """Convert ``value`` for its ``readers`` in the region: once, after it (shared with the other regions
+    that read it: ``entered``), or (when it may be mutated) per reader, right before it reads. Returns the
+    number of conversions added."""
+    if value in mutated:
+        for reader in readers:
+            region.add(new := _conversion(g, value, "enter", reader, before=True))
+            reader.replace_input_with(value, new)
+        return len(readers)
+    added = value not in entered
+    if added:
+        last_placeholder = [n for n in g.gm.graph.nodes if n.op == "placeholder"][-1]
+        where = last_placeholder if value.op == "placeholder" else value
+        entered[value] = _conversion(g, value, "enter", where, before=False)
+    region.add(entered[value])
+    for reader in readers:
+        reader.replace_input_with(value, entered[value])
+    return int(added)
+
+
+def _insensitive(node: fx.Node) -> bool:
+    """A consumer that reads a value without depending on its strides (conversions included)."""
+    return (is_to_channels_last(node) or is_to_contiguous(node)
+            or _function_or_method(node, _INSENSITIVE_FUNCTIONS, _INSENSITIVE_METHODS))
+
+
+def _exit_readers(value: fx.Node, region: set[fx.Node], outputs: str) -> list[fx.Node]:
+    """The readers of region value ``value`` that need it NCHW-contiguous, in graph order."""
+    readers = []
+    for user in value.users:
+        if user in region or _insensitive(user):
+            continue
+        if user.op == "output":
+            eager = getattr(value.meta.get("tensor_meta"), "memory_format", None)
+            if outputs == "channels_last" or eager is not torch.contiguous_format:
+                continue
+        readers.append(user)
+    if len(readers) < 2:
+        return readers
+    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    return sorted(readers, key=order.__getitem__)
+
+
+def _exit(g: _Graph, value: fx.Node, region: set[fx.Node], outputs: str) -> int:
+    readers = _exit_readers(value, region, outputs)
+    if _contiguous_anyway(g, value):  # its strides may still read as channels-last: only readers making 4-D
+        readers = [r for r in readers if r.op != "output" and _is_4d_float(r)]  # tensors of it pass that on
+    if not readers:
+        return 0
+    new = _conversion(g, value, "exit", readers[0], before=True)  # one copy, taken when it is first needed
+    for reader in readers:
+        reader.replace_input_with(value, new)
+    return 1
+
+
+def _exit_at_once(g: _Graph, node: fx.Node, mutated: set[fx.Node]) -> int:
+    """A region op whose value may be mutated in place: every reader reads one NCHW copy made right after it
+    (the copy is then the tensor eager had, aliases and mutations included)."""
+    if all(is_to_contiguous(u) for u in node.users):
+        return 0  # done already (a second run), or nothing reads it
+    new = _conversion(g, node, "exit", node, before=False)
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    mutated.add(new)  # region ops reading it get their own conversion, right before they read
+    return 1
+
+
+def _in_order(g: _Graph, nodes: set[fx.Node]) -> list[fx.Node]:
+    """``nodes`` in graph order: rewrites in a deterministic order give the same graph (and names) each time."""
+    return [n for n in g.gm.graph.nodes if n in nodes]
+
+
+def _rewrite_region(g: _Graph, region: set[fx.Node], mutated: set[fx.Node], outputs: str,
+                    entered: dict[fx.Node, fx.Node]) -> Counter:
+    counts: Counter = Counter()
+    for node in _in_order(g, region & mutated):
+        counts["exit"] += _exit_at_once(g, node, mutated)
+    for node in _in_order(g, region):
+        counts["reassert"] += _reassert(g, node, region)
+    entries: dict[fx.Node, list[fx.Node]] = {}
+    for node in _in_order(g, region):
+        for value in node.all_input_nodes if not is_to_channels_last(node) else ():
+            if _needs_entry(g, value, region):
+                entries.setdefault(value, []).append(node)
+    for value, readers in entries.items():
+        counts["enter"] += _enter(g, value, readers, mutated, region, entered)
+    for node in _in_order(g, region):
+        counts["exit"] += _exit(g, node, region, outputs)
+    for node in region:
+        fxmeta(node)["layout"] = "channels_last"
+    return counts
+
+
+def conversions(gm: fx.GraphModule) -> Counter:
+    """How many layout conversions of each kind (enter / exit / reassert) to-nhwc left in ``gm``."""
+    return Counter(fxmeta(n)["nhwc"] for n in gm.graph.nodes if fxmeta(n).get("nhwc") in KINDS)
+
+
+@register_pass
+@dataclass(frozen=True)
+class ToNhwc(Pass):
+    """Conv-heavy 4-D regions -> channels-last, with explicit conversions at their boundaries."""
+
+    name = "to-nhwc"
+    provides = frozenset({"nhwc"})
+    outputs: str = "eager"  # or "channels_last": region values returned as they are
+
+    def __post_init__(self) -> None:
+        if self.outputs not in OUTPUTS:
+            raise ValueError(f"outputs={self.outputs!r}: choose one of {', '.join(OUTPUTS)}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ctx.shapes(gm)
+        g = _Graph(gm, dict(gm.named_modules()))
+        mutated = mutated_values(g)
+        found = regions(g, {n for n in mutated if not _is_fresh(g, n)})  # fresh ones exit at once
+        # one membership set: a value entered once serves every region reading it, and a reader in another
+        # region needs no conversion
+        counts = _rewrite_region(g, set().union(*found), mutated, self.outputs, {})
+        convs = sum(_is_conv2d(g, n) for region in found for n in region)
+        notes = [f"{len(found)} channels-last region(s) holding {convs} conv(s): {counts['enter']} conversion(s) "
+                 f"in, {counts['exit']} out, {counts['reassert']} re-assertion(s)"]
+        if mutated:
+            notes.append(f"{len(mutated)} value(s) kept in eager layout: they may share memory with a value "
+                         f"mutated in place")
+        return PassResult(gm, sum(counts.values()) > 0, notes)
+
+
+@invariant("nhwc")
+def _no_view_of_channels_last(gm: fx.GraphModule) -> str | None:
+    """``.view`` fails on channels-last strides: no view may read a value planned channels-last (unless it is
+    NCHW-contiguous too)."""
+    g = _Graph(gm, dict(gm.named_modules()))
+    bad = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"
+           and isinstance(n.args[0], fx.Node) and fxmeta(n.args[0]).get("layout") == "channels_last"
+           and not _contiguous_anyway(g, n.args[0])]
+    return f"view of a channels-last value: {', '.join(bad)}" if bad else None
