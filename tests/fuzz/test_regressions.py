@@ -209,24 +209,31 @@ def test_calibration_leaves_the_callers_data_alone():
 
 
 class _ScaledSigmoid(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, cat: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
+        self.conv, self.cat = nn.Conv2d(4, 4, 1), cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.sigmoid(self.conv(x))  # as swin_v2's continuous position bias
+        y = self.conv(x)
+        gate = torch.sigmoid(y)
+        if self.cat:  # cat shares qparams among its inputs: the sigmoid's become calibrated ones
+            gate = torch.cat([gate, y], 1)
+        return 16 * gate  # as swin_v2's continuous position bias
 
 
-def test_qnnpack_sigmoid_with_calibrated_qparams():
+@pytest.mark.parametrize("cat", [False, True])
+def test_qnnpack_sigmoid_with_calibrated_qparams(cat: bool):
     """Found by the zoo sweep (swin_v2_t/s/b on qnnpack): qnnpack's int8 sigmoid only produces output qparams
     (1/256, 0) and hits an internal assert for any others, such as the calibrated ones. Fix: lower-qnnpack
-    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel."""
+    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel. Since
+    sigmoids get fixed qparams (1/256, 0), only one whose output shares qparams with other values (a cat)
+    has calibrated ones."""
     x = torch.randn(2, 4, 5, 5)
     for target in ("qnnpack", "x86"):
-        compiled, db = _int8(_ScaledSigmoid().eval(), target, x)
+        compiled, db = _int8(_ScaledSigmoid(cat).eval(), target, x)
         assert db >= SQNR_FLOOR_DB
         on_int8 = any(n.target is torch.ops.quantized.sigmoid for n in compiled.graph_module.graph.nodes)
-        assert on_int8 == (target == "x86")
+        assert on_int8 == (target == "x86" or not cat)
 
 
 def test_cpu_conv_packs_its_weight_per_input_size():
