@@ -118,7 +118,8 @@ class _Lowering:
         scale, zero_point = self.qparams(q)
         with self.gm.graph.inserting_before(q):
             node = self.gm.graph.call_function(target, (*args, scale, zero_point) if output_qparams else args)
-        fxmeta(node)[QPARAMS_KEY] = (str(q.args[1].target), str(q.args[2].target))
+        if output_qparams:  # recalibrate re-reads them from these buffers (fixed ones never change)
+            fxmeta(node)[QPARAMS_KEY] = (str(q.args[1].target), str(q.args[2].target))
         record_rewrite(node, f"lower-{self.engine}", *origin)
         q.replace_all_uses_with(node)
         self.lowered[kind] = self.lowered.get(kind, 0) + 1

@@ -150,3 +150,17 @@ def test_gates_have_fixed_qparams_and_run_on_int8_kernels(kind, engine):
             steps = ((lowered(x) - reference(x)).abs() / reference.report.quantization.layers[-1].scale).round()
         assert (steps <= 1).float().mean() >= 0.95
     assert sqnr(model, lowered, X) >= 18
+
+
+def test_recalibrate_keeps_the_fixed_gate_kernel_running():
+    """recalibrate re-reads each kernel's output qparams from its buffers; the hardsigmoid kernel takes none
+    (its output qparams are fixed), so it must be left alone (it was handed a scale as its input)."""
+    lowered, reference = compile_both(se_model("mobilenet_v3"), "x86")
+    for compiled in (lowered, reference):
+        fxforge.recalibrate(compiled, batches(2, shape=X.shape, seed=44))
+    values = node_values(lowered, X)
+    gate = next(n for n in lowered.graph_module.graph.nodes if n.target is torch.nn.functional.hardsigmoid)
+    assert (values[gate].q_scale(), values[gate].q_zero_point()) == (1 / 256, 0)
+    with torch.inference_mode():
+        steps = ((lowered(X) - reference(X)).abs() / reference.report.quantization.layers[-1].scale).round()
+    assert (steps <= 1).float().mean() >= 0.95
