@@ -9,6 +9,7 @@ input and output are quantized tensors (qparams as literals, weights prepacked o
     q(linear(dq x)) [+relu]      -> quantized.linear[_relu](x, packed, scale, zp)
     q(dq a + dq b) [+relu]       -> quantized.add[_relu](a, b, scale, zp)  (mul likewise; full-size operand first)
     q(hardswish(dq x))           -> quantized.hardswish(x, scale, zp)  (function or module; sigmoid likewise)
+    q(hardsigmoid(dq x), 1/256, 0) -> hardsigmoid(x)               (its int8 kernel's fixed output qparams)
     q(batchnorm2d(dq x))         -> quantized.batch_norm2d(x, ..., scale, zp)
     q(avgpool(dq x), its qparams) -> avgpool(x)                     (int8 pooling keeps the input's qparams)
 Dynamic int8 (quantize-dynamic):
@@ -66,6 +67,8 @@ _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
 _CLAMPS = {"relu6", "hardtanh", "clamp"}
 _QNNPACK_SIGMOID_QPARAMS = (1.0 / 256, 0)
+# int8 ops whose output qparams are fixed (quint8): lowered only where the reference quantizes with these
+_FIXED_OUTPUT = {"hardsigmoid": (torch.nn.functional.hardsigmoid, (1.0 / 256, 0))}
 
 
 def _is_dq(node: Any) -> bool:
@@ -108,12 +111,15 @@ class _Lowering:
         scale, zero_point = (getattr(self.gm, str(a.target)) for a in q.args[1:3])
         return float(scale), int(zero_point)
 
-    def emit(self, q: fx.Node, target: Callable, args: tuple, origin: list[fx.Node], kind: str) -> fx.Node:
-        """Replace quantize node ``q`` (and the region before it) by ``target(*args, scale, zp)``."""
+    def emit(self, q: fx.Node, target: Callable, args: tuple, origin: list[fx.Node], kind: str,
+             output_qparams: bool = True) -> fx.Node:
+        """Replace quantize node ``q`` (and the region before it) by ``target(*args, scale, zp)`` (by
+        ``target(*args)`` without ``output_qparams``: a kernel whose output qparams are fixed)."""
         scale, zero_point = self.qparams(q)
         with self.gm.graph.inserting_before(q):
-            node = self.gm.graph.call_function(target, (*args, scale, zero_point))
-        fxmeta(node)[QPARAMS_KEY] = (str(q.args[1].target), str(q.args[2].target))
+            node = self.gm.graph.call_function(target, (*args, scale, zero_point) if output_qparams else args)
+        if output_qparams:  # recalibrate re-reads them from these buffers (fixed ones never change)
+            fxmeta(node)[QPARAMS_KEY] = (str(q.args[1].target), str(q.args[2].target))
         record_rewrite(node, f"lower-{self.engine}", *origin)
         q.replace_all_uses_with(node)
         self.lowered[kind] = self.lowered.get(kind, 0) + 1
@@ -298,11 +304,18 @@ def _broadcasts_onto(a: fx.Node, b: fx.Node, out: fx.Node) -> bool:
 
 def _lower_unary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
     kind = stored(op).get("kind")
-    if act is not None or kind not in _UNARY or not _is_dq(op.args[0]) or len(op.all_input_nodes) != 1:
+    if act is not None or (kind not in _UNARY and kind not in _FIXED_OUTPUT) or not _is_dq(op.args[0]) \
+            or len(op.all_input_nodes) != 1:
         return None
     if low.engine == "qnnpack" and kind == "sigmoid" and low.qparams(q) != _QNNPACK_SIGMOID_QPARAMS:
         return None  # qnnpack's int8 sigmoid only produces these (others: an internal assert at run time)
-    node = low.emit(q, _UNARY[kind], (op.args[0].args[0],), [op], kind)
+    if kind in _FIXED_OUTPUT:
+        target, qparams = _FIXED_OUTPUT[kind]
+        if low.qparams(q) != qparams or len(op.args) != 1 or op.kwargs:  # e.g. a hardsigmoid in a cat group
+            return None
+        node = low.emit(q, target, (op.args[0].args[0],), [op], kind, output_qparams=False)
+    else:
+        node = low.emit(q, _UNARY[kind], (op.args[0].args[0],), [op], kind)
     if is_in_place(low.gm, op) and len(op.args[0].users) == 1:
         low.private_in_place.append(op)
     return node

@@ -58,7 +58,8 @@ class QuantSummary:
 
     def lines(self) -> list[str]:
         out = [f"quantization: {self.mode} int8 for {self.backend}"
-               + (" (reduce_range: 7-bit activations, this CPU has no VNNI)" if self.reduce_range else "")]
+               + (" (reduce_range, no VNNI: 7-bit static weights, 7-bit dynamic activations)"
+                  if self.reduce_range else "")]
         if self.model_sqnr_db is not None:
             out.append(f"model output SQNR vs {self.reference} on the example inputs: {self.model_sqnr_db:.1f} dB")
         if self.search:

@@ -7,6 +7,9 @@ each *root* value inserts a call of its group's observer and routes the value's 
                                                         y1 = observer_1(y); z = flatten(y1)
 Why correct: an observer returns its input unchanged, so the observed graph computes exactly what the
 fp32 graph did (a test checks bit equality). Values that must share qparams share one observer module.
+Sigmoid and hardsigmoid outputs (groups with no other root) get a ``FixedRangeObserver``: their range is
+[0, 1] whatever the input, and the fixed qparams (1/256, 0) are those their int8 kernels produce, so
+lowering runs them without a requantize (and qnnpack's sigmoid accepts no others).
 With ``fake_quant=true`` (quantization-aware training) each observer is wrapped in a FakeQuantize module,
 and values insert-qdq will requantize with their input's qparams get a SharedFakeQuantize of that group.
 Graphs that already hold FakeQuantize modules (a trained QAT model being compiled) keep them: their
@@ -29,7 +32,8 @@ from fxforge.errors import ConfigError
 from fxforge.meta import fxmeta
 from fxforge.pass_api import Pass, PassResult, register_pass
 from fxforge.quant.config import QuantOptions, name_matches
-from fxforge.quant.plan import FLOAT, OBSERVER_KEY, QuantPlan, config_layer, plan_quantization, store
+from fxforge.quant.observers import FIXED_RANGES, FixedRangeObserver
+from fxforge.quant.plan import COMPUTE, FLOAT, OBSERVER_KEY, QuantPlan, config_layer, plan_quantization, store
 from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
 from fxforge.quant.qspec import backend_quant
 
@@ -57,20 +61,32 @@ def take_fake_quants(gm: fx.GraphModule) -> dict[fx.Node, FakeQuantize]:
     return found
 
 
+def _fixed_ranges(plan: QuantPlan) -> dict[int, tuple[float, float]]:
+    """gid -> the known output range of groups whose roots are all ops of one fixed range (sigmoid, ...)."""
+    ranges: dict[int, set[tuple[float, float] | None]] = {}
+    for node, gid in plan.group_of.items():
+        p = plan.nodes[node]
+        if p.state == "root":
+            ranges.setdefault(gid, set()).add(FIXED_RANGES.get(p.kind) if p.role == COMPUTE else None)
+    return {gid: next(iter(found)) for gid, found in ranges.items() if len(found) == 1 and None not in found}
+
+
 def _group_observers(gm: fx.GraphModule, plan: QuantPlan, opts: QuantOptions, fake_quant: bool,
                      trained: dict[fx.Node, FakeQuantize]) -> dict[int, tuple[str, nn.Module]]:
-    """gid -> (submodule name, observer): trained fake-quants first, else from the layer's config."""
+    """gid -> (submodule name, observer): trained fake-quants first, then fixed qparams where the output range
+    is known (sigmoid, hardsigmoid: the qparams their int8 kernels produce), else from the layer's config."""
     spec = backend_quant(opts.backend, opts.reduce_range).activation
     chosen: dict[int, tuple[str, nn.Module]] = {}
     for node, gid in plan.group_of.items():
         if plan.nodes[node].state == "root" and node in trained:
             chosen.setdefault(gid, (f"fake_quant_{gid}", trained[node]))
+    fixed = _fixed_ranges(plan)
     for node, gid in plan.group_of.items():
         if plan.nodes[node].state != "root" or gid in chosen:
             continue
         owner = config_layer(node, plan.nodes)
         layer = opts.config.resolve(owner.layer, owner.op_type, owner.kind)
-        observer = layer.make_observer()
+        observer = FixedRangeObserver(*fixed[gid]) if gid in fixed else layer.make_observer()
         prefix = "fake_quant" if fake_quant else "observer"
         chosen[gid] = (f"{prefix}_{gid}", FakeQuantize(observer, spec) if fake_quant else observer)
     return chosen

@@ -47,7 +47,7 @@ def _weighted(module: nn.Module | None, weight_only: bool) -> nn.Module | None:
 def _weight_spec(opts: QuantOptions, backend: BackendQuant, path: str, layer: nn.Module) -> QSpec:
     """Per output row, or one scale per tensor where the layer's quant_config says per_channel=False."""
     per_channel = opts.config.resolve(path, type(layer), type(layer).__name__.lower()).per_channel
-    return backend.weight.with_axis(0 if per_channel else None)
+    return backend.dynamic.with_axis(0 if per_channel else None)
 
 
 def _quantize_weight_of(layer: nn.Module, spec: QSpec) -> str:

@@ -137,7 +137,7 @@ def _search_cell(x: QuantLayerRecord) -> str:
 def _quantization(q: QuantSummary) -> str:
     facts = [f"{q.mode} int8 for <b>{_e(q.backend)}</b>"]
     if q.reduce_range:
-        facts.append("reduce_range: 7-bit activations (this CPU has no VNNI)")
+        facts.append("reduce_range: 7-bit static weights / dynamic activations (this CPU has no VNNI)")
     if q.calibration_batches:
         facts.append(f"calibrated on {q.calibration_batches} batches")
     if q.model_sqnr_db is not None:

@@ -15,6 +15,10 @@ given when the range is chosen, not when the observer is built. None of this use
   bin edges. The default for static activations: it clips rare outliers only when that pays off.
 - ``percentile``: the histogram's (100 - p)th and p-th percentiles. Simple and predictable, ignores a fixed
   fraction of the mass whatever the grid.
+- ``FixedRangeObserver`` (not a calibration choice): the output of an op whose range is known whatever its
+  input (sigmoid, hardsigmoid: [0, 1]), quantized with fixed qparams as torch.ao does: ``scale = (hi - lo) /
+  levels`` (1/256, zero point 0 on quint8 [0, 255]), the qparams torch's int8 sigmoid / hardsigmoid kernels
+  produce; 1.0 itself saturates at 255/256. Insert-observers gives it to such ops' outputs.
 - ``entropy``: TensorRT-style calibration: the threshold ``t`` whose clipped and requantized histogram of
   ``|x|`` has the least KL divergence from the original; the range is ``(-t, t)`` clipped to the data.
   Preserves the shape of the distribution, which classification networks tend to care about more than MSE.
@@ -40,8 +44,9 @@ from torch import Tensor, nn
 
 from .qspec import QSpec
 
-__all__ = ["OBSERVERS", "EntropyObserver", "HistogramBasedObserver", "HistogramObserver", "MinMaxObserver",
-           "MovingAverageMinMaxObserver", "Observer", "PercentileObserver", "make_observer", "observers_paused"]
+__all__ = ["FIXED_RANGES", "OBSERVERS", "EntropyObserver", "FixedRangeObserver", "HistogramBasedObserver",
+           "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
+           "make_observer", "observers_paused"]
 
 # True while observers must not record (per thread / task: a check in one thread never pauses another's calibration)
 _PAUSED: ContextVar[bool] = ContextVar("fxforge_observers_paused", default=False)
@@ -178,6 +183,41 @@ class MinMaxObserver(Observer):
             if self.axis is not None and isinstance(saved, Tensor) and buf is not None and saved.shape != buf.shape:
                 self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+FIXED_RANGES: dict[str, tuple[float, float]] = {"sigmoid": (0.0, 1.0), "hardsigmoid": (0.0, 1.0)}  # op kind -> range
+
+
+class FixedRangeObserver(Observer):
+    """Fixed qparams for an op with a known output range ``[lo, hi]``: ``scale = (hi - lo) / levels`` and
+    ``zero_point = quant_min - round(lo / scale)`` (torch.ao's fixed qparams: 1/256 and 0 for [0, 1] on quint8
+    [0, 255]). Records nothing but the batches it saw (calibration still runs through it)."""
+
+    kind = "fixed"
+
+    def __init__(self, lo: float = 0.0, hi: float = 1.0) -> None:
+        if not lo <= 0.0 <= hi or lo == hi:
+            raise ValueError(f"a fixed range must contain zero and be non-empty, got [{lo}, {hi}]")
+        super().__init__(None)
+        self.lo, self.hi = float(lo), float(hi)
+
+    def _observe(self, x: Tensor) -> bool:
+        return True
+
+    def _reset_stats(self) -> None:
+        pass
+
+    def _range(self, spec: QSpec) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.lo), torch.tensor(self.hi)
+
+    def qparams(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calculate_range(spec)  # the same "saw no data" check as every observer
+        scale = torch.tensor((self.hi - self.lo) / spec.levels, dtype=torch.float32)
+        zero_point = spec.quant_min - torch.round(self.lo / scale).to(torch.int64)
+        return scale, torch.clamp(zero_point, spec.quant_min, spec.quant_max)
+
+    def describe(self) -> str:
+        return f"{self.kind}([{self.lo:g}, {self.hi:g}])"
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):

@@ -6,9 +6,15 @@ a test oracle): ``scale = (hi - lo) / (quant_max - quant_min)`` with the range w
 quant_min) / 2)`` with zero point 0 (qint8). ``eps`` is the smallest scale a backend accepts.
 
 Backend rules:
-- fbgemm and x86: activations quint8. Without VNNI the int8 kernels multiply u8 x s8 pairs into int16 with
-  saturation (AVX2 ``vpmaddubsw``), so activations use 7 bits (``reduce_range``); weights per-channel
-  symmetric qint8 in [-128, 127].
+- fbgemm and x86: activations quint8 [0, 255]; weights per-channel symmetric qint8 in [-128, 127]. Without
+  VNNI (``reduce_range``) the int8 kernels sum pairs of u8 x s8 products into int16 with saturation (AVX2
+  ``vpmaddubsw``): static int8 then uses 7-bit weights, [-64, 63], so that ``2 * 255 * 64 = 32640`` fits
+  int16 whatever the activation codes (ONNX Runtime's ``reduce_range`` does the same). torch.ao narrows the
+  activations to [0, 127] instead, but ``quantize_per_tensor`` and the kernels' requantization clamp to the
+  dtype (255), not 127: values above a clipped calibrated range still get codes 128-255, on which the kernels
+  saturate and depart from the reference graph (tests/fuzz/test_regressions.py). Dynamic int8 keeps 8-bit
+  weights and 7-bit activations (``dynamic_weight``): their range is each tensor's own min/max, so the codes
+  never pass 127.
 - qnnpack: activations quint8 over the full range, weights per-channel symmetric qint8 restricted to
   [-127, 127], and scales no smaller than 2**-12 (its requantization needs bounded scale ratios).
 """
@@ -70,11 +76,15 @@ class BackendQuant:
 
     name: str
     activation: QSpec
-    weight: QSpec
+    weight: QSpec  # static int8 (7 bits with reduce_range)
+    reduce_range: bool = False  # no VNNI: int16 pair sums saturate (fbgemm, x86)
+    dynamic_weight: QSpec | None = None  # dynamic int8's weights where they differ from ``weight``
 
     @property
-    def reduce_range(self) -> bool:
-        return self.activation.quant_max < 255
+    def dynamic(self) -> QSpec:
+        """Dynamic int8's weight spec: activations are quantized per call over their own min/max (7 bits with
+        ``reduce_range``), so full 8-bit weights cannot saturate the kernels."""
+        return self.dynamic_weight or self.weight
 
 
 @functools.cache
@@ -90,7 +100,8 @@ def cpu_has_vnni() -> bool:
 def backend_quant(backend: str, reduce_range: bool | None = None) -> BackendQuant:
     """The quantization rules of ``backend`` ("fbgemm", "x86" or "qnnpack").
 
-    ``reduce_range`` defaults to "this CPU lacks VNNI" for fbgemm/x86 and is always False for qnnpack.
+    ``reduce_range`` (7-bit static weights, 7-bit dynamic activations: see the module docstring) defaults to
+    "this CPU lacks VNNI" for fbgemm/x86 and is always False for qnnpack.
     """
     if backend == "qnnpack":
         eps = 2.0**-12
@@ -99,8 +110,11 @@ def backend_quant(backend: str, reduce_range: bool | None = None) -> BackendQuan
     if backend not in ("fbgemm", "x86"):
         raise ValueError(f"no int8 rules for backend {backend!r}; use fbgemm, x86 or qnnpack")
     reduce = (not cpu_has_vnni()) if reduce_range is None else reduce_range
-    return BackendQuant(backend, QSpec(torch.quint8, 0, 127 if reduce else 255),
-                        QSpec(torch.qint8, -128, 127, symmetric=True, axis=0))
+    weight = QSpec(torch.qint8, -128, 127, symmetric=True, axis=0)
+    if not reduce:
+        return BackendQuant(backend, QSpec(torch.quint8, 0, 255), weight)
+    return BackendQuant(backend, QSpec(torch.quint8, 0, 255), replace(weight, quant_min=-64, quant_max=63),
+                        reduce_range=True, dynamic_weight=weight)
 
 
 class _EngineGate:

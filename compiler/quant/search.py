@@ -46,7 +46,14 @@ from fxforge.meta import fxmeta
 from fxforge.passes.matching import call_count
 
 from .config import QuantOptions
-from .observers import HistogramBasedObserver, HistogramObserver, MinMaxObserver, Observer, make_observer
+from .observers import (
+    FixedRangeObserver,
+    HistogramBasedObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    Observer,
+    make_observer,
+)
 from .ops import weight_axis, weighted_layer
 from .plan import ABSORBED, OBSERVER_KEY, observer_nodes, stored
 from .qat_modules import FakeQuantize
@@ -365,7 +372,7 @@ def collect_histograms(gm: fx.GraphModule, batches: Sequence[tuple], bins: int =
         module = gm.get_submodule(name)
         if isinstance(module, HistogramBasedObserver):
             found[gid] = module
-        elif not isinstance(module, FakeQuantize) and name not in fresh:
+        elif not isinstance(module, (FakeQuantize, FixedRangeObserver)) and name not in fresh:
             fresh[name] = (module, HistogramObserver(bins=bins))
             found[gid] = fresh[name][1]
     if fresh:

@@ -118,3 +118,49 @@ def test_sigmoid_module_runs_on_the_int8_kernel_on_x86():
     # SiLU has no int8 kernel: it keeps its reference form (dequantize -> silu -> quantize)
     assert [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.SiLU)]
 
+
+
+GATES = {"mobilenet_v3": ("hardsigmoid", nn.Hardsigmoid, torch.nn.functional.hardsigmoid),
+         "efficientnet": ("sigmoid", nn.Sigmoid, _q.sigmoid)}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_gates_have_fixed_qparams_and_run_on_int8_kernels(kind, engine):
+    """A sigmoid / hardsigmoid gate's output range is [0, 1] whatever its input: it gets torch.ao's fixed qparams
+    (1/256, 0), the ones its int8 kernel produces, instead of calibrated ones (which clipped the gate, e.g. at
+    0.64), so every engine runs it on the int8 kernel: no fp32 island, no requantize after it."""
+    model = se_model(kind)
+    lowered, reference = compile_both(model, engine)
+    op, module_type, kernel = GATES[kind]
+    for compiled in (lowered, reference):
+        gates = [r for r in compiled.report.quantization.layers if r.op == op]
+        assert [(r.scale, r.zero_point, r.observer) for r in gates] == [(1 / 256, 0, "fixed([0, 1])")]
+    gm = lowered.graph_module
+    assert len([n for n in gm.graph.nodes if n.target is kernel]) == 1, gm.code
+    assert not [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                   module_type)]
+    assert not lowered.report.quantization.islands or kind == "efficientnet"  # SiLU has no int8 kernel
+    assert not dq_q_round_trips(gm)
+    values = node_values(lowered, X)
+    gate = next(n for n in gm.graph.nodes if n.target is kernel)
+    assert (values[gate].q_scale(), values[gate].q_zero_point()) == (1 / 256, 0)
+    for x in batches(2, shape=X.shape, seed=43):
+        with torch.inference_mode():
+            steps = ((lowered(x) - reference(x)).abs() / reference.report.quantization.layers[-1].scale).round()
+        assert (steps <= 1).float().mean() >= 0.95
+    assert sqnr(model, lowered, X) >= 18
+
+
+def test_recalibrate_keeps_the_fixed_gate_kernel_running():
+    """recalibrate re-reads each kernel's output qparams from its buffers; the hardsigmoid kernel takes none
+    (its output qparams are fixed), so it must be left alone (it was handed a scale as its input)."""
+    lowered, reference = compile_both(se_model("mobilenet_v3"), "x86")
+    for compiled in (lowered, reference):
+        fxforge.recalibrate(compiled, batches(2, shape=X.shape, seed=44))
+    values = node_values(lowered, X)
+    gate = next(n for n in lowered.graph_module.graph.nodes if n.target is torch.nn.functional.hardsigmoid)
+    assert (values[gate].q_scale(), values[gate].q_zero_point()) == (1 / 256, 0)
+    with torch.inference_mode():
+        steps = ((lowered(X) - reference(X)).abs() / reference.report.quantization.layers[-1].scale).round()
+    assert (steps <= 1).float().mean() >= 0.95

@@ -13,9 +13,10 @@ and checks, on the model built from it:
 - every target: the user's model is untouched (state_dict, training flags, submodules).
 
 SQNR floors. With b-bit activations over a calibrated range of about +-4 sigma, one quantization point of a
-Gaussian-like value costs SQNR ~ 6.02 b - 7.3 dB: 35 dB at 7 bits (x86 / fbgemm without VNNI use reduce_range),
-41 dB at 8 bits (qnnpack); the medians over 700 drawn graphs per target were 34.0 / 33.8 / 39.4 dB. The low tail
-is by design, not bugs: an output much smaller than the quantization steps of its inputs (cancellation in a
+Gaussian-like value costs SQNR ~ 6.02 b - 7.3 dB: 35 dB at 7 bits (x86 / fbgemm without VNNI used 7-bit activations
+when measured; now 8 bits and 7-bit weights), 41 dB at 8 bits (qnnpack); the medians over 700 drawn graphs per
+target were 34.0 / 33.8 / 39.4 dB. The low tail is by design, not bugs: an output much smaller than the quantization
+steps of its inputs (cancellation in a
 conv: graphs where rounding-sized noise at every value leaves under CONDITION_DB are drawn again,
 ``FuzzModel.forward_with_rounding_noise``), spatial means requantized with their input's qparams (a mean of a
 zero-mean value loses up to 10 log10(H*W) dB), a standalone BN that scales up narrow channels of a per-tensor

@@ -209,24 +209,31 @@ def test_calibration_leaves_the_callers_data_alone():
 
 
 class _ScaledSigmoid(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, cat: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
+        self.conv, self.cat = nn.Conv2d(4, 4, 1), cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.sigmoid(self.conv(x))  # as swin_v2's continuous position bias
+        y = self.conv(x)
+        gate = torch.sigmoid(y)
+        if self.cat:  # cat shares qparams among its inputs: the sigmoid's become calibrated ones
+            gate = torch.cat([gate, y], 1)
+        return 16 * gate  # as swin_v2's continuous position bias
 
 
-def test_qnnpack_sigmoid_with_calibrated_qparams():
+@pytest.mark.parametrize("cat", [False, True])
+def test_qnnpack_sigmoid_with_calibrated_qparams(cat: bool):
     """Found by the zoo sweep (swin_v2_t/s/b on qnnpack): qnnpack's int8 sigmoid only produces output qparams
     (1/256, 0) and hits an internal assert for any others, such as the calibrated ones. Fix: lower-qnnpack
-    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel."""
+    leaves other sigmoids in their reference form; the x86 engine still runs them on its int8 kernel. Since
+    sigmoids get fixed qparams (1/256, 0), only one whose output shares qparams with other values (a cat)
+    has calibrated ones."""
     x = torch.randn(2, 4, 5, 5)
     for target in ("qnnpack", "x86"):
-        compiled, db = _int8(_ScaledSigmoid().eval(), target, x)
+        compiled, db = _int8(_ScaledSigmoid(cat).eval(), target, x)
         assert db >= SQNR_FLOOR_DB
         on_int8 = any(n.target is torch.ops.quantized.sigmoid for n in compiled.graph_module.graph.nodes)
-        assert on_int8 == (target == "x86")
+        assert on_int8 == (target == "x86" or not cat)
 
 
 def test_cpu_conv_packs_its_weight_per_input_size():
@@ -265,19 +272,21 @@ def test_int8_view_of_an_int8_cat_of_one_channel_maps(target: str):
     assert db >= SQNR_FLOOR_DB
 
 
-@pytest.mark.xfail(strict=True, reason="open: 7-bit (reduce_range) activations keep codes 128-255 beyond a "
-                   "clipped calibrated range, and fbgemm's AVX2 kernels saturate on them (see the docstring)")
 @pytest.mark.parametrize("target", ["x86", "fbgemm"])
-def test_int8_conv_input_codes_beyond_the_seven_bit_range(target: str):
-    """Found by ``make fuzz`` (open, not fixed). x86 / fbgemm on CPUs without VNNI quantize activations to 7
-    bits (codes 0-127) because AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products into int16 with
-    saturation. When the MSE-optimal range clips the top of a value's distribution, ``quantize_per_tensor``
-    still writes codes up to 255 for the values above it (it clamps to the dtype, not to 127), and so do the
-    int8 kernels' outputs. The reference graph dequantizes those codes exactly; fbgemm's conv saturates its
-    int16 pair sums on them. Here conv4's int8 output differs from the reference by up to 40 codes (lowered
-    graph 5.1 dB from its reference). Ways out: clamp values to the 7-bit range at quantization points and
-    give up clipping at the top for 7-bit specs (costs SQNR on every model), or pick ranges that never clip
-    when the next kernel is a fbgemm conv."""
+def test_int8_conv_input_codes_beyond_the_seven_bit_range(target: str, monkeypatch: pytest.MonkeyPatch):
+    """Found by ``make fuzz``. x86 / fbgemm on CPUs without VNNI quantized activations to 7 bits (codes 0-127)
+    because AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products into int16 with saturation. When the
+    MSE-optimal range clipped the top of a value's distribution, ``quantize_per_tensor`` still wrote codes up to
+    255 for the values above it (it clamps to the dtype, not to 127), and so did the int8 kernels' outputs. The
+    reference graph dequantized those codes exactly; fbgemm's conv saturated its int16 pair sums on them (conv4's
+    int8 output off by up to 40 codes, lowered graph 5.1 dB from its reference). Fix (qspec.backend_quant):
+    without VNNI, static int8 keeps 8-bit activations and narrows the weights to [-64, 63] instead, as ONNX
+    Runtime's reduce_range does: ``2 * 255 * 64`` fits int16 whatever the codes, so no input can saturate."""
+    from fxforge.quant import qspec
+
+    monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)  # the AVX2 scheme on any CPU
+    spec = qspec.backend_quant(target)
+    assert (spec.activation.quant_max, spec.weight.quant_min, spec.weight.quant_max) == (255, -64, 63)
     graph = FuzzGraph(shape=(1, 3, 3), batch=3, ops=(
         Op("act", (0,), {"fn": "relu", "spelling": "module"}),
         Op("conv", (1,), {"out_channels": 6, "kernel_size": (1, 1), "stride": 1, "padding": "same", "dilation": 1,
@@ -295,7 +304,7 @@ def test_int8_conv_input_codes_beyond_the_seven_bit_range(target: str):
     reference = fxforge.compile(model, target, example_inputs=graph.example(), calibration=[data],
                                 pipeline=fxforge.pipeline_for(target).replace(f",lower-{target}", ""))
     with torch.no_grad():
-        assert outputs_sqnr_db(reference(data), lowered(data)) >= 10.0
+        assert outputs_sqnr_db(reference(data), lowered(data)) >= 40.0  # 5.1 dB before the fix; now equal
 
 
 class _ConvThenCat(nn.Module):

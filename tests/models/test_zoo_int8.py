@@ -8,10 +8,10 @@ has a report record, the fp32 islands are the expected ones, and the output SQNR
 inputs stays above a per-model floor. Where torch.ao's FX flow is importable, three models are compared
 with it on the same calibration data and input: ours must not be more than 1 dB worse.
 
-SQNR floors: random-init classifiers are harsh references (their logits differ by little, and every
-quantization point's error adds up over 20-80 layers), so model SQNRs are far below trained-model values.
-Measured (dB) with 7-bit activations on x86 (reduce_range: a CPU without VNNI; VNNI CPUs get 8 bits and
-higher numbers): this file's fresh inputs at batch 2 / 1 / 3, then the lowest over 30 other random inputs
+SQNR floors: random-init classifiers are harsh references (their logits differ by little, and every quantization
+point's error adds up over 20-80 layers), so model SQNRs are far below trained-model values. Measured (dB) with
+7-bit activations on x86 (reduce_range on a CPU without VNNI, which now narrows the weights instead; VNNI CPUs get 8
+bits and higher numbers): this file's fresh inputs at batch 2 / 1 / 3, then the lowest over 30 other random inputs
 (10 each at batch 1, 2, 3), then torch.ao's FX flow (x86 qconfig, same calibration, batch-2 input):
     resnet18            x86 19.6 / 19.7 / 19.6, low 18.7, torch.ao 18.2;  qnnpack 21.7 / 22.7 / 22.3, low 21.1
     mobilenet_v2        x86  5.8 /  5.8 /  5.2, low  3.5, torch.ao  4.5;  qnnpack  7.9 /  8.2 /  8.1, low  4.8

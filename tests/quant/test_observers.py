@@ -12,6 +12,7 @@ import torch
 from fxforge.quant.observers import (
     OBSERVERS,
     EntropyObserver,
+    FixedRangeObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -24,7 +25,7 @@ from fxforge.quant.qspec import QSpec
 ao = pytest.importorskip("torch.ao.quantization")
 
 FULL = QSpec(torch.quint8, 0, 255)
-REDUCED = QSpec(torch.quint8, 0, 127)  # reduce_range: 7-bit activations
+REDUCED = QSpec(torch.quint8, 0, 127)  # 7-bit activations (torch.ao's reduce_range)
 SYMMETRIC = QSpec(torch.qint8, -128, 127, symmetric=True)
 WEIGHT = QSpec(torch.qint8, -128, 127, symmetric=True, axis=0)
 
@@ -316,3 +317,18 @@ def test_deepcopy_and_state_dict_round_trip(kind: str, axis: int | None) -> None
     fresh.load_state_dict(observer.state_dict())
     assert fresh.batches_seen == 3
     assert_same_qparams(fresh.qparams(spec), expected)
+
+
+def test_fixed_range_observer_gives_torch_ao_fixed_qparams_whatever_it_sees():
+    """sigmoid / hardsigmoid outputs: (1/256, 0) on quint8 [0, 255] (what torch's int8 kernels produce), a
+    step of 1/levels on narrower grids; the data seen does not move them, but some must have been seen."""
+    obs = FixedRangeObserver(0.0, 1.0)
+    with pytest.raises(RuntimeError, match="saw no data"):
+        obs.qparams(FULL)
+    obs(torch.rand(100) * 0.3)  # a gate that stayed below 0.3 in calibration
+    assert [(float(s), int(z)) for s, z in (obs.qparams(FULL), obs.qparams(REDUCED))] == [(1 / 256, 0), (1 / 128, 0)]
+    tanh = FixedRangeObserver(-1.0, 1.0)
+    tanh(torch.zeros(3))
+    assert [float(v) for v in tanh.qparams(FULL)] == [2 / 256, 128]
+    with pytest.raises(ValueError, match="contain zero"):
+        FixedRangeObserver(0.5, 1.0)

@@ -41,7 +41,7 @@ OBSERVED = PIPELINE.split(",insert-qdq")[0]
 FP32 = PIPELINE.split(",insert-observers")[0]
 CALIBRATION_BATCHES, CALIBRATION_BATCH, FRESH_BATCH = 4, 32, 4
 MAXPOOL_SPELLINGS = ("nn.MaxPool2d", "F.max_pool2d")
-# SQNR floor for (c). Measured on 2,500 random graphs (x86, 7-bit activations as on a CPU without VNNI,
+# SQNR floor for (c). Measured on 2,500 random graphs (x86, 7-bit activations, as CPUs without VNNI then had,
 # 4 calibration batches of 32, a fresh batch of 4): min 15.9 dB, 0.5% quantile 20.7, 5% 25.3, median 31.9.
 # The tail is legitimate: cat inputs of different magnitudes sharing one grid, and fresh values beyond the
 # calibrated range clipped (this is why calibration uses 32-sample batches: with 16, 1% fell below 12 dB).

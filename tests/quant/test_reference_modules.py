@@ -14,7 +14,7 @@ import fxforge.quant.reference as reference
 from fxforge.quant.qspec import QSpec, backend_quant
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize, quantize_weight
 
-WEIGHT = backend_quant("fbgemm", reduce_range=True).weight  # qint8 [-128, 127] per-channel symmetric, axis 0
+WEIGHT = backend_quant("fbgemm", reduce_range=False).weight  # qint8 [-128, 127] per-channel symmetric, axis 0
 PER_TENSOR = QSpec(torch.qint8, -128, 127, symmetric=True)  # what torch.ao's default_weight_observer computes
 QNNPACK_WEIGHT = backend_quant("qnnpack").weight  # qint8 restricted to [-127, 127]
 AFFINE_WEIGHT = QSpec(torch.quint8, 0, 127, axis=0)  # non-zero zero points and a range narrower than the dtype's

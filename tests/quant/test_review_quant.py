@@ -117,7 +117,7 @@ def trained_qat(target: str, **kwargs) -> nn.Module:
     return qat.eval()
 
 
-def test_compiled_qat_model_reproduces_its_eval_output_with_7_bit_activations(monkeypatch):
+def test_compiled_qat_model_reproduces_its_eval_output_without_vnni(monkeypatch):
     monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)  # fbgemm/x86 use reduce_range on such CPUs
     qat = trained_qat("x86")
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 3  # beyond the trained ranges
@@ -125,6 +125,27 @@ def test_compiled_qat_model_reproduces_its_eval_output_with_7_bit_activations(mo
     assert compiled.report.quantization.reduce_range
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-4, atol=1e-5)
+
+
+def test_without_vnni_static_int8_narrows_weights_and_dynamic_int8_activations(monkeypatch):
+    """No VNNI: u8 x s8 pair sums saturate int16 unless 2 * max|activation code| * max|weight code| fits. Static
+    int8 keeps 8-bit activations (codes up to 255 even beyond the calibrated range) and uses weights in
+    [-64, 63]; dynamic int8 quantizes activations per call to 7 bits and keeps 8-bit weights."""
+    monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    static = fxforge.compile(model, "fbgemm", example_inputs=x, calibration=[x],
+                             pipeline=reference_pipeline("fbgemm"))
+    summary = static.report.quantization
+    assert summary.reduce_range and {r.activation for r in summary.layers} == {"quint8[0,255] per-tensor affine"}
+    layers = [m for m in static.graph_module.modules() if hasattr(m, "weight_scale")]
+    assert len(layers) == 2
+    for layer in layers:
+        codes = (layer.weight / layer.weight_scale.view(-1, *[1] * (layer.weight.dim() - 1))).round()
+        assert codes.min() >= -64 and codes.max() <= 63 and codes.abs().max() >= 63  # the 7-bit grid, used fully
+    dynamic = fxforge.compile(model, "fbgemm", example_inputs=x, quantization="dynamic")
+    weights = {r.weight for r in dynamic.report.quantization.layers}
+    assert dynamic.report.quantization.reduce_range and weights == {"qint8[-128,127] per-channel(axis=0) symmetric"}
 
 
 def test_prepare_qat_follows_per_channel_setting_and_compile_reproduces_it():
