@@ -306,6 +306,7 @@ def render(rows: list[Row], peers: list[str], batch_sizes: list[int], info: list
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(PEERS)
+    p.set_defaults(models=DEFAULT_MODELS)  # the int8 table's five models (bench_cpu's default adds vit_b_16)
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--calibration-batches", type=int, default=8,
                    help=f"calibration batches of {CALIBRATION_BATCH} random-normal images (fixed seed)")

@@ -40,3 +40,12 @@ def test_bf16_peer_runs_where_the_cpu_has_bf16(bench_cpu):
     model, x = _tiny(), torch.randn(1, 3, 8, 8)
     run, cell = bench_cpu.build_peer(bench_cpu.PEERS["fxforge_bf16"], model, x, model(x))
     assert run is not None and cell.error is None and cell.rel_err < 0.05
+
+
+def test_the_int8_benchmark_keeps_its_own_default_models(bench_cpu, monkeypatch):
+    """bench_int8 shares bench_cpu's argument parser; it ran vit_b_16 at batch 32 through every int8 peer once
+    bench_cpu's default models grew it."""
+    import bench_int8
+
+    assert bench_int8.parse_args([]).models == bench_int8.DEFAULT_MODELS != bench_cpu.DEFAULT_MODELS
+    assert bench_int8.parse_args(["--models", "resnet18"]).models == "resnet18"
