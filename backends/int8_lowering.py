@@ -87,6 +87,9 @@ class _Lowering:
         self.kernel_engines = kernel_engines or (engine,)
         self.lowered: dict[str, int] = {}
         self.chosen: dict[str, int] = {}
+        # (kernel, weight shape and geometry, input shape, engines) -> the engine measured fastest for it: layers
+        # of the same shapes (resnet50 repeats its bottleneck blocks) are timed once
+        self.measured: dict[tuple, str] = {}
         self.private_in_place: list[fx.Node] = []  # replaced in-place ops on a dequantized copy only they read
 
     def prepack(self, kernel: Callable, prepack: Callable[[str], PackedWeight], q: fx.Node, dequantize: fx.Node,
@@ -96,7 +99,15 @@ class _Lowering:
         scale, zero_point = self.qparams(q)
         engines = engines or self.kernel_engines
         x = example_int8_input(self.gm, dequantize) if len(engines) > 1 else None
-        engine, packed = fastest_prepacked(kernel, prepack, engines, x, scale, zero_point)
+        shapes = getattr(prepack, "shapes", None)
+        key = None if x is None or shapes is None else (kernel, shapes, tuple(x.shape), engines)
+        if key in self.measured:
+            engine = self.measured[key]
+            packed = prepack(engine)
+        else:
+            engine, packed = fastest_prepacked(kernel, prepack, engines, x, scale, zero_point)
+            if key is not None:
+                self.measured[key] = engine
         if x is not None:  # a measured choice (conv2d_add has one engine only: not counted)
             self.chosen[engine] = self.chosen.get(engine, 0) + 1
         return packed
@@ -163,10 +174,17 @@ def _conv_add_kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[
 
 
 def _packer(layer: nn.Module, kind: str) -> Callable[[str], PackedWeight]:
-    """engine -> the layer's int8 weight packed by that engine."""
+    """engine -> the layer's int8 weight packed by that engine. Its ``shapes`` attribute (kind, weight shape,
+    bias or not, geometry) is what the kernel's speed depends on besides the input shape."""
     geometry = {} if kind == "linear" else {"stride": list(layer.stride), "padding": list(layer.padding),
                                             "dilation": list(layer.dilation), "groups": layer.groups}
-    return lambda engine: PackedWeight(kind, engine, _quantized_weight(layer), layer.bias, geometry)
+
+    def pack(engine: str) -> PackedWeight:
+        return PackedWeight(kind, engine, _quantized_weight(layer), layer.bias, geometry)
+
+    pack.shapes = (kind, tuple(layer.weight.shape), layer.bias is not None,
+                   tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in geometry.items()))
+    return pack
 
 
 def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], PackedWeight], str] | None:

@@ -95,3 +95,28 @@ def test_x86_packs_each_layer_for_a_measured_engine_and_agrees_with_fixed_packin
 def _lowered_counts(note: str) -> dict[str, int]:
     """'int8 kernels (x86): 10 add, 3 conv2d' -> {'add': 10, 'conv2d': 3}"""
     return {kind: int(n) for n, kind in (part.split() for part in note.split(": ")[1].split(", "))}
+
+
+@needs_two_engines
+def test_layers_of_the_same_shapes_are_timed_once(monkeypatch):
+    """resnet50 repeats its bottleneck blocks: timing each layer made lower-x86 take 0.9 s of a 2.2 s compile."""
+    import fxforge.backends.int8_lowering as lowering
+
+    timed = []
+
+    def counting(kernel, prepack, engines, x, scale, zero_point):
+        timed.append(prepack.shapes)
+        return fastest_prepacked(kernel, prepack, engines, x, scale, zero_point)
+
+    monkeypatch.setattr(lowering, "fastest_prepacked", counting)
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()]
+    for _ in range(3):
+        layers += [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()]
+    model = reestimate_bn(torch.nn.Sequential(*layers), batches(4, seed=100)).eval()
+    compiled = fxforge.compile(model, "x86", example_inputs=X, calibration=batches(4))
+    assert len(timed) == len(set(timed)) == 2  # the stem, and one of the three 8->8 convs
+    notes = next(p.notes for p in compiled.report.passes if p.name == "lower-x86")
+    choice = next(n for n in notes if n.startswith("weights packed for the fastest engine"))
+    assert sum(int(part.split()[0]) for part in choice.split(": ")[1].split(", ")) == 4  # every conv has a choice
+    assert sqnr(model, compiled, X) >= 25
