@@ -22,6 +22,7 @@ stay eager (still correct, not yet lowered).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -162,17 +163,18 @@ class OneDnnLinear(_Prepacked):
         return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars, "")
 
 
-def _conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The oneDNN module replacing ``node``, or None when it is not a lowerable fp32 Conv2d."""
+def conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype = torch.float32,
+                  module: type[OneDnnConv2d] = OneDnnConv2d) -> nn.Module | None:
+    """The oneDNN ``module`` replacing ``node``, or None when it is not a lowerable Conv2d of ``dtype``."""
     mod = module_of(gm, node)
     fused = isinstance(mod, FusedConv)
     conv, add, activation = (mod.conv, mod.add, mod.activation) if fused else (mod, False, "")
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     shape = tensor_shape(node.args[0])
-    if conv.weight.dtype != torch.float32 or shape is None or len(shape) != 4:
+    if conv.weight.dtype != dtype or shape is None or len(shape) != 4:
         return None
-    return OneDnnConv2d(conv, add, activation, list(shape))
+    return module(conv, add, activation, list(shape))
 
 
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -268,25 +270,35 @@ def restore_eager_layout(gm: fx.GraphModule, pass_name: str = "lower-cpu", refer
     return count
 
 
-@graph_pass(name="lower-cpu", provides=("lowered",))
-def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
-    """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
-    instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
-    ctx.shapes(gm)
-    planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
+def lower_modules(gm: fx.GraphModule, ctx: PassContext, pass_name: str, conv_lowering: Callable,
+                  linear_lowering: Callable) -> dict[str, int]:
+    """Replace each conv / linear module call by what ``conv_lowering`` / ``linear_lowering`` return for it
+    (None: left as it is); counts per kind. After to-nhwc (property ``nhwc``) only the convs of its
+    channels-last regions are lowered and the layouts in the graph are already explicit; without it the
+    channels-last outputs of oneDNN convs are made eager's layout again where observable."""
+    planned = "nhwc" in ctx.properties
     counts = {"conv": 0, "linear": 0}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
-        for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
+        for kind, lowering in (("conv", conv_lowering), ("linear", linear_lowering)):
             if planned and kind == "conv" and fxmeta(node).get("layout") != "channels_last":
                 continue  # to-nhwc kept it in eager layout (it may share memory with a value mutated in place)
             new_module = lowering(gm, node)
             if new_module is not None:
                 replace_submodule(gm, str(node.target), new_module)
-                record_rewrite(node, "lower-cpu", node)
+                record_rewrite(node, pass_name, node)
                 counts[kind] += 1
                 break  # lowered: the node now calls a oneDNN module
     if counts["conv"] and not planned:
-        restore_eager_layout(gm)
+        restore_eager_layout(gm, pass_name)
+    return counts
+
+
+@graph_pass(name="lower-cpu", provides=("lowered",))
+def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
+    """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
+    instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
+    ctx.shapes(gm)
+    counts = lower_modules(gm, ctx, "lower-cpu", conv_lowering, _linear_lowering)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
     switched = False

@@ -42,12 +42,12 @@ from fxforge.context import PassContext
 from fxforge.meta import record_rewrite, tensor_shape
 from fxforge.pass_api import graph_pass
 from fxforge.passes.attention import SdpaSelfAttention
-from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import ACTIVATIONS, module_of, replace_submodule
+from fxforge.passes.fuse import FusedLinear
+from fxforge.passes.matching import ACTIVATIONS, module_of
 from fxforge.pipeline import PassSpec, format_pipeline, parse_pipeline
 from fxforge.targets import Target, all_targets, register_target
 
-from .cpu import OneDnnConv2d, OneDnnLinear, restore_eager_layout
+from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
 
 BF16 = torch.bfloat16
 EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
@@ -153,14 +153,7 @@ class OneDnnLinearBf16(OneDnnLinear):
 # ---------------------------------------------------------------------------------------------- lowering
 def _conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The bf16 oneDNN module replacing ``node``, or None when it is not a lowerable Conv2d."""
-    mod = module_of(gm, node)
-    conv, add, activation = (mod.conv, mod.add, mod.activation) if isinstance(mod, FusedConv) else (mod, False, "")
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    shape = tensor_shape(node.args[0])
-    if conv.weight.dtype != BF16 or shape is None or len(shape) != 4:
-        return None
-    return OneDnnConv2dBf16(conv, add, activation, list(shape))
+    return conv_lowering(gm, node, BF16, OneDnnConv2dBf16)
 
 
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -217,29 +210,15 @@ def _lower_attention_projections(gm: fx.GraphModule) -> int:
     return len(attention)
 
 
-def _lower_modules(gm: fx.GraphModule) -> dict[str, int]:
-    counts = {"conv": 0, "linear": _lower_attention_projections(gm)}
-    for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
-        for kind, lowering in (("conv", _conv_lowering), ("linear", _linear_lowering)):
-            new_module = lowering(gm, node)
-            if new_module is not None:
-                replace_submodule(gm, str(node.target), new_module)
-                record_rewrite(node, PASS_NAME, node)
-                counts[kind] += 1
-                break
-    return counts
-
-
 @graph_pass(name=PASS_NAME, provides=("lowered", "reduced-precision"))
 def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Everything to bf16; conv/linear onto oneDNN bf16 kernels with prepacked weights; casts at the edges."""
     ctx.shapes(gm)
     gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
-    counts = _lower_modules(gm)
+    counts = lower_modules(gm, ctx, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu, layouts included
+    counts["linear"] += _lower_attention_projections(gm)
     inputs = _cast_inputs(gm)
     _restore_output_dtypes(gm)
-    if counts["conv"]:
-        restore_eager_layout(gm, PASS_NAME)  # bf16 convs return channels-last, as in lower-cpu
     kernels = "oneDNN bf16" if native_bf16_kernels() else \
         f"eager bf16 ops (emulated: oneDNN has no bf16 path on this CPU; {EMULATE_ENV}=1)"
     ctx.note(f"weights and activations in bf16, {inputs} input(s) cast from fp32; lowered {counts['conv']} "

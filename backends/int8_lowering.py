@@ -66,9 +66,9 @@ _BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "m
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
 _CLAMPS = {"relu6", "hardtanh", "clamp"}
-_QNNPACK_SIGMOID_QPARAMS = (1.0 / 256, 0)
+_GATE_QPARAMS = (1.0 / 256, 0)  # the output qparams of torch's quint8 sigmoid-like kernels ([0, 1] in 256 steps)
 # int8 ops whose output qparams are fixed (quint8): lowered only where the reference quantizes with these
-_FIXED_OUTPUT = {"hardsigmoid": (torch.nn.functional.hardsigmoid, (1.0 / 256, 0))}
+_FIXED_OUTPUT = {"hardsigmoid": (torch.nn.functional.hardsigmoid, _GATE_QPARAMS)}
 
 
 def _is_dq(node: Any) -> bool:
@@ -325,7 +325,7 @@ def _lower_unary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -
     if act is not None or (kind not in _UNARY and kind not in _FIXED_OUTPUT) or not _is_dq(op.args[0]) \
             or len(op.all_input_nodes) != 1:
         return None
-    if low.engine == "qnnpack" and kind == "sigmoid" and low.qparams(q) != _QNNPACK_SIGMOID_QPARAMS:
+    if low.engine == "qnnpack" and kind == "sigmoid" and low.qparams(q) != _GATE_QPARAMS:
         return None  # qnnpack's int8 sigmoid only produces these (others: an internal assert at run time)
     if kind in _FIXED_OUTPUT:
         target, qparams = _FIXED_OUTPUT[kind]
