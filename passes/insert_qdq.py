@@ -21,9 +21,9 @@ Preconditions: ``observed`` and ``calibrated`` (every observer holds statistics)
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -38,7 +38,7 @@ from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
 from fxforge.quant.search import WEIGHT_SCHEME_KEY, SearchResult, configured_per_channel
-from fxforge.quant.sqnr import capture, local_errors_and_values, sample_inputs, sqnr_db
+from fxforge.quant.sqnr import apply_op, capture, local_errors_and_values, sample_inputs, sqnr_db
 from fxforge.report import QuantLayerRecord, QuantSummary
 
 from .insert_observers import quant_options
@@ -136,19 +136,6 @@ def _quantize_weights(gm: fx.GraphModule, backend: BackendQuant, per_channel_of:
     return described
 
 
-def _fp32_op(observed: fx.GraphModule) -> Any:
-    """(node, args, kwargs) -> the node's op evaluated in fp32 with the *original* weights."""
-
-    def run(node: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor:
-        if node.op == "call_module":
-            return observed.get_submodule(str(node.target))(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
-
-    return run
-
-
 def _heads(gm: fx.GraphModule, conv: _Converter) -> dict[str, tuple[fx.Node, fx.Node]]:
     """quantize-node name -> (the op computing the layer's value, that quantize node) for each layer."""
     heads = {q.name: (root, q) for root, q in conv.q_of_root.items()
@@ -163,7 +150,7 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
     roots = {**{q.name: root for root, q in conv.q_of_root.items()}, **{q.name: op for op, q in conv.requant.items()}}
     inputs = _report_inputs(gm, ctx)
     fp32 = capture(observed, inputs, {v.name for v in roots.values()})
-    fp32_op = _fp32_op(observed)
+    fp32_op = functools.partial(apply_op, observed)  # fp32, with the *original* weights
     first_op = {q: (op.args[0] if stored(op).get("role") == ABSORBED else op) for q, (op, _) in heads.items()}
     activation = {first_op[q].name: op for q, (op, _) in heads.items() if op is not first_op[q]}
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar
@@ -48,17 +48,18 @@ __all__ = ["FIXED_RANGES", "OBSERVERS", "EntropyObserver", "FixedRangeObserver",
            "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
            "make_observer", "observers_paused"]
 
-# True while observers must not record (per thread / task: a check in one thread never pauses another's calibration)
-_PAUSED: ContextVar[bool] = ContextVar("fxforge_observers_paused", default=False)
+# None: observers record. Inside observers_paused: the ids of the observers that still record (per thread / task:
+# a check in one thread never pauses another's calibration)
+_PAUSED: ContextVar[frozenset[int] | None] = ContextVar("fxforge_observers_paused", default=None)
 
 
 @contextmanager
-def observers_paused() -> Iterator[None]:
-    """Observers pass values through without recording statistics inside this block.
+def observers_paused(recording: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Observers pass values through without recording statistics inside this block, but for ``recording``.
 
     For every run of an observed graph on data that is not calibration data: shape propagation and
     ``verify="numeric"`` run it on the example inputs, which must not widen the calibrated ranges."""
-    token = _PAUSED.set(True)
+    token = _PAUSED.set(frozenset(map(id, recording)))
     try:
         yield
     finally:
@@ -86,7 +87,8 @@ class Observer(nn.Module):
         return self._batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > 0 and not _PAUSED.get():
+        recording = _PAUSED.get()
+        if x.numel() > 0 and (recording is None or id(self) in recording):
             with torch.no_grad():
                 if self._observe(x.detach().float()):
                     self._batches += 1

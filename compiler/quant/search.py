@@ -53,12 +53,14 @@ from .observers import (
     MinMaxObserver,
     Observer,
     make_observer,
+    observers_paused,
 )
 from .ops import weight_axis, weighted_layer
 from .plan import ABSORBED, OBSERVER_KEY, observer_nodes, stored
 from .qat_modules import FakeQuantize
 from .qspec import BackendQuant
 from .reference import quantize_weight
+from .sqnr import apply_op
 
 WEIGHT_SCHEME_KEY = "weight_per_channel"  # fxmeta key on a compute node: the searched weight scheme
 DEFAULT_ACTIVATIONS = ("minmax", "histogram", "percentile:99.99", "percentile:99.9")
@@ -146,15 +148,6 @@ class _Option:
     observer: nn.Module
     scale: float
     zero_point: int
-
-
-def _apply(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """``node``'s op on the given arguments (fp32)."""
-    if node.op == "call_module":
-        return gm.get_submodule(str(node.target))(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
 
 
 @contextmanager
@@ -288,11 +281,11 @@ class ObserverSearch:
         options, noise, signal = self._group_options(gid), defaultdict(float), 0.0
         outs: dict[bool, list[Any]] = {scheme: [] for scheme in schemes}
         for args, kwargs in runner.fetch(node):
-            ref = self._through(act, _apply(self.gm, node, args, kwargs))
+            ref = self._through(act, apply_op(self.gm, node, args, kwargs))
             signal += _power(ref)
             for scheme in schemes:
                 with _weight(layer, self._qweight(layer, scheme)):
-                    outs[scheme].append(_apply(self.gm, node, args, kwargs))
+                    outs[scheme].append(apply_op(self.gm, node, args, kwargs))
                 self._score(noise, scheme, self._through(act, outs[scheme][-1]), ref, options)
         scheme = self._decide(root, gid, options, signal, noise, configured)
         self.per_channel[node.name] = scheme
@@ -302,7 +295,7 @@ class ObserverSearch:
 
     def _through(self, act: fx.Node | None, y: torch.Tensor) -> torch.Tensor:
         """An absorbed activation (relu after a conv) applied in fp32, as the reference graph runs it."""
-        return y if act is None else _apply(self.gm, act, (y, *act.args[1:]), dict(act.kwargs))
+        return y if act is None else apply_op(self.gm, act, (y, *act.args[1:]), dict(act.kwargs))
 
     def _decide(self, value: fx.Node, gid: int | None, options: list[_Option | None], signal: float,
                 noise: dict[tuple[Any, int], float], configured: bool | None) -> Any:
@@ -378,8 +371,8 @@ def collect_histograms(gm: fx.GraphModule, batches: Sequence[tuple], bins: int =
     if fresh:
         for name, (_, histogram) in fresh.items():
             gm.add_submodule(name, histogram)
-        try:
-            with torch.no_grad():
+        try:  # only the fresh histograms record: the calibrated observers saw these batches already
+            with torch.no_grad(), observers_paused(recording=[h for _, h in fresh.values()]):
                 for args in batches:
                     gm(*args)
         finally:

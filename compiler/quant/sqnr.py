@@ -15,6 +15,17 @@ from typing import Any
 import torch
 from torch import fx
 
+from .observers import observers_paused
+
+
+def apply_op(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """``node``'s op (module, method or function call) on the given arguments, with ``gm``'s modules."""
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
 
 def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
     """10*log10(|ref|^2 / |ref - value|^2); inf when equal."""
@@ -93,23 +104,19 @@ def sample_inputs(inputs: tuple) -> tuple:
 
 
 def capture(gm: fx.GraphModule, inputs: tuple, keep: set[str]) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
+    """The values of the nodes named in ``keep`` on ``inputs`` (observers in ``gm`` do not record them)."""
+    with torch.no_grad(), observers_paused():
         interp = _Capture(gm, keep)
         interp.run(*inputs)
     return interp.values
 
 
-def local_errors(gm: fx.GraphModule, inputs: tuple, heads: dict[str, str],
-                 reference: Callable[[fx.Node, tuple, dict], torch.Tensor]) -> dict[str, float]:
-    """quantize-node name -> local SQNR (see the module docstring)."""
-    return local_errors_and_values(gm, inputs, heads, reference, set())[0]
-
-
 def local_errors_and_values(gm: fx.GraphModule, inputs: tuple, heads: dict[str, str],
                             reference: Callable[[fx.Node, tuple, dict], torch.Tensor],
                             keep: set[str]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """``local_errors`` and ``capture(gm, inputs, keep)`` from one run of the graph."""
-    with torch.no_grad():
+    """quantize-node name -> local SQNR (see the module docstring), and ``capture(gm, inputs, keep)``, from one
+    run of the graph. Observers in ``gm`` do not record ``inputs`` (they are not calibration data)."""
+    with torch.no_grad(), observers_paused():
         interp = _LocalError(gm, heads, reference, keep)
         interp.run(*inputs)
     return interp.local, interp.values
