@@ -29,12 +29,12 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite, tensor_shape
-from fxforge.pass_api import graph_pass
-from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
-from fxforge.targets import Target, register_target
+from fxforge.graph.fused import FusedConv, FusedLinear
+from fxforge.graph.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
+from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
+from fxforge.pipeline.targets import Target, register_target
 
 _mkldnn = torch.ops.mkldnn
 _CHANNELS_LAST = torch.channels_last

@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
-from fxforge.pass_api import graph_pass
+from fxforge.graph.fused import FusedLinear
+from fxforge.graph.matching import ACTIVATIONS, module_of
+from fxforge.graph.meta import record_rewrite, tensor_shape
 from fxforge.passes.attention import SdpaSelfAttention
-from fxforge.passes.fuse import FusedLinear
-from fxforge.passes.matching import ACTIVATIONS, module_of
-from fxforge.pipeline import PassSpec, format_pipeline, parse_pipeline
-from fxforge.targets import Target, all_targets, register_target
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
+from fxforge.pipeline.targets import Target, all_targets, register_target
+from fxforge.pipeline.text import PassSpec, format_pipeline, parse_pipeline
 
 from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
 

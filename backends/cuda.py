@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite, tensor_shape
-from fxforge.pass_api import Pass, PassResult, register_pass
-from fxforge.passes.fuse import FusedConv
-from fxforge.passes.matching import module_of, replace_submodule
-from fxforge.targets import Target, register_target
+from fxforge.graph.fused import FusedConv
+from fxforge.graph.matching import module_of, replace_submodule
+from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
+from fxforge.pipeline.targets import Target, register_target
 
 from . import cuda_graphs  # noqa: F401  (registers the cuda-runtime pass)
 

@@ -45,9 +45,9 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from fxforge.context import PassContext
-from fxforge.meta import record_rewrite
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.meta import record_rewrite
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 
 WARMUP_RUNS = 3  # the CUDA graph docs' example warms up 3 iterations on a side stream before capturing
 _VALUE_TYPES = (int, float, bool, str, type(None))  # non-tensor arguments that may be part of a cache key

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
-from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
-from fxforge.passes.matching import module_of, replace_submodule
+from fxforge.graph.matching import module_of, replace_submodule
+from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.pipeline.context import PassContext
 
 WARMUP_CALLS = 2  # oneDNN builds its primitive on the first call
 ROUNDS = 5  # timed calls per candidate, interleaved (one of each per round); the best counts

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fxforge.targets import Target, register_target
+from fxforge.pipeline.targets import Target, register_target
 
 CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
 # Fuse only what each engine's int8 kernels fuse: conv+relu and linear+relu everywhere, conv+add(+relu) where

@@ -44,12 +44,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite, tensor_shape
-from fxforge.pass_api import PassResult, graph_pass
+from fxforge.graph.fused import FusedConv, FusedLinear
+from fxforge.graph.matching import is_in_place, module_of, replace_submodule
+from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.passes.dce import remove_dead_code
-from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import is_in_place, module_of, replace_submodule
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import PassResult, graph_pass
 from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxforge.meta import fxmeta, tensor_shape
+from fxforge.graph.meta import fxmeta, tensor_shape
 from fxforge.quant.plan import QPARAMS_KEY
 from fxforge.quant.qspec import quantized_engine
 

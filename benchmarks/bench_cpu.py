@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fxforge
-from fxforge.testing import reestimate_bn
+from fxforge.testing.helpers import reestimate_bn
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[nn.Module, torch.Tensor], Runner]

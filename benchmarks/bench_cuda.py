@@ -49,7 +49,7 @@ from torch import nn
 import fxforge
 from fxforge.backends.cuda_graphs import tf32_policy
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.testing import reestimate_bn
+from fxforge.testing.helpers import reestimate_bn
 
 BEGIN, END = "<!-- bench-cuda:begin -->", "<!-- bench-cuda:end -->"
 CL = torch.channels_last

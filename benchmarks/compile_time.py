@@ -32,7 +32,7 @@ import torch
 import torchvision
 
 import fxforge
-from fxforge.testing import randomize_bn
+from fxforge.testing.helpers import randomize_bn
 
 BEGIN, END = "<!-- compile-time:begin -->", "<!-- compile-time:end -->"
 

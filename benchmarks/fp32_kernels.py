@@ -30,8 +30,8 @@ from bench_cpu import make_model
 import fxforge
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
 from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear
+from fxforge.graph.matching import ACTIVATIONS
 from fxforge.passes.attention import SdpaSelfAttention
-from fxforge.passes.matching import ACTIVATIONS
 
 mkldnn = torch.ops.mkldnn
 CL = torch.channels_last

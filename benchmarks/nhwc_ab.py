@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 import fxforge
-from fxforge.testing import reestimate_bn
+from fxforge.testing.helpers import reestimate_bn
 
 
 def _pipelines() -> dict[str, str]:

@@ -23,7 +23,7 @@ import torchvision
 
 import fxforge
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.testing import reestimate_bn
+from fxforge.testing.helpers import reestimate_bn
 
 CONFIGS = {"default": None, "minmax-pt": fxforge.QuantConfig(activation="minmax", per_channel=False)}
 

@@ -43,7 +43,7 @@ from torchvision import models as tv_models
 import fxforge
 from fxforge.numerics import max_errors
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.testing import reestimate_bn
+from fxforge.testing.helpers import reestimate_bn
 
 TARGETS = ("cpu", "x86", "fbgemm", "qnnpack")
 INT8_TARGETS = TARGETS[1:]

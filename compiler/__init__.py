@@ -1,12 +1,15 @@
-"""fxforge: a torch.fx compiler for PyTorch models. ``fxforge.compile(model, target, example_inputs=...)``."""
+"""fxforge: a torch.fx compiler for PyTorch models. ``fxforge.compile(model, target, example_inputs=...)``.
+
+This file is the public API: it re-exports names from the layers below (see docs/design.md for the layout).
+"""
 
 from __future__ import annotations
 
-from . import debug, numerics, patterns, testing  # noqa: F401  (fxforge.debug / .numerics / .patterns / .testing)
-from .accuracy import AccuracyBudget
+from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / .numerics / .testing)
 from .artifact import load, read_metadata, save
-from .compile import CompiledModule, compile
-from .context import PassContext
+from .capture.tracing import trace
+from .driver.build import CompiledModule, compile
+from .driver.qat import prepare_qat
 from .errors import (
     AccuracyBudgetError,
     ArtifactError,
@@ -20,16 +23,17 @@ from .errors import (
     TraceError,
     UnsupportedOpError,
 )
-from .instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
-from .pass_api import Pass, PassResult, graph_pass, register_pass, registered_passes
-from .pass_manager import PassManager
-from .pipeline import PassSpec, format_pipeline, parse_pipeline
+from .graph import patterns  # noqa: F401  (fxforge.patterns: rewrite rules for custom passes)
+from .pipeline.context import PassContext
+from .pipeline.instruments import DumpAfterChange, Instrument, NumericCheck, TimingInstrument
+from .pipeline.manager import PassManager
+from .pipeline.pass_api import Pass, PassResult, graph_pass, register_pass, registered_passes
+from .pipeline.report import CompileReport
+from .pipeline.targets import Target, pipeline_for, register_target, targets
+from .pipeline.text import PassSpec, format_pipeline, parse_pipeline
 from .quant.calibration import recalibrate
 from .quant.config import QuantConfig
-from .quant.qat import prepare_qat
-from .report import CompileReport
-from .targets import Target, pipeline_for, register_target, targets
-from .tracing import trace
+from .search.accuracy import AccuracyBudget
 
 # Built-in passes and backends register themselves by name on import.
 from . import passes as _passes  # noqa: E402,F401  isort: skip
@@ -38,7 +42,7 @@ from . import backends as _backends  # noqa: E402,F401  isort: skip
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",  # issue 9
+    "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
     "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PluginWarning", "PassResult", "PassSpec", "QuantConfig", "Target",

@@ -5,7 +5,7 @@ The file is a zip archive (stored, not compressed) holding:
   pipeline text, input shapes, a qparams summary; read *before* anything is unpickled, so that a missing
   engine or an incompatible torch fails with a typed error that says what to do (``fxforge.read_metadata``);
 - ``report.txt`` / ``report.json``: the compile report, readable without Python;
-- ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialize``: node records and the
+- ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialization.codec``: node records and the
   modules/buffers/prepacked weights it uses) plus the report object; with ``recalibratable=True`` also the
   fp32 graph with its observers (static int8), which ``fxforge.recalibrate`` needs.
 
@@ -33,9 +33,17 @@ from typing import Any
 
 import torch
 
+from fxforge.pipeline.targets import all_targets, targets
+from fxforge.serialization.codec import (
+    foreign_globals,
+    graph_attrs,
+    graph_records,
+    portable_leaves,
+    rebuild,
+    synthetic_inputs,
+)
+
 from .errors import ArtifactError, BackendUnavailableError
-from .serialize import foreign_globals, graph_attrs, graph_records, portable_leaves, rebuild, synthetic_inputs
-from .targets import all_targets, targets
 
 FORMAT = "fxforge-compiled-model"
 FORMAT_VERSION = 1
@@ -57,7 +65,7 @@ def _engine(compiled: Any) -> str | None:
 
 
 def _inputs_meta(gm: Any) -> list[dict[str, Any]]:
-    from .meta import fxmeta
+    from fxforge.graph.meta import fxmeta
 
     out = []
     for node in gm.graph.nodes:
@@ -91,14 +99,14 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
 
 
 def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A graph module as data (``fxforge.serialize``), and the user submodules made portable in it."""
+    """A graph module as data (``fxforge.serialization.codec``), and the user submodules made portable in it."""
     leaves = portable_leaves(gm, inputs)
     state = {"records": graph_records(gm), "attrs": {**graph_attrs(gm), **leaves}, "class_name": type(gm).__name__}
     return state, leaves
 
 
 def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[bytes, dict[str, Any]]:
-    from .quant.qspec import quantized_engine
+    from fxforge.quant.qspec import quantized_engine
 
     gm = compiled.graph_module
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
@@ -130,7 +138,7 @@ def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalib
     (static int8) also stores the fp32 graph with its observers, so that ``fxforge.recalibrate`` works on
     the loaded model (the file then holds the fp32 weights too).
     """
-    from .compile import CompiledModule
+    from fxforge.driver.build import CompiledModule
 
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
@@ -184,9 +192,9 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
 
 def load(path: str | Path, *, check_version: bool = True) -> Any:
     """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed."""
-    from .compile import CompiledModule
-    from .quant.config import QuantOptions
-    from .quant.qspec import quantized_engine
+    from fxforge.driver.build import CompiledModule
+    from fxforge.quant.config import QuantOptions
+    from fxforge.quant.qspec import quantized_engine
 
     meta = read_metadata(path)
     check_loadable(meta, check_version)

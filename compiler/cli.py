@@ -67,7 +67,7 @@ def _torchvision_model(name: str, shape: tuple[int, ...]) -> nn.Module:
     if name not in names:
         raise UsageError(f"torchvision has no model '{name}'.{suggest(name, names)} e.g. resnet18, mobilenet_v2, "
                          f"efficientnet_b0")
-    from .testing import reestimate_bn
+    from fxforge.testing.helpers import reestimate_bn
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
@@ -146,7 +146,7 @@ def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: A
 # ---- commands ---------------------------------------------------------------------------------------------
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .targets import all_targets
+    from fxforge.pipeline.targets import all_targets
 
     for t in all_targets().values():
         reason = t.availability()
@@ -157,9 +157,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pass_api import pass_class
-    from .pipeline import parse_pipeline
-    from .targets import pipeline_for
+    from fxforge.pipeline.pass_api import pass_class
+    from fxforge.pipeline.targets import pipeline_for
+    from fxforge.pipeline.text import parse_pipeline
 
     text = pipeline_for(args.target, args.quantization)
     print(text)
@@ -235,8 +235,8 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> 
 
 
 def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
-    from .numerics import max_errors
-    from .quant.sqnr import outputs_sqnr_db
+    from fxforge.numerics.metrics import max_errors
+    from fxforge.quant.sqnr import outputs_sqnr_db
 
     with torch.inference_mode():
         got, want = compiled(*inputs), model(*inputs)
@@ -246,7 +246,7 @@ def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .targets import resolve_target
+    from fxforge.pipeline.targets import resolve_target
 
     model, example = load_model(args.model, args.input_shape)
     inputs = example if isinstance(example, tuple) else (example,)

@@ -2,7 +2,7 @@
 
 - ``compare(model, compiled, inputs)``: every value of the compiled graph against the fp32 model's, keyed
   by the traced node and its module path: accumulated SQNR, the SQNR this op *adds* (the fp32 op run on
-  the compiled graph's own inputs, see ``fxforge.provenance``) and the max abs error; most damaging first.
+  the compiled graph's own inputs, see ``fxforge.numerics.provenance``) and the max abs error; most damaging first.
   The table is printable and goes into ``compiled.report`` (``report.comparison``).
 - ``bisect(model, target, inputs)``: runs the target's pipeline pass by pass; after each pass the output is
   checked against fp32 with the tolerance that pass should keep (fp32 passes: ``rtol`` relative error;
@@ -22,19 +22,20 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .compile import CompiledModule, _as_tuple, _check_eval, prepare
+from fxforge.capture.tracing import trace
+from fxforge.driver.build import CompiledModule, _as_tuple, _check_eval, prepare
+from fxforge.driver.qat import convert_qat_layers
+from fxforge.graph.meta import fxmeta
+from fxforge.numerics.metrics import max_errors
+from fxforge.numerics.provenance import ValueErrors, capture, errors, local_errors, value_keys
+from fxforge.pipeline.instruments import TimingInstrument
+from fxforge.pipeline.manager import PassManager
+from fxforge.pipeline.report import LayerComparison, LayerError
+from fxforge.quant.config import layer_name
+from fxforge.quant.qspec import quantized_engine
+from fxforge.quant.sqnr import outputs_sqnr_db
+
 from .errors import CompileError, ConfigError
-from .instruments import TimingInstrument
-from .meta import fxmeta
-from .numerics import max_errors
-from .pass_manager import PassManager
-from .provenance import ValueErrors, capture, errors, local_errors, value_keys
-from .quant.config import layer_name
-from .quant.qat import convert_qat_layers
-from .quant.qspec import quantized_engine
-from .quant.sqnr import outputs_sqnr_db
-from .report import LayerComparison, LayerError
-from .tracing import trace
 
 __all__ = ["BisectResult", "BisectStage", "bisect", "compare"]
 
@@ -155,7 +156,7 @@ class BisectResult:
 def _run(gm: fx.GraphModule, inputs: tuple, engine: str | None) -> Any:
     """``gm``'s outputs; a graph with observers runs as a copy (observers record every call, and the checks
     must not add the example inputs to the calibration statistics)."""
-    from .quant.observers import Observer
+    from fxforge.quant.observers import Observer
 
     if any(isinstance(m, Observer) for m in gm.modules()):
         gm = copy.deepcopy(gm)

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
-from fxforge.pass_api import graph_pass
-
-from .matching import module_of, replace_submodule
+from fxforge.graph.matching import module_of, replace_submodule
+from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 _SOFTMAXES = {F.softmax, torch.softmax}

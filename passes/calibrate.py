@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from fxforge.context import PassContext
 from fxforge.errors import CalibrationError
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.matching import module_of
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.quant.calibration import run_calibration
 from fxforge.quant.plan import observer_nodes, stored
 
 from .insert_observers import quant_options
-from .matching import module_of
 
 
 def _unseen(gm: fx.GraphModule) -> list[fx.Node]:

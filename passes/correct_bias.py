@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.pass_api import PassResult, graph_pass
+from fxforge.graph.matching import call_count, module_of
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import PassResult, graph_pass
 from fxforge.quant.calibration import as_args, input_names
 from fxforge.quant.ops import weighted_layer
 from fxforge.quant.plan import stored
-
-from .matching import call_count, module_of
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxforge.context import PassContext
-from fxforge.pass_api import graph_pass
-
-from .matching import has_side_effects, mutates_only_private_value
+from fxforge.graph.matching import has_side_effects, mutates_only_private_value
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
 
 
 def _unobservable_mutation(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.pass_api import graph_pass
-
-from .matching import call_count, is_relu, module_of, sole_user
+from fxforge.graph.matching import call_count, is_relu, module_of, sole_user
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _SWEEPS, _SETTLED = 20, 1e-4

@@ -23,12 +23,11 @@ import copy
 import torch
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import record_rewrite, tensor_shape
-from fxforge.pass_api import graph_pass
-from fxforge.verify import invariant
-
-from .matching import call_count, calls_module, module_of, replace_submodule
+from fxforge.graph.matching import call_count, calls_module, module_of, replace_submodule
+from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
+from fxforge.pipeline.verify import invariant
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = nn.modules.conv._ConvNd

@@ -24,56 +24,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
-from fxforge import patterns as P
-from fxforge.context import PassContext
-from fxforge.meta import tensor_shape
-from fxforge.pass_api import Pass, PassResult, register_pass
-
-from .matching import ACTIVATIONS, activation_of, call_count, replace_submodule
+from fxforge.graph import patterns as P
+from fxforge.graph.fused import FusedConv, FusedLinear
+from fxforge.graph.matching import ACTIVATIONS, activation_of, call_count, replace_submodule
+from fxforge.graph.meta import tensor_shape
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 
 DEFAULT_POST_OPS = "add+relu+relu6+hardswish+silu"
-
-
-class FusedConv(nn.Module):
-    """``conv``, then ``+ other`` when ``add``, then ``activation`` (a key of ACTIVATIONS, or "")."""
-
-    def __init__(self, conv: nn.Module, add: bool = False, activation: str = "") -> None:
-        super().__init__()
-        self.conv, self.add, self.activation = conv, add, activation
-
-    @property
-    def post_ops(self) -> str:
-        return "+".join(filter(None, ("add" if self.add else "", self.activation)))
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.conv(x)
-        if self.add:
-            y = y + other
-        return ACTIVATIONS[self.activation](y) if self.activation else y
-
-    def extra_repr(self) -> str:
-        return f"post_ops={self.post_ops!r}"
-
-
-class FusedLinear(nn.Module):
-    """``linear`` followed by ``activation`` (a key of ACTIVATIONS)."""
-
-    def __init__(self, linear: nn.Linear, activation: str = "relu") -> None:
-        super().__init__()
-        self.linear, self.activation = linear, activation
-
-    @property
-    def post_ops(self) -> str:
-        return self.activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ACTIVATIONS[self.activation](self.linear(x))
-
-    def extra_repr(self) -> str:
-        return f"post_ops={self.post_ops!r}"
 
 
 def parse_post_ops(text: str) -> frozenset[str]:

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from fxforge.context import PassContext
 from fxforge.errors import ConfigError
-from fxforge.meta import fxmeta
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.matching import module_of
+from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.quant.config import QuantOptions, name_matches
 from fxforge.quant.observers import FIXED_RANGES, FixedRangeObserver
 from fxforge.quant.plan import COMPUTE, FLOAT, OBSERVER_KEY, QuantPlan, config_layer, plan_quantization, store
 from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
 from fxforge.quant.qspec import backend_quant
-
-from .matching import module_of
 
 
 def quant_options(ctx: PassContext, pass_name: str) -> QuantOptions:

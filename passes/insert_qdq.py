@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fxforge.context import PassContext
 from fxforge.errors import ConfigError
-from fxforge.meta import fxmeta
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.matching import module_of
+from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
+from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
 from fxforge.quant.ops import weight_axis, weighted_layer
 from fxforge.quant.plan import ABSORBED, CAT, DIRECT, META, OBSERVER_KEY, SHARE, group_buffers, observer_nodes, stored
 from fxforge.quant.qat_modules import FakeQuantize
@@ -39,10 +41,8 @@ from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
 from fxforge.quant.search import WEIGHT_SCHEME_KEY, SearchResult, configured_per_channel
 from fxforge.quant.sqnr import apply_op, capture, local_errors_and_values, sample_inputs, sqnr_db
-from fxforge.report import QuantLayerRecord, QuantSummary
 
 from .insert_observers import quant_options
-from .matching import module_of
 from .search_observers import SEARCH_ARTIFACT
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxforge import patterns as P
-from fxforge.context import PassContext
-from fxforge.pass_api import PassResult, graph_pass
-
-from .matching import mutates_only_private_value
+from fxforge.graph import patterns as P
+from fxforge.graph.matching import mutates_only_private_value
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import PassResult, graph_pass
 
 
 def _dtype(value: object) -> torch.dtype | None:

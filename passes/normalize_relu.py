@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxforge import patterns as P
-from fxforge.context import PassContext
-from fxforge.pass_api import PassResult, graph_pass
+from fxforge.graph import patterns as P
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import PassResult, graph_pass
 
 
 def _as_torch_relu(m: P.Match) -> fx.Node | None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.pass_api import graph_pass
+from fxforge.graph.matching import call_count, calls_module, module_of, replace_submodule
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import graph_pass
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.ops import weight_axis
 from fxforge.quant.qat_modules import QATConvBn, QATWeighted
@@ -23,7 +24,6 @@ from fxforge.quant.qspec import QSpec, backend_quant
 
 from .fold_bn import why_not_foldable
 from .insert_observers import quant_options
-from .matching import call_count, calls_module, module_of, replace_submodule
 
 
 def _weight_spec(opts: QuantOptions, weight: QSpec, layer: nn.Module, path: str) -> QSpec:

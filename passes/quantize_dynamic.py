@@ -21,17 +21,17 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.fused import FusedLinear
+from fxforge.graph.matching import call_count, module_of, replace_submodule
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
+from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
 from fxforge.quant.config import QuantOptions, layer_name
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize, quantize_weight
 from fxforge.quant.sqnr import capture, outputs_sqnr_db
-from fxforge.report import QuantLayerRecord, QuantSummary
 
-from .fuse import FusedLinear
 from .insert_observers import quant_options
-from .matching import call_count, module_of, replace_submodule
 
 _RNNS = {nn.LSTM: DynamicQuantLSTM, nn.GRU: DynamicQuantGRU}
 

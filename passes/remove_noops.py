@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge import patterns as P
-from fxforge.context import PassContext
-from fxforge.pass_api import PassResult, graph_pass
+from fxforge.graph import patterns as P
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import PassResult, graph_pass
 
 _NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                  nn.FeatureAlphaDropout, nn.Identity)

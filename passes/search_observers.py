@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxforge.context import PassContext
-from fxforge.meta import fxmeta
-from fxforge.pass_api import Pass, PassResult, register_pass
+from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.quant.calibration import as_args, input_names
 from fxforge.quant.plan import OBSERVER_KEY, observer_nodes
 from fxforge.quant.qspec import backend_quant

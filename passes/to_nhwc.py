@@ -59,13 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.context import PassContext
-from fxforge.meta import fxmeta, record_rewrite, tensor_info
-from fxforge.pass_api import Pass, PassResult, register_pass
-from fxforge.verify import invariant
-
-from .fuse import FusedConv
-from .matching import is_in_place
+from fxforge.graph.fused import FusedConv
+from fxforge.graph.matching import is_in_place
+from fxforge.graph.meta import fxmeta, record_rewrite, tensor_info
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
+from fxforge.pipeline.verify import invariant
 
 CL = torch.channels_last
 OUTPUTS = ("eager", "channels_last")

@@ -1,6 +1,6 @@
 """What a pass changed: nodes of two snapshots matched by name and by provenance.
 
-Passes record provenance with ``fxforge.meta.record_rewrite``: a node they write lists the traced nodes it
+Passes record provenance with ``fxforge.graph.meta.record_rewrite``: a node they write lists the traced nodes it
 computes in ``node.meta["fxforge"]["origins"]`` and names the pass in ``"rewritten_by"``. Matching:
 - an *after* node whose name exists *before* is ``unchanged``, or ``rewritten`` when its op, target, origins
   or rewriting pass differ (fold-bn keeps the conv node and adds the BatchNorm to its origins);
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fxforge.snapshot import GraphSnapshot, NodeRecord
+from fxforge.graph.snapshot import GraphSnapshot, NodeRecord
 
 from .dot import View, ViewNode
 from .roles import role_of

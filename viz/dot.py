@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import graphviz
 
-from fxforge.snapshot import GraphSnapshot, NodeRecord
+from fxforge.graph.snapshot import GraphSnapshot, NodeRecord
 
 from .roles import ROLES, STATUSES, node_style, role_of
 

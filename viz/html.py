@@ -19,8 +19,8 @@ from .dot import digraph, view_of
 from .render import svg_text
 
 if TYPE_CHECKING:
-    from fxforge.report import CompileReport, PassRecord, QuantLayerRecord, QuantSummary
-    from fxforge.snapshot import GraphStage
+    from fxforge.graph.snapshot import GraphStage
+    from fxforge.pipeline.report import CompileReport, PassRecord, QuantLayerRecord, QuantSummary
 
 _CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1200px;

@@ -17,9 +17,9 @@ from typing import Any
 import graphviz
 from torch import fx
 
-from fxforge.compile import CompiledModule
+from fxforge.driver.build import CompiledModule
 from fxforge.errors import ConfigError
-from fxforge.snapshot import GraphSnapshot, GraphStage, snapshot
+from fxforge.graph.snapshot import GraphSnapshot, GraphStage, snapshot
 
 from .diff import diff_view
 from .dot import View, digraph, view_of

@@ -1,6 +1,6 @@
 """Node roles (what a node is, for the eye) and diff statuses, with their Graphviz styles.
 
-Roles are decided from a snapshot record alone (``fxforge.snapshot.NodeRecord``), first match wins:
+Roles are decided from a snapshot record alone (``fxforge.graph.snapshot.NodeRecord``), first match wins:
 a pass's own hint (``node.meta["fxforge"]["role"]``, e.g. "layout"), graph input/output, constants,
 quantize/dequantize, observers, layout conversions, fp32 islands of an int8 graph (the plan kept them in fp32
 for a reason), fused ops (one node computing several traced ops, by provenance), conv/linear, other ops.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from fxforge.snapshot import NodeRecord
+from fxforge.graph.snapshot import NodeRecord
 
 # role -> (legend text, Graphviz node attributes)
 ROLES: dict[str, tuple[str, dict[str, str]]] = {

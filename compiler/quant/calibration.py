@@ -21,7 +21,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from fxforge.errors import CalibrationError
-from fxforge.meta import fxmeta
+from fxforge.graph.meta import fxmeta
 
 
 def input_names(gm: fx.GraphModule) -> list[str]:
@@ -138,7 +138,7 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
     its kernels stay as they are: no recompilation. Lowered int8 kernels, which take qparams as literals,
     re-read them (only the graph's generated Python code is regenerated). Returns {scale buffer name: (old, new scale)}.
     """
-    from .plan import OBSERVER_KEY, group_buffers, observer_nodes  # here: plan imports the op table
+    from .plan import OBSERVER_KEY, group_buffers, observer_nodes
     from .qat_modules import FakeQuantize
     from .qspec import backend_quant
 
@@ -170,7 +170,7 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
 
 def _refresh_kernel_qparams(gm: fx.GraphModule) -> None:
     """Lowered int8 kernels take their output qparams as literals: re-read them from the buffers."""
-    from fxforge.meta import fxmeta
+    from fxforge.graph.meta import fxmeta
 
     from .plan import QPARAMS_KEY
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.meta import tensor_shape
-from fxforge.passes.fuse import FusedConv, FusedLinear
-from fxforge.passes.matching import module_of
+from fxforge.graph.fused import FusedConv, FusedLinear
+from fxforge.graph.matching import module_of
+from fxforge.graph.meta import tensor_shape
 
 from .qat_modules import QATConvBn, QATWeighted
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from fxforge.meta import fxmeta
-from fxforge.passes.matching import is_in_place, mutates_only_private_value
+from fxforge.graph.matching import is_in_place, mutates_only_private_value
+from fxforge.graph.meta import fxmeta
 
 from .config import LayerQuant, QuantOptions, layer_name
 from .ops import CAT, COMPUTE, DIRECT, FLOAT, META, SHARE, OpInfo, op_info

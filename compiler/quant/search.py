@@ -42,8 +42,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxforge.meta import fxmeta
-from fxforge.passes.matching import call_count
+from fxforge.graph.matching import call_count
+from fxforge.graph.meta import fxmeta
 
 from .config import QuantOptions
 from .observers import (

@@ -301,7 +301,7 @@ def test_autotune_times_each_fused_layer_on_its_shapes_and_reports_the_switches(
 @pytest.mark.parametrize("activation", ["", "relu", "relu6", "hardswish", "silu"])
 @pytest.mark.parametrize("add", [False, True])
 def test_cuda_conv2d_composition_matches_the_fused_conv_it_replaces(add, activation):
-    from fxforge.passes.fuse import FusedConv
+    from fxforge.graph.fused import FusedConv
 
     conv = nn.Conv2d(8, 8, 3, padding=1, stride=1)
     fused = FusedConv(conv, add, activation)

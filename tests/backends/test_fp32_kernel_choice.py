@@ -16,7 +16,7 @@ import fxforge
 from fxforge.backends import fp32_kernel_choice as choice
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
 from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear, fastest
-from fxforge.passes.fuse import FusedLinear
+from fxforge.graph.fused import FusedLinear
 from helpers import module_types, randomize_bn, rel_error
 
 TUNED = fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu{autotune=true}")

@@ -223,7 +223,7 @@ def test_missing_engine_fails_with_what_to_do(tmp_path, monkeypatch):
         pytest.skip("no int8 engine here")
     compiled, _ = compiled_case(INT8[0], "static", {"calibration": batches(4)})
     path = fxforge.save(compiled, tmp_path / "m.fxf")
-    registry = importlib.import_module("fxforge.targets")  # the module (fxforge.targets is the function)
+    registry = importlib.import_module("fxforge.pipeline.targets")  # the module (fxforge.targets is the function)
 
     gone = dataclasses.replace(registry.all_targets()[INT8[0]], availability=lambda: "this torch build has no engine")
     monkeypatch.setitem(registry._TARGETS, INT8[0], gone)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import fxforge
-from fxforge import pass_api
 from fxforge import patterns as P
+from fxforge.pipeline import pass_api
 from helpers import randomize_bn
 
 

@@ -3,8 +3,8 @@ import torch
 from torch import fx, nn
 
 import fxforge
-from fxforge.instruments import NumericCheck, TimingInstrument
-from fxforge.report import CompileReport
+from fxforge.pipeline.instruments import NumericCheck, TimingInstrument
+from fxforge.pipeline.report import CompileReport
 
 
 class Tiny(nn.Module):

@@ -1,8 +1,8 @@
 import pytest
 
 import fxforge
-from fxforge.pass_api import instantiate
-from fxforge.pipeline import format_pipeline, parse_pipeline
+from fxforge.pipeline.pass_api import instantiate
+from fxforge.pipeline.text import format_pipeline, parse_pipeline
 
 
 @pytest.mark.parametrize("text", [

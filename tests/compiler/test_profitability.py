@@ -10,14 +10,14 @@ import torch
 from quant_helpers import batches, sqnr, toy_model
 
 import fxforge
-from fxforge.report import LayerTiming
+from fxforge.pipeline.report import LayerTiming
 from helpers import one_intra_op_thread
 
 _fixture = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 INT8 = next((t for t in ("x86", "fbgemm", "qnnpack") if t in fxforge.targets()), None)
 pytestmark = pytest.mark.skipif(INT8 is None, reason="no int8 engine in this torch build")
 X = batches(1, seed=4)[0]
-profitability = importlib.import_module("fxforge.profitability")
+profitability = importlib.import_module("fxforge.search.profitability")
 
 
 def compile_profitable(model: torch.nn.Module, **kwargs) -> fxforge.CompiledModule:

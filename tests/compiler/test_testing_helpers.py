@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fxforge.testing import randomize_bn, reestimate_bn
+from fxforge.testing.helpers import randomize_bn, reestimate_bn
 
 
 def test_reestimate_bn_uses_the_average_statistics_of_the_batches():

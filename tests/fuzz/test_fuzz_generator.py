@@ -10,8 +10,8 @@ import torch
 from hypothesis import Phase, given, settings
 from torch import nn
 
-from fxforge.fuzz import FuzzGraph, Op, graph_shapes  # noqa: F401  (eval(repr(graph)) needs Op)
 from fxforge.testing import FuzzModel, graphs
+from fxforge.testing.fuzz import FuzzGraph, Op, graph_shapes  # noqa: F401  (eval(repr(graph)) needs Op)
 from helpers import state_snapshot
 
 # torch warns that padding="same" with an even kernel copies the input: the fuzzer draws such convs on purpose

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxforge
-from fxforge.fuzz import Op
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing import FuzzGraph, FuzzModel
+from fxforge.testing.fuzz import Op
 from helpers import one_intra_op_thread, randomize_bn, rel_error
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 import fxforge
 from fxforge.backends.cpu import OneDnnConv2d
-from fxforge.passes.fuse import FusedConv
+from fxforge.graph.fused import FusedConv
 from helpers import assert_unchanged, module_types, one_intra_op_thread, reestimate_bn, rel_error, state_snapshot
 
 tv_models = pytest.importorskip("torchvision.models")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxforge.passes.fuse import FusedConv, FusedLinear
+from fxforge.graph.fused import FusedConv, FusedLinear
 from helpers import randomize_bn, rel_error, run_pipeline
 
 PIPELINE = "normalize-inplace,normalize-relu,fold-bn,fuse-conv,fuse-linear"

@@ -9,7 +9,7 @@ import torchvision
 from torch import fx, nn
 
 import fxforge
-from fxforge.meta import fxmeta
+from fxforge.graph.meta import fxmeta
 from fxforge.passes.to_nhwc import conversions
 from fxforge.viz import as_snapshot, compare, role_of
 from helpers import module_types, one_intra_op_thread, randomize_bn, reestimate_bn, rel_error

@@ -31,7 +31,7 @@ from test_properties import GraphSpec, Layer, SpecModel, graph_specs
 from torch import fx, nn
 
 import fxforge
-from fxforge.meta import fxmeta
+from fxforge.graph.meta import fxmeta
 from fxforge.quant.plan import QPARAMS_KEY
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot

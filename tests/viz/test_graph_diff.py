@@ -13,8 +13,8 @@ from viz_helpers import nodes_with
 
 import fxforge
 from fxforge import viz
-from fxforge.context import PassContext
-from fxforge.report import CompileReport
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.report import CompileReport
 
 needs_dot = pytest.mark.skipif(not viz.dot_available(), reason="Graphviz 'dot' is not installed (make graphviz)")
 

@@ -15,23 +15,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from .composition import insert_passes
-from .context import PassContext, clone_inputs
-from .errors import CalibrationError, CompileError, ConfigError
-from .instruments import DumpAfterChange, GraphSnapshots, Instrument, NumericCheck, TimingInstrument
-from .numerics import max_errors
-from .pass_manager import PassManager
-from .quant.config import QuantConfig, QuantOptions, check_skip_names
-from .quant.qat import convert_qat_layers
-from .quant.qat_modules import FakeQuantize
-from .quant.qspec import quantized_engine
-from .quant.sqnr import outputs_sqnr_db
-from .report import CompileReport
-from .targets import Target, resolve_target
-from .tracing import trace
+from fxforge.capture.tracing import trace
+from fxforge.errors import CalibrationError, CompileError, ConfigError
+from fxforge.numerics.metrics import max_errors
+from fxforge.pipeline.composition import insert_passes
+from fxforge.pipeline.context import PassContext, clone_inputs
+from fxforge.pipeline.instruments import DumpAfterChange, GraphSnapshots, Instrument, NumericCheck, TimingInstrument
+from fxforge.pipeline.manager import PassManager
+from fxforge.pipeline.report import CompileReport
+from fxforge.pipeline.targets import Target, resolve_target
+from fxforge.quant.config import QuantConfig, QuantOptions, check_skip_names
+from fxforge.quant.qat_modules import FakeQuantize
+from fxforge.quant.qspec import quantized_engine
+from fxforge.quant.sqnr import outputs_sqnr_db
+
+from .qat import convert_qat_layers
 
 if TYPE_CHECKING:
-    from .accuracy import AccuracyBudget
+    from fxforge.search.accuracy import AccuracyBudget
 
 VERIFY_MODES = ("none", "structure", "numeric")
 
@@ -62,9 +63,9 @@ class CompiledModule(nn.Module):
         return f"target={self.target!r}, pipeline={self.pipeline!r}"
 
     def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
-        """The lowered graph as TorchScript for serving stacks (``fxforge.torchscript``); ``example_inputs``
+        """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``); ``example_inputs``
         default to random tensors of the compiled shapes."""
-        from .torchscript import to_torchscript
+        from fxforge.serialization.torchscript import to_torchscript
 
         return to_torchscript(self, example_inputs)
 
@@ -212,8 +213,8 @@ def compile(  # noqa: A001 - the public name users expect
     "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
     eager after each pass). ``dump_dir`` writes the code and a .dot of the graph after every pass that
     changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
-    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.accuracy``);
-    ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.profitability``).
+    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.search.accuracy``);
+    ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.search.profitability``).
     The model itself is never modified.
     """
     if accuracy is not None or profitability:
@@ -262,8 +263,8 @@ def compile(  # noqa: A001 - the public name users expect
 def _compile_searched(model: nn.Module, target: str, accuracy: AccuracyBudget | None, profitability: bool,
                       options: dict[str, Any]) -> CompiledModule:
     """compile with an accuracy budget and/or the profitability check (each recompiles with more ``skip``)."""
-    from .accuracy import compile_within_budget, materialize_calibration
-    from .profitability import keep_profitable
+    from fxforge.search.accuracy import compile_within_budget, materialize_calibration
+    from fxforge.search.profitability import keep_profitable
 
     options = materialize_calibration(options)  # every compile of the search sees the same batches
     compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \

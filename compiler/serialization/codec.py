@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ArtifactError
+from fxforge.errors import ArtifactError
 
 # Modules whose classes / functions a stored model may reference (checked in the pickle, see stored_globals).
 ALLOWED_ROOTS = ("torch", "fxforge", "builtins", "__builtin__", "collections", "operator", "_operator", "math",
@@ -181,7 +181,7 @@ def user_module_paths(gm: fx.GraphModule) -> list[str]:
 
 def synthetic_inputs(gm: fx.GraphModule) -> tuple[Any, ...]:
     """Random inputs with the shapes and dtypes the graph was compiled for (from its placeholders' meta)."""
-    from .meta import fxmeta
+    from fxforge.graph.meta import fxmeta
 
     inputs = []
     for node in gm.graph.nodes:

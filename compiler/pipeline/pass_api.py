@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import fx
 
-from .errors import ConfigError, PluginWarning, suggest
-from .pipeline import PassSpec
+from fxforge.errors import ConfigError, PluginWarning, suggest
+
+from .text import PassSpec
 
 if TYPE_CHECKING:
     from .context import PassContext

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from fxforge.errors import NumericMismatchError
+from fxforge.graph.snapshot import GraphStage, snapshot
+from fxforge.numerics.metrics import max_errors
+
 from .context import PassContext
-from .errors import NumericMismatchError
-from .numerics import max_errors
 from .pass_api import Pass, PassResult
 from .report import PassRecord
-from .snapshot import GraphStage, snapshot
 
 
 class Instrument:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BackendUnavailableError, ConfigError, suggest
+from fxforge.errors import BackendUnavailableError, ConfigError, suggest
 
 
 @dataclass(frozen=True)

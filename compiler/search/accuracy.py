@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AccuracyBudgetError, ConfigError
-from .quant.sqnr import outputs_sqnr_db
-from .report import AccuracyRecord, LayerSensitivity
+from fxforge.errors import AccuracyBudgetError, ConfigError
+from fxforge.pipeline.report import AccuracyRecord, LayerSensitivity
+from fxforge.quant.sqnr import outputs_sqnr_db
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class _Search:
         self.compiles = 0
 
     def compile(self, fp32: Sequence[str]) -> tuple[nn.Module, float, bool]:
-        from .compile import compile as compile_model
+        from fxforge.driver.build import compile as compile_model
 
         self.compiles += 1
         compiled = compile_model(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
@@ -166,8 +166,8 @@ def _choose(search: _Search, order: list[str]) -> list[str]:
 
 def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget, options: dict[str, Any]) -> Any:
     """``compile`` with ``options`` under ``budget`` (see the module docstring)."""
-    from .compile import _as_tuple
-    from .compile import compile as compile_model
+    from fxforge.driver.build import _as_tuple
+    from fxforge.driver.build import compile as compile_model
 
     if not isinstance(budget, AccuracyBudget):
         raise ConfigError(f"accuracy= takes an fxforge.AccuracyBudget, got {type(budget).__name__}")

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError, TraceError, suggest
-from .meta import fxmeta
+from fxforge.errors import ConfigError, TraceError, suggest
+from fxforge.graph.meta import fxmeta
 
 # Frames in these folders are not the user's code: error locations skip them.
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))

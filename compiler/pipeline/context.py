@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .report import CompileReport
 
 if TYPE_CHECKING:
-    from .quant.config import QuantOptions
+    from fxforge.quant.config import QuantOptions
 
 
 def clone_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -60,7 +60,7 @@ class PassContext:
     def propagate(self, gm: fx.GraphModule) -> Any:
         """Run ``gm`` on (copies of) the example inputs, recording shapes in node.meta; returns its output.
         Observers in ``gm`` do not record these inputs: they are not calibration data."""
-        from .quant.observers import observers_paused
+        from fxforge.quant.observers import observers_paused
 
         with torch.no_grad(), observers_paused():
             return ShapeProp(gm).propagate(*self.fresh_inputs())

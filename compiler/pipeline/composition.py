@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError, suggest
+from fxforge.errors import ConfigError, suggest
+
 from .pass_api import Pass, instantiate
-from .pipeline import format_pipeline, parse_pipeline
+from .text import format_pipeline, parse_pipeline
 
 ANCHOR_FORMS = "'start', 'end', 'before:<pass>' or 'after:<pass>'"
 

@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxforge.context import PassContext
+from fxforge.capture.tracing import trace
 from fxforge.errors import ConfigError
-from fxforge.pass_manager import PassManager
-from fxforge.report import CompileReport
-from fxforge.targets import resolve_target
-from fxforge.tracing import trace
-
-from .config import QuantConfig, QuantOptions, check_skip_names
-from .qat_modules import QATConvBn, QATWeighted
+from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.manager import PassManager
+from fxforge.pipeline.report import CompileReport
+from fxforge.pipeline.targets import resolve_target
+from fxforge.quant.config import QuantConfig, QuantOptions, check_skip_names
+from fxforge.quant.qat_modules import QATConvBn, QATWeighted
 
 QAT_PIPELINE = "normalize-inplace,normalize-relu,prepare-qat,insert-observers{fake_quant=true}"
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from fxforge.errors import CompileError, PassError
+
 from .context import PassContext
-from .errors import CompileError, PassError
 from .instruments import Instrument
 from .pass_api import Pass, PassResult, instantiate, registered_passes
-from .pipeline import format_pipeline, parse_pipeline
+from .text import format_pipeline, parse_pipeline
 from .verify import verify_graph
 
 

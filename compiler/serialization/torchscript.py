@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import UnsupportedOpError
-from .numerics import _tensors
-from .serialize import copy_graph_module, synthetic_inputs, user_module_paths
+from fxforge.errors import UnsupportedOpError
+from fxforge.numerics.metrics import _tensors
+
+from .codec import copy_graph_module, synthetic_inputs, user_module_paths
 
 
 def _replacements(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -49,7 +50,7 @@ def _replacements(gm: fx.GraphModule) -> dict[str, nn.Module]:
 
 def to_torchscript(compiled: Any, example_inputs: Any = None) -> torch.jit.ScriptModule:
     """Trace ``compiled``'s graph into TorchScript (see the module docstring); save it with ``torch.jit.save``."""
-    from .quant.qspec import quantized_engine
+    from fxforge.quant.qspec import quantized_engine
 
     gm = compiled.graph_module
     if example_inputs is None:

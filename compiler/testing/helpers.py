@@ -1,7 +1,5 @@
 """Helpers for checking compiled models numerically on random-init models (tests, benchmarks, demos).
 
-``graphs()`` (a hypothesis strategy of random model graphs) and ``FuzzModel`` come from fxforge.fuzz.
-
 Random-init models are poor numeric references: default BatchNorm is the identity (hiding a wrong fold)
 and deep random networks can shrink their output towards zero. ``randomize_bn`` and ``reestimate_bn`` fix
 that before a model is used as a reference.
@@ -44,16 +42,3 @@ def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Modul
     for b in batches:
         model(b)
     return model.eval()
-
-
-_FUZZ_NAMES = ("FuzzGraph", "FuzzModel", "Op", "graphs")
-
-
-def __getattr__(name: str):
-    """The graph fuzzer (``graphs``, ``FuzzGraph``, ``FuzzModel``, ``Op`` from fxforge.fuzz) needs hypothesis, a
-    test extra: it is imported on first use, so ``import fxforge`` works without it."""
-    if name in _FUZZ_NAMES:
-        from . import fuzz
-
-        return getattr(fuzz, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

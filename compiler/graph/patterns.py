@@ -60,10 +60,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError
+from fxforge.errors import ConfigError
+from fxforge.pipeline.pass_api import PassResult
+
 from .meta import record_rewrite, tensor_info
-from .pass_api import PassResult
-from .spellings import COMMUTATIVE, MODULE_OPS, REPRESENTATIVE, call_operands, canonical_op, submodule
+from .ops import COMMUTATIVE, MODULE_OPS, REPRESENTATIVE, call_operands, canonical_op, submodule
 
 __all__ = ["Match", "Rule", "any_node", "attrs", "find", "meta", "module", "rewrite"]
 
@@ -499,7 +500,7 @@ class Rule:
 # Rewriting.
 def _side_effects_between(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     """Would running the match's computation at its anchor skip past a mutation?"""
-    from fxforge.passes.matching import mutation_between  # passes build on this module; import when used
+    from fxforge.graph.matching import mutation_between
 
     return len(nodes) > 1 and mutation_between(nodes[0], nodes[-1], gm)
 

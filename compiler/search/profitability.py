@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .meta import fxmeta
-from .report import LayerTiming, ProfitabilityRecord
+from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.report import LayerTiming, ProfitabilityRecord
 
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
@@ -65,7 +65,7 @@ class _KernelArgs(fx.Interpreter):
 
 def layer_timings(compiled: Any, inputs: tuple, timer: Timer = median_seconds) -> list[LayerTiming]:
     """int8 kernel vs fp32 island time of every int8 conv/linear of a static int8 compiled model."""
-    from .quant.qspec import quantized_engine
+    from fxforge.quant.qspec import quantized_engine
 
     gm, observed = compiled.graph_module, compiled.observed_graph
     interp = _KernelArgs(gm)
@@ -96,9 +96,9 @@ def _fp32_island(module: nn.Module, args: tuple) -> Callable[[], Any]:
 def keep_profitable(model: nn.Module, target: str, compiled: Any, options: dict[str, Any],
                     timer: Timer | None = None) -> Any:
     """``compiled`` with the layers that are slower in int8 moved to fp32, when that makes the model faster."""
-    from .compile import _as_tuple
-    from .compile import compile as compile_model
-    from .errors import ConfigError
+    from fxforge.driver.build import _as_tuple
+    from fxforge.driver.build import compile as compile_model
+    from fxforge.errors import ConfigError
 
     if compiled.observed_graph is None:
         raise ConfigError("profitability=True measures static int8 kernels: use an int8 target with "

@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, suggest
-from .snapshot import GraphStage
+from fxforge.errors import ConfigError, suggest
+from fxforge.graph.snapshot import GraphStage
 
 
 @dataclass
@@ -212,7 +212,7 @@ class CompileReport:
     # reduced-precision float targets (cpu-bf16, cuda fp16/bf16): the output's SQNR against the fp32 model
     output_sqnr_db: float | None = None
     quantization: QuantSummary | None = None
-    # the traced graph, then the graph after each pass that changed it (see fxforge.snapshot); not in to_dict
+    # the traced graph, then the graph after each pass that changed it (see fxforge.graph.snapshot); not in to_dict
     stages: list[GraphStage] = field(default_factory=list, repr=False)
     comparison: LayerComparison | None = None  # fxforge.debug.compare
     accuracy: AccuracyRecord | None = None  # compile(..., accuracy=fxforge.AccuracyBudget(...))
