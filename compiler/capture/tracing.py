@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import inspect
-import operator
 import os
 import re
 import traceback
@@ -26,6 +25,7 @@ from torch import fx, nn
 
 from fxforge.errors import ConfigError, TraceError, suggest
 from fxforge.graph.meta import fxmeta
+from fxforge.graph.ops import INPLACE_OPERATORS
 
 # Frames in these folders are not the user's code: error locations skip them.
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
@@ -36,16 +36,6 @@ class TraceResult:
     gm: fx.GraphModule
     leaf_modules: dict[str, str] = field(default_factory=dict)
     bound_arguments: dict[str, Any] = field(default_factory=dict)
-
-
-# Augmented assignments on tensors: ``a += b`` calls ``a.__iadd__(b)``, which mutates ``a``.
-INPLACE_OPERATORS = {
-    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
-    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
-    "__ipow__": operator.ipow, "__imatmul__": operator.imatmul, "__iand__": operator.iand,
-    "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
-    "__irshift__": operator.irshift,
-}
 
 
 class _InPlaceProxy(fx.Proxy):

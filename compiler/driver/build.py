@@ -63,8 +63,8 @@ class CompiledModule(nn.Module):
         return f"target={self.target!r}, pipeline={self.pipeline!r}"
 
     def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
-        """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``); ``example_inputs``
-        default to random tensors of the compiled shapes."""
+        """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``);
+        ``example_inputs`` default to random tensors of the compiled shapes."""
         from fxforge.serialization.torchscript import to_torchscript
 
         return to_torchscript(self, example_inputs)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.capture.tracing import INPLACE_OPERATORS
+from .ops import INPLACE_OPERATORS
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -59,6 +59,15 @@ _spell("mul_", [operator.imul, _aten.mul_.Tensor], ["mul_"])
 _spell("div", [operator.truediv, torch.div, _aten.div.Tensor], ["div"])
 _spell("div_", [operator.itruediv, _aten.div_.Tensor], ["div_"])
 
+# Augmented assignments on tensors: ``a += b`` calls ``a.__iadd__(b)``, which mutates ``a``.
+INPLACE_OPERATORS = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__imatmul__": operator.imatmul, "__iand__": operator.iand,
+    "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
 _BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 COMMUTATIVE = {"add", "mul"}
 # F.relu(x, inplace=True) and friends: the flag (2nd argument) picks the in-place op

@@ -61,10 +61,11 @@ import torch
 from torch import fx, nn
 
 from fxforge.errors import ConfigError
-from fxforge.pipeline.pass_api import PassResult
 
+from .matching import mutation_between
 from .meta import record_rewrite, tensor_info
 from .ops import COMMUTATIVE, MODULE_OPS, REPRESENTATIVE, call_operands, canonical_op, submodule
+from .result import PassResult
 
 __all__ = ["Match", "Rule", "any_node", "attrs", "find", "meta", "module", "rewrite"]
 
@@ -500,7 +501,6 @@ class Rule:
 # Rewriting.
 def _side_effects_between(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     """Would running the match's computation at its anchor skip past a mutation?"""
-    from fxforge.graph.matching import mutation_between
 
     return len(nodes) > 1 and mutation_between(nodes[0], nodes[-1], gm)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import fx
 
 from fxforge.errors import ConfigError, PluginWarning, suggest
+from fxforge.graph.result import PassResult
 
 from .text import PassSpec
 
@@ -33,16 +34,6 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[Pass]] = {}
 PLUGIN_GROUP = "fxforge.passes"
 _plugins = {"loaded": False}  # entry points are read once, lazily (importing plugins costs time)
-
-
-@dataclass
-class PassResult:
-    """What a pass returns: the (possibly new) graph module, whether it changed, and notes for the report."""
-
-    gm: fx.GraphModule
-    modified: bool
-    notes: list[str] = field(default_factory=list)
-    matches: dict[str, int] = field(default_factory=dict)  # rewrite rule -> times it fired (fxforge.patterns)
 
 
 def _properties(value: str | Collection[str]) -> frozenset[str]:
