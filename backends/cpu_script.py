@@ -20,7 +20,7 @@ Scalars = list[Optional[Union[int, float, complex]]]  # noqa: UP007,UP045 - Torc
 
 
 def _activation(y: torch.Tensor, name: str) -> torch.Tensor:
-    """The eager activations of fxforge.passes.matching.ACTIVATIONS, spelled for TorchScript."""
+    """The eager activations of fxforge.graph.ops.ACTIVATIONS, spelled for TorchScript."""
     if name == "relu":
         return torch.relu(y)
     if name == "relu6":

@@ -37,8 +37,8 @@ pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from torch import fx, nn
 from fxforge.graph.fused import FusedConv, FusedLinear
 from fxforge.graph.matching import is_in_place, module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
+from fxforge.graph.ops import hardtanh_bounds, module_op, op_name, out_of_place
 from fxforge.passes.dce import remove_dead_code
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import PassResult, graph_pass
@@ -61,8 +62,8 @@ from .int8_rnn import DynamicInt8RNN
 from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
 
 _q = torch.ops.quantized
-_CONV_OPS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
-_BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.mul: "mul", torch.mul: "mul", "mul": "mul"}
+_CONV_OPS = {"conv1d", "conv2d", "conv3d"}  # convs with int8 kernels of the same name (quantized.conv2d, ...)
+_BINARY = {"add", "mul"}  # ops with int8 kernels (quantized.add / mul, with or without a fused relu)
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
 _CLAMPS = {"relu6", "hardtanh", "clamp"}
@@ -167,7 +168,7 @@ def _inner_layer(module: nn.Module | None) -> nn.Module | None:
 
 def _conv_add_kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], PackedWeight], str] | None:
     """quantized.conv2d_add[_relu]: oneDNN-packed Conv2d weights only (the other engines lack the kernel)."""
-    if type(layer) is not nn.Conv2d or layer.padding_mode != "zeros" or isinstance(layer.padding, str) \
+    if module_op(layer) != "conv2d" or layer.padding_mode != "zeros" or isinstance(layer.padding, str) \
             or "onednn" not in torch.backends.quantized.supported_engines:
         return None
     return (_q.conv2d_add_relu if relu else _q.conv2d_add), _packer(layer, "conv2d"), "conv2d+add"
@@ -191,9 +192,9 @@ def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], Pac
     """(int8 op, engine -> the weight packed for it, kind) for a conv/linear layer, else None."""
     if isinstance(layer, nn.Linear):
         return (_q.linear_relu if relu else _q.linear), _packer(layer, "linear"), "linear"
-    if type(layer) not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+    name = module_op(layer)
+    if name not in _CONV_OPS or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         return None
-    name = _CONV_OPS[type(layer)]
     if relu and name != "conv2d":  # only conv2d has a fused relu kernel
         return None
     return getattr(_q, name + ("_relu" if relu else "")), _packer(layer, name), name
@@ -228,21 +229,19 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
     return _reapply_activation(low, node, act) if act is not None and not _relu_only(act) else node
 
 
-_FRESH_INT8 = {torch.quantize_per_tensor, torch.nn.functional.max_pool2d, torch.max_pool2d}
-_CLAMP_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh; on int8 they return their input or a new tensor
+_FRESH_INT8 = {"max_pool2d"}  # ops that return a new int8 tensor (besides quantize and the quantized:: kernels)
+_CLAMP_MODULES = {"relu", "relu6", "hardtanh"}  # on int8, these modules return their input or a new tensor
 
 
 def _storage_chain(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     """The nodes whose value may share ``node``'s memory: ``node``, and through int8 clamps (in place or
     not) the kernel output they clamp. None when ``node`` may be a view of another value (or unknown)."""
-    if node.op == "call_module" and isinstance(module_of(gm, node), _CLAMP_MODULES) \
-            and isinstance(node.args[0], fx.Node):
+    op = op_name(node, partial(module_of, gm))
+    if node.op == "call_module" and out_of_place(op or "") in _CLAMP_MODULES and isinstance(node.args[0], fx.Node):
         inner = _storage_chain(gm, node.args[0])
         return None if inner is None else [node, *inner]
-    if node.op == "call_module" and isinstance(module_of(gm, node), nn.MaxPool2d):
-        return [node]
-    if node.op == "call_function" and (node.target in _FRESH_INT8 or str(
-            getattr(node.target, "_qualified_op_name", "")).startswith("quantized::")):
+    if op in _FRESH_INT8 or (node.op == "call_function" and (node.target is torch.quantize_per_tensor or str(
+            getattr(node.target, "_qualified_op_name", "")).startswith("quantized::"))):
         return [node]
     return None
 
@@ -264,14 +263,7 @@ def _writable_accumulator(low: _Lowering, op: fx.Node, accum: fx.Node, before: f
 
 def _activation_bounds(gm: fx.GraphModule, act: fx.Node) -> tuple[float, float] | None:
     """(min, max) of a clamping activation (relu6, hardtanh) when known, else None."""
-    module = module_of(gm, act)
-    if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
-        return float(module.min_val), float(module.max_val)
-    if act.op == "call_function" and act.target is torch.nn.functional.relu6:
-        return 0.0, 6.0
-    if act.op == "call_function" and act.target is torch.nn.functional.hardtanh and len(act.args) == 3:
-        return float(act.args[1]), float(act.args[2])
-    return None
+    return hardtanh_bounds(act, partial(module_of, gm))
 
 
 def _saturation_is_the_activation(low: _Lowering, q: fx.Node, act: fx.Node) -> bool:
@@ -295,8 +287,8 @@ def _reapply_activation(low: _Lowering, node: fx.Node, act: fx.Node) -> fx.Node:
 
 
 def _lower_binary(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
-    kind = _BINARY.get(op.target)
-    if kind is None or op.kwargs or len(op.args) != 2 or not all(_is_dq(a) for a in op.args):
+    kind = op_name(op)
+    if kind not in _BINARY or op.kwargs or len(op.args) != 2 or not all(_is_dq(a) for a in op.args):
         return None
     if act is not None and not _relu_only(act):
         return None

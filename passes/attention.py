@@ -26,18 +26,16 @@ from torch import fx, nn
 
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.graph.ops import op_name
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import graph_pass
 
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm}
-_SOFTMAXES = {F.softmax, torch.softmax}
+_MATMULS = {"matmul", "bmm"}  # a @ b on the last two dims (bmm: of 3-D tensors)
 
 
-def _is_call(node: object, functions: set, method: str) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    return (node.op == "call_function" and node.target in functions) or (
-        node.op == "call_method" and node.target == method)
+def _is_call(node: object, ops: set[str]) -> bool:
+    """A function or method call of one of ``ops`` (op-table names)."""
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and op_name(node) in ops
 
 
 def _sole_reader(node: fx.Node, reader: fx.Node) -> bool:
@@ -50,7 +48,7 @@ def _transposed_key(node: object) -> fx.Node | None:
         return None
     if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
         return node.args[0]
-    if not _is_call(node, {torch.transpose}, "transpose") or node.kwargs or len(node.args) != 3:
+    if not _is_call(node, {"transpose"}) or node.kwargs or len(node.args) != 3:
         return None
     rank = len(tensor_shape(node) or ())
     dims = {d % rank if rank else d for d in node.args[1:]}
@@ -60,7 +58,7 @@ def _transposed_key(node: object) -> fx.Node | None:
 def _last_dim_softmax(node: fx.Node) -> fx.Node | None:
     """The scores a softmax over the last dimension reads, else None."""
     # F.softmax traces with its defaults spelled out (_stacklevel, dtype=None)
-    if not _is_call(node, _SOFTMAXES, "softmax") or set(node.kwargs) - {"dim", "_stacklevel", "dtype"} \
+    if not _is_call(node, {"softmax"}) or set(node.kwargs) - {"dim", "_stacklevel", "dtype"} \
             or node.kwargs.get("dtype") is not None or len(node.args) > 2:
         return None
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -70,20 +68,20 @@ def _last_dim_softmax(node: fx.Node) -> fx.Node | None:
 
 def _scaled_scores(scores: fx.Node) -> tuple[fx.Node, float] | None:
     """(q @ k^T node, scale) for scores = q @ k^T, (q @ k^T) / c or (q @ k^T) * c."""
-    if scores.op == "call_function" and scores.target in (operator.truediv, torch.div, operator.mul, torch.mul) \
-            and len(scores.args) == 2 and not scores.kwargs:
+    scaling = op_name(scores) if scores.op in ("call_function", "call_method") else None
+    if scaling in ("div", "mul") and len(scores.args) == 2 and not scores.kwargs:
         a, b = scores.args
-        if scores.target in (operator.mul, torch.mul) and isinstance(a, Number):
+        if scaling == "mul" and isinstance(a, Number):
             a, b = b, a
         if isinstance(a, fx.Node) and isinstance(b, Number) and not isinstance(b, bool) and b != 0 \
                 and _sole_reader(a, scores):
-            return a, (1.0 / b if scores.target in (operator.truediv, torch.div) else float(b))
+            return a, (1.0 / b if scaling == "div" else float(b))
         return None
     return scores, 1.0
 
 
 def _rewrite_explicit(gm: fx.GraphModule, out: fx.Node) -> bool:
-    if not _is_call(out, _MATMULS, "matmul") or len(out.args) != 2 or out.kwargs:
+    if not _is_call(out, _MATMULS) or len(out.args) != 2 or out.kwargs:
         return False
     probs, v = out.args
     if not isinstance(probs, fx.Node) or not _sole_reader(probs, out):
@@ -95,7 +93,7 @@ def _rewrite_explicit(gm: fx.GraphModule, out: fx.Node) -> bool:
     if scaled is None:
         return False
     qk, scale = scaled
-    if not _is_call(qk, _MATMULS, "matmul") or len(qk.args) != 2 or qk.kwargs:
+    if not _is_call(qk, _MATMULS) or len(qk.args) != 2 or qk.kwargs:
         return False
     q, key_t = qk.args
     k = _transposed_key(key_t)

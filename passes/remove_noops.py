@@ -11,18 +11,17 @@ Before: ``x -> conv -> dropout -> linear``   After: ``x -> conv -> linear``
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from fxforge.graph import patterns as P
+from fxforge.graph.ops import op_name, out_of_place, spellings
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import PassResult, graph_pass
 
-_NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                 nn.FeatureAlphaDropout, nn.Identity)
-_DROPOUT_FUNCTIONS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2,
-                      F.feature_alpha_dropout: 2, torch.dropout: 2}  # fn -> position of `training`
+# the identity in eval mode: as modules always, as functions when called with training=False
+_NOOPS = ("identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+_NOOP_MODULES = tuple(module for op in _NOOPS for module in spellings(op).modules)
+_TRAINING = 2  # position of ``training`` in F.dropout*(x, p, training) and torch.dropout(x, p, train)
 
 
 # torchvision.ops.stochastic_depth is fx-wrapped (a call_function, not traced through); matched by name so
@@ -30,14 +29,15 @@ _DROPOUT_FUNCTIONS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d:
 _BY_NAME = {("torchvision.ops.stochastic_depth", "stochastic_depth"): 3}
 
 
-def _training_arg_position(target: object) -> int | None:
-    if target in _DROPOUT_FUNCTIONS:
-        return _DROPOUT_FUNCTIONS[target]
+def _training_arg_position(node: fx.Node) -> int | None:
+    if out_of_place(op_name(node) or "") in _NOOPS:
+        return _TRAINING
+    target = node.target
     return _BY_NAME.get((getattr(target, "__module__", None), getattr(target, "__qualname__", None)))
 
 
 def _is_eval_dropout_call(node: fx.Node) -> bool:
-    pos = _training_arg_position(node.target) if node.op == "call_function" else None
+    pos = _training_arg_position(node) if node.op == "call_function" else None
     if pos is None:
         return False
     training = node.args[pos] if len(node.args) > pos else node.kwargs.get("training", node.kwargs.get("train"))

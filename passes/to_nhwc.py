@@ -50,18 +50,17 @@ After:  ``y = fc(flatten(avgpool(relu(conv2(relu(conv1(x.contiguous(memory_forma
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.graph.fused import FusedConv
 from fxforge.graph.matching import is_in_place
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_info
+from fxforge.graph.ops import module_op, op_name
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.verify import invariant
@@ -71,22 +70,17 @@ OUTPUTS = ("eager", "channels_last")
 KINDS = ("enter", "exit", "reassert")  # fxmeta(node)["nhwc"] of the conversions this pass writes
 
 # ops that return channels-last when their 4-D inputs are channels-last
-_KEEP_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Hardtanh,
-                 nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU,
-                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, FusedConv)
-_KEEP_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
-                   torch.div, torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu,
-                   torch.sigmoid, F.sigmoid, torch.tanh, F.gelu, F.leaky_relu, F.elu, F.conv2d, torch.conv2d,
-                   F.conv_transpose2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-                   torch.clamp, F.batch_norm, torch.mean}
-_KEEP_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid", "tanh", "clamp", "mean"}
+_KEEP = frozenset({"conv2d", "conv_transpose2d", "batch_norm", "relu", "relu6", "hardtanh", "hardswish", "hardsigmoid",
+                   "silu", "sigmoid", "tanh", "gelu", "leaky_relu", "elu", "max_pool2d", "avg_pool2d",
+                   "adaptive_avg_pool2d", "adaptive_max_pool2d", "add", "mul", "sub", "div", "clamp", "mean"})
 # ops that compute the same values in any layout but may return another one: re-asserted
-_DROP_MODULES = (nn.Upsample,)  # and its subclasses UpsamplingNearest2d / UpsamplingBilinear2d
-_DROP_FUNCTIONS = {torch.cat, torch.concat, F.interpolate, F.pad}
+_DROP = frozenset({"cat", "interpolate", "pad"})
 # consumers outside a region that read a value's numbers without caring for its strides: no exit before them
-_INSENSITIVE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, getattr, torch.numel}
-_INSENSITIVE_METHODS = {"size", "dim", "numel", "mean", "sum", "amax", "amin"}
-_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_INSENSITIVE = frozenset({"mean", "sum", "amax", "amin", "getattr", "numel", "size", "dim"})
+# pooling whose output is 1x1 whatever the input size when asked for that output size
+_GLOBAL_POOLS = frozenset({"adaptive_avg_pool2d", "adaptive_max_pool2d"})
+# reductions that are a global pooling over the last two dims with keepdim=True
+_REDUCTIONS = frozenset({"mean", "amax", "sum"})
 
 
 # ---------------------------------------------------------------------------------------------- node kinds
@@ -100,6 +94,10 @@ class _Graph:
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def op(self, node: fx.Node) -> str | None:
+        """The op-table name of what ``node`` computes, else None."""
+        return op_name(node, self.module)
 
     def in_place(self, node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -129,19 +127,12 @@ def _is_4d_float(node: object) -> bool:
     return shape is not None and len(shape) == 4 and info.dtype.is_floating_point
 
 
-def _function_or_method(node: fx.Node, functions: set, methods: set) -> bool:
-    if node.op == "call_function":
-        return node.target in functions
-    return node.op == "call_method" and node.target in methods
-
-
 def _keeps(g: _Graph, node: fx.Node) -> bool:
-    return isinstance(g.module(node), _KEEP_MODULES) or _function_or_method(node, _KEEP_FUNCTIONS,
-                                                                                 _KEEP_METHODS)
+    return g.op(node) in _KEEP or isinstance(g.module(node), FusedConv)
 
 
 def _drops(g: _Graph, node: fx.Node) -> bool:
-    return isinstance(g.module(node), _DROP_MODULES) or _function_or_method(node, _DROP_FUNCTIONS, set())
+    return g.op(node) in _DROP
 
 
 def _layout_free(g: _Graph, node: fx.Node) -> bool:
@@ -154,21 +145,21 @@ def _layout_free(g: _Graph, node: fx.Node) -> bool:
 def _is_conv2d(g: _Graph, node: fx.Node) -> bool:
     mod = g.module(node)
     if isinstance(mod, FusedConv):
-        mod = mod.conv
-    return type(mod) is nn.Conv2d or (node.op == "call_function" and node.target in (F.conv2d, torch.conv2d))
+        return module_op(mod.conv) == "conv2d"
+    return g.op(node) == "conv2d"
 
 
 def _is_global_pool(g: _Graph, node: fx.Node) -> bool:
     """A pooling/reduction whose output is 1x1 whatever the input size."""
-    mod = g.module(node)
-    if isinstance(mod, _GLOBAL_POOLS):
+    op, mod = g.op(node), g.module(node)
+    if op in _GLOBAL_POOLS and mod is not None:
         return mod.output_size in (1, (1, 1), [1, 1])
-    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+    if op in _GLOBAL_POOLS:
         return node.args[1:2] in ((1,), ((1, 1),), ([1, 1],)) or node.kwargs.get("output_size") in (1, (1, 1))
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keep = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
-    reduces = _function_or_method(node, {torch.mean, torch.amax, torch.sum}, {"mean", "amax", "sum"})
-    return reduces and keep is True and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+    return op in _REDUCTIONS and mod is None and keep is True and isinstance(dims, (tuple, list)) \
+        and {d % 4 for d in dims} == {2, 3}
 
 
 def _ambiguous_here(node: fx.Node) -> bool:
@@ -289,7 +280,7 @@ def _enter(g: _Graph, value: fx.Node, readers: list[fx.Node], mutated: set[fx.No
 def _insensitive(node: fx.Node) -> bool:
     """A consumer that reads a value without depending on its strides (conversions included)."""
     return (is_to_channels_last(node) or is_to_contiguous(node)
-            or _function_or_method(node, _INSENSITIVE_FUNCTIONS, _INSENSITIVE_METHODS))
+            or (node.op != "call_module" and op_name(node) in _INSENSITIVE))
 
 
 def _exit_readers(value: fx.Node, region: set[fx.Node], outputs: str) -> list[fx.Node]:

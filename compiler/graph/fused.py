@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .matching import ACTIVATIONS
+from .ops import ACTIVATIONS
 
 
 class FusedConv(nn.Module):

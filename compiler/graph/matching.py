@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import operator
+from functools import partial
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .ops import INPLACE_OPERATORS
+from .ops import ACTIVATIONS, INPLACE_OPERATORS, hardtanh_bounds, op_name, out_of_place
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -30,56 +29,27 @@ def sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _op(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The op-table name of what ``node`` computes (modules looked up in ``gm``), else None."""
+    return op_name(node, partial(module_of, gm))
+
+
 def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Any spelling of relu: nn.ReLU, F.relu, torch.relu(_), Tensor.relu(_)."""
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (torch.relu, torch.relu_, F.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-# Activations that fusion passes absorb: name -> the eager function (the fused modules' reference semantics).
-ACTIVATIONS = {
-    "relu": torch.relu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "silu": F.silu,
-}
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
-_ACTIVATION_FUNCTIONS = {F.relu6: "relu6", F.hardswish: "hardswish", F.silu: "silu"}  # relu: is_relu
-
-
-def _is_relu6_hardtanh(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """nn.Hardtanh(0, 6) / F.hardtanh(x, 0, 6): relu6 under another name."""
-    mod = module_of(gm, node)
-    if isinstance(mod, nn.Hardtanh):
-        return (mod.min_val, mod.max_val) == (0.0, 6.0)
-    if node.op == "call_function" and node.target is F.hardtanh:
-        bounds = (*node.args[1:3], node.kwargs.get("min_val"), node.kwargs.get("max_val"))
-        return [b for b in bounds if b is not None] == [0.0, 6.0]
-    return False
+    """Any spelling of relu, in place or not: nn.ReLU, F.relu, torch.relu(_), Tensor.relu(_), aten.relu(_)."""
+    return out_of_place(_op(gm, node) or "") == "relu"
 
 
 def activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The ACTIVATIONS name ``node`` computes (any spelling, in-place or not), else None."""
-    if is_relu(gm, node):
-        return "relu"
-    if _is_relu6_hardtanh(gm, node):
+    """The ACTIVATIONS name ``node`` computes (any spelling, in-place or not; hardtanh(0, 6) is relu6), else None."""
+    op = out_of_place(_op(gm, node) or "")
+    if op == "hardtanh" and hardtanh_bounds(node, partial(module_of, gm)) == (0.0, 6.0):
         return "relu6"
-    mod = module_of(gm, node)
-    if mod is not None:
-        return _ACTIVATION_MODULES.get(type(mod))
-    if node.op == "call_function" and len(node.args) == 1:
-        return _ACTIVATION_FUNCTIONS.get(node.target)
-    return None
+    return op if op in ACTIVATIONS else None
 
 
 def is_out_of_place_add(node: fx.Node) -> bool:
-    """``a + b`` with two tensor operands and no alpha (operator.add, torch.add, Tensor.add)."""
-    fn_add = node.op == "call_function" and node.target in (operator.add, torch.add)
-    method_add = node.op == "call_method" and node.target == "add"
-    if not (fn_add or method_add) or len(node.args) != 2 or node.kwargs:
+    """``a + b`` with two tensor operands and no alpha (operator.add, torch.add, Tensor.add, aten.add)."""
+    if node.op == "call_module" or op_name(node) != "add" or len(node.args) != 2 or node.kwargs:
         return False
     return all(isinstance(a, fx.Node) for a in node.args)
 
@@ -122,21 +92,15 @@ def has_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
             or is_opaque_module_call(gm, node))
 
 
-FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-                  nn.GroupNorm, nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid)
-FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
-                    torch.sub, torch.cat, torch.relu, F.relu, torch.sigmoid, F.conv2d, F.linear,
-                    F.batch_norm, F.hardswish, F.silu, F.gelu}
-FRESH_METHODS = {"add", "mul", "sub", "div", "relu", "sigmoid"}
+# ops that return a newly allocated tensor, never a view of an input (in-place forms are other ops)
+FRESH = frozenset({"add", "sub", "mul", "div", "cat", "relu", "sigmoid", "hardswish", "silu", "gelu", "conv1d",
+                   "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+                   "batch_norm", "layer_norm", "group_norm"})
+
 
 def is_fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True when ``node`` produces a newly allocated tensor that aliases nothing else."""
-    if node.op == "call_module":
-        mod = module_of(gm, node)
-        return isinstance(mod, (*FRESH_MODULES, nn.ReLU)) and not getattr(mod, "inplace", False)
-    if node.op == "call_function":
-        return node.target in FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
-    return node.op == "call_method" and node.target in FRESH_METHODS
+    return _op(gm, node) in FRESH
 
 
 def mutates_only_private_value(gm: fx.GraphModule, node: fx.Node) -> bool:

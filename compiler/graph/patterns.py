@@ -64,7 +64,7 @@ from fxforge.errors import ConfigError
 
 from .matching import mutation_between
 from .meta import record_rewrite, tensor_info
-from .ops import COMMUTATIVE, MODULE_OPS, REPRESENTATIVE, call_operands, canonical_op, submodule
+from .ops import COMMUTATIVE, REPRESENTATIVE, call_operands, canonical_op, module_op, submodule
 from .result import PassResult
 
 __all__ = ["Match", "Rule", "any_node", "attrs", "find", "meta", "module", "rewrite"]
@@ -212,10 +212,9 @@ class _PatternTracer(fx.Tracer):
         return True
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        op = MODULE_OPS.get(type(m))
-        if op is not None:
-            target = REPRESENTATIVE[op + "_" if getattr(m, "inplace", False) else op]
-            return self.create_proxy("call_function", target, args, kwargs, name=self._module_name(m))
+        op = module_op(m)
+        if op in REPRESENTATIVE:
+            return self.create_proxy("call_function", REPRESENTATIVE[op], args, kwargs, name=self._module_name(m))
         return self.create_proxy("call_function", ModuleOp((type(m),), {}), args, kwargs, name=self._module_name(m))
 
     def _module_name(self, m: nn.Module) -> str | None:

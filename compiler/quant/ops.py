@@ -22,17 +22,15 @@ Every node gets a *role*:
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.graph.fused import FusedConv, FusedLinear
 from fxforge.graph.matching import module_of
 from fxforge.graph.meta import tensor_shape
+from fxforge.graph.ops import module_op, op_name, out_of_place
 
 from .qat_modules import QATConvBn, QATWeighted
 
@@ -46,43 +44,29 @@ class OpInfo:
     op_type: type | None = None  # the module class for module calls (FusedConv: the wrapped conv's class)
 
 
-_COMPUTE_MODULES: dict[type, str] = {
-    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.ConvTranspose1d: "conv-transpose",
-    nn.ConvTranspose2d: "conv-transpose", nn.ConvTranspose3d: "conv-transpose", nn.Linear: "linear",
-    nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
-    nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Hardsigmoid: "hardsigmoid",
-    nn.Tanh: "tanh", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu",
-}
-_SHARE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                  nn.AdaptiveAvgPool3d)
-_DIRECT_MODULES: dict[type, str] = {
-    nn.MaxPool1d: "maxpool", nn.MaxPool2d: "maxpool", nn.MaxPool3d: "maxpool",
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh", nn.Flatten: "flatten", nn.Identity: "identity",
-    nn.Dropout: "dropout", nn.Unflatten: "unflatten",
-}
-_COMPUTE_FUNCTIONS = {
-    operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.matmul: "matmul",
-    operator.matmul: "matmul", torch.bmm: "bmm", F.hardswish: "hardswish", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", F.silu: "silu", F.hardsigmoid: "hardsigmoid", torch.tanh: "tanh", F.gelu: "gelu",
-    F.leaky_relu: "leaky_relu",
-}
-_SHARE_FUNCTIONS = {F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
-                    F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
-                    F.adaptive_avg_pool3d: "avgpool", torch.mean: "mean"}
-_DIRECT_FUNCTIONS = {
-    torch.flatten: "flatten", torch.reshape: "reshape", torch.permute: "permute", torch.transpose: "transpose",
-    torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", F.max_pool1d: "maxpool", F.max_pool2d: "maxpool",
-    F.max_pool3d: "maxpool", torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh",
-    torch.clamp: "clamp", F.dropout: "dropout", operator.getitem: "slice",
-}
-_COMPUTE_METHODS = {"add": "add", "mul": "mul", "matmul": "matmul", "bmm": "bmm", "sigmoid": "sigmoid",
-                    "tanh": "tanh"}
-_SHARE_METHODS = {"mean": "mean"}
-_DIRECT_METHODS = {
-    "view": "view", "reshape": "reshape", "flatten": "flatten", "permute": "permute", "transpose": "transpose",
-    "contiguous": "contiguous", "squeeze": "squeeze", "unsqueeze": "unsqueeze", "relu": "relu", "clamp": "clamp",
-}
-_META_METHODS = {"size", "dim"}
+# op -> kind: runs in fp32 between dequantize and quantize, its output with qparams of its own
+_COMPUTE = {"add": "add", "mul": "mul", "matmul": "matmul", "bmm": "bmm", "hardswish": "hardswish",
+            "sigmoid": "sigmoid", "silu": "silu", "hardsigmoid": "hardsigmoid", "tanh": "tanh", "gelu": "gelu",
+            "leaky_relu": "leaky_relu"}
+# op -> kind: compute ops as module calls only (the module holds the weight or statistics insert-qdq reads)
+_LAYERS = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv-transpose",
+           "conv_transpose2d": "conv-transpose", "conv_transpose3d": "conv-transpose", "linear": "linear",
+           "batch_norm": "batchnorm"}
+# op -> kind: the output keeps (or is requantized with) its input's qparams
+_SHARE = {"mean": "mean", "adaptive_max_pool2d": "maxpool"}
+# op -> kind: runs on the int8 tensor itself and keeps its qparams, exactly
+_DIRECT = {"flatten": "flatten", "unflatten": "unflatten", "reshape": "reshape", "view": "view",
+           "permute": "permute", "transpose": "transpose", "contiguous": "contiguous", "squeeze": "squeeze",
+           "unsqueeze": "unsqueeze", "relu": "relu", "relu6": "relu6", "hardtanh": "hardtanh", "clamp": "clamp",
+           "identity": "identity", "dropout": "dropout", "getitem": "slice"}
+# reads only the tensor's shape
+_META = {"size", "dim"}
+# average pooling: a share op (a compute op with a divisor_override)
+_AVG_POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+              "adaptive_avg_pool3d"}
+# max pooling over a window: a direct op (a share op over one-element windows)
+_MAX_POOLS = {"max_pool1d", "max_pool2d", "max_pool3d"}
+_WINDOW_POOLS = _MAX_POOLS | {"avg_pool1d", "avg_pool2d", "avg_pool3d"}  # pooling with kernel_size, stride, ...
 
 
 def _nearest_role(node: fx.Node) -> str:
@@ -91,8 +75,6 @@ def _nearest_role(node: fx.Node) -> str:
     return DIRECT if shape is not None and len(shape) in (4, 5) else SHARE
 
 
-_WINDOW_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_WINDOW_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 # positional parameters after the input (max pooling's 4th is dilation; avg_pool1d has no divisor_override)
 _POOL_PARAMETERS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
@@ -100,11 +82,14 @@ _MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mo
 
 def pool_options(node: fx.Node, mod: nn.Module | None = None) -> dict[str, Any] | None:
     """kernel_size, padding, count_include_pad, ... of a (non-adaptive) max/avg pooling call, else None."""
-    if isinstance(mod, _WINDOW_POOL_MODULES):
+    if mod is not None:
+        if module_op(mod) not in _WINDOW_POOLS:
+            return None
         return {name: getattr(mod, name) for name in (*_POOL_PARAMETERS, "dilation") if hasattr(mod, name)}
-    if mod is not None or node.op != "call_function" or node.target not in _WINDOW_POOL_FUNCTIONS:
+    op = op_name(node) if node.op == "call_function" else None
+    if op not in _WINDOW_POOLS:
         return None
-    names = _MAX_POOL_PARAMETERS if node.target in _WINDOW_POOL_FUNCTIONS[:3] else _POOL_PARAMETERS
+    names = _MAX_POOL_PARAMETERS if op in _MAX_POOLS else _POOL_PARAMETERS
     return {**dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
 
 
@@ -130,9 +115,10 @@ def _avg_pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
     return COMPUTE if (pool_options(node, mod) or {}).get("divisor_override") is not None else SHARE
 
 
-def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
+def _wrapped_info(mod: nn.Module, node: fx.Node) -> OpInfo | None:
+    """fxforge's fused and QAT modules: compute ops of the conv / linear they wrap."""
     if isinstance(mod, FusedConv):
-        kind = _COMPUTE_MODULES.get(type(mod.conv), "conv")
+        kind = _LAYERS.get(module_op(mod.conv) or "", "conv")
         return OpInfo(COMPUTE, kind, type(mod.conv.conv) if isinstance(mod.conv, QATConvBn) else type(mod.conv))
     if isinstance(mod, FusedLinear):
         return OpInfo(COMPUTE, "linear", nn.Linear)
@@ -140,57 +126,57 @@ def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
         return OpInfo(COMPUTE, "conv", type(mod.conv))
     if isinstance(mod, QATWeighted):
         return _module_info(mod.module, node)
-    if type(mod) in _COMPUTE_MODULES:
-        return OpInfo(COMPUTE, _COMPUTE_MODULES[type(mod)], type(mod))
-    if isinstance(mod, _SHARE_MODULES):
-        return OpInfo(_avg_pool_role(node, mod), "avgpool", type(mod))
-    if isinstance(mod, nn.AdaptiveMaxPool2d):  # no quantized kernel; the max of grid values is on the grid
-        return OpInfo(SHARE, "maxpool", type(mod))
-    if isinstance(mod, nn.Upsample):
-        return OpInfo(_nearest_role(node) if mod.mode == "nearest" else COMPUTE, "interpolate", type(mod))
-    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        return OpInfo(_pool_role(node, mod), "maxpool", type(mod))
-    if type(mod) in _DIRECT_MODULES:
-        return OpInfo(DIRECT, _DIRECT_MODULES[type(mod)], type(mod))
-    return OpInfo(FLOAT, type(mod).__name__, type(mod))
+    return None
 
 
-def _function_info(node: fx.Node) -> OpInfo:
-    fn = node.target
-    if fn is torch.cat:
-        return OpInfo(CAT, "cat")
-    if fn is F.interpolate:
+def _interpolate_role(node: fx.Node, mod: nn.Module | None) -> str:
+    """Nearest upsampling picks input values (see _nearest_role); other modes compute new ones."""
+    if mod is not None:
+        nearest = mod.mode == "nearest"
+    else:
         nearest = node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
-        return OpInfo(_nearest_role(node) if nearest else COMPUTE, "interpolate")
-    if fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
-        return OpInfo(_pool_role(node), "maxpool")
-    if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
-        return OpInfo(_avg_pool_role(node), "avgpool")
-    for table, role in ((_COMPUTE_FUNCTIONS, COMPUTE), (_SHARE_FUNCTIONS, SHARE), (_DIRECT_FUNCTIONS, DIRECT)):
-        if fn in table:
-            return OpInfo(role, table[fn])
-    return OpInfo(FLOAT, getattr(fn, "__name__", str(fn)))
+    return _nearest_role(node) if nearest else COMPUTE
 
 
-def _method_info(node: fx.Node) -> OpInfo:
-    name = str(node.target)
-    if name in _META_METHODS:
-        return OpInfo(META, name)
-    for table, role in ((_COMPUTE_METHODS, COMPUTE), (_SHARE_METHODS, SHARE), (_DIRECT_METHODS, DIRECT)):
-        if name in table:
-            return OpInfo(role, table[name])
-    return OpInfo(FLOAT, name)
+def _role(op: str, node: fx.Node, mod: nn.Module | None) -> OpInfo | None:
+    """The role and kind of op ``op`` (in-place forms as their op), None for ops without an int8 form."""
+    op_type = type(mod) if mod is not None else None
+    if op in _LAYERS:
+        return OpInfo(COMPUTE, _LAYERS[op], op_type) if mod is not None else None
+    if op in _AVG_POOLS:
+        return OpInfo(_avg_pool_role(node, mod), "avgpool", op_type)
+    if op in _MAX_POOLS:
+        return OpInfo(_pool_role(node, mod), "maxpool", op_type)
+    if op == "interpolate":
+        return OpInfo(_interpolate_role(node, mod), "interpolate", op_type)
+    if op == "cat":
+        return OpInfo(CAT, "cat", op_type)
+    if op in _META:
+        return OpInfo(META, op, op_type)
+    for table, role in ((_COMPUTE, COMPUTE), (_SHARE, SHARE), (_DIRECT, DIRECT)):
+        if op in table:
+            return OpInfo(role, table[op], op_type)
+    return None
+
+
+def _module_info(mod: nn.Module, node: fx.Node) -> OpInfo:
+    op = module_op(mod)
+    info = _wrapped_info(mod, node) or (_role(out_of_place(op), node, mod) if op else None)
+    return info or OpInfo(FLOAT, type(mod).__name__, type(mod))
+
+
+def _call_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
 def op_info(gm: fx.GraphModule, node: fx.Node) -> OpInfo:
     """The role and kind of ``node`` (placeholders, get_attr and output nodes are ``float``)."""
     if node.op == "call_module":
         return _module_info(module_of(gm, node), node)
-    if node.op == "call_function":
-        return _function_info(node)
-    if node.op == "call_method":
-        return _method_info(node)
-    return OpInfo(FLOAT, node.op)
+    if node.op not in ("call_function", "call_method"):
+        return OpInfo(FLOAT, node.op)
+    op = op_name(node)
+    return (_role(out_of_place(op), node, None) if op else None) or OpInfo(FLOAT, _call_name(node))
 
 
 def weight_axis(module: nn.Module) -> int:

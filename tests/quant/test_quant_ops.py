@@ -65,6 +65,12 @@ CASES = {
     "interpolate-bilinear": (Wrap(lambda t: F.interpolate(t, scale_factor=2.0, mode="bilinear")), X2, "interpolate"),
     "matmul": (MatMul(torch.matmul), torch.randn(2, 5, 8), "matmul"),
     "bmm": (MatMul(torch.bmm), torch.randn(2, 5, 8), "bmm"),
+    # more spellings of the same ops (fxforge.graph.ops): each is quantized as its op
+    "concat": (Binary(lambda a, b: torch.concat([a, b], 1)[:, :4]), X2, "cat"),
+    "max_pool2d-torch": (Wrap(lambda t: torch.max_pool2d(t, 2)), X2, "maxpool"),
+    "adaptive-maxpool-function": (Wrap(lambda t: F.adaptive_max_pool2d(t, 2)), X2, "maxpool"),
+    "unflatten-function": (Wrap(lambda t: torch.unflatten(t.flatten(2), 2, (8, 8))), X2, "unflatten"),
+    "sync-batchnorm": (Wrap(randomize_bn(nn.Sequential(nn.ReLU(), nn.SyncBatchNorm(4)))), X2, "batchnorm"),
 }
 
 
@@ -88,3 +94,32 @@ def test_op_is_quantized(name):
     lowered = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration)
     assert sqnr(model, lowered, fresh) >= 25
     assert not dq_q_round_trips(lowered.graph_module)
+
+
+class InPlace(nn.Module):
+    """In-place spellings on values only they read: ``conv(x).relu_()``, ``conv(x).add_(y)``, ``torch.sigmoid_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x).relu_()
+        return self.c(torch.sigmoid_(self.b(x).add_(y)))
+
+
+def test_in_place_spellings_are_quantized_as_their_op():
+    """Without normalize-inplace before it, quantization still sees relu, add and sigmoid (no fp32 islands):
+    each mutates a fresh value nothing else reads."""
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), X2
+    calibration = [torch.randn_like(x) for _ in range(16)]
+    fresh = torch.randn_like(x)
+    reference = "insert-observers,calibrate,insert-qdq"
+    for pipeline in (reference, f"{reference},lower-x86"):
+        compiled = fxforge.compile(model, "x86", example_inputs=x, calibration=calibration, pipeline=pipeline)
+        assert not compiled.report.quantization.islands, compiled.report.quantization.islands
+        assert sqnr(model, compiled, fresh) >= 25
+        if pipeline == reference:
+            plans = [n.meta.get("fxforge", {}).get("quant", {}) for n in compiled.graph_module.graph.nodes]
+            assert {"relu", "add", "sigmoid"} <= {plan.get("kind") for plan in plans}
