@@ -8,7 +8,8 @@ from __future__ import annotations
 from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / .numerics / .testing)
 from .artifact import load, read_metadata, save
 from .capture.tracing import trace
-from .driver.build import CompiledModule, compile
+from .compile import compile
+from .driver.compiled import CompiledModule
 from .driver.qat import prepare_qat
 from .errors import (
     AccuracyBudgetError,

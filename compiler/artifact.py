@@ -138,7 +138,7 @@ def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalib
     (static int8) also stores the fp32 graph with its observers, so that ``fxforge.recalibrate`` works on
     the loaded model (the file then holds the fp32 weights too).
     """
-    from fxforge.driver.build import CompiledModule
+    from fxforge.driver.compiled import CompiledModule
 
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
@@ -192,7 +192,7 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
 
 def load(path: str | Path, *, check_version: bool = True) -> Any:
     """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed."""
-    from fxforge.driver.build import CompiledModule
+    from fxforge.driver.compiled import CompiledModule
     from fxforge.quant.config import QuantOptions
     from fxforge.quant.qspec import quantized_engine
 

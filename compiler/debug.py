@@ -23,7 +23,8 @@ import torch
 from torch import fx, nn
 
 from fxforge.capture.tracing import trace
-from fxforge.driver.build import CompiledModule, _as_tuple, _check_eval, prepare
+from fxforge.driver.build import as_input_tuple, check_eval, prepare
+from fxforge.driver.compiled import CompiledModule
 from fxforge.driver.qat import convert_qat_layers
 from fxforge.graph.meta import fxmeta
 from fxforge.numerics.metrics import max_errors
@@ -90,10 +91,10 @@ def compare(model: nn.Module, compiled: CompiledModule, inputs: Any, *, attach: 
     """Per-value error of ``compiled`` against ``model`` (fp32) on ``inputs`` (a tensor or a tuple of forward
     arguments; a few samples suffice), most damaging first. ``attach``: also store it as
     ``compiled.report.comparison``, printed with the report."""
-    _check_eval(model)
+    check_eval(model)
     if not isinstance(compiled, CompiledModule):
         raise ConfigError(f"compare takes the module fxforge.compile returned, got {type(compiled).__name__}")
-    inputs = _as_tuple(inputs)
+    inputs = as_input_tuple(inputs)
     ref_gm = reference_graph(model, compiled, inputs)
     ref_values, _ = capture(ref_gm, inputs)
     with quantized_engine(_engine(compiled)), torch.no_grad():
