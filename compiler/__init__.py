@@ -36,9 +36,10 @@ from .quant.calibration import recalibrate
 from .quant.config import QuantConfig
 from .search.accuracy import AccuracyBudget
 
-# Built-in passes and backends register themselves by name on import.
+# Built-in passes and backends register themselves by name on import; viz registers the report page and dumps.
 from . import passes as _passes  # noqa: E402,F401  isort: skip
 from . import backends as _backends  # noqa: E402,F401  isort: skip
+from . import viz as _viz  # noqa: E402,F401  isort: skip
 
 __version__ = "0.1.0"
 
