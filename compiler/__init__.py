@@ -35,13 +35,12 @@ from .pipeline.text import PassSpec, format_pipeline, parse_pipeline
 from .quant.calibration import recalibrate
 from .quant.config import QuantConfig
 from .search.accuracy import AccuracyBudget
+from .version import __version__  # noqa: F401
 
 # Built-in passes and backends register themselves by name on import; viz registers the report page and dumps.
 from . import passes as _passes  # noqa: E402,F401  isort: skip
 from . import backends as _backends  # noqa: E402,F401  isort: skip
 from . import viz as _viz  # noqa: E402,F401  isort: skip
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",

@@ -33,6 +33,7 @@ from fxforge.pipeline.instruments import TimingInstrument
 from fxforge.pipeline.manager import PassManager
 from fxforge.pipeline.report import LayerComparison, LayerError
 from fxforge.quant.config import layer_name
+from fxforge.quant.observers import Observer
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.sqnr import outputs_sqnr_db
 
@@ -157,8 +158,6 @@ class BisectResult:
 def _run(gm: fx.GraphModule, inputs: tuple, engine: str | None) -> Any:
     """``gm``'s outputs; a graph with observers runs as a copy (observers record every call, and the checks
     must not add the example inputs to the calibration statistics)."""
-    from fxforge.quant.observers import Observer
-
     if any(isinstance(m, Observer) for m in gm.modules()):
         gm = copy.deepcopy(gm)
     with quantized_engine(engine), torch.inference_mode():
