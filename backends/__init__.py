@@ -1,3 +1,4 @@
-"""Backends, one file each: a target's pipeline recipe, its lowering pass and its runtime modules."""
+"""Backends, one file each: a target's pipeline recipe, its lowering pass and its runtime modules.
+Importing this package registers them: targets, passes, and the TorchScript twins of runtime modules."""
 
-from . import cpu, cpu_bf16, cuda, int8, int8_lowering  # noqa: F401
+from . import cpu, cpu_bf16, cpu_script, cuda, fp32_kernel_choice, int8, int8_lowering, int8_rnn_script  # noqa: F401

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from fxforge.errors import PluginUnavailableError
 from fxforge.graph.fused import FusedConv, FusedLinear
 from fxforge.graph.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
@@ -293,6 +294,24 @@ def lower_modules(gm: fx.GraphModule, ctx: PassContext, pass_name: str, conv_low
     return counts
 
 
+Autotuner = Callable[[fx.GraphModule, PassContext], bool]  # notes for the report; True when it switched a layer
+# fp32_kernel_choice.py registers itself (it builds on this module's oneDNN modules, so this module cannot import it)
+_AUTOTUNERS: dict[str, Autotuner] = {}
+
+
+def register_autotuner(tuner: Autotuner) -> Autotuner:
+    """Make ``tuner`` the step ``lower-cpu{autotune=true}`` runs after lowering (a decorator)."""
+    _AUTOTUNERS["lower-cpu"] = tuner
+    return tuner
+
+
+def _autotuner() -> Autotuner:
+    if "lower-cpu" not in _AUTOTUNERS:
+        raise PluginUnavailableError("lower-cpu{autotune=true} needs fxforge.backends.fp32_kernel_choice, which is "
+                                     "not loaded: import fxforge.backends (it registers the kernel choice)")
+    return _AUTOTUNERS["lower-cpu"]
+
+
 @graph_pass(name="lower-cpu", provides=("lowered",))
 def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
     """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
@@ -303,8 +322,7 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
     switched = False
     if autotune:
-        from fxforge.backends.fp32_kernel_choice import autotune_cpu_kernels  # imports this module
-        switched = autotune_cpu_kernels(gm, ctx)
+        switched = _autotuner()(gm, ctx)
     return any(counts.values()) or switched
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxforge.serialization.torchscript import register_scripted_twin
+
 from .cpu import OneDnnConv2d, OneDnnLinear
 
 # TorchScript spells the ops' ``Scalar?[]`` this way (List[Optional[float]] is rejected).
@@ -82,6 +84,7 @@ class ScriptableOneDnnLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.unary, self.unary_scalars, "")
 
 
+@register_scripted_twin
 def scripted_twin(module: nn.Module) -> torch.jit.ScriptModule | None:
     """The scripted twin of a oneDNN module, else None."""
     if getattr(module, "native", True) is False:  # cpu-bf16 emulated (no oneDNN bf16 on this CPU): eager ops trace

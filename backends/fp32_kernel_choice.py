@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
+from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear, register_autotuner
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite, tensor_shape
 from fxforge.pipeline.context import PassContext
@@ -190,6 +190,7 @@ def choose_kernels(gm: fx.GraphModule, timer: Timer | None = None) -> tuple[dict
     return chosen, switched
 
 
+@register_autotuner
 def autotune_cpu_kernels(gm: fx.GraphModule, ctx: PassContext, timer: Timer | None = None) -> bool:
     """lower-cpu's ``autotune`` step: notes for the report; True when some layer was switched."""
     chosen, switched = choose_kernels(gm, timer)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxforge.serialization.torchscript import register_scripted_twin
+
 from .int8_rnn import DynamicInt8RNN
 
 
@@ -67,6 +69,7 @@ class ScriptableDynamicGRU(_ScriptableRNN):
         return self._unbatched(out, batched), (h if batched else h.squeeze(1))
 
 
+@register_scripted_twin
 def scripted_twin(module: nn.Module) -> torch.jit.ScriptModule | None:
     """The scripted twin of a dynamic int8 LSTM/GRU, else None."""
     if not isinstance(module, DynamicInt8RNN):

@@ -8,7 +8,8 @@ from __future__ import annotations
 from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / .numerics / .testing)
 from .artifact import load, read_metadata, save
 from .capture.tracing import trace
-from .driver.build import CompiledModule, compile
+from .compile import compile
+from .driver.compiled import CompiledModule
 from .driver.qat import prepare_qat
 from .errors import (
     AccuracyBudgetError,
@@ -34,12 +35,12 @@ from .pipeline.text import PassSpec, format_pipeline, parse_pipeline
 from .quant.calibration import recalibrate
 from .quant.config import QuantConfig
 from .search.accuracy import AccuracyBudget
+from .version import __version__  # noqa: F401
 
-# Built-in passes and backends register themselves by name on import.
+# Built-in passes and backends register themselves by name on import; viz registers the report page and dumps.
 from . import passes as _passes  # noqa: E402,F401  isort: skip
 from . import backends as _backends  # noqa: E402,F401  isort: skip
-
-__version__ = "0.1.0"
+from . import viz as _viz  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",

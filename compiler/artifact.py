@@ -33,7 +33,11 @@ from typing import Any
 
 import torch
 
+from fxforge.driver.compiled import CompiledModule
+from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.targets import all_targets, targets
+from fxforge.quant.config import QuantOptions
+from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.codec import (
     foreign_globals,
     graph_attrs,
@@ -44,6 +48,7 @@ from fxforge.serialization.codec import (
 )
 
 from .errors import ArtifactError, BackendUnavailableError
+from .version import __version__
 
 FORMAT = "fxforge-compiled-model"
 FORMAT_VERSION = 1
@@ -65,8 +70,6 @@ def _engine(compiled: Any) -> str | None:
 
 
 def _inputs_meta(gm: Any) -> list[dict[str, Any]]:
-    from fxforge.graph.meta import fxmeta
-
     out = []
     for node in gm.graph.nodes:
         if node.op == "placeholder" and not fxmeta(node).get("bound"):
@@ -88,9 +91,7 @@ def _quant_meta(compiled: Any) -> dict[str, Any] | None:
 
 
 def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
-    import fxforge
-
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "fxforge_version": fxforge.__version__,
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "fxforge_version": __version__,
             "torch_version": torch.__version__, "python_version": sys.version.split()[0],
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": compiled.target, "engine": _engine(compiled), "pipeline": compiled.pipeline,
@@ -106,8 +107,6 @@ def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[bytes, dict[str, Any]]:
-    from fxforge.quant.qspec import quantized_engine
-
     gm = compiled.graph_module
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
         (example_inputs,) if example_inputs is not None else synthetic_inputs(gm))
@@ -138,8 +137,6 @@ def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalib
     (static int8) also stores the fp32 graph with its observers, so that ``fxforge.recalibrate`` works on
     the loaded model (the file then holds the fp32 weights too).
     """
-    from fxforge.driver.build import CompiledModule
-
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
     data, meta = _payload(compiled, example_inputs, recalibratable)
@@ -190,12 +187,8 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
             f"the original model for one of the targets usable here: {', '.join(targets())}")
 
 
-def load(path: str | Path, *, check_version: bool = True) -> Any:
+def load(path: str | Path, *, check_version: bool = True) -> CompiledModule:
     """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed."""
-    from fxforge.driver.build import CompiledModule
-    from fxforge.quant.config import QuantOptions
-    from fxforge.quant.qspec import quantized_engine
-
     meta = read_metadata(path)
     check_loadable(meta, check_version)
     with zipfile.ZipFile(path) as archive:

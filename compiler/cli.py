@@ -19,8 +19,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import viz
+from .artifact import save
+from .compile import compile as compile_model
 from .errors import CalibrationError, CompileError, suggest
+from .numerics.metrics import max_errors
+from .pipeline.pass_api import pass_class
+from .pipeline.targets import all_targets, pipeline_for, resolve_target
+from .pipeline.text import parse_pipeline
+from .quant.sqnr import outputs_sqnr_db
+from .testing.helpers import reestimate_bn
+from .version import __version__
+from .viz import GraphvizNotFoundWarning
+from .viz.render import DOT_SUFFIXES, FORMATS
 
 _EPILOG = """\
 MODEL is either
@@ -59,7 +72,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def _torchvision_model(name: str, shape: tuple[int, ...]) -> nn.Module:
     try:
-        import torchvision
+        import torchvision  # optional dependency: only for torchvision:NAME models
     except ImportError:
         raise UsageError("torchvision is not installed: pip install torchvision, or give path/to/file.py:factory") \
             from None
@@ -67,8 +80,6 @@ def _torchvision_model(name: str, shape: tuple[int, ...]) -> nn.Module:
     if name not in names:
         raise UsageError(f"torchvision has no model '{name}'.{suggest(name, names)} e.g. resnet18, mobilenet_v2, "
                          f"efficientnet_b0")
-    from fxforge.testing.helpers import reestimate_bn
-
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
     batch = (max(shape[0], 2), *shape[1:])  # train-mode BatchNorm needs more than one value per channel
@@ -131,10 +142,8 @@ def calibration_data(text: str | None, example: Any) -> list | None:
 
 
 def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: Any, calibration: list | None):
-    import fxforge
-
     try:
-        return fxforge.compile(model, target, example_inputs=example, pipeline=getattr(args, "pipeline", None),
+        return compile_model(model, target, example_inputs=example, pipeline=getattr(args, "pipeline", None),
                                calibration=calibration, quantization=getattr(args, "quantization", None))
     except CalibrationError as exc:
         if calibration is None:
@@ -146,8 +155,6 @@ def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: A
 # ---- commands ---------------------------------------------------------------------------------------------
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from fxforge.pipeline.targets import all_targets
-
     for t in all_targets().values():
         reason = t.availability()
         print(f"{t.name:<9}{'usable' if reason is None else 'unusable':<10}{t.description}")
@@ -157,10 +164,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from fxforge.pipeline.pass_api import pass_class
-    from fxforge.pipeline.targets import pipeline_for
-    from fxforge.pipeline.text import parse_pipeline
-
     text = pipeline_for(args.target, args.quantization)
     print(text)
     if args.explain:
@@ -179,8 +182,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
         html = compiled.report.to_html(out / "report.html")
         print(f"\nreport written to {out}/: report.txt, report.json and {html.name} (open it in a browser)")
     if args.save is not None:
-        from fxforge.artifact import save
-
         path = save(compiled, args.save, example_inputs=example)
         print(f"\ncompiled model saved to {path}: load it with fxforge.load({str(path)!r}) "
               f"(no tracing, no model class needed)")
@@ -188,8 +189,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _draw(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
-    from fxforge.viz import GraphvizNotFoundWarning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GraphvizNotFoundWarning)
         path = fn(*args, **kwargs)
@@ -199,9 +198,6 @@ def _draw(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from fxforge import viz
-    from fxforge.viz.render import DOT_SUFFIXES, FORMATS
-
     if args.output.suffix.lower() not in (*FORMATS, *DOT_SUFFIXES):
         raise UsageError(f"-o {args.output}: name the file .svg, .png, .pdf or .dot (the suffix picks the format)")
     model, example = load_model(args.model, args.input_shape)
@@ -222,8 +218,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 @torch.inference_mode()
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> float:
-    from tqdm.auto import tqdm
-
     for _ in range(warmup):
         fn()
     times = []
@@ -235,9 +229,6 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> 
 
 
 def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
-    from fxforge.numerics.metrics import max_errors
-    from fxforge.quant.sqnr import outputs_sqnr_db
-
     with torch.inference_mode():
         got, want = compiled(*inputs), model(*inputs)
     if compiled.report.quantization is not None:
@@ -246,8 +237,6 @@ def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fxforge.pipeline.targets import resolve_target
-
     model, example = load_model(args.model, args.input_shape)
     inputs = example if isinstance(example, tuple) else (example,)
     if args.threads:
@@ -346,8 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import fx, nn
 
 from fxforge.capture.tracing import trace
-from fxforge.driver.build import CompiledModule, _as_tuple, _check_eval, prepare
+from fxforge.driver.build import as_input_tuple, check_eval, prepare
+from fxforge.driver.compiled import CompiledModule
 from fxforge.driver.qat import convert_qat_layers
 from fxforge.graph.meta import fxmeta
 from fxforge.numerics.metrics import max_errors
@@ -32,6 +33,7 @@ from fxforge.pipeline.instruments import TimingInstrument
 from fxforge.pipeline.manager import PassManager
 from fxforge.pipeline.report import LayerComparison, LayerError
 from fxforge.quant.config import layer_name
+from fxforge.quant.observers import Observer
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.sqnr import outputs_sqnr_db
 
@@ -90,10 +92,10 @@ def compare(model: nn.Module, compiled: CompiledModule, inputs: Any, *, attach: 
     """Per-value error of ``compiled`` against ``model`` (fp32) on ``inputs`` (a tensor or a tuple of forward
     arguments; a few samples suffice), most damaging first. ``attach``: also store it as
     ``compiled.report.comparison``, printed with the report."""
-    _check_eval(model)
+    check_eval(model)
     if not isinstance(compiled, CompiledModule):
         raise ConfigError(f"compare takes the module fxforge.compile returned, got {type(compiled).__name__}")
-    inputs = _as_tuple(inputs)
+    inputs = as_input_tuple(inputs)
     ref_gm = reference_graph(model, compiled, inputs)
     ref_values, _ = capture(ref_gm, inputs)
     with quantized_engine(_engine(compiled)), torch.no_grad():
@@ -156,8 +158,6 @@ class BisectResult:
 def _run(gm: fx.GraphModule, inputs: tuple, engine: str | None) -> Any:
     """``gm``'s outputs; a graph with observers runs as a copy (observers record every call, and the checks
     must not add the example inputs to the calibration statistics)."""
-    from fxforge.quant.observers import Observer
-
     if any(isinstance(m, Observer) for m in gm.modules()):
         gm = copy.deepcopy(gm)
     with quantized_engine(engine), torch.inference_mode():

@@ -43,6 +43,10 @@ class CalibrationError(CompileError):
     """Calibration data is missing, empty or does not fit the model."""
 
 
+class PluginUnavailableError(CompileError):
+    """A feature needs a plugin package (``fxforge.viz``, ``fxforge.backends``) that is not loaded."""
+
+
 class PluginWarning(UserWarning):
     """A pass plugin (``fxforge.passes`` entry point) failed to load; its passes are unavailable."""
 

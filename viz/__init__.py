@@ -12,9 +12,14 @@ from __future__ import annotations
 import networkx as nx
 from torch import fx
 
+from fxforge.pipeline.renderers import register_renderers
+
 from .diff import GraphDiff, compare
+from .html import write_report
 from .render import GraphvizNotFoundWarning, as_snapshot, diff, dot_available, render, to_dot
 from .roles import ROLES, role_of
+
+register_renderers(html_report=write_report, dot=to_dot)  # the core's report page and dump_dir draw with viz
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:

@@ -12,15 +12,13 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from fxforge.graph.snapshot import GraphStage
+from fxforge.pipeline.report import CompileReport, PassRecord, QuantLayerRecord, QuantSummary
 
 from .diff import compare, diff_view
 from .dot import digraph, view_of
 from .render import svg_text
-
-if TYPE_CHECKING:
-    from fxforge.graph.snapshot import GraphStage
-    from fxforge.pipeline.report import CompileReport, PassRecord, QuantLayerRecord, QuantSummary
 
 _CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1200px;

@@ -17,7 +17,7 @@ from typing import Any
 import graphviz
 from torch import fx
 
-from fxforge.driver.build import CompiledModule
+from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import ConfigError
 from fxforge.graph.snapshot import GraphSnapshot, GraphStage, snapshot
 

@@ -1,4 +1,7 @@
-"""``fxforge.compile``: trace, run the target's pipeline, return a CompiledModule with its report."""
+"""Compile once (``build``): trace, run the target's pipeline, return a CompiledModule with its report.
+
+``fxforge.compile`` calls it, or the searches above it do (``fxforge.search``), once per candidate.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -29,54 +32,20 @@ from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.sqnr import outputs_sqnr_db
 
+from .compiled import CompiledModule
 from .qat import convert_qat_layers
-
-if TYPE_CHECKING:
-    from fxforge.search.accuracy import AccuracyBudget
 
 VERIFY_MODES = ("none", "structure", "numeric")
 
 
-class CompiledModule(nn.Module):
-    """The compiled model: an nn.Module that runs the lowered graph under ``torch.inference_mode``."""
-
-    def __init__(self, graph_module: fx.GraphModule, target: str, pipeline: str, report: CompileReport,
-                 observed_graph: fx.GraphModule | None = None, quant: QuantOptions | None = None) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.target = target
-        self.pipeline = pipeline
-        self.report = report
-        # Static int8: the fp32 graph with its observers, kept (not a submodule) for fxforge.recalibrate.
-        self.__dict__["observed_graph"] = observed_graph
-        self.__dict__["quant_options"] = quant
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.quant_options is None:  # fp32: nothing else on the per-call path
-            with torch.inference_mode():
-                return self.graph_module(*args, **kwargs)
-        # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
-        with torch.inference_mode(), quantized_engine(self.quant_options.runtime_engine):
-            return self.graph_module(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"target={self.target!r}, pipeline={self.pipeline!r}"
-
-    def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
-        """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``);
-        ``example_inputs`` default to random tensors of the compiled shapes."""
-        from fxforge.serialization.torchscript import to_torchscript
-
-        return to_torchscript(self, example_inputs)
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Example inputs as a tuple of forward arguments (a lone tensor is the one argument)."""
     if example_inputs is None:
         raise ConfigError("compile needs example_inputs=: a tensor, or a tuple with one value per forward argument")
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _check_eval(model: nn.Module) -> None:
+def check_eval(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile expects an nn.Module, got {type(model).__name__}")
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
@@ -161,12 +130,12 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
             calibration_batches: int | None, quantization: str | None, quant_config: Any,
             skip: str | Sequence[str], start: float, extra_passes: Mapping[str, Any] | None = None) -> Session:
     """Check the arguments, trace a copy of ``model`` and record the eager reference (compile, bisect)."""
-    _check_eval(model)
+    check_eval(model)
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     tgt = resolve_target(target)
     quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
-    inputs = tuple(_to_device(x, tgt.device) for x in _as_tuple(example_inputs))
+    inputs = tuple(_to_device(x, tgt.device) for x in as_input_tuple(example_inputs))
     default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
     manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
     if extra_passes:
@@ -185,7 +154,7 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
     return Session(tgt, quant, inputs, manager, traced.gm, ctx, report)
 
 
-def compile(  # noqa: A001 - the public name users expect
+def build(
     model: nn.Module,
     target: str = "auto",
     *,
@@ -202,27 +171,9 @@ def compile(  # noqa: A001 - the public name users expect
     quantization: str | None = None,
     quant_config: QuantConfig | dict | None = None,
     skip: str | Sequence[str] = (),
-    accuracy: AccuracyBudget | None = None,
-    profitability: bool = False,
 ) -> CompiledModule:
-    """Compile ``model`` for ``target`` and return a faster module with the same outputs.
-
-    ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
-    replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
-    "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
-    "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
-    eager after each pass). ``dump_dir`` writes the code and a .dot of the graph after every pass that
-    changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
-    int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.search.accuracy``);
-    ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.search.profitability``).
-    The model itself is never modified.
-    """
-    if accuracy is not None or profitability:
-        return _compile_searched(model, target, accuracy, profitability, dict(
-            example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes, verify=verify,
-            leaf_modules=leaf_modules,
-            concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments, calibration=calibration,
-            calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config, skip=skip))
+    """Compile ``model`` for ``target`` once: ``fxforge.compile`` without its searches (``accuracy``,
+    ``profitability``); see there for the options."""
     start = time.perf_counter()
     session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
                       leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,
@@ -257,18 +208,4 @@ def compile(  # noqa: A001 - the public name users expect
     compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
     # how the model was traced: fxforge.debug.compare traces it again the same way
     compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
-    return compiled
-
-
-def _compile_searched(model: nn.Module, target: str, accuracy: AccuracyBudget | None, profitability: bool,
-                      options: dict[str, Any]) -> CompiledModule:
-    """compile with an accuracy budget and/or the profitability check (each recompiles with more ``skip``)."""
-    from fxforge.search.accuracy import compile_within_budget, materialize_calibration
-    from fxforge.search.profitability import keep_profitable
-
-    options = materialize_calibration(options)  # every compile of the search sees the same batches
-    compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \
-        else compile(model, target, **options)
-    if profitability:
-        compiled = keep_profitable(model, target, compiled, options)
     return compiled

@@ -8,7 +8,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested tuple/list/dict) value, in pytree order."""
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -18,7 +19,7 @@ def max_errors(actual: Any, expected: Any) -> tuple[float, float]:
     Outputs that differ in structure or shape give (inf, inf).
     """
     worst_abs, worst_rel = 0.0, 0.0
-    actual_tensors, expected_tensors = _tensors(actual), _tensors(expected)
+    actual_tensors, expected_tensors = flat_tensors(actual), flat_tensors(expected)
     if len(actual_tensors) != len(expected_tensors):  # a different output structure: as wrong as it gets
         return float("inf"), float("inf")
     for a, e in zip(actual_tensors, expected_tensors, strict=True):

@@ -22,15 +22,17 @@ import torch
 from torch import fx
 
 from fxforge.graph.meta import fxmeta
+from fxforge.quant.observers import Observer
+from fxforge.quant.plan import OBSERVER_KEY
+from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
+from fxforge.quant.reference import dynamic_quantize
+from fxforge.quant.sqnr import sqnr_db
 
 _PASSTHROUGH_METHODS = {"dequantize", "contiguous"}
 
 
 def _passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A node that only changes how its input's value is represented (or watches it)."""
-    from fxforge.quant.plan import OBSERVER_KEY
-    from fxforge.quant.reference import dynamic_quantize
-
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
@@ -38,9 +40,6 @@ def _passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in (torch.quantize_per_tensor, dynamic_quantize)
     if node.op == "call_module":
-        from fxforge.quant.observers import Observer
-        from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
-
         module = gm.get_submodule(str(node.target))
         return OBSERVER_KEY in fxmeta(node) or isinstance(module, (Observer, FakeQuantize, SharedFakeQuantize))
     return False
@@ -103,8 +102,6 @@ class ValueErrors:
 
 
 def errors(reference: torch.Tensor, value: torch.Tensor) -> ValueErrors:
-    from fxforge.quant.sqnr import sqnr_db
-
     ref, val = reference.detach().double(), value.detach().double()
     diff = (ref - val).abs().max().item() if ref.numel() else 0.0
     scale = ref.abs().max().item() if ref.numel() else 0.0

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .report import CompileReport
+from fxforge.quant.config import QuantOptions
+from fxforge.quant.observers import observers_paused
 
-if TYPE_CHECKING:
-    from fxforge.quant.config import QuantOptions
+from .report import CompileReport
 
 
 def clone_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -60,7 +60,5 @@ class PassContext:
     def propagate(self, gm: fx.GraphModule) -> Any:
         """Run ``gm`` on (copies of) the example inputs, recording shapes in node.meta; returns its output.
         Observers in ``gm`` do not record these inputs: they are not calibration data."""
-        from fxforge.quant.observers import observers_paused
-
         with torch.no_grad(), observers_paused():
             return ShapeProp(gm).propagate(*self.fresh_inputs())

@@ -14,9 +14,12 @@ from torch import fx
 from fxforge.errors import NumericMismatchError
 from fxforge.graph.snapshot import GraphStage, snapshot
 from fxforge.numerics.metrics import max_errors
+from fxforge.quant.observers import observers_paused
+from fxforge.quant.sqnr import outputs_sqnr_db
 
 from .context import PassContext
 from .pass_api import Pass, PassResult
+from .renderers import dot_writer
 from .report import PassRecord
 
 
@@ -78,17 +81,16 @@ class DumpAfterChange(Instrument):
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self._index = 0
+        self._to_dot = dot_writer()  # fails here, before any pass ran, when fxforge.viz is not loaded
 
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
-        from fxforge.viz import to_dot  # viz builds on the compiler, not the other way round
-
         self._index += 1
         if not result.modified:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         stem = self.directory / f"{self._index:02d}-{p.name}"
         stem.with_suffix(".py").write_text(result.gm.code)
-        stem.with_suffix(".dot").write_text(to_dot(result.gm, title=f"after {p.spec()}"))
+        stem.with_suffix(".dot").write_text(self._to_dot(result.gm, f"after {p.spec()}"))
 
 
 class NumericCheck(Instrument):
@@ -101,7 +103,6 @@ class NumericCheck(Instrument):
     def after_pass(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
         if not result.modified or ctx.reference_outputs is None:
             return
-        from fxforge.quant.observers import observers_paused
 
         try:
             with torch.inference_mode(), observers_paused():  # example inputs are not calibration data
@@ -124,8 +125,6 @@ class NumericCheck(Instrument):
             )
 
     def _check_sqnr(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
-        from fxforge.quant.sqnr import outputs_sqnr_db
-
         sqnr = outputs_sqnr_db(ctx.reference_outputs, self._outputs)
         if sqnr < self.min_sqnr_db:
             raise NumericMismatchError(

@@ -19,17 +19,15 @@ import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import fx
 
 from fxforge.errors import ConfigError, PluginWarning, suggest
 from fxforge.graph.result import PassResult
 
+from .context import PassContext
 from .text import PassSpec
-
-if TYPE_CHECKING:
-    from .context import PassContext
 
 _REGISTRY: dict[str, type[Pass]] = {}
 PLUGIN_GROUP = "fxforge.passes"

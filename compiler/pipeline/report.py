@@ -10,6 +10,8 @@ from pathlib import Path
 from fxforge.errors import ConfigError, suggest
 from fxforge.graph.snapshot import GraphStage
 
+from .renderers import html_report_writer
+
 
 @dataclass
 class PassRecord:
@@ -293,6 +295,4 @@ class CompileReport:
     def to_html(self, path: str | Path, graphs: bool = True) -> Path:
         """Write one self-contained HTML page (inline SVG, no network access): target, pipeline, pass timeline,
         the graph after each changing pass with its diff (``graphs=False`` leaves them out), the int8 tables."""
-        from fxforge.viz.html import write_report  # viz builds on the compiler, not the other way round
-
-        return write_report(self, path, graphs=graphs)
+        return html_report_writer()(self, Path(path), graphs)

@@ -23,6 +23,10 @@ from tqdm.auto import tqdm
 from fxforge.errors import CalibrationError
 from fxforge.graph.meta import fxmeta
 
+from .plan import OBSERVER_KEY, QPARAMS_KEY, group_buffers, observer_nodes
+from .qat_modules import FakeQuantize
+from .qspec import backend_quant
+
 
 def input_names(gm: fx.GraphModule) -> list[str]:
     """The forward arguments calibration items supply: placeholders compile did not bind to a value."""
@@ -138,10 +142,6 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
     its kernels stay as they are: no recompilation. Lowered int8 kernels, which take qparams as literals,
     re-read them (only the graph's generated Python code is regenerated). Returns {scale buffer name: (old, new scale)}.
     """
-    from .plan import OBSERVER_KEY, group_buffers, observer_nodes
-    from .qat_modules import FakeQuantize
-    from .qspec import backend_quant
-
     observed, opts = getattr(compiled, "observed_graph", None), getattr(compiled, "quant_options", None)
     if observed is None or opts is None:
         raise CalibrationError("recalibrate needs a model compiled for an int8 target with static quantization "
@@ -170,10 +170,6 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
 
 def _refresh_kernel_qparams(gm: fx.GraphModule) -> None:
     """Lowered int8 kernels take their output qparams as literals: re-read them from the buffers."""
-    from fxforge.graph.meta import fxmeta
-
-    from .plan import QPARAMS_KEY
-
     changed = False
     for node in gm.graph.nodes:
         buffers = fxmeta(node).get(QPARAMS_KEY)

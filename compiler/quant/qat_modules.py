@@ -37,16 +37,14 @@ trained model changes nothing but removes the training-only structure.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .observers import Observer
 from .qspec import QSpec
-
-if TYPE_CHECKING:
-    from .observers import Observer
 
 __all__ = ["FakeQuantize", "QATConvBn", "QATWeighted", "SharedFakeQuantize", "fake_quantize_weight"]
 

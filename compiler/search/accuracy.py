@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxforge.driver.build import as_input_tuple, build
+from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import AccuracyBudgetError, ConfigError
 from fxforge.pipeline.report import AccuracyRecord, LayerSensitivity
 from fxforge.quant.sqnr import outputs_sqnr_db
@@ -131,11 +133,9 @@ class _Search:
         self.skip = tuple([options["skip"]] if isinstance(options["skip"], str) else options["skip"])
         self.compiles = 0
 
-    def compile(self, fp32: Sequence[str]) -> tuple[nn.Module, float, bool]:
-        from fxforge.driver.build import compile as compile_model
-
+    def compile(self, fp32: Sequence[str]) -> tuple[CompiledModule, float, bool]:
         self.compiles += 1
-        compiled = compile_model(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
+        compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
         return (compiled, *self.judge.measure_model(compiled))
 
 
@@ -164,15 +164,13 @@ def _choose(search: _Search, order: list[str]) -> list[str]:
     return chosen
 
 
-def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget, options: dict[str, Any]) -> Any:
+def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
+                          options: dict[str, Any]) -> CompiledModule:
     """``compile`` with ``options`` under ``budget`` (see the module docstring)."""
-    from fxforge.driver.build import _as_tuple
-    from fxforge.driver.build import compile as compile_model
-
     if not isinstance(budget, AccuracyBudget):
         raise ConfigError(f"accuracy= takes an fxforge.AccuracyBudget, got {type(budget).__name__}")
     options = materialize_calibration(options)
-    inputs = _as_tuple(budget.inputs if budget.inputs is not None else options["example_inputs"])
+    inputs = as_input_tuple(budget.inputs if budget.inputs is not None else options["example_inputs"])
     search = _Search(model, target, options, _Judge(budget, model, inputs))
     first, before, ok = search.compile([])
     if first.quant_options is None:
@@ -189,8 +187,7 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
                 f"{', '.join(f'{s.layer} {s.score:.4g}' for s in sensitivity[:5])}). Relax the budget, calibrate "
                 f"with more representative data, choose other observers (quant_config), or train with prepare_qat")
     plain = not options["dump_dir"] and not options["instruments"] and options["verify"] == "structure"
-    final = first if plain and not chosen else compile_model(model, target, **{**options,
-                                                                              "skip": (*search.skip, *chosen)})
+    final = first if plain and not chosen else build(model, target, **{**options, "skip": (*search.skip, *chosen)})
     after, met = search.judge.measure_model(final)
     final.report.accuracy = AccuracyRecord(
         requirement=budget.describe(), measure=search.judge.measure, before=before, after=after, met=met,

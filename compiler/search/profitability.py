@@ -22,8 +22,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxforge.driver.build import as_input_tuple, build
+from fxforge.driver.compiled import CompiledModule
+from fxforge.errors import ConfigError
 from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.report import LayerTiming, ProfitabilityRecord
+from fxforge.quant.qspec import quantized_engine
 
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
@@ -63,10 +67,8 @@ class _KernelArgs(fx.Interpreter):
         return super().run_node(n)
 
 
-def layer_timings(compiled: Any, inputs: tuple, timer: Timer = median_seconds) -> list[LayerTiming]:
+def layer_timings(compiled: CompiledModule, inputs: tuple, timer: Timer = median_seconds) -> list[LayerTiming]:
     """int8 kernel vs fp32 island time of every int8 conv/linear of a static int8 compiled model."""
-    from fxforge.quant.qspec import quantized_engine
-
     gm, observed = compiled.graph_module, compiled.observed_graph
     interp = _KernelArgs(gm)
     with quantized_engine(compiled.quant_options.runtime_engine), torch.inference_mode():
@@ -93,24 +95,20 @@ def _fp32_island(module: nn.Module, args: tuple) -> Callable[[], Any]:
                                              torch.quint8)
 
 
-def keep_profitable(model: nn.Module, target: str, compiled: Any, options: dict[str, Any],
-                    timer: Timer | None = None) -> Any:
+def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, options: dict[str, Any],
+                    timer: Timer | None = None) -> CompiledModule:
     """``compiled`` with the layers that are slower in int8 moved to fp32, when that makes the model faster."""
-    from fxforge.driver.build import _as_tuple
-    from fxforge.driver.build import compile as compile_model
-    from fxforge.errors import ConfigError
-
     if compiled.observed_graph is None:
         raise ConfigError("profitability=True measures static int8 kernels: use an int8 target with "
                           "quantization='static' (and calibration data)")
-    inputs, timer = _as_tuple(options["example_inputs"]), timer or median_seconds
+    inputs, timer = as_input_tuple(options["example_inputs"]), timer or median_seconds
     timings = layer_timings(compiled, inputs, timer)
     slower = [t.layer for t in timings if t.int8_ms > t.fp32_ms * (1 + MARGIN)]
     record = ProfitabilityRecord(timings=timings, model_ms_before=timer(lambda: compiled(*inputs)) * 1e3,
                                  margin=MARGIN)
     result = compiled
     if slower:
-        candidate = compile_model(model, target, **{**options, "skip": (*compiled.quant_options.skip, *slower)})
+        candidate = build(model, target, **{**options, "skip": (*compiled.quant_options.skip, *slower)})
         record.model_ms_after = timer(lambda: candidate(*inputs)) * 1e3
         if record.model_ms_after < record.model_ms_before:
             result, record.fp32_layers = candidate, slower

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from fxforge.errors import ArtifactError
+from fxforge.graph.meta import fxmeta
 
 # Modules whose classes / functions a stored model may reference (checked in the pickle, see stored_globals).
 ALLOWED_ROOTS = ("torch", "fxforge", "builtins", "__builtin__", "collections", "operator", "_operator", "math",
@@ -181,8 +182,6 @@ def user_module_paths(gm: fx.GraphModule) -> list[str]:
 
 def synthetic_inputs(gm: fx.GraphModule) -> tuple[Any, ...]:
     """Random inputs with the shapes and dtypes the graph was compiled for (from its placeholders' meta)."""
-    from fxforge.graph.meta import fxmeta
-
     inputs = []
     for node in gm.graph.nodes:
         if node.op != "placeholder" or fxmeta(node).get("bound"):

@@ -5,6 +5,7 @@ load; ``fxforge.save`` / ``fxforge.load`` is the format that round-trips every t
 with ``torch.jit.trace`` (it is straight-line code), after swapping the modules the tracer cannot record:
 - the cpu target's oneDNN modules -> scripted twins on dense weights (``fxforge.backends.cpu_script``);
 - dynamic int8 LSTM/GRU -> scripted twins holding the same packed cells (``fxforge.backends.int8_rnn_script``);
+  backends register these converters on import (``register_scripted_twin``): this module never imports them;
 - user submodules the tracer kept whole -> ``torch.jit.script`` of them (tracing would freeze their
   control flow to the example's path).
 torch.export would be the maintained route, but it rejects the int8 kernels' prepacked weights and the
@@ -19,24 +20,41 @@ while running, since quantized ops without weights (add, pooling) follow it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from fxforge.errors import UnsupportedOpError
-from fxforge.numerics.metrics import _tensors
+from fxforge.numerics.metrics import flat_tensors
+from fxforge.quant.qspec import quantized_engine
 
 from .codec import copy_graph_module, synthetic_inputs, user_module_paths
 
+ScriptedTwin = Callable[[nn.Module], torch.jit.ScriptModule | None]  # a runtime module's twin; None: not its kind
+_TWINS: list[ScriptedTwin] = []  # filled by the backends on import
+
+
+def register_scripted_twin(twin: ScriptedTwin) -> ScriptedTwin:
+    """Let ``to_torchscript`` swap the runtime modules ``twin`` recognizes for scripted twins (a decorator)."""
+    if twin not in _TWINS:
+        _TWINS.append(twin)
+    return twin
+
+
+def _twin(module: nn.Module) -> torch.jit.ScriptModule | None:
+    for convert in _TWINS:
+        twin = convert(module)
+        if twin is not None:
+            return twin
+    return None
+
 
 def _replacements(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    from fxforge.backends import cpu_script, int8_rnn_script
-
     out: dict[str, nn.Module] = {}
     for node in gm.graph.nodes:
-        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        twin = None if module is None else (cpu_script.scripted_twin(module) or int8_rnn_script.scripted_twin(module))
+        twin = _twin(gm.get_submodule(str(node.target))) if node.op == "call_module" else None
         if twin is not None:
             out[str(node.target)] = twin
     for path in user_module_paths(gm):
@@ -48,10 +66,21 @@ def _replacements(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return out
 
 
+def _trace(traceable: fx.GraphModule, inputs: tuple) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.trace(traceable, inputs, check_trace=False)
+    except Exception as exc:  # typically a runtime module no registered twin converted
+        foreign = sorted({type(m).__name__ for m in traceable.modules()
+                          if not type(m).__module__.startswith("torch.") and m is not traceable})
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UnsupportedOpError(
+            f"torch.jit.trace failed on the compiled graph ({type(exc).__name__}: {first}). Modules it holds that "
+            f"are not torch's: {', '.join(foreign) or 'none'}; backends register TorchScript twins of their runtime "
+            f"modules on import (import fxforge.backends). Or use fxforge.save / fxforge.load") from exc
+
+
 def to_torchscript(compiled: Any, example_inputs: Any = None) -> torch.jit.ScriptModule:
     """Trace ``compiled``'s graph into TorchScript (see the module docstring); save it with ``torch.jit.save``."""
-    from fxforge.quant.qspec import quantized_engine
-
     gm = compiled.graph_module
     if example_inputs is None:
         inputs = synthetic_inputs(gm)
@@ -61,9 +90,9 @@ def to_torchscript(compiled: Any, example_inputs: Any = None) -> torch.jit.Scrip
     engine = compiled.quant_options.runtime_engine if compiled.quant_options is not None else None
     with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice: the caller asked for it
-        scripted = torch.jit.trace(traceable, inputs, check_trace=False)
+        scripted = _trace(traceable, inputs)
         expected, got = compiled.graph_module(*inputs), scripted(*inputs)
-    if not all(torch.equal(a, b) for a, b in zip(_tensors(got), _tensors(expected), strict=True)):
+    if not all(torch.equal(a, b) for a, b in zip(flat_tensors(got), flat_tensors(expected), strict=True)):
         raise UnsupportedOpError("the TorchScript module does not reproduce the compiled model's outputs on the "
                                  "example inputs: use fxforge.save / fxforge.load, and report this with the model")
     return scripted

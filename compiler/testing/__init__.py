@@ -13,7 +13,7 @@ def __getattr__(name: str):
     """``graphs``, ``FuzzGraph``, ``FuzzModel`` and ``Op`` (from ``fuzz``) need hypothesis, a test extra: they
     are imported on first use (optional dependency), so ``import fxforge`` works without it."""
     if name in _FUZZ_NAMES:
-        from . import fuzz
+        from . import fuzz  # optional dependency: hypothesis (a test extra)
 
         return getattr(fuzz, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,44 @@
+"""``CompiledModule``: what ``fxforge.compile`` returns, the lowered graph with its target, pipeline and report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxforge.pipeline.report import CompileReport
+from fxforge.quant.config import QuantOptions
+from fxforge.quant.qspec import quantized_engine
+from fxforge.serialization.torchscript import to_torchscript
+
+
+class CompiledModule(nn.Module):
+    """The compiled model: an nn.Module that runs the lowered graph under ``torch.inference_mode``."""
+
+    def __init__(self, graph_module: fx.GraphModule, target: str, pipeline: str, report: CompileReport,
+                 observed_graph: fx.GraphModule | None = None, quant: QuantOptions | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.target = target
+        self.pipeline = pipeline
+        self.report = report
+        # Static int8: the fp32 graph with its observers, kept (not a submodule) for fxforge.recalibrate.
+        self.__dict__["observed_graph"] = observed_graph
+        self.__dict__["quant_options"] = quant
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.quant_options is None:  # fp32: nothing else on the per-call path
+            with torch.inference_mode():
+                return self.graph_module(*args, **kwargs)
+        # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
+        with torch.inference_mode(), quantized_engine(self.quant_options.runtime_engine):
+            return self.graph_module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"target={self.target!r}, pipeline={self.pipeline!r}"
+
+    def to_torchscript(self, example_inputs: Any = None) -> torch.jit.ScriptModule:
+        """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``);
+        ``example_inputs`` default to random tensors of the compiled shapes."""
+        return to_torchscript(self, example_inputs)
