@@ -274,3 +274,11 @@ def test_without_the_kernel_choice_autotune_says_what_to_import(monkeypatch):
     tuned = fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu{autotune=true}")
     with pytest.raises(PluginUnavailableError, match="fp32_kernel_choice"):
         fxforge.compile(conv_relu(), "cpu", example_inputs=torch.randn(1, 3, 8, 8), pipeline=tuned)
+
+
+def test_pyproject_installs_every_package(found):
+    """A subpackage missing from pyproject's ``packages`` list imports here (editable) but not from a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project also supports 3.10)
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, (path, _, _) in found.items() if path.name == "__init__.py"}
+    assert packages == listed, f"not in pyproject: {sorted(packages - listed)}; listed but absent: {sorted(listed - packages)}"
