@@ -281,4 +281,4 @@ def test_pyproject_installs_every_package(found):
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project also supports 3.10)
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {name for name, (path, _, _) in found.items() if path.name == "__init__.py"}
-    assert packages == listed, f"not in pyproject: {sorted(packages - listed)}; listed but absent: {sorted(listed - packages)}"
+    assert packages == listed, f"missing: {sorted(packages - listed)}; listed but absent: {sorted(listed - packages)}"
