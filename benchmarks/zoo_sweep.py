@@ -1,7 +1,7 @@
 """Zoo sweep: torchvision classification models through every CPU target, summarized in benchmarks/ZOO.md.
 
 Per model: random init (seed 0) with BatchNorm statistics re-estimated on two random batches (random-init
-outputs vanish otherwise, see DESIGN.md), a small input (``input_size``: 64x64 unless the model needs more),
+outputs vanish otherwise, see docs/design.md), a small input (``input_size``: 64x64 unless the model needs more),
 then for each target:
 - ``cpu`` (fp32): the largest relative error (of max |eager|) on a fresh batch of 2; 1e-4 is the pass mark;
 - ``x86``, ``fbgemm``, ``qnnpack`` (static int8): calibrated on one batch of 8 images, the SQNR of the output
