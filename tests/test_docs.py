@@ -4,8 +4,8 @@ Convention: every ```python block of README.md runs here, in a fresh namespace a
 directory, so it must be self-contained and quick (small modules, small inputs). A block that cannot run in
 CI (it needs a GPU, a dataset, a file) is preceded by the line ``<!-- docs-test: skip (REASON) -->``; the
 reason is required. Python blocks in docs/*.md are fragments that build on earlier ones, so they are only
-compiled. Links: every relative link in README.md and docs/*.md names a file that exists, and a ``#anchor``
-names a heading of that file (GitHub's heading slugs).
+compiled. Links: every relative link in README.md, docs/*.md and benchmarks/*.md names a file that exists,
+and a ``#anchor`` names a heading of that file (GitHub's heading slugs).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+LINKED = [*PAGES, *sorted((ROOT / "benchmarks").glob("*.md"))]  # pages whose relative links must resolve
 README_MAX_LINES = 250
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -80,7 +81,7 @@ def test_docs_python_blocks_parse(page: Path) -> None:
         compile(code, f"{page.name}:{line}", "exec")  # a SyntaxError names the page and line
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", LINKED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page: Path) -> None:
     broken = []
     for target in relative_links(page):
