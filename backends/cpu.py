@@ -4,20 +4,17 @@ lower-cpu rewrites:
     FusedConv[Conv2d, add? act?] / Conv2d  =>  OneDnnConv2d   (mkldnn._convolution_pointwise[.binary])
     FusedLinear[act]                        =>  OneDnnLinear   (mkldnn._linear_pointwise)
     (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
+Plain Linear stays on eager's MKL GEMM, faster at batch 1 (benchmarks/RESULTS.md, kernel choice).
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order.
-Layout: the oneDNN convs run channels-last (measured fastest here). In the "cpu" pipeline ``to-nhwc`` runs
-first (property ``nhwc``) and has made every layout conversion explicit: lower-cpu then lowers the convs of its
-channels-last regions and adds nothing (a conv to-nhwc kept in eager layout, because its value may share
-memory with one mutated in place, stays an eager Conv2d). Without to-nhwc (pipelines written without it),
-lower-cpu keeps its own handling: each oneDNN conv converts its input once if needed (a no-op along a chain
-of convs; with to-nhwc too, where it costs ~1 us per conv), and values that eager had NCHW-contiguous are made
-contiguous again before a ``.view`` (which needs it), before reshapes whose result is mutated in place
-(eager's reshape is then a view that carries the mutation back) and at the graph outputs, so users get the
-layout eager gives them.
-Plain Linear stays on eager's MKL sgemm, which measured faster at batch 1.
-Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings
-stay eager (still correct, not yet lowered).
+Layout: the oneDNN convs run channels-last. After ``to-nhwc`` (property ``nhwc``) lower-cpu lowers the convs of
+its channels-last regions and adds nothing (a conv to-nhwc kept in eager layout stays an eager Conv2d).
+Without to-nhwc, each oneDNN conv converts its input when needed, and values eager had NCHW-contiguous are
+made contiguous again before a ``.view``, before reshapes mutated in place, and at the graph outputs.
+Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings stay
+eager (correct, not yet lowered).
+
+Before: ``y = fused_conv(x)``  (FusedConv[relu])   After: ``y = onednn_conv(x)``  (OneDnnConv2d, post-op relu)
 """
 
 from __future__ import annotations

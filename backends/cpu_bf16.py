@@ -1,32 +1,20 @@
 """The "cpu-bf16" target: bf16 weights and activations on oneDNN, for CPUs with AMX or AVX512-BF16.
 
-lower-cpu-bf16 rewrites (it replaces lower-cpu at the end of the "cpu" target's pipeline):
-    every floating parameter and buffer            =>  bfloat16
-    FusedConv[Conv2d, add? act?] / Conv2d          =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
-    FusedLinear[act] / Linear                      =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
-    SdpaSelfAttention's out_proj (a Linear inside) =>  OneDnnLinearBf16  (its in-projection stays F.linear)
-    each fp32 graph input x                        =>  x.to(torch.bfloat16)
-    each floating graph output y                   =>  y.to(<eager dtype>)  (NCHW-contiguous where eager was)
-The boundary: users pass fp32 and get fp32 back (the dtype eager returned), so the compiled model is a drop-in
-replacement for the fp32 one; inside, every value is bf16 (half the memory traffic, AMX/AVX512-BF16 dot
-products). Inputs already in bf16 pass the cast unchanged. Unlike "cpu", plain Linear layers are lowered too:
-eager bf16 matmuls would reorder their weight on every call.
-Why correct: the same oneDNN ops as lower-cpu (_convolution_pointwise[.binary], _linear_pointwise with weights
-prepacked once, post-ops fused) on bf16 operands; oneDNN accumulates in fp32 and rounds each output to bf16
-(8-bit mantissa). Results differ from fp32 by that rounding, not a float tolerance: the pass provides
-"reduced-precision", so compile reports the output SQNR against fp32 and verify="numeric" checks SQNR.
-Hardware (``bf16_unavailable_reason``): the CPU must have AMX or AVX512-BF16 (``torch.cpu._is_amx_tile_supported``
-/ ``_is_avx512_bf16_supported``: torch's cpuinfo, CPUID-based and portable; /proc/cpuinfo flags where those
-private helpers are missing) and oneDNN must accept bf16 here (``torch.ops.mkldnn._is_mkldnn_bf16_supported``).
-The latter alone is not enough: it is also true on plain AVX512 CPUs, where oneDNN emulates bf16 and runs slower
-than fp32; ``torch.backends.cpu.get_cpu_capability()`` says "AVX512" on both kinds of CPU.
-Testing override: FXFORGE_CPU_BF16_EMULATE=1 makes the target usable anywhere. Where oneDNN refuses bf16
-(AVX2 CPUs: "bf16 path needs the cpu support avx_ne_convert or avx512bw..."), the modules then run the same
-computation through eager bf16 ops (F.conv2d / F.linear on the bf16 weight, post-ops after): same graph, same
-bf16 weights and activations, slow, weights not prepacked. It is for tests, not for speed.
-Preconditions: shapes propagated; fp32 model. Values computed in fp32 inside the graph (e.g. a constant made
-with dtype=torch.float32) are cast to bf16 by the lowered conv/linear that reads them; eager ops reading such a
-value together with bf16 weights fail, as they would for ``model.bfloat16()``.
+lower-cpu-bf16 rewrites (in place of lower-cpu at the end of the "cpu" target's pipeline):
+    every floating parameter and buffer  =>  bfloat16
+    FusedConv[Conv2d, add? act?] / Conv2d =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
+    FusedLinear[act] / Linear            =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
+    SdpaSelfAttention's out_proj         =>  OneDnnLinearBf16
+    floating graph inputs / outputs      =>  cast to bf16 / back to eager's dtype (and NCHW where eager was)
+Users pass fp32 and get fp32 back; inside, every value is bf16. Plain Linear is lowered too: eager bf16
+matmuls would reorder the weight on every call.
+Why correct: the same oneDNN ops as lower-cpu on bf16 operands, accumulating in fp32 and rounding each output
+to bf16; results differ from fp32 by that rounding, so the pass provides "reduced-precision" and compile
+reports the output SQNR (verify="numeric" checks SQNR, not a tolerance).
+Hardware (``bf16_unavailable_reason``): AMX or AVX512-BF16 (torch's CPUID helpers) and oneDNN bf16 support;
+oneDNN's check alone is also true on plain AVX512, where it emulates bf16 slower than fp32.
+FXFORGE_CPU_BF16_EMULATE=1 (for tests) makes the target usable anywhere: where oneDNN refuses bf16 the
+modules run eager bf16 ops on the same weights, slowly. Preconditions: shapes propagated; an fp32 model.
 """
 
 from __future__ import annotations

@@ -1,37 +1,22 @@
 """The CUDA backend: targets "cuda" (fp16), "cuda-bf16" and "cuda-fp32"; the lower-cuda pass and its conv module.
 
 lower-cuda{dtype=float16,fused=true,autotune=true} rewrites:
-    FusedConv[Conv2d, relu]        =>  CudaConv2d  kernel "cudnn_relu"      (torch.cudnn_convolution_relu)
-    FusedConv[Conv2d, add+relu]    =>  CudaConv2d  kernel "cudnn_add_relu"  (torch.cudnn_convolution_add_relu)
-    FusedConv[Conv2d, other post-ops] / Conv2d  =>  CudaConv2d  kernel "conv2d"  (F.conv2d, then the add and
-                                                    the activation in place on the fresh conv output)
-    every other floating-point parameter and buffer  =>  ``dtype``
-    each floating graph input x    =>  x.to(dtype, memory_format=channels_last)   (4-d inputs; others: dtype)
-    each floating graph output y   =>  y.to(<eager dtype>[, contiguous])  (the dtype and layout eager returned)
-    x.view(...) of a value eager had NCHW-contiguous  =>  x.contiguous().view(...)
-Weights are converted to ``dtype`` and laid out channels-last once, here; cuDNN then runs channels-last
-convolutions (tensor cores in fp16/bf16) without converting a weight per call. Outputs come back in the dtype
-eager produced on the example inputs (fp32 for an fp32 model), so the compiled model is a drop-in replacement;
-inside, values flow in ``dtype``.
+    FusedConv[Conv2d, relu]        =>  CudaConv2d "cudnn_relu"      (torch.cudnn_convolution_relu)
+    FusedConv[Conv2d, add+relu]    =>  CudaConv2d "cudnn_add_relu"  (torch.cudnn_convolution_add_relu)
+    other FusedConv / Conv2d       =>  CudaConv2d "conv2d"          (F.conv2d, then the add and activation)
+    floating parameters, buffers   =>  ``dtype``, once (conv weights channels-last)
+    floating inputs / outputs      =>  cast to ``dtype`` channels-last / back to eager's dtype and layout
+The fused kernels serve ungrouped, undilated convs with channel counts that are multiples of 8 (tensor-core
+alignment; docs/targets.md says why); with ``autotune`` and a GPU each such layer is timed with both kernels
+and keeps the faster. On the CPU nothing is timed and a CudaConv2d computes its "conv2d" composition.
+Why correct: every kernel computes conv + bias, then the add, then the activation of the FusedConv it
+replaces; results differ from fp32 by the rounding of ``dtype``.
+Preconditions: shapes propagated; ``to-nhwc`` ran (lower-cuda then lowers its regions' convs only and adds
+no layout fix; without it, views get a ``contiguous()``). Conv1d/3d, string paddings and non-zero padding
+modes stay eager, their weights converted.
 
-Which kernel, chosen here from the module's attributes: the fused cuDNN ops compute relu(conv(x) + bias) and
-relu(conv(x) + z + bias) in one kernel (cuDNN's runtime-fusion engines), and only relu; they are used for
-ungrouped, undilated convs whose channel counts are multiples of 8 (tensor-core alignment in channels-last
-fp16; a 3-channel stem or a depthwise conv would take a slow or no fused engine: pytorch#68506 measured a
-7x7 fused conv 17x slower than conv + relu). With ``autotune`` and a graph on the GPU, each layer that
-qualifies is timed with both kernels on its input shape (CUDA events) and keeps the faster; a fused kernel
-that fails to run falls back to "conv2d". On the CPU (graph-level tests of this pipeline) nothing is timed,
-and a CudaConv2d computes its "conv2d" composition whatever its kernel: the fused ops exist only on CUDA.
-Why correct: both kernels compute conv + bias, then the add, then the activation of the FusedConv they
-replace; results differ from fp32 eager by the rounding of ``dtype`` (fp16 SQNR is measured by the CUDA tests).
-Layout: the CUDA pipelines run ``to-nhwc`` first (property ``nhwc``); lower-cuda then lowers the convs of its
-channels-last regions only (a conv it kept in eager layout, whose value may share memory with one mutated in
-place, stays an eager Conv2d in ``dtype``: a channels-last weight would make its output channels-last), casts
-an input straight to channels-last when only to-nhwc's conversions read it (they become no-ops), folds
-to-nhwc's NCHW copy before an output into the cast back, and adds no ``contiguous`` before views. Without
-to-nhwc (a pipeline written without it), the rules in the table above apply.
-Preconditions: shapes propagated (the eager dtypes and layouts of the outputs come from that metadata).
-Conv1d/3d, string paddings and non-zero padding modes stay eager, with their weights converted.
+Before: ``y = fused_conv(x)``
+After:  ``x1 = x.to(torch.float16, memory_format=torch.channels_last); y = cuda_conv(x1).to(torch.float32)``
 """
 
 from __future__ import annotations

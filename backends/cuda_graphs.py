@@ -2,33 +2,18 @@
 
 Rewrites the whole graph into one call of a ``CudaRuntime`` module that holds it:
     def forward(x): ...lowered body...   =>   def forward(x): return cuda_runtime(x)
-Why: at small batch sizes a CNN on a GPU is bound by the CPU launching hundreds of kernels one by one (eager
-resnet50 at batch 1 is no faster in fp16 than in fp32). A CUDA graph records the launches once and replays
-them with one call; torch.compile's "reduce-overhead" mode gets its batch-1 speed the same way.
-
-What the runtime does per call (``GraphCache``):
-- the cache key is each argument's (shape, dtype, device) for tensors and (type, value) for ints, floats,
-  bools, strings and None; any other argument, a tensor not on a GPU, or a call made while the current stream
-  is itself being captured runs the graph eagerly instead;
-- a new key is captured: static input buffers are allocated and filled, the graph runs a few times on a side
-  stream (warm-up: cuDNN/cuBLAS choose their algorithms and workspaces outside the capture, as the CUDA graph
-  docs require), then one run is captured with ``torch.cuda.graph``;
-- every call copies its tensors into the key's static inputs, replays, and returns *clones* of the static
-  outputs: the next replay writes into the same memory, and the caller may still hold the previous result;
-- at most ``max_graphs`` keys are kept (least recently used dropped first, its memory freed);
-- a capture that fails (an op that synchronizes with the host, data-dependent shapes) turns capture off for
-  the module with one RuntimeWarning and the reason in ``capture_error``; calls then run eagerly.
-Why correct: replaying the captured kernels on the same static buffers computes what the captured run
-computed on the values copied in; outputs are copied out before anything can overwrite them. The captured
-kernels read the module's weights by address, so moving the module (``.to()``) drops every captured graph
-(``load_state_dict`` copies in place and keeps them valid), and copies or pickles of the module start empty.
-TF32 (cuDNN convolutions and cuBLAS matmuls on fp32 data) is set for the duration of each eager run and
-each capture, and restored after: the process-wide flags are left as the caller had them (a replay runs the
-kernels chosen under the policy at capture and touches no flag).
-Not thread-safe: one module must not be called from two threads at once (the static buffers are shared).
-
-Options: ``capture=false`` runs the graph eagerly (TF32 policy still applied); ``max_graphs`` bounds the cache;
-``tf32`` allows TF32 for fp32 convolutions and matmuls (only the cuda-fp32 target has any).
+Why: at small batch sizes a GPU model is bound by the CPU launching its kernels one by one; a CUDA graph
+records the launches once and replays them with one call (torch.compile's "reduce-overhead" does the same).
+Per call (``GraphCache``): the key is each tensor argument's shape, dtype and device (plain scalars by value);
+a new key is warmed up on a side stream, then captured; every call copies its tensors into the key's static
+inputs, replays, and returns clones of the static outputs; at most ``max_graphs`` keys are kept (least
+recently used dropped). CPU tensors, other arguments, or a call inside another capture run eagerly; a capture
+that fails turns capture off with one RuntimeWarning (the reason in ``capture_error``).
+Why correct: a replay computes what the captured run computed on the values copied in, and outputs are copied
+out before the next replay can overwrite them. Captured kernels read weights by address, so moving the module
+(``.to()``) drops its graphs, and copies start empty. TF32 is set around each eager run and capture, then
+restored. Not thread-safe: the static buffers are shared.
+Options: ``capture``, ``max_graphs``, ``tf32`` (TF32 for fp32 convolutions and matmuls: only cuda-fp32 has any).
 """
 
 from __future__ import annotations

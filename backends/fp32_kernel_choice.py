@@ -1,28 +1,19 @@
 """lower-cpu{autotune=true}: per layer, keep lower-cpu's oneDNN kernel or switch to an MKL GEMM, whichever is faster.
 
-Runs at the end of ``lower-cpu`` when its ``autotune`` option is on (off by default) and rewrites a layer only when the
-alternative timed faster on this machine at compile time (random input of the layer's recorded shape, at the current
-thread count):
+Runs at the end of ``lower-cpu`` when its ``autotune`` option is on (off by default) and rewrites a layer only
+when the alternative timed faster on this machine at compile time (random input of the layer's recorded shape,
+at the current thread count):
     OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (torch.addmm on the [N*H*W, C] view)
     OneDnnLinear (linear + activation)                =>  GemmLinear    (torch.addmm, weight pre-transposed)
     nn.Linear (left on eager's F.linear by lower-cpu)  =>  OneDnnLinear (prepacked, no post-op) or GemmLinear
 Why correct: a 1x1 stride-1 unpadded conv on a channels-last tensor is the matrix product of its free
-[N*H*W, C_in] view with the [C_in, C_out] weight; bias, residual add and activation are then applied in
-place on the product, as oneDNN's post-ops do. Results differ from oneDNN's only by float summation order.
-GemmConv1x1 returns the channels-last tensor OneDnnConv2d would (the [N, H, W, C_out] product seen as NCHW).
-Why measured: which kernel wins depends on the shape and the thread count. On a 2-core AVX2 EPYC at 1 thread
-(``benchmarks/fp32_kernels.py``, table in benchmarks/RESULTS.md) addmm summed 1.02x of oneDNN over efficientnet_b0's
-1x1 convs but 0.90x over mobilenet_v2's (0.64x at batch 8); oneDNN's prepacked linear was 1.11x of MKL on vit_b_16's
-[197, 768] projections but 0.70-0.89x on batch-1 classifier heads. Depthwise convs stay on oneDNN channels-last:
-aten's F.conv2d, NCHW and blocked formats measured no faster. Whole models moved by less than the run-to-run noise
-(``benchmarks/fp32_autotune.py``), so the choice is opt-in.
-A switch needs a ``MARGIN`` lead over the current kernel, so that load noise rarely flips a layer.
-Layers with the same kernel, weight shape, input shape(s) and post-ops share one measurement (vit_b_16's 12
-blocks are timed once). The choice costs a few calls per distinct layer at compile time and depends on the
-machine and its load, so it is opt-in: ``lower-cpu{autotune=true}``; the default keeps lower-cpu's kernels
-(deterministic module structure).
-Preconditions: lower-cpu's lowering ran; shapes propagated (layers without a recorded input shape are left as
-they are). A module called from several nodes is left as it is (its inputs may differ).
+[N*H*W, C_in] view with the [C_in, C_out] weight; bias, residual add and activation are then applied in place,
+as oneDNN's post-ops do. Results differ only by float summation order; GemmConv1x1 returns the channels-last
+tensor OneDnnConv2d would.
+Why opt-in: the winner depends on shape, thread count and machine, and whole models moved by less than the
+run-to-run noise (benchmarks/RESULTS.md, *fp32 per-layer kernel choice*); the default keeps a deterministic
+module structure. A switch needs a ``MARGIN`` lead; layers of equal kernel, shapes and post-ops share one timing.
+Preconditions: lower-cpu's lowering ran; shapes propagated. A module called from several nodes is left alone.
 """
 
 from __future__ import annotations

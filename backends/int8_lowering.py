@@ -1,37 +1,23 @@
 """lower-fbgemm, lower-x86, lower-qnnpack: the reference int8 graph onto torch's quantized CPU kernels.
 
-Rewrites each ``dequantize -> op -> quantize`` region that insert-qdq produced into one kernel call whose
-input and output are quantized tensors (qparams as literals, weights prepacked once for the engine):
-    q(conv(dq x))                -> quantized.conv{1,2,3}d(x, packed, scale, zp)
-    q(relu(conv(dq x)))          -> quantized.conv2d_relu(...)        (FusedConv[relu] or an absorbed relu)
-    q(conv(dq x) + dq r) [+relu] -> quantized.conv2d_add[_relu](x, r, packed, scale, zp)  (FusedConv[add], oneDNN)
-    q(act(conv(dq x)))           -> act(quantized.conv2d(...))        (relu6/hardtanh/clamp run on int8, exact)
-    q(linear(dq x)) [+relu]      -> quantized.linear[_relu](x, packed, scale, zp)
-    q(dq a + dq b) [+relu]       -> quantized.add[_relu](a, b, scale, zp)  (mul likewise; full-size operand first)
-    q(hardswish(dq x))           -> quantized.hardswish(x, scale, zp)  (function or module; sigmoid likewise)
-    q(hardsigmoid(dq x), 1/256, 0) -> hardsigmoid(x)               (its int8 kernel's fixed output qparams)
-    q(batchnorm2d(dq x))         -> quantized.batch_norm2d(x, ..., scale, zp)
-    q(avgpool(dq x), its qparams) -> avgpool(x)                     (int8 pooling keeps the input's qparams)
-Dynamic int8 (quantize-dynamic):
-    linear(dynamic_quantize(x))  -> quantized.linear_dynamic(x, packed, reduce_range)
-    DynamicQuantLSTM / GRU       -> DynamicInt8RNN (torch.quantized_lstm / quantized_gru, prepacked cells)
-Anything else keeps its reference form (dq -> fp32 op -> q), which is correct and listed in the report.
+Rewrites each ``dequantize -> op -> quantize`` region insert-qdq produced into one kernel call whose input and
+output are quantized tensors (qparams as literals, weights prepacked once for the engine):
+    q(conv(dq x)) [+relu]           -> quantized.conv{1,2,3}d[_relu](x, packed, scale, zp)
+    q(conv(dq x) + dq r) [+relu]    -> quantized.conv2d_add[_relu](x, r, packed, scale, zp)   (oneDNN packing)
+    q(relu6 / clamp (conv(dq x)))   -> relu6 / clamp (quantized.conv2d(...))             (exact on int8)
+    q(linear(dq x)) [+relu]         -> quantized.linear[_relu](x, packed, scale, zp)
+    q(dq a + dq b) [+relu], mul     -> quantized.add[_relu] / quantized.mul (full-size operand first)
+    q(hardswish / (hard)sigmoid / batch_norm2d (dq x)), pooling -> their int8 kernels
+    linear(dynamic_quantize(x)), DynamicQuantLSTM / GRU    -> quantized.linear_dynamic, DynamicInt8RNN
+Anything else keeps its reference form (dq -> fp32 op -> q), which is correct and listed in the report, and
+so do the regions where a torch kernel is wrong or refuses the input (docs/quantization.md lists them).
 Why correct: each kernel computes the op on the same int8 inputs and weights and requantizes with the same
-output qparams as the reference graph; results differ by rounding inside the kernel (at most one int8 step
-on a small fraction of elements, measured in the tests). ``dequantize`` nodes left without readers go.
-Engines: prepacked weights carry their engine; ops without weights (add, pooling) follow the process-wide
-``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
-lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
-input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
-Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
-``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
-Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
-(relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
-windows, count_include_pad=False with padding), adaptive pooling that upsamples a 1x1 map (wrong on
-every engine) and, on qnnpack, sigmoid with other output qparams than (1/256, 0) keep their reference form.
-Preconditions: ``quantized`` (insert-qdq ran); convs fused with relu, and with an add only where oneDNN packs
-the weight (the x86 target's pipeline fuses conv+add; fbgemm and qnnpack have no conv+add kernel and their
-pipelines leave adds separate: a FusedConv[add] there stays in its correct fp32 reference form).
+output qparams as the reference graph; results differ by rounding inside the kernel (at most one int8 step,
+on few elements, measured in the tests). The kernels return channels-last; eager's layout is restored before
+``.view``, before reshapes mutated in place, and at the outputs.
+Preconditions: ``quantized``; conv+add fused only in the x86 pipeline (fbgemm and qnnpack have no such kernel).
+lower-x86 packs each conv/linear for fbgemm or oneDNN, whichever ran faster on the layer's shape
+(``kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does).
 """
 
 from __future__ import annotations

@@ -3,14 +3,12 @@
 torch's quantized conv/linear ops dispatch on the packed weight: a weight prepacked under the ``fbgemm`` engine
 runs fbgemm's kernel, one prepacked under ``onednn`` runs oneDNN's, whatever the process-wide engine. Both
 compute the same integer convolution and requantize to the same output qparams (results agree to one int8
-step), but their speed differs by layer shape: on an AVX2 EPYC, oneDNN's depthwise 3x3 on a 112x112 map took
-0.31 ms against fbgemm's 0.43 ms, and fbgemm's on 28x28 took 0.13 ms against oneDNN's 0.18 ms
-(``benchmarks/int8_kernels.py`` measures them). So the lowering prepacks each layer's
-weight for every candidate engine, times the kernel on a random int8 input of the layer's input shape
-(warm-up, then the best of a few calls) and keeps the fastest packing.
-
-The choice costs a few kernel calls per layer at compile time (about 8 forward passes' worth of conv time)
-and makes the choice depend on the machine and its load; ``lower-x86{autotune=false}`` turns it off.
+step), but which is faster depends on the layer's shape (benchmarks/RESULTS.md, int8 notes;
+``benchmarks/int8_kernels.py`` measures them). So the lowering prepacks each layer's weight for every
+candidate engine, times the kernel on a random int8 input of the layer's input shape (warm-up, then the best
+of a few calls) and keeps the fastest packing. Layers of the same shapes share one measurement.
+The choice costs a few kernel calls per layer at compile time and depends on the machine and its load;
+``lower-x86{autotune=false}`` turns it off.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ def ratio(row: Row, peer: str, mine: str = "fx_cuda") -> str:
 
 
 def short_table(rows: list[Row]) -> list[str]:
-    """The few numbers the issue asks about: fxforge cuda against torch.compile reduce-overhead."""
+    """The headline numbers: fxforge cuda against torch.compile reduce-overhead."""
     lines = ["| model | bs | compile r-o fp16 ms | fxforge cuda ms | r-o / fxforge | fxforge SQNR dB | "
              "fxforge build s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

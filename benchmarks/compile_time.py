@@ -3,8 +3,8 @@
 For each target, ``--repeats`` compiles of the same model (a fresh deep copy is made inside compile each time)
 at batch ``--batch-size`` and ``--image-size``; int8 targets calibrate on one batch. Reported per target, medians
 over the repeats: the whole ``fxforge.compile`` call, the ``calibrate`` pass (the calibration forward passes),
-the compile time without it (the number the robustness issue asks for; also its minimum over the repeats, the
-least disturbed run on a shared machine), and the slowest passes. Compile time still includes forward passes
+the compile time without it (the number to watch; also its minimum over the repeats, the least disturbed run
+on a shared machine), and the slowest passes. Compile time still includes forward passes
 on the example input: the eager reference (shape propagation), the final check and, for int8, the per-layer
 SQNR report inside insert-qdq. The model is
 random-init with random BatchNorm statistics (compile time does not depend on the values).

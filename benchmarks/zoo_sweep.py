@@ -1,7 +1,7 @@
 """Zoo sweep: torchvision classification models through every CPU target, summarized in benchmarks/ZOO.md.
 
 Per model: random init (seed 0) with BatchNorm statistics re-estimated on two random batches (random-init
-outputs vanish otherwise, see DESIGN.md), a small input (``input_size``: 64x64 unless the model needs more),
+outputs vanish otherwise, see docs/design.md), a small input (``input_size``: 64x64 unless the model needs more),
 then for each target:
 - ``cpu`` (fp32): the largest relative error (of max |eager|) on a fresh batch of 2; 1e-4 is the pass mark;
 - ``x86``, ``fbgemm``, ``qnnpack`` (static int8): calibrated on one batch of 8 images, the SQNR of the output
@@ -16,7 +16,8 @@ Run it:
     .venv/bin/python benchmarks/zoo_sweep.py --time --save zoo.json   # all 78 models: ~30 min on 2 cores
     .venv/bin/python benchmarks/zoo_sweep.py --time --models resnet18,mobilenet_v2
     .venv/bin/python benchmarks/zoo_sweep.py --render zoo.json          # re-render (new floors / xfails)
-Writes benchmarks/ZOO.md (``--out``) with the machine, the command and the table.
+Writes the machine, the command and the table into benchmarks/ZOO.md (``--out``) between the ``zoo:begin`` /
+``zoo:end`` markers; the notes outside them are kept.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from fxforge.testing.helpers import reestimate_bn
 TARGETS = ("cpu", "x86", "fbgemm", "qnnpack")
 INT8_TARGETS = TARGETS[1:]
 RTOL = 1e-4
+BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
 DEFAULT_SIZE = 64
 CALIBRATION_BATCH = 8
 
@@ -355,7 +357,7 @@ def render(cases: list[Case], targets: tuple[str, ...], info: list[str]) -> str:
     heads = [f"{t} {'rel. error' if t == 'cpu' else 'SQNR, islands'}" for t in targets]
     timed = any(c.speedup is not None for c in cases)
     speed = [f"speed-up {t}" for t in targets] if timed else []
-    lines = ["# Zoo sweep", "", *info, "",
+    lines = [*info, "",
              "| model | input | traced? | " + " | ".join(heads + speed) + " |",
              "|---|---:|---|" + "---|" * len(heads) + "---:|" * len(speed)]
     for name, row in by_model.items():
@@ -393,6 +395,13 @@ def machine_info(argv: list[str], seconds: float, args: argparse.Namespace) -> l
     ]
 
 
+def write_block(path: Path, body: str) -> None:
+    """Replace the generated block of ``path`` (between BEGIN and END), keeping the hand-written notes."""
+    from bench_cpu import write_results  # benchmarks/ is on sys.path when this file runs as a script
+
+    write_results(path, body, BEGIN, END, header="# Zoo sweep\n\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="all", help="comma-separated names, 'all' (every model but SKIPPED) "
@@ -413,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:  # re-render (e.g. after updating the floors or the xfail list) without sweeping again
         saved = json.loads(args.render.read_text())
         cases = [Case(**c) for c in saved["cases"]]
-        args.out.write_text(render(cases, tuple(saved["targets"]), saved["info"]))
+        write_block(args.out, render(cases, tuple(saved["targets"]), saved["info"]))
         return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -424,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         cases += sweep_model(name, targets, (args.warmup, args.repeats) if args.time else None)
     info = machine_info(sys.orig_argv, time.perf_counter() - start, args)
-    args.out.write_text(render(cases, targets, info))
+    write_block(args.out, render(cases, targets, info))
     if args.save:
         args.save.write_text(json.dumps({"targets": targets, "info": info, "cases": [asdict(c) for c in cases]}))
     print(f"wrote {args.out}")

@@ -5,17 +5,11 @@ The file is a zip archive (stored, not compressed) holding:
   pipeline text, input shapes, a qparams summary; read *before* anything is unpickled, so that a missing
   engine or an incompatible torch fails with a typed error that says what to do (``fxforge.read_metadata``);
 - ``report.txt`` / ``report.json``: the compile report, readable without Python;
-- ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialization.codec``: node records and the
-  modules/buffers/prepacked weights it uses) plus the report object; with ``recalibratable=True`` also the
-  fp32 graph with its observers (static int8), which ``fxforge.recalibrate`` needs.
-
-Why this representation: it is the only one that round-trips every target here. TorchScript (deprecated
-upstream) cannot hold the cpu target's oneDNN weights or the dynamic int8 RNN cells, and ``torch.export``
-rejects the int8 kernels' prepacked weights (no fake implementation); pickling the graph module as torch.fx
-does re-traces its code on load and drops node metadata. Storing the graph as data needs no tracing and
-no user class: ``save`` checks every class and function the payload refers to (torch, fxforge, builtins
-only) and converts user submodules the tracer kept whole to ``torch.export`` programs first.
-Like every pickle-based format, load only files you trust.
+- ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialization.codec``) plus the report
+  object; with ``recalibratable=True`` also the fp32 graph with its observers, which ``recalibrate`` needs.
+``save`` checks that the payload refers only to torch, fxforge and builtins (user submodules the tracer kept
+whole become ``torch.export`` programs first), so ``load`` needs neither tracing nor the user's classes.
+docs/saving.md says why this representation. Like every pickle-based format, load only files you trust.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ need no data; when every observer has statistics, calibration data is optional.
 Fails loudly: no data -> CalibrationError that suggests dynamic quantization; an observer that saw nothing
 (a branch the data never took) -> CalibrationError naming the value and its layer, never a silent scale 1.0.
 Preconditions: ``observed`` (insert-observers ran).
+
+Before: ``y1 = observer_1(conv(x1))`` (no statistics)   After: the same graph; observer_1 holds the data's range
 """
 
 from __future__ import annotations

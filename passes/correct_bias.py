@@ -3,15 +3,15 @@
 Rounding a layer's weights onto the int8 grid shifts the *mean* of its output: ``E[W_q x] - E[W x] =
 (W_q - W) E[x]`` is not zero when the inputs have a non-zero mean (they do after a relu), and later layers
 inherit the shift. For each quantized conv/linear, in graph order, on data run through the reference int8
-graph: ``delta_c = mean(conv(x, W_q) - conv(x, W))`` per output channel ``c`` (``x``: the layer's own,
-already quantized and already corrected, input; ``W``: the fp32 weight kept in the observed graph), and
-``bias_c -= delta_c``. Later layers are corrected on inputs that include the earlier corrections.
-Why correct: it changes only biases, so that each layer's output mean on the data matches fp32's; lowering
-packs the corrected bias with the int8 weight. The per-layer table of insert-qdq was measured before it.
-Data: the calibration items when they can be read again (a list, tuple or tensor; concatenated along the
-batch dimension, at most ``calibration_batches``), else the example inputs; if the graph does not run on
-the concatenated batch (a batch size baked into a reshape), the example inputs.
+graph: ``delta_c = mean(conv(x, W_q) - conv(x, W))`` per output channel ``c`` (``x``: the layer's own, already
+quantized and corrected, input; ``W``: the fp32 weight kept in the observed graph), then ``bias_c -= delta_c``.
+Why correct: only biases change, so that each layer's output mean on the data matches fp32's; lowering packs
+the corrected bias with the int8 weight. (insert-qdq's per-layer SQNR table was measured before it.)
+Data: the calibration items when they can be read again (concatenated along the batch dimension, at most
+``calibration_batches``), else, or if the graph does not run on that batch, the example inputs.
 Preconditions: ``quantized`` (insert-qdq ran, with the observed graph kept); before ``lower-<engine>``.
+
+Before: ``y = conv(dq(x))`` with bias ``b``   After: the same graph, with bias ``b - delta``
 """
 
 from __future__ import annotations

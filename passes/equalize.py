@@ -1,20 +1,17 @@
-"""equalize: cross-layer equalization of consecutive conv/linear layers (Nagel et al. 2019, "Data-Free
-Quantization Through Weight Equalization and Bias Correction"), an optional pass before quantization.
+"""equalize: cross-layer equalization of consecutive conv/linear layers, an optional pass before quantization.
 
 Rewrites, for ``layer1 -> [relu] -> layer2`` (Conv2d/Linear, ``groups == 1``, layer1's output channels being
-layer2's input channels), each channel ``i`` with ``s_i = sqrt(r1_i / r2_i)`` where ``r1_i`` is the largest
+layer2's input channels), each channel ``i`` with ``s_i = sqrt(r1_i / r2_i)``, where ``r1_i`` is the largest
 ``|weight|`` of layer1's output channel ``i`` and ``r2_i`` that of layer2's input channel ``i``::
 
     W1[i] /= s_i,  b1[i] /= s_i,  W2[:, i] *= s_i        (both ranges become sqrt(r1_i * r2_i))
-Why correct: relu is positively homogeneous (``relu(x / s) = relu(x) / s`` for ``s > 0``) and layer2 is
-linear in each input channel, so layer2 sees ``s_i * (x_i / s_i)``: the function is unchanged (up to float
-rounding; computed in float64). Why useful: per-tensor int8 weights (``quant_config`` per_channel=False,
-or engines without per-channel kernels) share one scale across channels whose ranges can differ by
-orders of magnitude; equalized channels lose far less to rounding. Chains are swept until the scales
-settle (at most 20 sweeps).
-Preconditions: eval; BatchNorm folded first (``fold-bn``) so that it does not sit between the layers; run
-before ``fuse-*``. Left alone: grouped/depthwise convs, activations other than relu (relu6 and others are
-not homogeneous), values with other readers, modules called more than once.
+Why correct: relu is positively homogeneous (``relu(x / s) = relu(x) / s`` for ``s > 0``) and layer2 is linear
+in each input channel, so the function is unchanged up to float rounding (computed in float64). Why useful:
+per-tensor int8 weights share one scale across channels whose ranges can differ by orders of magnitude
+(Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias Correction"). Chains are swept
+until the scales settle (at most 20 sweeps).
+Preconditions: eval; BatchNorm folded first; before ``fuse-*``. Left alone: grouped convs, activations other
+than relu (not homogeneous), values with other readers, modules called more than once.
 
 Before: ``y = conv2(relu(conv1(x)))``   After: the same graph, with equalized weights.
 """

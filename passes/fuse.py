@@ -1,20 +1,17 @@
 """fuse-conv, fuse-linear: merge a conv/linear with the elementwise ops that follow it into one module.
 
-Rewrites (``CONV_RULES`` / ``LINEAR_RULES``, fxforge.patterns rules: at each node, from the graph's end
-backwards, the first rule that matches wins, so a conv+add+relu is not cut short as a conv+add):
+Rewrites (``CONV_RULES`` / ``LINEAR_RULES``, fxforge.patterns rules: from the graph's end backwards, the first
+rule that matches wins, so a conv+add+relu is not cut short as a conv+add):
     conv(x) + other -> relu   =>  FusedConv[add+relu](x, other)     # residual block tail
     conv(x) + other           =>  FusedConv[add](x, other)
     conv(x) -> act            =>  FusedConv[act](x)                 # act: relu, relu6, hardswish, silu
     linear(x) -> act          =>  FusedLinear[act](x)
-Why correct: the fused module runs exactly the original ops in the original order (its eager forward is
-the reference semantics); backends then lower it to one fused kernel (oneDNN post-ops on "cpu").
-Only intermediate values with a single user are absorbed, so no other node needed them (and an in-place
-activation on such a value mutates nothing anyone else reads); ``other`` must have the conv output's shape
-(no broadcasting), which is what the fused kernels accept. The fused call runs where the last absorbed
-op ran, so nothing fuses across an op with side effects (an in-place op could change the conv's input).
-After an add only relu is fused: that is the binary+unary chain the kernels implement.
-Preconditions: BN folded first (``bn-folded``), otherwise ``conv -> bn -> relu`` has nothing to fuse;
-in-place adds normalized to ``operator.add`` by ``normalize-inplace``.
+Why correct: the fused module runs exactly the original ops in the original order (its eager forward is the
+reference semantics); backends then lower it to one fused kernel. Absorbed values have a single user, so no
+other node needed them; ``other`` has the conv output's shape (no broadcasting, as the fused kernels need);
+nothing fuses across an op with side effects, since the fused call runs where the last absorbed op ran.
+After an add only relu is fused: that is the binary + unary chain the kernels implement.
+Preconditions: BN folded first (``bn-folded``); in-place adds normalized by ``normalize-inplace``.
 
 Before: ``y = relu(conv(x) + identity)``   After: ``y = fused_conv(x, identity)``
 """

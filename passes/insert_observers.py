@@ -1,23 +1,18 @@
-"""insert-observers: put an observer after every value the quantized model will hold in int8.
+"""insert-observers{fake_quant=false}: put an observer after every value the quantized model will hold in int8.
 
-Rewrites: plans the graph (``fxforge.quant.plan``: roles, quantized values, qparam groups), then after
-each *root* value inserts a call of its group's observer and routes the value's readers through it::
+Rewrites: plans the graph (``fxforge.quant.plan``: roles, quantized values, qparam groups), then after each
+*root* value inserts a call of its group's observer and routes the value's readers through it::
 
     Before: y = conv(x); z = flatten(y)          After: x1 = observer_0(x); y = conv(x1);
                                                         y1 = observer_1(y); z = flatten(y1)
-Why correct: an observer returns its input unchanged, so the observed graph computes exactly what the
-fp32 graph did (a test checks bit equality). Values that must share qparams share one observer module.
-Sigmoid and hardsigmoid outputs (groups with no other root) get a ``FixedRangeObserver``: their range is
-[0, 1] whatever the input, and the fixed qparams (1/256, 0) are those their int8 kernels produce, so
-lowering runs them without a requantize (and qnnpack's sigmoid accepts no others).
-With ``fake_quant=true`` (quantization-aware training) each observer is wrapped in a FakeQuantize module,
-and values insert-qdq will requantize with their input's qparams get a SharedFakeQuantize of that group.
-Graphs that already hold FakeQuantize modules (a trained QAT model being compiled) keep them: their
-learned qparams become the quantization points' observers.
-A ``skip`` entry whose module no longer has an op of its own (a BatchNorm folded into its conv, an
-activation fused into it) is a ConfigError: the merged op is quantized, so the request cannot be honoured.
-Preconditions: shapes known (the pass propagates them); the context carries quantization options
-(an int8 target, or ``prepare_qat``); best after fold-bn and fuse-* so fused ops get one observer.
+Why correct: an observer returns its input unchanged, so the observed graph computes exactly what the fp32
+graph did (a test checks bit equality). Values that must share qparams share one observer module; sigmoid
+and hardsigmoid outputs get a ``FixedRangeObserver`` (qparams 1/256, 0: what their int8 kernels produce).
+``fake_quant=true`` (QAT) wraps each observer in a FakeQuantize; FakeQuantize modules already in the graph (a
+trained QAT model being compiled) are kept, their learned qparams becoming the observers. A ``skip`` entry
+whose module was merged into another op (a BatchNorm folded into its conv) is a ConfigError.
+Preconditions: shapes known (the pass propagates them); quantization options in the context (an int8 target,
+or ``prepare_qat``); best after fold-bn and fuse-*, so that fused ops get one observer.
 """
 
 from __future__ import annotations

@@ -2,18 +2,17 @@
 
 Rewrites, using the plan insert-observers stored on each node:
     observer_k(v)           -> quantize_per_tensor(v, act_k_scale, act_k_zero_point, quint8)
-    compute op (conv, add)  -> reads dequantize(x) for each quantized input; its output is quantized by
-                               the node above (``dq -> op -> q``, the pattern lowering passes match)
-    direct op (flatten,...) -> unchanged: runs on the quantized tensor and keeps its qparams (``view`` becomes
-                               ``reshape``: int8 tensors may be channels-last where eager's were not)
+    compute op (conv, add)  -> reads dequantize(x) for each quantized input; its output is quantized by the
+                               node above (``dq -> op -> q``, the pattern the lowering passes match)
+    direct op (flatten,...) -> unchanged, on the quantized tensor (``view`` becomes ``reshape``)
     share op (avg-pool)     -> dq -> op -> quantize with its input's qparams
     fp32 island / output    -> reads dequantize(x)
-    weighted layers         -> weight replaced by its int8 grid values (quantize_per_channel + dequantize),
-                               with ``weight_scale`` / ``weight_zero_point`` buffers for lowering
-Qparams are buffers of the graph module (``act_<group>_scale`` / ``act_<group>_zero_point``), read through
-get_attr nodes: ``fxforge.recalibrate`` can refresh them in place. The observed graph is kept (artifact
-``observed_graph``) for recalibration and for the per-layer SQNR in the report.
-Why correct: each quantize/dequantize pair is the int8 model's rounding, and everything between them is the
+    weighted layers         -> weight replaced by its int8 grid values, with ``weight_scale`` /
+                               ``weight_zero_point`` buffers for lowering
+Qparams are buffers of the graph module read through get_attr nodes, so ``fxforge.recalibrate`` can refresh
+them in place; the observed graph is kept (artifact ``observed_graph``) for that and for the report's
+per-layer SQNR.
+Why correct: each quantize/dequantize pair is the int8 model's rounding and everything between them is the
 original fp32 op, so this graph *defines* the int8 numerics that lowered kernels must reproduce.
 Preconditions: ``observed`` and ``calibrated`` (every observer holds statistics).
 """

@@ -8,6 +8,9 @@ Why: training then sees the int8 weight rounding it will face after conversion, 
 are gathered on what the int8 conv will compute, so folding them at conversion changes nothing.
 Preconditions: quantization options in the context (``fxforge.prepare_qat`` sets them); run before
 insert-observers{fake_quant=true}.
+
+Before: ``y = bn(conv(x)); z = fc(y)``
+After:  ``y = conv(x); z = fc(y)``   (conv: a QATConvBn holding bn; fc: a QATWeighted)
 """
 
 from __future__ import annotations

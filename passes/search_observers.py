@@ -1,22 +1,19 @@
 """search-observers: per layer, the observer and weight scheme with the best local SQNR (optional, static int8).
 
-Rewrites nothing in the graph's structure. For each quantization point, in graph order, it tries the
-configured observer against ``minmax``, ``histogram`` (MSE-optimal range) and ``percentile`` ranges, and for
-each conv/linear per-channel against per-tensor weights, and keeps the choice whose int8 output is closest to
-the layer's fp32 op on the same inputs (``fxforge.quant.search``: how, why greedy is sound enough, the cost)::
+For each quantization point, in graph order, tries the configured observer against ``minmax``, ``histogram``
+and ``percentile`` ranges, and for each conv/linear per-channel against per-tensor weights, keeping the choice
+whose int8 output is closest to the layer's fp32 op on the same inputs (``fxforge.quant.search``)::
 
     Before: y = conv(x); y1 = observer_3(y)        # observer_3: histogram(mse), weights per-channel
     After:  y = conv(x); y1 = observer_3(y)        # observer_3: percentile(99.9), weights per-tensor
-The chosen observer replaces the group's module (calibrated from the same statistics; ``fxforge.recalibrate``
-keeps using that kind), and the weight scheme is recorded on the compute node for insert-qdq. The report's
-per-layer table shows each searched point's choice and its gain; the pass notes count the forward passes.
+The chosen observer replaces the group's module (``fxforge.recalibrate`` keeps using that kind), the weight
+scheme is recorded on the compute node for insert-qdq, and the report shows each point's choice and gain.
 Why correct: observers are identities and the weight scheme only changes how insert-qdq rounds the weights,
-so the graph computes the same fp32 function; only the int8 rounding changes, towards fp32 on the data.
-Data: the calibration items when they can be read again (a list, tuple or tensor; at most ``batches`` of
-them, and at most ``calibration_batches``), else the example inputs. Labels: none are used.
-Usage: ``extra_passes={"after:calibrate": "search-observers"}``, or in pipeline text
-``...,calibrate,search-observers{activations=minmax+percentile:99.9,weights=per-channel},insert-qdq,...``.
+so the graph computes the same fp32 function; only the int8 rounding moves, towards fp32 on the data.
+Data: the calibration items when they can be read again (a list, tuple or tensor; at most ``batches`` and
+``calibration_batches`` of them), else the example inputs; no labels.
 Preconditions: ``observed`` and ``calibrated``; before insert-qdq.
+Usage: ``extra_passes={"after:calibrate": "search-observers"}``.
 """
 
 from __future__ import annotations

@@ -1,48 +1,18 @@
 """to-nhwc{outputs=eager}: run conv-heavy regions channels-last, converting once at their boundaries.
 
-Rewrites (all new nodes are explicit ``contiguous`` calls, or ``to(memory_format=...)`` where that one would not
-restride, see below; recorded as layout conversions for reports and viz):
-    x (4-D, produced outside a region, read inside)  =>  x.contiguous(memory_format=torch.channels_last)  "enter"
+Rewrites (every new node is an explicit layout conversion, shown as such in reports and viz):
+    x (4-D, made outside a region, read inside)  =>  x.contiguous(memory_format=torch.channels_last)  "enter"
     v (region value read by a view / flatten / reshape / linear head / unknown op / the graph output)
-                                                     =>  v.contiguous()                                  "exit"
-    cat / interpolate / pad / an op reading a 4-D constant, inside a region
-                                                     =>  its output .contiguous(memory_format=channels_last) "reassert"
-A *region* is a weakly connected set of nodes computing 4-D floating tensors with ops known to be layout-free
-(convs, FusedConv, BatchNorm, activations, pooling, elementwise arithmetic, cat, interpolate, pad, keepdim
-reductions; the tables below) that contains at least one Conv2d: that is where channels-last pays (oneDNN's
-and cuDNN's conv kernels run NHWC, and every op between them keeps the layout, so nothing is converted
-between convs). Regions are the weakly connected components of a networkx view of the graph.
-
-Inside a region, every op listed as keeping the layout returns channels-last when its 4-D inputs are
-channels-last (checked on torch 2.14: conv, BN, activations, pooling, broadcasting arithmetic). cat,
-interpolate and pad keep it on recent torch but not in every version and mode, and an op reading a 4-D
-constant (kept in its own layout) can return either: their outputs are re-asserted, a no-op at run time
-when the layout was kept. Values contiguous in both layouts at the example's shape (one channel, 1x1 maps) are
-the trap: ``contiguous(memory_format=fmt)`` returns them as they are, with strides on which torch may still
-read the other layout (a conv reading a one-channel NCHW input returns NCHW; a conv-transpose reading a
-channels-last 1x1 map returns channels-last), so they are converted with ``x.to(memory_format=fmt)``, which
-restrides them; one-channel results of ops other than convs are re-asserted (``x.mean(1, keepdim=True)``
-returns NCHW strides). No conversion is inserted where it is a no-op whatever the input size and nothing can
-carry the layout on: before a view / flatten / output of a one-channel value or of the 1x1 output of a global
-pooling (the head of ResNet / MobileNet / EfficientNet), so those models get exactly one conversion, at the
-input. A value read by several regions is converted once for all of them.
-
-Why correct: the listed ops compute the same values in either layout (up to float summation order); layout
-is observable only through ``.view`` (fails on channels-last strides), strides, aliasing, and the layout of
-the outputs. Every consumer outside a region reads an NCHW-contiguous copy (a view, reshape or flatten then
-sees what eager saw), and the outputs get the layout eager returned (``outputs=channels_last`` leaves region
-outputs channels-last). Aliasing: a conversion may copy. If the graph mutates anything in place, every value
-that may share memory with a mutated one (the undirected closure over ops that may return a view of their
-input) stays out of the regions and in its eager layout, except the fresh tensors of region ops (a conv
-output mutated through a flatten of it): their readers all read one NCHW copy made right after the op, which
-then is the tensor eager had. Region ops that read a possibly mutated value get their own conversion right
-before them (a copy taken when eager read the value). Other conversions are shared by all their readers:
-their source is never mutated, so when the copy is made does not matter.
-Idempotent: existing conversions into channels-last (``contiguous``/``to`` with that memory format) count as
-region members that need no conversion, conversions into NCHW as readers that need none, and a re-assertion
-is not repeated.
-Preconditions: shapes propagated (eager's output layouts come from the shape metadata); run it after fusion and
-before lowering (``lower-cpu`` then lowers the convs of the regions and adds no layout fixes of its own).
+                                                 =>  v.contiguous()                                   "exit"
+    cat / interpolate / pad inside a region      =>  output re-asserted channels-last              "reassert"
+A region is a weakly connected set of 4-D floating ops known to keep the layout (convs, BatchNorm,
+activations, pooling, elementwise arithmetic, cat, interpolate, pad, keepdim reductions) holding a Conv2d.
+Why correct: those ops compute the same values in either layout; layout is observable only through
+``.view``, strides, aliasing and the outputs. Readers outside a region get NCHW-contiguous values, outputs
+get eager's layout (``outputs=channels_last`` leaves region outputs channels-last), values that may share
+memory with one mutated in place keep eager's layout, and values contiguous in both layouts at the example's
+shape are restrided with ``x.to(memory_format=...)``. Idempotent. docs/targets.md (*Layout: to-nhwc*) has
+the details. Preconditions: shapes propagated; after fusion, before lowering.
 
 Before: ``y = fc(flatten(avgpool(relu(conv2(relu(conv1(x)))))))``
 After:  ``y = fc(flatten(avgpool(relu(conv2(relu(conv1(x.contiguous(memory_format=channels_last))))))))``

@@ -7,47 +7,19 @@ A rule pairs a pattern with what replaces it; a rule table reads like the identi
     RULES = [
         # x * sigmoid(x) -> silu(x)
         P.Rule(lambda x: x * torch.sigmoid(x), lambda x: F.silu(x)),
-        # relu(conv(x)), conv a 1x1 Conv2d -> a module built by the callback
-        P.Rule(lambda x: torch.relu(P.module(nn.Conv2d, kernel_size=(1, 1))(x)), build=fuse_1x1),
     ]
 
     @fxforge.graph_pass(name="my-rewrites")
     def my_rewrites(gm, ctx):
         return P.rewrite(gm, RULES, ctx)       # a PassResult: the report shows how often each rule fired
 
-How patterns match
-- Spellings: an op matches all of its spellings, so ``torch.relu`` in a pattern matches ``F.relu``,
-  ``x.relu()``, ``nn.ReLU()`` and ``aten.relu`` (graphs from make_fx / torch.export); likewise sigmoid, tanh,
-  silu, hardswish, hardsigmoid, relu6 and ``+ - * /`` (``add``/``mul`` in either operand order). In-place
-  forms (``relu_``, ``inplace=True``, ``x += y``) are ops of their own: ``x.add_(y)`` matches ``x += y``.
-  Any other call matches the same function or method, its arguments compared after binding them to the
-  function's signature (so positional and keyword spellings agree).
-- Modules: a module called in a pattern (``nn.Conv2d(1, 1, 1)`` or ``P.module(nn.Conv2d, groups=1)``)
-  matches a ``call_module`` node whose module is an instance of its type, with ``P.module``'s attributes
-  equal (or satisfying a predicate given instead of a value).
-- Wildcards: the pattern's parameters match any input (a node or a constant; a name used twice must bind
-  the same value); ``P.any_node(where=...)`` matches any call whose first inputs match its arguments.
-- Constraints: ``where={"x": P.meta(dtype=torch.float32, rank=4), "conv": P.attrs(groups=1)}`` on named
-  pattern nodes (parameters by name; calls as in ``print(rule.pattern.graph)``), or ``where=fn(match)`` on
-  the whole match. ``P.meta`` reads shape propagation's ``tensor_meta`` or a capture path's example value.
-- A match's inner nodes must have no users outside it (only the last node, the anchor, may), and no node
-  with side effects may sit between them, because the replacement runs where the anchor ran.
-
-Order: nodes are visited from the last to the first (so ``relu(conv(x) + y)`` is seen at the relu before a
-shorter rule could claim the add), rules in table order at each node, first match wins; a node takes part
-in at most one match per rewrite. The result is deterministic for a given graph.
-
-Replacements: a function with (some of) the pattern's parameter names, traced and spliced in before the
-anchor, or ``build=fn(match) -> fx.Node | None`` called with the graph's insertion point before the anchor;
-returning None declines the match (the next rule is tried), as in tinygrad's rewrite rules.
-
-Why not ``torch.fx.passes.utils.matcher_utils.SubgraphMatcher``: it compares nodes by ``op`` and
-``target`` only (a ``call_module`` target is a path such as ``layer1.0.relu``, so modules never match across
-models, and ``F.relu`` never matches ``torch.relu``), normalizes keyword arguments only for aten overloads,
-offers no per-node constraints or commutative operands, and collects all overlapping matches first. Making
-it see "views" would mean rewriting a copy of every graph and overriding private methods; the matcher here
-is a short backtracking search over the same idea (pattern placeholders are wildcards, matching walks from
-the anchor to the inputs, matches must be self-contained).
+An op in a pattern matches all of its spellings (``fxforge.graph.ops``), modules match by type
+(``P.module``), the pattern's parameters are wildcards, and ``where=`` adds constraints (``P.meta``,
+``P.attrs``, or a function of the match). Nodes are visited from the graph's end backwards, rules in table
+order, first match wins, and a node takes part in one match at most. A match is self-contained (only its last
+node, the anchor, has users outside it; no side-effecting node sits inside), because the replacement, a
+traced function or ``build=fn(match)`` (None declines), runs where the anchor ran. docs/writing-passes.md
+gives the full rules and why this is not torch.fx's SubgraphMatcher.
 """
 
 from __future__ import annotations

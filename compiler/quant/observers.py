@@ -1,33 +1,17 @@
-"""Observers: modules that watch the tensors flowing past a point in the graph and choose its int8 range.
+"""Observers: identity modules that watch the values at a quantization point and choose its int8 range.
 
-An observer is an identity module (``forward`` returns its input object untouched) that records statistics;
-``calculate_range(spec)`` turns them into the float range ``(lo, hi)`` to quantize over and ``qparams(spec)``
-into a scale and zero point through ``QSpec.qparams``. Which range is best depends on the grid, so the spec is
-given when the range is chosen, not when the observer is built. None of this uses ``torch.ao.quantization``
-(deprecated); the tests use it as an oracle only.
-
-- ``minmax``: the running minimum and maximum (per channel along ``axis`` if given). Loses nothing, so it is
-  right for weights and for activations without outliers; one outlier stretches the grid for everything.
-- ``moving-average``: min / max smoothed over batches, ``min += c * (batch_min - min)`` (torch.ao's formula).
-  Cheap per step and forgets early extremes, which suits QAT, where the activations move while training.
-- ``histogram``: a histogram of everything seen; the range minimises the expected quantization MSE on the
-  spec's grid (rounding noise inside the range plus clipping error outside it), searched exactly over all
-  bin edges. The default for static activations: it clips rare outliers only when that pays off.
-- ``percentile``: the histogram's (100 - p)th and p-th percentiles. Simple and predictable, ignores a fixed
-  fraction of the mass whatever the grid.
-- ``FixedRangeObserver`` (not a calibration choice): the output of an op whose range is known whatever its
-  input (sigmoid, hardsigmoid: [0, 1]), quantized with fixed qparams as torch.ao does: ``scale = (hi - lo) /
-  levels`` (1/256, zero point 0 on quint8 [0, 255]), the qparams torch's int8 sigmoid / hardsigmoid kernels
-  produce; 1.0 itself saturates at 255/256. Insert-observers gives it to such ops' outputs.
-- ``entropy``: TensorRT-style calibration: the threshold ``t`` whose clipped and requantized histogram of
-  ``|x|`` has the least KL divergence from the original; the range is ``(-t, t)`` clipped to the data.
-  Preserves the shape of the distribution, which classification networks tend to care about more than MSE.
-
-The histogram-based observers share one histogram-keeping base class; their ranges always contain zero
-(as every affine int8 grid does anyway, so zero padding and ReLU zeros stay exact). Min/max observers
-report the raw statistics, as torch.ao's do, and ``QSpec.qparams`` widens them; like torch.ao's, they
-let a NaN or inf through (checking every batch would cost a host sync per step), whereas the histograms skip
-non-finite values, which would make every bin infinite.
+``forward`` returns its input untouched and records statistics; ``calculate_range(spec)`` turns them into the
+float range to quantize over and ``qparams(spec)`` into a scale and zero point (``QSpec.qparams``). The spec
+comes in when the range is chosen because the best range depends on the grid. Kinds (``OBSERVERS``, the
+names ``QuantConfig`` takes; docs/quantization.md says when each fits):
+- ``minmax``: running min / max (per channel along ``axis``); ``moving-average``: the same smoothed over batches;
+- ``histogram`` (the default for activations): the range with the least expected quantization MSE on the
+  grid, searched exactly over all bin edges; ``percentile``: the histogram's (100 - p)th and p-th percentiles;
+- ``entropy``: the threshold with the least KL divergence between clipped and original histograms;
+- ``FixedRangeObserver``: outputs of sigmoid / hardsigmoid, fixed qparams (1/256, 0) as their int8 kernels give.
+Histogram ranges contain zero and skip non-finite values. Min/max observers report raw statistics
+(``QSpec.qparams`` widens them to zero) and, like torch.ao's, let NaN / inf through: checking every batch
+would cost a host sync. ``torch.ao.quantization`` is not used; the tests use it as an oracle.
 """
 
 from __future__ import annotations

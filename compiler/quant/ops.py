@@ -1,22 +1,18 @@
 """Which ops run quantized, and how: the op table behind the quantization passes.
 
 Every node gets a *role*:
-- ``compute``: runs in fp32 on dequantized inputs, its output is quantized with its own observed qparams
+- ``compute``: runs in fp32 on dequantized inputs; its output is quantized with its own observed qparams
   (conv, linear, add, mul, matmul, bmm, hardswish, hardsigmoid, sigmoid, tanh, silu, gelu, leaky_relu,
-  standalone batchnorm, bilinear interpolate).
-  In the reference graph: ``dequantize -> op -> quantize``; lowering replaces the triple with one kernel.
-- ``share``: the same, but the output reuses the input's qparams (average pooling: an average of values
-  stays inside their range, and the int8 kernels keep the input's qparams).
+  standalone batchnorm, bilinear interpolate): ``dequantize -> op -> quantize``, one kernel once lowered.
+- ``share``: the same, but the output reuses the input's qparams (average pooling, which stays inside its
+  inputs' range; ops that only pick values but have no int8 kernel in torch, e.g. adaptive max-pool).
 - ``direct``: runs on the quantized tensor itself and keeps its qparams, exactly (flatten, reshape, view,
-  permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, tensor slicing).
-  Max pooling over a one-element window (a strided subsampling, which qnnpack's int8 kernel rejects) is a
-  ``share`` op; average pooling with a ``divisor_override`` (a scaled sum, outside its inputs' range) is a
-  ``compute`` op.
-  Ops that only pick input values but have no quantized kernel in torch (adaptive max-pool, nearest
-  upsampling of 1-d signals) are ``share`` ops instead: exact too, through dequantize -> op -> quantize.
-  ``cat`` is direct too, once all its inputs share one set of qparams.
+  permute, max-pool, relu/relu6/hardtanh/clamp, nearest interpolate, dropout/identity, slicing; ``cat`` once
+  all its inputs share one set of qparams).
 - ``meta``: reads only a quantized tensor's shape (``x.size()``, ``x.dim()``).
 - ``float``: everything else: an fp32 island between a dequantize and a quantize (listed in the report).
+Exceptions: max pooling over one-element windows is ``share`` (qnnpack's kernel rejects it), average pooling
+with a ``divisor_override`` is ``compute`` (a scaled sum leaves its inputs' range).
 """
 
 from __future__ import annotations

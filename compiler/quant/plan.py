@@ -1,19 +1,15 @@
 """Quantization planning: which values are quantized, which share qparams, and where observers go.
 
 Roles come from the op table (``fxforge.quant.ops``). Planning then decides, per value (node output):
-- *root*: a quantized value computed in fp32 (a compute op's output, a model input or an fp32 island's
-  output that quantized ops consume). An observer watches it; insert-qdq puts a ``quantize`` there.
-- *derived*: a direct op (flatten, max-pool, relu, cat, ...) applied to a quantized value: it runs on the
-  quantized tensor and keeps its qparams, so it needs neither observer nor quantize.
-- *requant*: a share op's output (average pooling): quantized again with its input's qparams.
+- *root*: a quantized value computed in fp32 (a compute op's output, a model input, or an fp32 island's
+  output that quantized ops consume): an observer watches it and insert-qdq puts a ``quantize`` there;
+- *derived*: a direct op (flatten, max-pool, relu, cat, ...) on a quantized value: it runs on the quantized
+  tensor and keeps its qparams, needing neither observer nor quantize;
+- *requant*: a share op's output (average pooling), quantized again with its input's qparams.
 A relu/relu6 that is the sole user of a compute op is *absorbed*: the quantization point moves after it
-(``dq -> conv -> relu -> q``), so the activation's negative half does not waste int8 levels.
-Values that must carry identical qparams (cat inputs and output, shape ops' inputs and outputs) form one
-group (union-find), watched by one observer.
-A value that an in-place op changes where other readers can see it (``y.add_(1)`` on a ``y`` read elsewhere)
-stays fp32, with every value aliasing it through direct ops: a quantized copy taken before the change would
-not see it.
-
+(``dq -> conv -> relu -> q``), so the negative half does not waste int8 levels. Values that must carry
+identical qparams (cat inputs and output, shape ops' inputs and outputs) form one group (union-find). A value
+that an in-place op changes where other readers can see it stays fp32, with every value aliasing it.
 The plan is stored per node in ``node.meta["fxforge"]["quant"]`` for insert-qdq and the report.
 """
 

@@ -1,37 +1,21 @@
 """Modules for quantization-aware training (QAT): fake quantization with a straight-through estimator.
 
-Everything here is built on the core ops ``torch.fake_quantize_per_tensor_affine`` and
-``torch.fake_quantize_per_channel_affine`` (no ``torch.ao.quantization``): the forward pass rounds to the int8
-grid and back, the backward pass lets the gradient through unchanged inside the representable range and
-zeroes it for values that were clipped (the straight-through estimator).
-
-- ``FakeQuantize``: an activation observer plus per-tensor fake quantization. In training mode each batch
-  is observed and the scale / zero point refreshed from the observer; in eval mode (or with ``observe``
-  False: freezing the ranges late in training) the last qparams are used as they are. ``enabled`` False
-  makes it the identity. Its frozen ``scale`` / ``zero_point`` buffers are what the int8 model uses. It
-  saturates where the int8 graph does (``quantize_per_tensor``: the dtype's limits), which is above
-  ``quant_max`` with 7-bit activations (reduce_range), so the compiled model reproduces the trained one.
-- ``SharedFakeQuantize``: rounds onto a FakeQuantize's grid without observing, where the int8 model
-  requantizes a value with its input's qparams (after average pooling).
-- ``fake_quantize_weight``: rounds a weight the way the int8 kernels will, with qparams taken from the
-  weight's current min/max (per channel along ``spec.axis``, or per tensor).
-- ``QATWeighted``: a conv (1d/2d/3d, transposed 1d/2d/3d) or linear layer computing with its fake-quantized
-  weight; ``to_float()`` gives the plain layer back with the trained weights.
-- ``QATConvBn``: conv followed by BatchNorm, trained together the way the int8 model will run them: as one
-  conv whose weight is the BN-folded ``w * gamma / sqrt(running_var + eps)``. The folded weight is fake
-  quantized, the conv runs without bias, the output is divided by the per-channel fold factor again (so
-  the BN layer sees the un-scaled conv output), the conv bias is added, and the real BN layer runs. In
-  training mode BN therefore normalizes with batch statistics *of the conv computed with the quantized
-  folded weights*, and updates its running statistics from it; training sees the same weight rounding as
-  inference, and the division keeps the optimisation as stable as an ordinary conv-bn (the batch
-  statistics absorb the fold factor instead of the weights drifting with the running variance).
-
-``QATConvBn.to_float()`` contract (what the compiler relies on when it converts a trained QAT model): it
-returns a plain conv of the same class with BN folded in using the running statistics, ``w' = w * gamma /
-std`` and ``b' = (b - mean) * gamma / std + beta``. In eval mode, ``QATConvBn(x)`` equals ``to_float()(x)``
-when ``fake_quant_weights`` is False, and equals the same conv computed with
-``fake_quantize_weight(to_float().weight, spec)`` when it is True (up to float rounding): converting a
-trained model changes nothing but removes the training-only structure.
+Built on ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` (no
+``torch.ao.quantization``): the forward pass rounds to the int8 grid and back; the backward pass lets the
+gradient through inside the representable range and zeroes it where values were clipped.
+- ``FakeQuantize``: an activation observer plus fake quantization. It observes in training mode and uses its
+  frozen ``scale`` / ``zero_point`` (what the int8 model uses) in eval mode or with ``observe`` False; it
+  saturates where the int8 graph does, so the compiled model reproduces the trained one.
+- ``SharedFakeQuantize``: rounds onto another FakeQuantize's grid (values requantized with their input's qparams).
+- ``fake_quantize_weight``: rounds a weight as the int8 kernels will, with qparams from its current min/max.
+- ``QATWeighted``: a conv (1d/2d/3d, transposed too) or linear layer computing with its fake-quantized weight.
+- ``QATConvBn``: conv + BatchNorm trained as one conv with the fake-quantized BN-folded weight
+  ``w * gamma / sqrt(running_var + eps)``, its output divided by the fold factor again before the real BN
+  (docs/quantization.md says why).
+Contract the compiler relies on: ``to_float()`` returns the plain layer (``QATConvBn``: the conv with BN
+folded from its running statistics, ``w' = w * gamma / std``, ``b' = (b - mean) * gamma / std + beta``); in
+eval mode a QAT module equals that layer run with ``fake_quantize_weight`` of its weight (or the plain
+weight when ``fake_quant_weights`` is False), up to float rounding.
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
 """How one tensor is quantized (``QSpec``) and each int8 backend's rules for activations and weights.
 
-Qparams follow the usual affine / symmetric formulas (the same as torch.ao's, so its observers can serve as
-a test oracle): ``scale = (hi - lo) / (quant_max - quant_min)`` with the range widened to include zero, and
-``zero_point = quant_min - round(lo / scale)``; symmetric specs use ``scale = max(|lo|, |hi|) / ((quant_max -
-quant_min) / 2)`` with zero point 0 (qint8). ``eps`` is the smallest scale a backend accepts.
-
+Qparams follow the usual affine / symmetric formulas (torch.ao's, so its observers can serve as a test
+oracle): ``scale = (hi - lo) / (quant_max - quant_min)`` with the range widened to include zero and
+``zero_point = quant_min - round(lo / scale)``; symmetric specs use zero point 0 and
+``scale = max(|lo|, |hi|) / ((quant_max - quant_min) / 2)``. ``eps`` is the smallest scale a backend accepts.
 Backend rules:
-- fbgemm and x86: activations quint8 [0, 255]; weights per-channel symmetric qint8 in [-128, 127]. Without
-  VNNI (``reduce_range``) the int8 kernels sum pairs of u8 x s8 products into int16 with saturation (AVX2
-  ``vpmaddubsw``): static int8 then uses 7-bit weights, [-64, 63], so that ``2 * 255 * 64 = 32640`` fits
-  int16 whatever the activation codes (ONNX Runtime's ``reduce_range`` does the same). torch.ao narrows the
-  activations to [0, 127] instead, but ``quantize_per_tensor`` and the kernels' requantization clamp to the
-  dtype (255), not 127: values above a clipped calibrated range still get codes 128-255, on which the kernels
-  saturate and depart from the reference graph (tests/fuzz/test_regressions.py). Dynamic int8 keeps 8-bit
-  weights and 7-bit activations (``dynamic_weight``): their range is each tensor's own min/max, so the codes
-  never pass 127.
+- fbgemm and x86: activations quint8 [0, 255]; weights per-channel symmetric qint8 [-128, 127]. Without VNNI
+  (``reduce_range``) the kernels sum pairs of u8 x s8 products into int16 with saturation, so static int8
+  narrows the weights to [-64, 63] (``2 * 255 * 64 = 32640`` fits whatever the activation codes), and dynamic
+  int8 narrows its per-call activations to 7 bits instead (``dynamic_weight``). docs/quantization.md says why
+  the weights, not the activations as in torch.ao.
 - qnnpack: activations quint8 over the full range, weights per-channel symmetric qint8 restricted to
   [-127, 127], and scales no smaller than 2**-12 (its requantization needs bounded scale ratios).
 """

@@ -1,26 +1,17 @@
 """Reference numerics of weight-only and dynamic int8 quantization (clear fp32 code, not fast kernels).
 
-What these compute: every weight is rounded onto its int8 grid once (``quantize_weight``: per channel along
-``spec.axis`` or per tensor) and kept *dequantized*, so the arithmetic stays fp32 on values that int8 can
-represent exactly; in dynamic mode each activation is rounded at run time onto a quint8 grid chosen from that
-tensor's own min/max (``dynamic_quantize``), which needs no calibration. ``DynamicQuantLSTM`` /
-``DynamicQuantGRU`` run the recurrence in Python with int8 weights (per output row, or per tensor), fp32 biases, and the
-layer input and hidden state quantized before each matmul.
-
-Why: these modules *define* what a dynamically quantized model computes. The compiler's rewrites produce
-them, its accuracy reports (SQNR) measure them, and a lowering step later swaps them for int8 kernels; the
-scale / zero_point buffers next to each dequantized weight let that step recover the int8 values exactly.
-
-Where the numerics come from: torch's dynamic int8 kernels (fbgemm's ``quantized::linear_dynamic`` and the
-dynamic ``quantized_lstm`` / ``quantized_gru`` of ATen's RNN.cpp). Activations: per-tensor quint8, qparams
-from ATen's ``ChooseQuantizationParams`` over [min(x, 0), max(x, 0)], 7 bits with ``reduce_range`` (what
-``torch.quantize_per_tensor_dynamic`` computes). An int32 accumulation of (x_q - zp) * w_q scaled by
-``x_scale * w_scale`` equals the fp32 product of the dequantized values up to fp32 rounding, and the bias is
-added in fp32. RNNs: on CPU, ATen projects a layer's whole input sequence with *one* dynamic linear call
-(one activation scale for all time steps of the layer input) and the hidden state with one call per step;
-we do the same. Gate equations are torch's: LSTM chunks (i, f, g, o), ``c' = f*c + i*g``, ``h' = o*tanh(c')``;
-GRU chunks (r, z, n), ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = (1 - z)*n + z*h``.
-``torch.ao.quantization`` (deprecated) is not used.
+Every weight is rounded onto its int8 grid once (``quantize_weight``: per channel along ``spec.axis`` or per
+tensor) and kept *dequantized*, next to ``scale`` / ``zero_point`` buffers from which lowering recovers the
+int8 values exactly. In dynamic mode each activation is rounded at run time onto a quint8 grid chosen from
+that tensor's own min/max (``dynamic_quantize``: ATen's ``ChooseQuantizationParams``, 7 bits with
+``reduce_range``), so no calibration is needed. ``DynamicQuantLSTM`` / ``DynamicQuantGRU`` run torch's gate
+equations in Python with int8 weights and fp32 biases, quantizing the layer input once per sequence and the
+hidden state at every step, as ATen's CPU kernels do.
+Why: these modules *define* what a dynamically quantized model computes. The rewrites produce them, the
+report's SQNR measures them, and lowering swaps them for torch's dynamic int8 kernels
+(``quantized::linear_dynamic``, ``quantized_lstm`` / ``quantized_gru``), whose numerics they follow: an int32
+accumulation of (x_q - zp) * w_q scaled by ``x_scale * w_scale`` equals the fp32 product of the dequantized
+values up to fp32 rounding. ``torch.ao.quantization`` (deprecated) is not used.
 """
 
 from __future__ import annotations

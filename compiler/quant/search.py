@@ -1,32 +1,18 @@
-"""Per-layer search of observer and weight-scheme choices, on the calibration data (``search-observers``).
+"""Per-layer search of observer and weight scheme on the calibration data (the ``search-observers`` pass).
 
-For every quantization point of an observed, calibrated graph, in graph (topological) order, a few choices
-are tried and the one with the best *local* SQNR is kept:
-- activations (the point's qparam group): the configured observer, ``minmax``, ``histogram`` (MSE-optimal
-  range), ``percentile:99.99``, ``percentile:99.9`` (and ``entropy`` when asked). All are computed from one
-  histogram of the calibration data: the configured observer's own when it keeps one (the default), else one
-  extra pass of the search data through the observed graph fills a histogram per group;
-- weights of a conv/linear (called once): per-channel or per-tensor symmetric int8.
-Local SQNR is what the report's "local dB" column measures: the layer's int8 output (weights and output
-rounded) against its fp32 op with the original weights run on the *same* (already quantized) inputs, summed
-over the search batches. The graph is emulated as insert-qdq's reference graph computes it
-(``quantize_per_tensor`` then ``dequantize`` at each point, weights on their int8 grid, average pools
-requantized with their input's qparams), one fx.Interpreter per batch, stepped node by node together.
-
-Why greedy layer by layer is sound enough: when a layer is decided, its inputs are final (every earlier
-point is decided), and its choice changes only its own rounding error and what later layers read. Later
-layers are then decided on those inputs. Independent rounding noises add up in power, each scaled by how the
-fp32 network propagates it, so minimising each layer's own noise approximately minimises the output noise.
-It is not exact: a choice can trade noise between channels that later layers weigh differently, and noises
-correlate; the final per-layer and output SQNR (measured by insert-qdq) show the result. A qparam group shared
-by several values (the inputs of a ``cat``) is decided at its first value. The configured choice wins ties
-and any gain under ``min_gain_db``, so on the search data no layer is worse than without the search.
-
-Cost: one emulated int8 forward per search batch, plus, per conv/linear, its fp32 reference and one run per
-extra weight scheme: ``1 + len(weight choices)`` model forwards over the search batches in all (3 with both
-schemes; conv/linear runs dominate), plus one plain forward when histograms must be collected (a configured
-observer without one, e.g. minmax); fake-quantizing each activation candidate is elementwise. Memory: every
-batch's values are alive at once (as if the batches were one), and at a conv/linear one output per scheme.
+For every quantization point of an observed, calibrated graph, in graph order, the configured observer is
+tried against ``minmax``, ``histogram``, ``percentile:99.99`` and ``percentile:99.9`` (``entropy`` on request),
+all computed from one histogram per qparam group, and each conv/linear's weights per-channel against
+per-tensor. The choice with the best *local* SQNR is kept: the layer's int8 output against its fp32 op (original
+weights) on the same, already quantized, inputs, summed over the search batches (the report's "local dB").
+The graph is emulated as insert-qdq's reference graph computes it, one fx.Interpreter per batch, stepped
+node by node together.
+Why greedy is sound enough: when a layer is decided its inputs are final, and its choice changes only its
+own rounding error; independent rounding noises add in power, so minimising each layer's own noise roughly
+minimises the output noise. It is not exact (noises correlate); insert-qdq's final SQNR shows the result.
+The configured choice wins ties and gains under ``min_gain_db``: on the search data no layer gets worse.
+Cost: ``1 + len(weight choices)`` model forwards over the search batches, plus one when the configured
+observer keeps no histogram; every batch's values are alive at once.
 """
 
 from __future__ import annotations

@@ -1,22 +1,17 @@
 """``compile(..., accuracy=fxforge.AccuracyBudget(...))``: int8 wherever the budget allows, fp32 where it must.
 
 A budget is a minimum output SQNR against the fp32 model (``min_sqnr_db``, on ``inputs`` or the example
-inputs), or a user metric of a module (``metric``, higher is better) with the largest acceptable drop from
-the fp32 model's value (``max_drop``); with both, both must hold.
-
-1. Compile as asked. If the budget holds, that is the result.
-2. Sensitivity: for each candidate layer (the quantized layers of the report, by module path; the most
-   specific paths only), compile with *only that layer* in int8 (every other candidate in ``skip``) and
-   measure. Quantizing one layer at a time catches what skipping one layer at a time misses: an outlier
-   activation is quantized as the output of its producer *and* as the input of its consumer, so
-   skipping either alone changes nothing.
-3. Greedy: move layers to fp32 (the existing ``skip=[...]``) most damaging first until the budget holds.
-4. Prune: try each chosen layer back in int8, least damaging first; keep it there when the budget still
-   holds. No single chosen layer can then return to int8 (a local minimum of fp32 layers).
-The report (``report.accuracy``) lists the fp32 layers, the sensitivities, the number of compiles and a
-quick timing of the all-int8 and the final model (median of a few runs on the example inputs).
-Calibration data is read once into a list (at most ``calibration_batches`` items) so that every compile
-of the search sees the same batches.
+inputs), or a user metric of a module (``metric``, higher is better) with the largest acceptable drop from the
+fp32 model's value (``max_drop``); with both, both must hold. The search:
+1. compile as asked; if the budget holds, that is the result;
+2. sensitivity: compile with *only* each candidate layer in int8 (the others in ``skip``) and measure; one
+   layer at a time in int8 catches an outlier activation, quantized both as its producer's output and as its
+   consumer's input, which skipping one layer at a time misses;
+3. greedy: move layers to fp32 (``skip``), most damaging first, until the budget holds;
+4. prune: try each chosen layer back in int8, least damaging first, keeping it there if the budget holds.
+The result is a local minimum of fp32 layers. ``report.accuracy`` lists them, the sensitivities, the number of
+compiles and a quick timing of the all-int8 and final models. Calibration data is read once into a list so
+that every compile sees the same batches.
 """
 
 from __future__ import annotations

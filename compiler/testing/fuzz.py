@@ -1,29 +1,15 @@
 """Random model graphs for fuzzing a compiler: a hypothesis strategy and the nn.Module that runs a drawn graph.
 
 ``graphs()`` draws a ``FuzzGraph``: an input shape, a batch size and a list of ``Op`` s, each reading one or
-more earlier values (``srcs`` index the values computed so far, 0 being the input), so drawn graphs have
-branches, residual adds, broadcast multiplies, concatenations, values with several users and several outputs.
-``FuzzModel(graph)`` is an ordinary nn.Module that interprets it (torch.fx traces through its loop, leaving
-exactly the drawn ops). Ops and their variants:
-
-    conv          Conv2d: groups, stride, dilation, (non-square) kernels, int / 'same' / 'valid' padding,
-                  zeros / reflect / replicate / circular padding modes, with or without bias
-    conv_t        ConvTranspose2d: groups, stride, dilation, padding, output_padding
-    bn            BatchNorm2d / BatchNorm1d, affine or not
-    act           relu / relu6 / hardswish / silu / sigmoid / tanh / gelu as modules, functions, methods, in
-                  place or not (where torch has the spelling; else the function)
-    add, mul      same shape or broadcast ((C, 1, 1) against (C, H, W)), operator / torch / Tensor spellings
-    cat           along channels (dim 1 or its negative spelling)
-    pool          max / avg (kernel, stride, padding, ceil_mode), adaptive avg / max, mean over H and W
-    linear        on features (N, F) or on the last dim of an image tensor
-    flatten       (N, C, H, W) -> (N, C*H*W): nn.Flatten, torch.flatten, Tensor.flatten / reshape / view
-    unflatten     (N, F) -> (N, C, H, W)
-
-Shapes include 1 channel, 1-pixel and odd spatial sizes, batch 1 and 3. Weights are scaled by 1/sqrt(fan_in)
-and BatchNorm statistics estimated on random data (then perturbed, so BN is never the identity), which keeps
-activations near unit scale: a fair reference for int8 SQNR. A graph's ``repr`` is valid Python
-(``FuzzGraph(...)`` of ``Op(...)``), so a failing example pastes straight into a regression test.
-
+more earlier values (``srcs`` index the values computed so far, 0 being the input), so graphs have branches,
+residual adds, broadcast multiplies, concatenations, values with several users and several outputs.
+``FuzzModel(graph)`` is an nn.Module that runs it (torch.fx traces through its loop, leaving exactly the
+drawn ops). Ops: Conv2d and ConvTranspose2d (groups, strides, dilation, paddings, padding modes), BatchNorm,
+activations in every spelling (modules, functions, methods, in place or not), add / mul (broadcast too), cat,
+pooling, linear, flatten in its spellings, unflatten. Shapes include 1 channel, 1-pixel and odd sizes, batch
+1 and 3. Weights are scaled by 1/sqrt(fan_in) and BatchNorm statistics estimated on random data, then
+perturbed: activations stay near unit scale (a fair int8 reference) and BN is never the identity.
+A graph's ``repr`` is valid Python, so a failing example pastes straight into a regression test.
 Needs hypothesis (a test extra): ``from fxforge.testing import graphs, FuzzModel``.
 """
 

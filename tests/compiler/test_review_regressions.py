@@ -1,4 +1,5 @@
-"""Regressions for problems found in code review of the foundation (each a minimal model)."""
+"""Regressions of the compile foundation (pass manager, canonicalizing passes, lowering, layout, pass registry),
+each on a minimal model."""
 
 import pytest
 import torch

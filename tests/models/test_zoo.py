@@ -1,9 +1,10 @@
 """Model sweep: random-init torchvision classifiers through the "cpu" target.
 
 Each model gets BatchNorm statistics re-estimated on random batches first (random-init outputs otherwise
-vanish, see DESIGN.md), is compiled once per module (a 2x3x64x64 example), and is then checked: outputs
-match eager within 1e-4 relative on fresh inputs at the example batch size and others, the user's model is
-untouched, and the graph was really rewritten (BN folded where a conv feeds it, every conv on oneDNN).
+vanish, see docs/design.md, *Tests, in layers*), is compiled once per module (a 2x3x64x64 example), and is
+then checked: outputs match eager within 1e-4 relative on fresh inputs at the example batch size and
+others, the user's model is untouched, and the graph was really rewritten (BN folded where a conv feeds
+it, every conv on oneDNN).
 
 Input size: every model here accepts 32x32, but that leaves 1x1 feature maps at the end, whose NCHW and
 NHWC strides coincide and would hide layout bugs; 64x64 keeps 2x2 and the whole sweep well under a minute.

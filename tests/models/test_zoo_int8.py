@@ -1,6 +1,6 @@
 """Model sweep for static int8: random-init torchvision classifiers through the "x86" target (and "qnnpack").
 
-Each model gets BatchNorm statistics re-estimated on random batches (see DESIGN.md and test_zoo.py), is
+Each model gets BatchNorm statistics re-estimated on random batches (docs/design.md, *Tests, in layers*), is
 compiled once per (model, target) with a 2x3x64x64 example and 4 calibration batches of 2, and is checked:
 the int8 graph runs at other batch sizes and returns float logits, the user's model is untouched, no value
 is dequantized only to be quantized again, every quantized Conv2d/Linear weight lies on its int8 grid and

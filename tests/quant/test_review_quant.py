@@ -1,4 +1,4 @@
-"""Regression tests from the review of the quantization core: aliasing, ops without quantized kernels, QAT
+"""Regression tests of the quantization core: aliasing, ops without quantized kernels, QAT
 conversion fidelity, per-layer settings in prepare_qat, skip of merged modules, calibration items."""
 
 from __future__ import annotations
