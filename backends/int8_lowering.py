@@ -22,7 +22,7 @@ on a small fraction of elements, measured in the tests). ``dequantize`` nodes le
 Engines: prepacked weights carry their engine; ops without weights (add, pooling) follow the process-wide
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
 lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
-input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
+input shape (``int8_kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
 Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
 ``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
 Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
@@ -56,9 +56,9 @@ from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
 from .cpu import restore_eager_layout
+from .int8_kernel_choice import available_engines, example_int8_input, fastest_prepacked
 from .int8_packed import PackedWeight
 from .int8_rnn import DynamicInt8RNN
-from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
 
 _q = torch.ops.quantized
 _CONV_OPS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
@@ -79,7 +79,7 @@ class _Lowering:
     """State of one lowering run: the graph module, its engine, and a counter for prepacked weight names.
 
     ``kernel_engines`` are the engines whose prepacked weights a conv/linear may use; with more than one, each
-    layer takes the one whose kernel measured fastest on the layer's input shape (``kernel_choice.py``).
+    layer takes the one whose kernel measured fastest on the layer's input shape (``int8_kernel_choice.py``).
     """
 
     def __init__(self, gm: fx.GraphModule, engine: str, kernel_engines: tuple[str, ...] = ()) -> None:
