@@ -33,6 +33,7 @@ from fxforge.graph.fused import FusedConv, FusedLinear
 from fxforge.graph.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
 
@@ -308,9 +309,11 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     return any(counts.values()) or switched
 
 
+# the graph passes of the CPU float targets ("cpu", "cpu-bf16"): everything before their lowering
+register_fragment("cpu-graph", "canonicalize,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,to-nhwc")
+
 register_target(Target(
     name="cpu",
     description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
-    pipeline="remove-noops,dce,normalize-inplace,normalize-relu,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,"
-             "to-nhwc,lower-cpu",
+    pipeline=compose("cpu-graph", "lower-cpu"),
 ))

@@ -43,9 +43,9 @@ from fxforge.graph.matching import ACTIVATIONS, module_of
 from fxforge.graph.meta import record_rewrite, tensor_shape
 from fxforge.passes.attention import SdpaSelfAttention
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose
 from fxforge.pipeline.pass_api import graph_pass
-from fxforge.pipeline.targets import Target, all_targets, register_target
-from fxforge.pipeline.text import PassSpec, format_pipeline, parse_pipeline
+from fxforge.pipeline.targets import Target, register_target
 
 from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
 
@@ -226,16 +226,10 @@ def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     return True
 
 
-def _pipeline() -> str:
-    """The "cpu" target's pipeline with lower-cpu-bf16 in place of lower-cpu (graph passes shared)."""
-    specs = parse_pipeline(all_targets()["cpu"].pipeline)
-    return format_pipeline([PassSpec(PASS_NAME) if s.name == "lower-cpu" else s for s in specs])
-
-
 register_target(Target(
     name="cpu-bf16",
     description="bf16 on CPUs with AMX / AVX512-BF16: the cpu pipeline with bf16 weights and activations on "
                 "oneDNN; fp32 in and out, output SQNR vs fp32 in the report",
-    pipeline=_pipeline(),
+    pipeline=compose("cpu-graph", PASS_NAME),  # the "cpu" target's graph passes, then the bf16 lowering
     availability=bf16_unavailable_reason,
 ))

@@ -49,6 +49,7 @@ from fxforge.graph.fused import FusedConv
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.targets import Target, register_target
 
@@ -335,7 +336,8 @@ def bf16_unavailable_reason() -> str | None:
     return reason
 
 
-GRAPH_PASSES = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,to-nhwc"
+# the graph passes of the CUDA targets: everything before their lowering
+register_fragment("cuda-graph", "canonicalize,fold-bn,fuse-conv,to-nhwc")
 _TARGETS = {
     "cuda": ("fp16", "lower-cuda", cuda_unavailable_reason),
     "cuda-bf16": ("bf16", "lower-cuda{dtype=bfloat16}", bf16_unavailable_reason),
@@ -346,7 +348,7 @@ for _name, (_precision, _lowering, _availability) in _TARGETS.items():
         name=_name,
         description=f"{_precision} on a CUDA GPU: BN folded, conv+relu / conv+add+relu on fused cuDNN kernels, "
                     f"channels-last weights, a CUDA graph per input shape",
-        pipeline=f"{GRAPH_PASSES},{_lowering},cuda-runtime",
+        pipeline=compose("cuda-graph", _lowering, "cuda-runtime"),
         device="cuda",
         availability=_availability,
     ))

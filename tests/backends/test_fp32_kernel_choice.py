@@ -17,9 +17,10 @@ from fxforge.backends import fp32_kernel_choice as choice
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
 from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear, fastest
 from fxforge.graph.fused import FusedLinear
+from fxforge.pipeline.fragments import with_options
 from helpers import module_types, randomize_bn, rel_error
 
-TUNED = fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu{autotune=true}")
+TUNED = with_options(fxforge.pipeline_for("cpu"), "lower-cpu", autotune=True)
 
 
 class Net(nn.Module):

@@ -13,6 +13,7 @@ from torch import fx
 
 import fxforge
 from fxforge.backends.int8_kernel_choice import available_engines, example_int8_input, fastest_prepacked
+from fxforge.pipeline.fragments import with_options
 from helpers import reestimate_bn
 
 X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -88,7 +89,7 @@ def test_x86_packs_each_layer_for_a_measured_engine_and_agrees_with_fixed_packin
     model, calibration = _model(), batches(8)
     tuned = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration)
     fixed = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration,
-                            pipeline=fxforge.pipeline_for("x86").replace("lower-x86", "lower-x86{autotune=false}"))
+                            pipeline=with_options(fxforge.pipeline_for("x86"), "lower-x86", autotune=False))
     notes = next(p.notes for p in tuned.report.passes if p.name == "lower-x86")
     choice = next(n for n in notes if n.startswith("weights packed for the fastest engine"))
     chosen = {e: int(n) for n, e in (part.split() for part in choice.split(": ")[1].split(", "))}
