@@ -19,9 +19,10 @@ relu(conv(x) + z + bias) in one kernel (cuDNN's runtime-fusion engines), and onl
 ungrouped, undilated convs whose channel counts are multiples of 8 (tensor-core alignment in channels-last
 fp16; a 3-channel stem or a depthwise conv would take a slow or no fused engine: pytorch#68506 measured a
 7x7 fused conv 17x slower than conv + relu). With ``autotune`` and a graph on the GPU, each layer that
-qualifies is timed with both kernels on its input shape (CUDA events) and keeps the faster; a fused kernel
-that fails to run falls back to "conv2d". On the CPU (graph-level tests of this pipeline) nothing is timed,
-and a CudaConv2d computes its "conv2d" composition whatever its kernel: the fused ops exist only on CUDA.
+qualifies is timed with both kernels on its input shape (``fxforge.numerics.timing``: CUDA events, the kernels
+interleaved) and keeps the faster; a fused kernel that fails to run falls back to "conv2d". On the CPU
+(graph-level tests of this pipeline) nothing is timed, and a CudaConv2d computes its "conv2d" composition
+whatever its kernel: the fused ops exist only on CUDA.
 Why correct: both kernels compute conv + bias, then the add, then the activation of the FusedConv they
 replace; results differ from fp32 eager by the rounding of ``dtype`` (fp16 SQNR is measured by the CUDA tests).
 Layout: the CUDA pipelines run ``to-nhwc`` first (property ``nhwc``); lower-cuda then lowers the convs of its
@@ -36,8 +37,8 @@ Conv1d/3d, string paddings and non-zero padding modes stay eager, with their wei
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from torch import fx, nn
 from fxforge.graph.fused import FusedConv
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
+from fxforge.numerics import timing
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
@@ -126,36 +128,34 @@ class CudaConv2d(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- autotune
-def cuda_event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> float:
-    """Mean GPU time of ``fn`` over ``repeats`` back-to-back calls, after ``warmup`` calls (CUDA events)."""
-    for _ in range(warmup):  # the first call of a fused kernel builds its cuDNN plan (and may compile it)
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+# the first call of a fused kernel builds its cuDNN plan (and may compile it); samples of 2 back-to-back calls
+SCHEDULE = timing.Schedule(warmup=3, rounds=5, calls=2)
 
 
-Timer = Callable[[Callable[[], Any]], float]
-
-
-def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None, timer: Timer) -> str:
-    """Time ``module`` with its fused kernel and with "conv2d" on (x, other); keep the faster (or the one that
-    runs) in ``module.kernel``. Returns a note for the report."""
-    times: dict[str, float] = {}
-    failures = []
+def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None,
+                  timer: timing.Timer = timing.cuda_events) -> str:
+    """Time ``module`` with its fused kernel and with "conv2d" on (x, other), interleaved; keep the faster (or the
+    one that runs) in ``module.kernel``. Returns a note for the report."""
+    runs, failures = {}, []
     for kernel in (module.kernel, "conv2d"):
-        module.kernel = kernel
+        run = functools.partial(_run_with_kernel, module, kernel, x, other)
         try:
-            times[kernel] = timer(lambda: module(x, other))
+            run()
         except RuntimeError as exc:  # e.g. no cuDNN engine for this fused graph
             failures.append(f"{kernel} failed ({str(exc).strip().splitlines()[0][:80]})")
-    module.kernel = min(times, key=times.__getitem__)
-    measured = ", ".join(f"{k} {t:.3f} ms" for k, t in times.items())
+        else:
+            runs[kernel] = run
+    if not runs:  # conv2d failing too: its error shows when the model runs
+        module.kernel = "conv2d"
+        return "; ".join(failures)
+    module.kernel, seconds = timing.fastest(runs, SCHEDULE, timer)
+    measured = ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in seconds.items())
     return "; ".join(filter(None, (measured, *failures)))
+
+
+def _run_with_kernel(module: CudaConv2d, kernel: str, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    module.kernel = kernel
+    return module(x, other)
 
 
 def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -164,7 +164,7 @@ def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | Non
     return torch.randn(tuple(shape), device=like.device, dtype=like.dtype).contiguous(memory_format=_CL)
 
 
-def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: Timer) -> list[str]:
+def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: timing.Timer) -> list[str]:
     """Time each node's fused kernel against "conv2d"; a summary line, then one line per layer that left
     its fused kernel (slower or failed)."""
     kept, switched = 0, []
@@ -305,7 +305,7 @@ class LowerCuda(Pass):
             else:
                 fused_nodes.append(node)
         gm.to(dtype)  # every other floating parameter and buffer (CudaConv2d's are converted already)
-        notes = _autotune(gm, fused_nodes, cuda_event_ms) if self.autotune and _on_gpu(gm) else []
+        notes = _autotune(gm, fused_nodes, timing.cuda_events) if self.autotune and _on_gpu(gm) else []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
             module = module_of(gm, node)
             if isinstance(module, CudaConv2d):
