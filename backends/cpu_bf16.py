@@ -5,7 +5,8 @@ lower-cpu-bf16 rewrites (it replaces lower-cpu at the end of the "cpu" target's 
     FusedConv[Conv2d, add? act?] / Conv2d          =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
     FusedLinear[act] / Linear                      =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
     SdpaSelfAttention's out_proj (a Linear inside) =>  OneDnnLinearBf16  (its in-projection stays F.linear)
-    each fp32 graph input x                        =>  x.to(torch.bfloat16)
+    each floating graph input x                    =>  x.to(torch.bfloat16)  (channels-last where to-nhwc
+                                                       converts it so; backends/edges.py, shared with lower-cuda)
     each floating graph output y                   =>  y.to(<eager dtype>)  (NCHW-contiguous where eager was)
 The boundary: users pass fp32 and get fp32 back (the dtype eager returned), so the compiled model is a drop-in
 replacement for the fp32 one; inside, every value is bf16 (half the memory traffic, AMX/AVX512-BF16 dot
@@ -24,9 +25,9 @@ Testing override: FXFORGE_CPU_BF16_EMULATE=1 makes the target usable anywhere. W
 (AVX2 CPUs: "bf16 path needs the cpu support avx_ne_convert or avx512bw..."), the modules then run the same
 computation through eager bf16 ops (F.conv2d / F.linear on the bf16 weight, post-ops after): same graph, same
 bf16 weights and activations, slow, weights not prepacked. It is for tests, not for speed.
-Preconditions: shapes propagated; fp32 model. Values computed in fp32 inside the graph (e.g. a constant made
-with dtype=torch.float32) are cast to bf16 by the lowered conv/linear that reads them; eager ops reading such a
-value together with bf16 weights fail, as they would for ``model.bfloat16()``.
+Preconditions: to-nhwc ran (as for lower-cpu); shapes propagated; fp32 model. Values computed in fp32 inside the
+graph (e.g. a constant made with dtype=torch.float32) are cast to bf16 by the lowered conv/linear that reads them;
+eager ops reading such a value together with bf16 weights fail, as they would for ``model.bfloat16()``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import fx, nn
 
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import ACTIVATIONS, module_of
-from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.graph.meta import tensor_shape
 from fxforge.passes.attention import SdpaSelfAttention
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.fragments import compose
@@ -48,6 +49,7 @@ from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
 
 from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
+from .edges import cast_inputs, restore_outputs
 
 BF16 = torch.bfloat16
 EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
@@ -165,43 +167,6 @@ def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return OneDnnLinearBf16(linear, activation, shape[0] if shape is not None and len(shape) == 2 else None)
 
 
-def _eager_float_dtype(node: object) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    dtype = getattr(meta, "dtype", None)  # None too for nodes returning tuples
-    return dtype if dtype is not None and dtype.is_floating_point else None
-
-
-def _cast_inputs(gm: fx.GraphModule) -> int:
-    """Each fp32 graph input -> bf16 once, at the top of the graph (an input returned as it is stays as it is)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    count = 0
-    for node in placeholders:
-        if _eager_float_dtype(node) != torch.float32:
-            continue
-        with gm.graph.inserting_after(placeholders[-1]):
-            cast = gm.graph.call_method("to", (node,), {"dtype": BF16})
-        record_rewrite(cast, PASS_NAME, node)
-        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
-        count += 1
-    return count
-
-
-def _restore_output_dtypes(gm: fx.GraphModule) -> None:
-    """Floating outputs -> the dtype eager returned (fp32 for an fp32 model)."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-    def restore(value: object) -> object:
-        dtype = _eager_float_dtype(value)
-        if dtype is None or value.op == "placeholder":
-            return value
-        with gm.graph.inserting_before(output):
-            new = gm.graph.call_method("to", (value,), {"dtype": dtype})
-        record_rewrite(new, PASS_NAME, value)
-        return new
-
-    output.args = fx.node.map_aggregate(output.args, restore)
-
-
 def _lower_attention_projections(gm: fx.GraphModule) -> int:
     """attention-to-sdpa's modules call their out-projection inside forward, out of the graph's sight."""
     attention = [m for m in gm.modules() if isinstance(m, SdpaSelfAttention) and type(m.out_proj) is nn.Linear]
@@ -210,18 +175,18 @@ def _lower_attention_projections(gm: fx.GraphModule) -> int:
     return len(attention)
 
 
-@graph_pass(name=PASS_NAME, provides=("lowered", "reduced-precision"))
+@graph_pass(name=PASS_NAME, requires=("nhwc",), provides=("lowered", "reduced-precision"))
 def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Everything to bf16; conv/linear onto oneDNN bf16 kernels with prepacked weights; casts at the edges."""
     ctx.shapes(gm)
     gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
-    counts = lower_modules(gm, ctx, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu, layouts included
+    counts = lower_modules(gm, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu
     counts["linear"] += _lower_attention_projections(gm)
-    inputs = _cast_inputs(gm)
-    _restore_output_dtypes(gm)
+    inputs = cast_inputs(gm, BF16, PASS_NAME)
+    restore_outputs(gm, PASS_NAME)
     kernels = "oneDNN bf16" if native_bf16_kernels() else \
         f"eager bf16 ops (emulated: oneDNN has no bf16 path on this CPU; {EMULATE_ENV}=1)"
-    ctx.note(f"weights and activations in bf16, {inputs} input(s) cast from fp32; lowered {counts['conv']} "
+    ctx.note(f"weights and activations in bf16, {inputs} input(s) cast to bf16; lowered {counts['conv']} "
              f"conv(s) and {counts['linear']} linear(s) to {kernels}")
     return True
 

@@ -6,9 +6,8 @@ lower-cuda{dtype=float16,fused=true,autotune=true} rewrites:
     FusedConv[Conv2d, other post-ops] / Conv2d  =>  CudaConv2d  kernel "conv2d"  (F.conv2d, then the add and
                                                     the activation in place on the fresh conv output)
     every other floating-point parameter and buffer  =>  ``dtype``
-    each floating graph input x    =>  x.to(dtype, memory_format=channels_last)   (4-d inputs; others: dtype)
-    each floating graph output y   =>  y.to(<eager dtype>[, contiguous])  (the dtype and layout eager returned)
-    x.view(...) of a value eager had NCHW-contiguous  =>  x.contiguous().view(...)
+    each floating graph input x    =>  x.to(dtype[, memory_format=channels_last])  (backends/edges.py)
+    each floating graph output y   =>  y.to(<eager dtype>, <eager layout>)  (the dtype and layout eager returned)
 Weights are converted to ``dtype`` and laid out channels-last once, here; cuDNN then runs channels-last
 convolutions (tensor cores in fp16/bf16) without converting a weight per call. Outputs come back in the dtype
 eager produced on the example inputs (fp32 for an fp32 model), so the compiled model is a drop-in replacement;
@@ -25,13 +24,13 @@ interleaved) and keeps the faster; a fused kernel that fails to run falls back t
 whatever its kernel: the fused ops exist only on CUDA.
 Why correct: both kernels compute conv + bias, then the add, then the activation of the FusedConv they
 replace; results differ from fp32 eager by the rounding of ``dtype`` (fp16 SQNR is measured by the CUDA tests).
-Layout: the CUDA pipelines run ``to-nhwc`` first (property ``nhwc``); lower-cuda then lowers the convs of its
-channels-last regions only (a conv it kept in eager layout, whose value may share memory with one mutated in
-place, stays an eager Conv2d in ``dtype``: a channels-last weight would make its output channels-last), casts
-an input straight to channels-last when only to-nhwc's conversions read it (they become no-ops), folds
-to-nhwc's NCHW copy before an output into the cast back, and adds no ``contiguous`` before views. Without
-to-nhwc (a pipeline written without it), the rules in the table above apply.
-Preconditions: shapes propagated (the eager dtypes and layouts of the outputs come from that metadata).
+Layout: lower-cuda requires ``to-nhwc`` before it (property ``nhwc``), which made every layout change explicit;
+lower-cuda then lowers the convs of its channels-last regions only (a conv it kept in eager layout, whose value
+may share memory with one mutated in place, stays an eager Conv2d in ``dtype``: a channels-last weight would make
+its output channels-last), casts an input straight to channels-last when only to-nhwc's conversions read it
+(they become no-ops), folds to-nhwc's NCHW copy before an output into the cast back, and adds no ``contiguous``
+before views (to-nhwc gave them NCHW values).
+Preconditions: to-nhwc ran; shapes propagated (the eager dtypes and layouts of the outputs come from that metadata).
 Conv1d/3d, string paddings and non-zero padding modes stay eager, with their weights converted.
 """
 
@@ -40,7 +39,6 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +54,7 @@ from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.targets import Target, register_target
 
 from . import cuda_graphs  # noqa: F401  (registers the cuda-runtime pass)
+from .edges import cast_inputs, restore_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CL = torch.channels_last
@@ -195,74 +194,6 @@ def _conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype, fused:
     return CudaConv2d(conv, dtype, add, activation, kernel or "conv2d"), why
 
 
-def _floating_meta(node: object) -> Any:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return meta if meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point else None
-
-
-def _channels_last_input(node: fx.Node, meta: Any, planned: bool) -> bool:
-    """Cast this 4-d input straight to channels-last: always without to-nhwc; with it, when its readers are all
-    to-nhwc conversions into channels-last (which the cast then makes no-ops: one copy instead of two)."""
-    if len(meta.shape) != 4:
-        return False
-    return not planned or all(fxmeta(u).get("nhwc") == "enter" for u in node.users if u.op != "output")
-
-
-def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype, planned: bool) -> None:
-    """Each floating input -> ``dtype`` (4-d: also channels-last where it goes) once, at the top of the graph."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        meta = _floating_meta(node)
-        if meta is None:
-            continue
-        kwargs = {"dtype": dtype, **({"memory_format": _CL} if _channels_last_input(node, meta, planned) else {})}
-        with gm.graph.inserting_after(placeholders[-1]):
-            cast = gm.graph.call_method("to", (node,), kwargs)
-        record_rewrite(cast, "lower-cuda", node)
-        # an input returned as it is stays untouched (no round trip through dtype)
-        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
-
-
-def _eager_contiguous(meta: Any) -> bool:
-    return meta.memory_format == torch.contiguous_format
-
-
-def _restore_outputs(gm: fx.GraphModule, planned: bool) -> None:
-    """Floating outputs -> the dtype eager returned, NCHW-contiguous again where eager had them so (with
-    to-nhwc: its copy to NCHW before an output folded into this cast; region outputs it left channels-last
-    stay so)."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-    def restore(value: object) -> object:
-        meta = _floating_meta(value)
-        if meta is None or value.op == "placeholder":
-            return value
-        source, fmt = value, torch.contiguous_format if _eager_contiguous(meta) else torch.preserve_format
-        if planned and fxmeta(value).get("layout") == "channels_last":
-            fmt = torch.preserve_format  # to-nhwc{outputs=channels_last} left it so
-        elif planned and fxmeta(value).get("nhwc") == "exit" and len(value.users) == 1:
-            source = value.args[0]  # cast and make NCHW in one copy
-        with gm.graph.inserting_before(output):
-            new = gm.graph.call_method("to", (source,), {"dtype": meta.dtype, "memory_format": fmt})
-        record_rewrite(new, "lower-cuda", value)
-        return new
-
-    output.args = fx.node.map_aggregate(output.args, restore)
-    for node in [n for n in gm.graph.nodes if fxmeta(n).get("nhwc") == "exit" and not n.users]:
-        gm.graph.erase_node(node)
-
-
-def _contiguous_before_views(gm: fx.GraphModule) -> None:
-    """``.view`` needs strides that channels-last values lack: make values eager had contiguous so again."""
-    for node in [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]:
-        meta = _floating_meta(node.args[0])
-        if meta is not None and len(meta.shape) == 4 and _eager_contiguous(meta):
-            with gm.graph.inserting_before(node):
-                fixed = gm.graph.call_method("contiguous", (node.args[0],))
-            record_rewrite(fixed, "lower-cuda", node.args[0])
-            node.replace_input_with(node.args[0], fixed)
-
-
 def _summary(kernels: Counter, why_not: Counter) -> str:
     done = ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) or "none"
     reasons = "; ".join(f"{why}: {n}" for why, n in sorted(why_not.items()))
@@ -275,6 +206,7 @@ class LowerCuda(Pass):
     """Convs -> CudaConv2d (fused cuDNN kernels where they apply), everything in ``dtype``, casts at the edges."""
 
     name = "lower-cuda"
+    requires = frozenset({"nhwc"})  # to-nhwc made every layout change explicit: views read NCHW values already
     provides = frozenset({"lowered"})
     dtype: str = "float16"
     fused: bool = True
@@ -289,10 +221,9 @@ class LowerCuda(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.shapes(gm)
         dtype = DTYPES[self.dtype]
-        planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
         kernels, why_not, fused_nodes = Counter(), Counter(), []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
-            if planned and fxmeta(node).get("layout") != "channels_last":
+            if fxmeta(node).get("layout") != "channels_last":
                 continue  # kept in eager layout by to-nhwc: a channels-last weight would make its output so
             lowered = _conv_lowering(gm, node, dtype, self.fused)
             if lowered is None:
@@ -310,10 +241,8 @@ class LowerCuda(Pass):
             module = module_of(gm, node)
             if isinstance(module, CudaConv2d):
                 kernels[module.kernel] += 1
-        _cast_inputs(gm, dtype, planned)
-        _restore_outputs(gm, planned)
-        if not planned:  # with to-nhwc, views read NCHW values already
-            _contiguous_before_views(gm)
+        cast_inputs(gm, dtype, "lower-cuda")
+        restore_outputs(gm, "lower-cuda")
         return PassResult(gm, True, [f"compute dtype {self.dtype}, weights channels-last",
                                      _summary(kernels, why_not), *notes])
 

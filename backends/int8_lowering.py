@@ -23,8 +23,8 @@ Engines: prepacked weights carry their engine; ops without weights (add, pooling
 ``torch.backends.quantized.engine``, which ``CompiledModule`` sets to the target's engine around each call.
 lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel measured faster on the layer's
 input shape (``int8_kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
-Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
-``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
+Layout: the kernels return channels-last tensors; eager's NCHW layout is restored (backends/eager_layout.py)
+before ``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
 Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
 (relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
 windows, count_include_pad=False with padding), adaptive pooling that upsamples a 1x1 map (wrong on
@@ -55,7 +55,7 @@ from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
-from .cpu import restore_eager_layout
+from .eager_layout import restore_eager_layout
 from .int8_kernel_choice import available_engines, example_int8_input, fastest_prepacked
 from .int8_packed import PackedWeight
 from .int8_rnn import DynamicInt8RNN

@@ -88,8 +88,9 @@ def test_lowered_graph_holds_bf16_weights_and_casts_at_the_edges(emulate):
     floating = [t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()]
     assert floating and all(t.dtype == torch.bfloat16 for t in floating)
     nodes = list(gm.graph.nodes)
-    first_cast = nodes[1]
-    assert (first_cast.op, first_cast.target, first_cast.kwargs) == ("call_method", "to", {"dtype": torch.bfloat16})
+    first_cast = nodes[1]  # straight to channels-last: only to-nhwc's conversion into it reads the input
+    assert (first_cast.op, first_cast.target) == ("call_method", "to") and first_cast.args == (nodes[0],)
+    assert first_cast.kwargs == {"dtype": torch.bfloat16, "memory_format": torch.channels_last}
     output = nodes[-1]
     casts = [a for a in output.args[0] if a.op == "call_method" and a.target in ("to", "contiguous")]
     assert len(casts) == 2  # both outputs come back through a cast to fp32
