@@ -7,12 +7,12 @@ lower-cpu rewrites:
 Plain Linear stays on eager's MKL GEMM, faster at batch 1 (benchmarks/RESULTS.md, kernel choice).
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order.
-Layout: the oneDNN convs run channels-last. After ``to-nhwc`` (property ``nhwc``) lower-cpu lowers the convs of
-its channels-last regions and adds nothing (a conv to-nhwc kept in eager layout stays an eager Conv2d).
-Without to-nhwc, each oneDNN conv converts its input when needed, and values eager had NCHW-contiguous are
-made contiguous again before a ``.view``, before reshapes mutated in place, and at the graph outputs.
-Preconditions: shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string paddings stay
-eager (correct, not yet lowered).
+Layout: the oneDNN convs run channels-last. lower-cpu requires ``to-nhwc`` before it (property ``nhwc``; a
+pipeline without it is refused before anything runs, naming to-nhwc), so every layout conversion is explicit:
+lower-cpu lowers the convs of its channels-last regions and adds nothing (a conv to-nhwc kept in eager layout
+stays an eager Conv2d).
+Preconditions: to-nhwc ran; shapes propagated; fp32 weights. Conv1d/3d, non-zero padding modes and string
+paddings stay eager (correct, not yet lowered).
 
 Before: ``y = fused_conv(x)``  (FusedConv[relu])   After: ``y = onednn_conv(x)``  (OneDnnConv2d, post-op relu)
 """
@@ -20,17 +20,16 @@ Before: ``y = fused_conv(x)``  (FusedConv[relu])   After: ``y = onednn_conv(x)``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
 
 from fxforge.errors import PluginUnavailableError
 from fxforge.graph.fused import FusedConv, FusedLinear
-from fxforge.graph.matching import ACTIVATIONS, is_in_place, module_of, replace_submodule
+from fxforge.graph.matching import ACTIVATIONS, module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
 
@@ -183,102 +182,15 @@ def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return OneDnnLinear(mod.linear, mod.activation, shape[0] if shape is not None and len(shape) == 2 else None)
 
 
-def _eager_was_contiguous_4d(value: object) -> bool:
-    """A rank-4 tensor value that eager produced in the default (NCHW-contiguous) layout.
-
-    The shape metadata was recorded on the eager graph, before lowering made conv outputs channels-last.
-    """
-    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-    shape = getattr(meta, "shape", None)  # None too for nodes returning tuples
-    return shape is not None and len(shape) == 4 and meta.memory_format == torch.contiguous_format
-
-
-def _contiguous_before(gm: fx.GraphModule, value: fx.Node, before: fx.Node, pass_name: str) -> fx.Node:
-    with gm.graph.inserting_before(before):
-        new = gm.graph.call_method("contiguous", (value,))
-    record_rewrite(new, pass_name, value)
-    return new
-
-
-def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """flatten / reshape / view: a view of their input on NCHW-contiguous tensors, a copy on channels-last."""
-    if node.op == "call_method":
-        return node.target in ("flatten", "reshape", "view")
-    return (node.op == "call_function" and node.target in (torch.flatten, torch.reshape)) or \
-        isinstance(module_of(gm, node), nn.Flatten)
-
-
-def _mutated_through_reshape(gm: fx.GraphModule, value: fx.Node) -> bool:
-    """True when an in-place op mutates ``value`` through a reshape of it (``value.flatten(1).relu_()``):
-    eager's mutation reaches ``value`` only while the reshape is a view, i.e. in the NCHW layout."""
-    views = [u for u in value.users if _is_reshape(gm, u)]
-    while views:
-        view = views.pop()
-        if any(is_in_place(gm, u) and u.args and u.args[0] is view for u in view.users):
-            return True
-        views.extend(u for u in view.users if _is_reshape(gm, u))
-    return False
-
-
-def _contiguous_after(gm: fx.GraphModule, value: fx.Node, pass_name: str) -> None:
-    """Every reader of ``value`` reads it NCHW-contiguous (one copy, shared: aliasing as in eager)."""
-    with gm.graph.inserting_after(value):
-        new = gm.graph.call_method("contiguous", (value,))
-    value.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-    record_rewrite(new, pass_name, value)
-
-
-def _contiguous_in_eager(output: fx.Node, reference: Any) -> set[fx.Node]:
-    """The output values that eager returned as NCHW-contiguous rank-4 tensors (``reference``: its outputs)."""
-    nodes, refs = tree_flatten(output.args[0])[0], tree_flatten(reference)[0]
-    if len(nodes) != len(refs):
-        return set()
-    return {n for n, r in zip(nodes, refs, strict=True) if isinstance(n, fx.Node) and isinstance(r, torch.Tensor)
-            and r.dim() == 4 and r.is_contiguous()}
-
-
-def restore_eager_layout(gm: fx.GraphModule, pass_name: str = "lower-cpu", reference: Any = None) -> int:
-    """Where eager had NCHW-contiguous tensors, give them back before layout-sensitive uses: ``.view``
-    (which fails on channels-last strides), reshapes whose result is mutated in place (the mutation must
-    reach the reshaped value, as it does through eager's view) and graph outputs. ``.contiguous()`` is a
-    no-op when the value is already contiguous, e.g. when it never passed through a lowered conv.
-    Eager's layout comes from the shape metadata, and for the outputs from ``reference`` (eager's outputs)
-    when given: graphs whose metadata was propagated after quantization no longer know it.
-    Returns the number of ``contiguous`` calls added."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "placeholder" and _eager_was_contiguous_4d(node) and _mutated_through_reshape(gm, node):
-            _contiguous_after(gm, node, pass_name)
-            count += 1
-    for node in list(gm.graph.nodes):
-        if node.op == "call_method" and node.target == "view" and _eager_was_contiguous_4d(node.args[0]):
-            node.replace_input_with(node.args[0], _contiguous_before(gm, node.args[0], node, pass_name))
-            count += 1
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    contiguous = _contiguous_in_eager(output, reference) if reference is not None else None
-
-    def restore(value: object) -> object:
-        nonlocal count
-        if not (_eager_was_contiguous_4d(value) if contiguous is None else value in contiguous):
-            return value
-        count += 1
-        return _contiguous_before(gm, value, output, pass_name)
-
-    output.args = fx.node.map_aggregate(output.args, restore)
-    return count
-
-
-def lower_modules(gm: fx.GraphModule, ctx: PassContext, pass_name: str, conv_lowering: Callable,
+def lower_modules(gm: fx.GraphModule, pass_name: str, conv_lowering: Callable,
                   linear_lowering: Callable) -> dict[str, int]:
     """Replace each conv / linear module call by what ``conv_lowering`` / ``linear_lowering`` return for it
-    (None: left as it is); counts per kind. After to-nhwc (property ``nhwc``) only the convs of its
-    channels-last regions are lowered and the layouts in the graph are already explicit; without it the
-    channels-last outputs of oneDNN convs are made eager's layout again where observable."""
-    planned = "nhwc" in ctx.properties
+    (None: left as it is); counts per kind. The graph went through to-nhwc (property ``nhwc``): only the convs of
+    its channels-last regions are lowered, and the layouts in the graph are already explicit."""
     counts = {"conv": 0, "linear": 0}
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         for kind, lowering in (("conv", conv_lowering), ("linear", linear_lowering)):
-            if planned and kind == "conv" and fxmeta(node).get("layout") != "channels_last":
+            if kind == "conv" and fxmeta(node).get("layout") != "channels_last":
                 continue  # to-nhwc kept it in eager layout (it may share memory with a value mutated in place)
             new_module = lowering(gm, node)
             if new_module is not None:
@@ -286,8 +198,6 @@ def lower_modules(gm: fx.GraphModule, ctx: PassContext, pass_name: str, conv_low
                 record_rewrite(node, pass_name, node)
                 counts[kind] += 1
                 break  # lowered: the node now calls a oneDNN module
-    if counts["conv"] and not planned:
-        restore_eager_layout(gm, pass_name)
     return counts
 
 
@@ -309,12 +219,12 @@ def _autotuner() -> Autotuner:
     return _AUTOTUNERS["lower-cpu"]
 
 
-@graph_pass(name="lower-cpu", provides=("lowered",))
+@graph_pass(name="lower-cpu", requires=("nhwc",), provides=("lowered",))
 def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
     """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
     instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
     ctx.shapes(gm)
-    counts = lower_modules(gm, ctx, "lower-cpu", conv_lowering, _linear_lowering)
+    counts = lower_modules(gm, "lower-cpu", conv_lowering, _linear_lowering)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
     switched = False
@@ -323,9 +233,11 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     return any(counts.values()) or switched
 
 
+# the graph passes of the CPU float targets ("cpu", "cpu-bf16"): everything before their lowering
+register_fragment("cpu-graph", "canonicalize,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,to-nhwc")
+
 register_target(Target(
     name="cpu",
     description="fp32 on CPU: BN folded, conv/linear fused with add/activations, oneDNN kernels with prepacked weights",
-    pipeline="remove-noops,dce,normalize-inplace,normalize-relu,attention-to-sdpa,fold-bn,fuse-conv,fuse-linear,"
-             "to-nhwc,lower-cpu",
+    pipeline=compose("cpu-graph", "lower-cpu"),
 ))

@@ -5,7 +5,7 @@ lower-cpu-bf16 rewrites (in place of lower-cpu at the end of the "cpu" target's 
     FusedConv[Conv2d, add? act?] / Conv2d =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
     FusedLinear[act] / Linear            =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
     SdpaSelfAttention's out_proj         =>  OneDnnLinearBf16
-    floating graph inputs / outputs      =>  cast to bf16 / back to eager's dtype (and NCHW where eager was)
+    floating graph inputs / outputs      =>  cast to bf16 / back to eager's dtype and layout (backends/edges.py)
 Users pass fp32 and get fp32 back; inside, every value is bf16. Plain Linear is lowered too: eager bf16
 matmuls would reorder the weight on every call.
 Why correct: the same oneDNN ops as lower-cpu on bf16 operands, accumulating in fp32 and rounding each output
@@ -14,7 +14,7 @@ reports the output SQNR (verify="numeric" checks SQNR, not a tolerance).
 Hardware (``bf16_unavailable_reason``): AMX or AVX512-BF16 (torch's CPUID helpers) and oneDNN bf16 support;
 oneDNN's check alone is also true on plain AVX512, where it emulates bf16 slower than fp32.
 FXFORGE_CPU_BF16_EMULATE=1 (for tests) makes the target usable anywhere: where oneDNN refuses bf16 the
-modules run eager bf16 ops on the same weights, slowly. Preconditions: shapes propagated; an fp32 model.
+modules run eager bf16 ops on the same weights, slowly. Preconditions: to-nhwc ran; shapes propagated; an fp32 model.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ from torch import fx, nn
 
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import ACTIVATIONS, module_of
-from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.graph.meta import tensor_shape
 from fxforge.passes.attention import SdpaSelfAttention
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose
 from fxforge.pipeline.pass_api import graph_pass
-from fxforge.pipeline.targets import Target, all_targets, register_target
-from fxforge.pipeline.text import PassSpec, format_pipeline, parse_pipeline
+from fxforge.pipeline.targets import Target, register_target
 
 from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
+from .edges import cast_inputs, restore_outputs
 
 BF16 = torch.bfloat16
 EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
@@ -153,43 +154,6 @@ def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return OneDnnLinearBf16(linear, activation, shape[0] if shape is not None and len(shape) == 2 else None)
 
 
-def _eager_float_dtype(node: object) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    dtype = getattr(meta, "dtype", None)  # None too for nodes returning tuples
-    return dtype if dtype is not None and dtype.is_floating_point else None
-
-
-def _cast_inputs(gm: fx.GraphModule) -> int:
-    """Each fp32 graph input -> bf16 once, at the top of the graph (an input returned as it is stays as it is)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    count = 0
-    for node in placeholders:
-        if _eager_float_dtype(node) != torch.float32:
-            continue
-        with gm.graph.inserting_after(placeholders[-1]):
-            cast = gm.graph.call_method("to", (node,), {"dtype": BF16})
-        record_rewrite(cast, PASS_NAME, node)
-        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
-        count += 1
-    return count
-
-
-def _restore_output_dtypes(gm: fx.GraphModule) -> None:
-    """Floating outputs -> the dtype eager returned (fp32 for an fp32 model)."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-    def restore(value: object) -> object:
-        dtype = _eager_float_dtype(value)
-        if dtype is None or value.op == "placeholder":
-            return value
-        with gm.graph.inserting_before(output):
-            new = gm.graph.call_method("to", (value,), {"dtype": dtype})
-        record_rewrite(new, PASS_NAME, value)
-        return new
-
-    output.args = fx.node.map_aggregate(output.args, restore)
-
-
 def _lower_attention_projections(gm: fx.GraphModule) -> int:
     """attention-to-sdpa's modules call their out-projection inside forward, out of the graph's sight."""
     attention = [m for m in gm.modules() if isinstance(m, SdpaSelfAttention) and type(m.out_proj) is nn.Linear]
@@ -198,32 +162,26 @@ def _lower_attention_projections(gm: fx.GraphModule) -> int:
     return len(attention)
 
 
-@graph_pass(name=PASS_NAME, provides=("lowered", "reduced-precision"))
+@graph_pass(name=PASS_NAME, requires=("nhwc",), provides=("lowered", "reduced-precision"))
 def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Everything to bf16; conv/linear onto oneDNN bf16 kernels with prepacked weights; casts at the edges."""
     ctx.shapes(gm)
     gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
-    counts = lower_modules(gm, ctx, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu, layouts included
+    counts = lower_modules(gm, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu
     counts["linear"] += _lower_attention_projections(gm)
-    inputs = _cast_inputs(gm)
-    _restore_output_dtypes(gm)
+    inputs = cast_inputs(gm, BF16, PASS_NAME)
+    restore_outputs(gm, PASS_NAME)
     kernels = "oneDNN bf16" if native_bf16_kernels() else \
         f"eager bf16 ops (emulated: oneDNN has no bf16 path on this CPU; {EMULATE_ENV}=1)"
-    ctx.note(f"weights and activations in bf16, {inputs} input(s) cast from fp32; lowered {counts['conv']} "
+    ctx.note(f"weights and activations in bf16, {inputs} input(s) cast to bf16; lowered {counts['conv']} "
              f"conv(s) and {counts['linear']} linear(s) to {kernels}")
     return True
-
-
-def _pipeline() -> str:
-    """The "cpu" target's pipeline with lower-cpu-bf16 in place of lower-cpu (graph passes shared)."""
-    specs = parse_pipeline(all_targets()["cpu"].pipeline)
-    return format_pipeline([PassSpec(PASS_NAME) if s.name == "lower-cpu" else s for s in specs])
 
 
 register_target(Target(
     name="cpu-bf16",
     description="bf16 on CPUs with AMX / AVX512-BF16: the cpu pipeline with bf16 weights and activations on "
                 "oneDNN; fp32 in and out, output SQNR vs fp32 in the report",
-    pipeline=_pipeline(),
+    pipeline=compose("cpu-graph", PASS_NAME),  # the "cpu" target's graph passes, then the bf16 lowering
     availability=bf16_unavailable_reason,
 ))

@@ -6,14 +6,15 @@ lower-cuda{dtype=float16,fused=true,autotune=true} rewrites:
     other FusedConv / Conv2d       =>  CudaConv2d "conv2d"          (F.conv2d, then the add and activation)
     floating parameters, buffers   =>  ``dtype``, once (conv weights channels-last)
     floating inputs / outputs      =>  cast to ``dtype`` channels-last / back to eager's dtype and layout
+                                       (backends/edges.py)
 The fused kernels serve ungrouped, undilated convs with channel counts that are multiples of 8 (tensor-core
 alignment; docs/targets.md says why); with ``autotune`` and a GPU each such layer is timed with both kernels
-and keeps the faster. On the CPU nothing is timed and a CudaConv2d computes its "conv2d" composition.
+(``fxforge.numerics.timing``) and keeps the faster. On the CPU nothing is timed and a CudaConv2d computes its
+"conv2d" composition.
 Why correct: every kernel computes conv + bias, then the add, then the activation of the FusedConv it
 replaces; results differ from fp32 by the rounding of ``dtype``.
-Preconditions: shapes propagated; ``to-nhwc`` ran (lower-cuda then lowers its regions' convs only and adds
-no layout fix; without it, views get a ``contiguous()``). Conv1d/3d, string paddings and non-zero padding
-modes stay eager, their weights converted.
+Preconditions: ``to-nhwc`` ran (property ``nhwc``: lower-cuda lowers its regions' convs only and adds no layout
+fix); shapes propagated. Conv1d/3d, string paddings and non-zero padding modes stay eager, weights converted.
 
 Before: ``y = fused_conv(x)``
 After:  ``x1 = x.to(torch.float16, memory_format=torch.channels_last); y = cuda_conv(x1).to(torch.float32)``
@@ -21,10 +22,9 @@ After:  ``x1 = x.to(torch.float16, memory_format=torch.channels_last); y = cuda_
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,14 @@ from torch import fx, nn
 from fxforge.graph.fused import FusedConv
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
+from fxforge.numerics import timing
 from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.targets import Target, register_target
 
 from . import cuda_graphs  # noqa: F401  (registers the cuda-runtime pass)
+from .edges import cast_inputs, restore_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CL = torch.channels_last
@@ -110,36 +113,34 @@ class CudaConv2d(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- autotune
-def cuda_event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> float:
-    """Mean GPU time of ``fn`` over ``repeats`` back-to-back calls, after ``warmup`` calls (CUDA events)."""
-    for _ in range(warmup):  # the first call of a fused kernel builds its cuDNN plan (and may compile it)
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+# the first call of a fused kernel builds its cuDNN plan (and may compile it); samples of 2 back-to-back calls
+SCHEDULE = timing.Schedule(warmup=3, rounds=5, calls=2)
 
 
-Timer = Callable[[Callable[[], Any]], float]
-
-
-def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None, timer: Timer) -> str:
-    """Time ``module`` with its fused kernel and with "conv2d" on (x, other); keep the faster (or the one that
-    runs) in ``module.kernel``. Returns a note for the report."""
-    times: dict[str, float] = {}
-    failures = []
+def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None,
+                  timer: timing.Timer = timing.cuda_events) -> str:
+    """Time ``module`` with its fused kernel and with "conv2d" on (x, other), interleaved; keep the faster (or the
+    one that runs) in ``module.kernel``. Returns a note for the report."""
+    runs, failures = {}, []
     for kernel in (module.kernel, "conv2d"):
-        module.kernel = kernel
+        run = functools.partial(_run_with_kernel, module, kernel, x, other)
         try:
-            times[kernel] = timer(lambda: module(x, other))
+            run()
         except RuntimeError as exc:  # e.g. no cuDNN engine for this fused graph
             failures.append(f"{kernel} failed ({str(exc).strip().splitlines()[0][:80]})")
-    module.kernel = min(times, key=times.__getitem__)
-    measured = ", ".join(f"{k} {t:.3f} ms" for k, t in times.items())
+        else:
+            runs[kernel] = run
+    if not runs:  # conv2d failing too: its error shows when the model runs
+        module.kernel = "conv2d"
+        return "; ".join(failures)
+    module.kernel, seconds = timing.fastest(runs, SCHEDULE, timer)
+    measured = ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in seconds.items())
     return "; ".join(filter(None, (measured, *failures)))
+
+
+def _run_with_kernel(module: CudaConv2d, kernel: str, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    module.kernel = kernel
+    return module(x, other)
 
 
 def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -148,7 +149,7 @@ def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | Non
     return torch.randn(tuple(shape), device=like.device, dtype=like.dtype).contiguous(memory_format=_CL)
 
 
-def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: Timer) -> list[str]:
+def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: timing.Timer) -> list[str]:
     """Time each node's fused kernel against "conv2d"; a summary line, then one line per layer that left
     its fused kernel (slower or failed)."""
     kept, switched = 0, []
@@ -179,74 +180,6 @@ def _conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype, fused:
     return CudaConv2d(conv, dtype, add, activation, kernel or "conv2d"), why
 
 
-def _floating_meta(node: object) -> Any:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return meta if meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point else None
-
-
-def _channels_last_input(node: fx.Node, meta: Any, planned: bool) -> bool:
-    """Cast this 4-d input straight to channels-last: always without to-nhwc; with it, when its readers are all
-    to-nhwc conversions into channels-last (which the cast then makes no-ops: one copy instead of two)."""
-    if len(meta.shape) != 4:
-        return False
-    return not planned or all(fxmeta(u).get("nhwc") == "enter" for u in node.users if u.op != "output")
-
-
-def _cast_inputs(gm: fx.GraphModule, dtype: torch.dtype, planned: bool) -> None:
-    """Each floating input -> ``dtype`` (4-d: also channels-last where it goes) once, at the top of the graph."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        meta = _floating_meta(node)
-        if meta is None:
-            continue
-        kwargs = {"dtype": dtype, **({"memory_format": _CL} if _channels_last_input(node, meta, planned) else {})}
-        with gm.graph.inserting_after(placeholders[-1]):
-            cast = gm.graph.call_method("to", (node,), kwargs)
-        record_rewrite(cast, "lower-cuda", node)
-        # an input returned as it is stays untouched (no round trip through dtype)
-        node.replace_all_uses_with(cast, delete_user_cb=lambda user, c=cast: user is not c and user.op != "output")
-
-
-def _eager_contiguous(meta: Any) -> bool:
-    return meta.memory_format == torch.contiguous_format
-
-
-def _restore_outputs(gm: fx.GraphModule, planned: bool) -> None:
-    """Floating outputs -> the dtype eager returned, NCHW-contiguous again where eager had them so (with
-    to-nhwc: its copy to NCHW before an output folded into this cast; region outputs it left channels-last
-    stay so)."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-    def restore(value: object) -> object:
-        meta = _floating_meta(value)
-        if meta is None or value.op == "placeholder":
-            return value
-        source, fmt = value, torch.contiguous_format if _eager_contiguous(meta) else torch.preserve_format
-        if planned and fxmeta(value).get("layout") == "channels_last":
-            fmt = torch.preserve_format  # to-nhwc{outputs=channels_last} left it so
-        elif planned and fxmeta(value).get("nhwc") == "exit" and len(value.users) == 1:
-            source = value.args[0]  # cast and make NCHW in one copy
-        with gm.graph.inserting_before(output):
-            new = gm.graph.call_method("to", (source,), {"dtype": meta.dtype, "memory_format": fmt})
-        record_rewrite(new, "lower-cuda", value)
-        return new
-
-    output.args = fx.node.map_aggregate(output.args, restore)
-    for node in [n for n in gm.graph.nodes if fxmeta(n).get("nhwc") == "exit" and not n.users]:
-        gm.graph.erase_node(node)
-
-
-def _contiguous_before_views(gm: fx.GraphModule) -> None:
-    """``.view`` needs strides that channels-last values lack: make values eager had contiguous so again."""
-    for node in [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]:
-        meta = _floating_meta(node.args[0])
-        if meta is not None and len(meta.shape) == 4 and _eager_contiguous(meta):
-            with gm.graph.inserting_before(node):
-                fixed = gm.graph.call_method("contiguous", (node.args[0],))
-            record_rewrite(fixed, "lower-cuda", node.args[0])
-            node.replace_input_with(node.args[0], fixed)
-
-
 def _summary(kernels: Counter, why_not: Counter) -> str:
     done = ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())) or "none"
     reasons = "; ".join(f"{why}: {n}" for why, n in sorted(why_not.items()))
@@ -259,6 +192,7 @@ class LowerCuda(Pass):
     """Convs -> CudaConv2d (fused cuDNN kernels where they apply), everything in ``dtype``, casts at the edges."""
 
     name = "lower-cuda"
+    requires = frozenset({"nhwc"})  # to-nhwc made every layout change explicit: views read NCHW values already
     provides = frozenset({"lowered"})
     dtype: str = "float16"
     fused: bool = True
@@ -273,10 +207,9 @@ class LowerCuda(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.shapes(gm)
         dtype = DTYPES[self.dtype]
-        planned = "nhwc" in ctx.properties  # to-nhwc ran: layouts are explicit in the graph already
         kernels, why_not, fused_nodes = Counter(), Counter(), []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
-            if planned and fxmeta(node).get("layout") != "channels_last":
+            if fxmeta(node).get("layout") != "channels_last":
                 continue  # kept in eager layout by to-nhwc: a channels-last weight would make its output so
             lowered = _conv_lowering(gm, node, dtype, self.fused)
             if lowered is None:
@@ -289,15 +222,13 @@ class LowerCuda(Pass):
             else:
                 fused_nodes.append(node)
         gm.to(dtype)  # every other floating parameter and buffer (CudaConv2d's are converted already)
-        notes = _autotune(gm, fused_nodes, cuda_event_ms) if self.autotune and _on_gpu(gm) else []
+        notes = _autotune(gm, fused_nodes, timing.cuda_events) if self.autotune and _on_gpu(gm) else []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
             module = module_of(gm, node)
             if isinstance(module, CudaConv2d):
                 kernels[module.kernel] += 1
-        _cast_inputs(gm, dtype, planned)
-        _restore_outputs(gm, planned)
-        if not planned:  # with to-nhwc, views read NCHW values already
-            _contiguous_before_views(gm)
+        cast_inputs(gm, dtype, "lower-cuda")
+        restore_outputs(gm, "lower-cuda")
         return PassResult(gm, True, [f"compute dtype {self.dtype}, weights channels-last",
                                      _summary(kernels, why_not), *notes])
 
@@ -320,7 +251,8 @@ def bf16_unavailable_reason() -> str | None:
     return reason
 
 
-GRAPH_PASSES = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,to-nhwc"
+# the graph passes of the CUDA targets: everything before their lowering
+register_fragment("cuda-graph", "canonicalize,fold-bn,fuse-conv,to-nhwc")
 _TARGETS = {
     "cuda": ("fp16", "lower-cuda", cuda_unavailable_reason),
     "cuda-bf16": ("bf16", "lower-cuda{dtype=bfloat16}", bf16_unavailable_reason),
@@ -331,7 +263,7 @@ for _name, (_precision, _lowering, _availability) in _TARGETS.items():
         name=_name,
         description=f"{_precision} on a CUDA GPU: BN folded, conv+relu / conv+add+relu on fused cuDNN kernels, "
                     f"channels-last weights, a CUDA graph per input shape",
-        pipeline=f"{GRAPH_PASSES},{_lowering},cuda-runtime",
+        pipeline=compose("cuda-graph", _lowering, "cuda-runtime"),
         device="cuda",
         availability=_availability,
     ))

@@ -19,7 +19,6 @@ Preconditions: lower-cpu's lowering ran; shapes propagated. A module called from
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,13 +28,12 @@ from torch import fx, nn
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear, register_autotuner
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.numerics import timing
 from fxforge.pipeline.context import PassContext
 
-WARMUP_CALLS = 2  # oneDNN builds its primitive on the first call
-ROUNDS = 5  # timed calls per candidate, interleaved (one of each per round); the best counts
-MARGIN = 0.05  # an alternative replaces the current kernel only when at least this much faster
-
-Timer = Callable[[Callable[[], object]], float]  # seconds for one call of the given function
+# oneDNN builds its primitive on the first call; then the best of 5 calls per candidate, interleaved
+SCHEDULE = timing.Schedule(warmup=2, rounds=5)
+MARGIN = 0.05  # an alternative replaces the current kernel only when the current one takes this much longer
 
 # in-place activations (the product is a fresh tensor)
 _INPLACE = {"relu": torch.relu_, "relu6": lambda y: y.clamp_(0.0, 6.0),
@@ -88,26 +86,13 @@ class GemmLinear(nn.Module):
         return f"{list(self.weight_t.shape)}, post_ops={self.activation or 'none'!r}"
 
 
-def seconds_per_call(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+seconds_per_call: timing.Timer = timing.wall_clock  # the clock (tests replace it with a fake one)
 
 
-def fastest(candidates: dict[str, Callable[[], object]], timer: Timer = seconds_per_call) -> tuple[str, dict]:
-    """(name, {name: seconds}) of the fastest candidate, timed interleaved (one call of each per round, best of
-    ``ROUNDS``) after ``WARMUP_CALLS``. The first candidate is the incumbent: another wins only with a ``MARGIN``
-    lead over it (and is the fastest of those)."""
-    for fn in candidates.values():
-        for _ in range(WARMUP_CALLS):
-            fn()
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(ROUNDS):
-        for name, fn in candidates.items():
-            best[name] = min(best[name], timer(fn))
-    incumbent = next(iter(candidates))
-    name = min(best, key=best.get)
-    return (name if best[name] < best[incumbent] * (1 - MARGIN) else incumbent), best
+def fastest(candidates: dict[str, Callable[[], object]], timer: timing.Timer | None = None) -> tuple[str, dict]:
+    """(name, {name: seconds}) of the candidate to keep, timed by ``timing.fastest``. The first candidate is the
+    incumbent: another wins only when clearly faster (``MARGIN``) and the fastest of those."""
+    return timing.fastest(candidates, SCHEDULE, timer or seconds_per_call, MARGIN)
 
 
 def _example(shape: torch.Size) -> torch.Tensor:
@@ -151,10 +136,9 @@ def _signature(module: nn.Module, args: tuple) -> tuple:
     return type(module).__name__, tuple(module.weight.shape), tuple(tuple(a.shape) for a in args), str(post)
 
 
-def choose_kernels(gm: fx.GraphModule, timer: Timer | None = None) -> tuple[dict[str, int], list[str]]:
+def choose_kernels(gm: fx.GraphModule, timer: timing.Timer | None = None) -> tuple[dict[str, int], list[str]]:
     """Swap each layer's module for its fastest alternative; ({kernel: layers}, one line per switched layer).
     ``timer`` (default ``seconds_per_call``) times one call of a ``functools.partial(module, *args)``."""
-    timer = timer or seconds_per_call
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -182,7 +166,7 @@ def choose_kernels(gm: fx.GraphModule, timer: Timer | None = None) -> tuple[dict
 
 
 @register_autotuner
-def autotune_cpu_kernels(gm: fx.GraphModule, ctx: PassContext, timer: Timer | None = None) -> bool:
+def autotune_cpu_kernels(gm: fx.GraphModule, ctx: PassContext, timer: timing.Timer | None = None) -> bool:
     """lower-cpu's ``autotune`` step: notes for the report; True when some layer was switched."""
     chosen, switched = choose_kernels(gm, timer)
     if chosen:

@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import torch
 
+from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.targets import Target, register_target
+from fxforge.pipeline.text import PassSpec
 
-CANONICALIZE = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn"
-# Fuse only what each engine's int8 kernels fuse: conv+relu and linear+relu everywhere, conv+add(+relu) where
-# oneDNN runs it (x86); elsewhere adds stay separate int8 ops (quantized.add_relu), other activations too.
-QUANTIZE = "fuse-conv{post_ops=relu},fuse-linear{post_ops=relu},insert-observers,calibrate,insert-qdq"
-QUANTIZE_X86 = QUANTIZE.replace("fuse-conv{post_ops=relu}", "fuse-conv{post_ops=add+relu}")
+# static int8: record value ranges, calibrate them, then the reference int8 graph (quantize/dequantize around ops)
+register_fragment("static-int8", "insert-observers,calibrate,insert-qdq")
+
+
+def _fuse(engine: str) -> tuple[PassSpec, PassSpec]:
+    """Fuse only what the engine's int8 kernels fuse: conv+relu and linear+relu everywhere, conv+add(+relu) where
+    oneDNN runs it (x86); elsewhere adds stay separate int8 ops (quantized.add_relu), other activations too."""
+    conv_post_ops = "add+relu" if engine == "x86" else "relu"
+    return PassSpec("fuse-conv", (("post_ops", conv_post_ops),)), PassSpec("fuse-linear", (("post_ops", "relu"),))
+
+
+def _pipeline(engine: str) -> str:
+    return compose("canonicalize", "fold-bn", *_fuse(engine), "static-int8", f"lower-{engine}")
 
 
 def _modes(engine: str) -> dict[str, str]:
     """Pipelines of the other quantization modes (weight-only keeps fp32 kernels: nothing to lower)."""
-    return {"dynamic": f"{CANONICALIZE},quantize-dynamic,lower-{engine}",
-            "weight-only": f"{CANONICALIZE},quantize-dynamic{{weight_only=true}}"}
+    return {"dynamic": compose("canonicalize", "fold-bn", "quantize-dynamic", f"lower-{engine}"),
+            "weight-only": compose("canonicalize", "fold-bn", "quantize-dynamic{weight_only=true}")}
 
 _DESCRIPTIONS = {
     "x86": "int8 on x86 CPUs through the 'x86' quantized engine (oneDNN/fbgemm kernels)",
@@ -51,7 +61,7 @@ for _name, _description in _DESCRIPTIONS.items():
     register_target(Target(
         name=_name,
         description=_description,
-        pipeline=f"{CANONICALIZE},{QUANTIZE_X86 if _name == 'x86' else QUANTIZE},lower-{_name}",
+        pipeline=_pipeline(_name),
         availability=_engine_check(_name),
         quant_backend=_name,
         # conv2d_add runs only under the onednn engine; the x86 target's other kernels run the same under it

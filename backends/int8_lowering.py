@@ -13,11 +13,11 @@ Anything else keeps its reference form (dq -> fp32 op -> q), which is correct an
 so do the regions where a torch kernel is wrong or refuses the input (docs/quantization.md lists them).
 Why correct: each kernel computes the op on the same int8 inputs and weights and requantizes with the same
 output qparams as the reference graph; results differ by rounding inside the kernel (at most one int8 step,
-on few elements, measured in the tests). The kernels return channels-last; eager's layout is restored before
-``.view``, before reshapes mutated in place, and at the outputs.
+on few elements, measured in the tests). The kernels return channels-last; eager's layout is restored
+(backends/eager_layout.py) before ``.view``, before reshapes mutated in place, and at the outputs.
 Preconditions: ``quantized``; conv+add fused only in the x86 pipeline (fbgemm and qnnpack have no such kernel).
 lower-x86 packs each conv/linear for fbgemm or oneDNN, whichever ran faster on the layer's shape
-(``kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does).
+(``int8_kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize
 
-from .cpu import restore_eager_layout
+from .eager_layout import restore_eager_layout
+from .int8_kernel_choice import available_engines, example_int8_input, fastest_prepacked
 from .int8_packed import PackedWeight
 from .int8_rnn import DynamicInt8RNN
-from .kernel_choice import available_engines, example_int8_input, fastest_prepacked
 
 _q = torch.ops.quantized
 _CONV_OPS = {"conv1d", "conv2d", "conv3d"}  # convs with int8 kernels of the same name (quantized.conv2d, ...)
@@ -66,7 +66,7 @@ class _Lowering:
     """State of one lowering run: the graph module, its engine, and a counter for prepacked weight names.
 
     ``kernel_engines`` are the engines whose prepacked weights a conv/linear may use; with more than one, each
-    layer takes the one whose kernel measured fastest on the layer's input shape (``kernel_choice.py``).
+    layer takes the one whose kernel measured fastest on the layer's input shape (``int8_kernel_choice.py``).
     """
 
     def __init__(self, gm: fx.GraphModule, engine: str, kernel_engines: tuple[str, ...] = ()) -> None:

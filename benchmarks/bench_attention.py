@@ -3,42 +3,35 @@
     .venv/bin/python benchmarks/bench_attention.py                      # vit_b_16, batch 1
     .venv/bin/python benchmarks/bench_attention.py --rounds 30 --batch-size 4 --threads 1
 
-Each round calls every variant once, in an order that rotates from round to round, so that load from other
-processes falls on all variants alike; the medians over the rounds and their ratios are printed. (bench_cpu.py
-times peers one after another because onnxruntime's spinning threads slow the next peer; no such peer here.)
+Each round calls every variant once (``fxforge.numerics.timing``: the order reverses from round to round), so
+that load from other processes falls on all variants alike; the medians over the rounds and their ratios are
+printed. (bench_cpu.py times peers one after another because onnxruntime's spinning threads slow the next peer;
+no such peer here.)
 The model is bench_cpu's: random init, BatchNorm re-estimated (vit_b_16 has none), no weights downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 from bench_cpu import make_model, rel_error
 
 import fxforge
+from fxforge.numerics import timing
+from fxforge.pipeline.fragments import without
 
 PASS = "attention-to-sdpa"
 
 
-def without_pass(pipeline: str, name: str) -> str:
-    specs = fxforge.parse_pipeline(pipeline)
-    return fxforge.format_pipeline([s for s in specs if s.name != name])
-
-
 def interleaved_ms(variants: dict, x: torch.Tensor, rounds: int, warmup: int) -> dict[str, float]:
-    """Median ms per variant over ``rounds`` rounds of one call each (order rotated per round)."""
-    names, times = list(variants), {name: [] for name in variants}
+    """Median ms per variant over ``rounds`` interleaved rounds of one call each, after ``warmup`` calls each."""
+    calls = {name: functools.partial(run, x) for name, run in variants.items()}
+    schedule = timing.Schedule(warmup=warmup, rounds=rounds, statistic=statistics.median)
     with torch.inference_mode():
-        for r in range(warmup + rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                variants[name](x)
-                if r >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return {name: seconds * 1e3 for name, seconds in timing.measure(calls, schedule).items()}
 
 
 def main() -> None:
@@ -57,7 +50,7 @@ def main() -> None:
     variants = {"eager": model,
                 "fxforge cpu": fxforge.compile(model, "cpu", example_inputs=x),
                 f"fxforge cpu without {PASS}": fxforge.compile(model, "cpu", example_inputs=x,
-                                                               pipeline=without_pass(pipeline, PASS))}
+                                                               pipeline=without(pipeline, PASS))}
     with torch.inference_mode():
         ref = model(x)
         for name, run in variants.items():
@@ -67,8 +60,8 @@ def main() -> None:
           f"interleaved rounds:")
     for name, value in ms.items():
         print(f"  {name:<40}{value:9.2f} ms   eager / this = {ms['eager'] / value:.2f}x")
-    with_pass, without = ms["fxforge cpu"], ms[f"fxforge cpu without {PASS}"]
-    print(f"  {PASS} speed-up within fxforge: {without / with_pass:.2f}x (without / with)")
+    with_pass, without_pass = ms["fxforge cpu"], ms[f"fxforge cpu without {PASS}"]
+    print(f"  {PASS} speed-up within fxforge: {without_pass / with_pass:.2f}x (without / with)")
 
 
 if __name__ == "__main__":

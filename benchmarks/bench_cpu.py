@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import io
 import math
 import os
@@ -50,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fxforge
+from fxforge.numerics import timing
 from fxforge.testing.helpers import reestimate_bn
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -217,12 +219,6 @@ def build_peer(builder: Builder, model: nn.Module, x: torch.Tensor,
         return None, Cell(error=short(exc))
 
 
-def time_once(run: Runner, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    run(x)
-    return (time.perf_counter() - start) * 1e3
-
-
 def time_blocks(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeats: int,
                 bar: tqdm) -> dict[str, list[float] | str]:
     """Per-peer call times (ms): each peer's warm-up and timed calls back to back, one peer after another.
@@ -234,7 +230,8 @@ def time_blocks(runners: dict[str, Runner], x: torch.Tensor, warmup: int, repeat
     results: dict[str, list[float] | str] = {}
     for name, run in runners.items():
         try:
-            times = [time_once(run, x) for _ in range(warmup + repeats)][warmup:]
+            seconds = timing.samples({name: functools.partial(run, x)}, timing.Schedule(warmup, repeats))[name]
+            times = [s * 1e3 for s in seconds]
         except Exception as exc:  # e.g. a recompile that fails late: the peer fails, the run goes on
             times = "while timing: " + short(exc)
         results[name] = times

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import platform
 import shlex
 import statistics
@@ -48,6 +49,8 @@ from torch import nn
 
 import fxforge
 from fxforge.backends.cuda_graphs import tf32_policy
+from fxforge.numerics import timing
+from fxforge.pipeline.fragments import with_options
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing.helpers import reestimate_bn
 
@@ -93,13 +96,13 @@ def torch_compile(mode: str) -> Builder:
     return build
 
 
-def fxforge_target(target: str, edit: tuple[str, str] | None = None) -> Builder:
-    """fxforge.compile for ``target``, its pipeline text edited by ``edit`` (old, new); on CPU (dry run) the
-    same pipeline compiled for a CPU graph."""
+def fxforge_target(target: str, options: tuple[str, dict[str, object]] | None = None) -> Builder:
+    """fxforge.compile for ``target``, with ``options`` (pass name, {option: value}) set in its pipeline; on CPU
+    (dry run) the same pipeline compiled for a CPU graph."""
     def build(model: nn.Module, x: torch.Tensor, dry: bool) -> tuple[Runner, torch.Tensor]:
         pipeline = fxforge.pipeline_for(target)
-        if edit is not None:
-            pipeline = pipeline.replace(*edit)
+        if options is not None:
+            pipeline = with_options(pipeline, options[0], **options[1])
         compiled = fxforge.compile(model, "cpu" if dry else target, example_inputs=x, pipeline=pipeline)
         return compiled, x
 
@@ -114,8 +117,8 @@ PEERS: dict[str, tuple[str, Builder]] = {
     "fx_cuda": ("fxforge cuda", fxforge_target("cuda")),
     "fx_bf16": ("fxforge cuda-bf16", fxforge_target("cuda-bf16")),
     "fx_nocapture": ("fxforge cuda, capture=false",
-                     fxforge_target("cuda", ("cuda-runtime", "cuda-runtime{capture=false}"))),
-    "fx_unfused": ("fxforge cuda, fused=false", fxforge_target("cuda", ("lower-cuda", "lower-cuda{fused=false}"))),
+                     fxforge_target("cuda", ("cuda-runtime", {"capture": False}))),
+    "fx_unfused": ("fxforge cuda, fused=false", fxforge_target("cuda", ("lower-cuda", {"fused": False}))),
 }
 
 
@@ -130,24 +133,9 @@ class Cell:
 
 def call_times_ms(run: Runner, x: torch.Tensor, warmup: int, repeats: int, cuda: bool) -> list[float]:
     """Per-call times: CUDA events around each call on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        run(x)
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    call = functools.partial(run, x)
+    seconds = timing.samples({"run": call}, timing.Schedule(warmup, repeats), timing.clock_for(cuda))["run"]
+    return [s * 1e3 for s in seconds]
 
 
 def _sync(dry: bool) -> None:

@@ -11,13 +11,15 @@ its ratio is the noise floor of the run.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 from bench_cpu import make_model  # random-init torchvision model, BN re-estimated, vit's zero head randomized
 
 import fxforge
+from fxforge.numerics import timing
+from fxforge.pipeline.fragments import with_options
 
 
 def main() -> None:
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     fixed_pipeline = fxforge.pipeline_for("cpu")
-    tuned_pipeline = fixed_pipeline.replace("lower-cpu", "lower-cpu{autotune=true}")
+    tuned_pipeline = with_options(fixed_pipeline, "lower-cpu", autotune=True)
     print("| model | threads | fixed ms | tuned ms | fixed/tuned | fastest calls | rel err | switched |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
@@ -43,14 +45,9 @@ def main() -> None:
             with torch.inference_mode():
                 ref = model(x)
                 err = ((tuned(x) - ref).abs().max() / ref.abs().max()).item()
-                times = {"fixed": [], "tuned": []}
-                for _ in range(3):
-                    fixed(x), tuned(x)
-                for i in range(args.rounds):  # which goes first alternates: no order bias
-                    for key, fn in (("fixed", fixed), ("tuned", tuned))[::1 if i % 2 else -1]:
-                        start = time.perf_counter()
-                        fn(x)
-                        times[key].append(time.perf_counter() - start)
+                # which goes first alternates: no order bias
+                calls = {"fixed": functools.partial(fixed, x), "tuned": functools.partial(tuned, x)}
+                times = timing.samples(calls, timing.Schedule(warmup=3, rounds=args.rounds))
             f, t = (statistics.median(times[k]) * 1e3 for k in ("fixed", "tuned"))
             best = min(times["fixed"]) / min(times["tuned"])
             print(f"| {name} | {threads} | {f:.2f} | {t:.2f} | {f / t:.3f} | {best:.3f} | {err:.1e} | {switched} |",

@@ -20,7 +20,6 @@ Candidates:
 from __future__ import annotations
 
 import argparse
-import time
 from collections import defaultdict
 
 import torch
@@ -31,6 +30,7 @@ import fxforge
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
 from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear
 from fxforge.graph.matching import ACTIVATIONS
+from fxforge.numerics import timing
 from fxforge.passes.attention import SdpaSelfAttention
 
 mkldnn = torch.ops.mkldnn
@@ -121,15 +121,8 @@ def linear_candidates(m: torch.nn.Module, shape: tuple) -> dict:
 
 
 def best_times(candidates: dict, rounds: int) -> dict[str, float]:
-    for fn in candidates.values():
-        fn(), fn()
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    """Seconds per call of each candidate: the best of ``rounds`` interleaved calls after 2 warm-up calls."""
+    return timing.measure(candidates, timing.Schedule(warmup=2, rounds=rounds))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Time one int8 conv kernel per engine on layer shapes from resnet18 and mobilenet_v2 (batch 1).
 
-Shows why lower-x86 chooses the weight packing per layer (backends/kernel_choice.py): no engine is fastest on
+Shows why lower-x86 chooses the weight packing per layer (backends/int8_kernel_choice.py): no engine is fastest on
 every shape, and each kernel call has a fixed cost (tens of microseconds) whatever its size.
 
     .venv/bin/python benchmarks/int8_kernels.py [--threads 1]
@@ -9,9 +9,11 @@ every shape, and each kernel call has a fixed cost (tens of microseconds) whatev
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
+
+from fxforge.numerics import timing
 
 # (label, channels in, channels out, feature map, kernel, stride, groups)
 LAYERS = [
@@ -28,15 +30,9 @@ LAYERS = [
 ENGINES = [e for e in ("fbgemm", "onednn", "qnnpack") if e in torch.backends.quantized.supported_engines]
 
 
-def microseconds(fn, calls: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[calls // 2] * 1e6
+def microseconds(fn, calls: int = 31) -> float:
+    """Median µs per call of ``fn`` over ``calls`` calls after 3 warm-up calls."""
+    return timing.seconds_per_call(fn, timing.Schedule(warmup=3, rounds=calls, statistic=statistics.median)) * 1e6
 
 
 def time_layer(engine: str, c_in: int, c_out: int, size: int, k: int, stride: int, groups: int) -> float:

@@ -8,14 +8,15 @@ the Python/dispatch share is an estimate.
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 import warnings
 
 import torch
 import torchvision
 
 import fxforge
+from fxforge.numerics import timing
 
 
 def measure(name: str, calls: int = 200) -> str:
@@ -25,12 +26,9 @@ def measure(name: str, calls: int = 200) -> str:
     graph = compiled.graph_module.graph
     n_calls = sum(n.op in ("call_function", "call_method", "call_module") for n in graph.nodes)
     with torch.inference_mode():
-        for _ in range(20):
-            compiled(x)
-        start = time.perf_counter()
-        for _ in range(calls):
-            compiled(x)
-        per_call = (time.perf_counter() - start) / calls * 1e3
+        # 20 warm-up calls, then one block of ``calls`` back-to-back calls
+        schedule = timing.Schedule(warmup=20, rounds=1, calls=calls)
+        per_call = timing.seconds_per_call(functools.partial(compiled, x), schedule) * 1e3
         with torch.profiler.profile() as prof:
             for _ in range(20):
                 compiled(x)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 import fxforge
-from fxforge.numerics import max_errors
+from fxforge.numerics import max_errors, timing
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing.helpers import reestimate_bn
 
@@ -303,15 +304,9 @@ def reference_output(name: str, model: nn.Module) -> tuple[torch.Tensor, torch.T
 
 
 def _median_ms(run: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    schedule = timing.Schedule(warmup=warmup, rounds=repeats, statistic=statistics.median)
     with torch.inference_mode():
-        for _ in range(warmup):
-            run(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return timing.seconds_per_call(functools.partial(run, x), schedule) * 1e3
 
 
 def sweep_model(name: str, targets: tuple[str, ...], timing: tuple[int, int] | None) -> list[Case]:

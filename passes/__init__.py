@@ -1,4 +1,7 @@
-"""Built-in passes, one file per pass; importing this package registers them by name."""
+"""Built-in passes, one file per pass; importing this package registers them by name, and the ``canonicalize``
+pipeline fragment that every target's pipeline starts with."""
+
+from fxforge.pipeline.fragments import register_fragment
 
 from . import (  # noqa: F401
     attention,
@@ -18,3 +21,6 @@ from . import (  # noqa: F401
     search_observers,
     to_nhwc,
 )
+
+# one spelling per op: no-ops and dead code gone, in-place ops out of place, every relu one relu
+register_fragment("canonicalize", "remove-noops,dce,normalize-inplace,normalize-relu")

@@ -1,5 +1,6 @@
 """Numerics: comparing outputs (``metrics``: max absolute / relative error) and recording per-node values of a
-run for layer-by-layer comparison (``provenance``), used by verification, the report and ``fxforge.debug``.
+run for layer-by-layer comparison (``provenance``), used by verification, the report and ``fxforge.debug``; and
+timing callables against each other (``timing``), for the measured kernel choices and the profitability check.
 May import: ``quant``, ``graph``, ``errors``.
 """
 

@@ -1,4 +1,4 @@
-"""Pipeline text: ``"remove-noops,fold-bn,fuse-conv{post_ops=add+relu},lower-cpu"``.
+"""Pipeline text: ``"remove-noops,fold-bn,fuse-conv{post_ops=add+relu},to-nhwc,lower-cpu"``.
 
 The text is the single description of a pipeline: ``compile(pipeline=...)``, ``pipeline_for``, the report
 and error messages all use it, and ``format_pipeline(parse_pipeline(text)) == text`` for any text written in

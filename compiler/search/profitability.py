@@ -15,7 +15,6 @@ against moving layers on noise.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,25 +25,21 @@ from fxforge.driver.build import as_input_tuple, build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import ConfigError
 from fxforge.graph.meta import fxmeta
+from fxforge.numerics import timing
 from fxforge.pipeline.report import LayerTiming, ProfitabilityRecord
 from fxforge.quant.qspec import quantized_engine
 
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
+SCHEDULE = timing.Schedule(warmup=1, rounds=15, statistic=statistics.median)
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
 _q = torch.ops.quantized
 _KERNELS = {_q.conv1d, _q.conv2d, _q.conv3d, _q.conv2d_relu, _q.conv2d_add, _q.conv2d_add_relu, _q.linear,
             _q.linear_relu}
 
 
-def median_seconds(fn: Callable[[], Any], runs: int = 15) -> float:
+def median_seconds(fn: Callable[[], Any]) -> float:
     with torch.inference_mode():
-        fn()  # warm-up
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return timing.seconds_per_call(fn, SCHEDULE)
 
 
 def _layer_path(observed: fx.GraphModule, origins: list[str]) -> str | None:
@@ -103,7 +98,7 @@ def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, opt
                           "quantization='static' (and calibration data)")
     inputs, timer = as_input_tuple(options["example_inputs"]), timer or median_seconds
     timings = layer_timings(compiled, inputs, timer)
-    slower = [t.layer for t in timings if t.int8_ms > t.fp32_ms * (1 + MARGIN)]
+    slower = [t.layer for t in timings if timing.clearly_faster(t.fp32_ms, t.int8_ms, MARGIN)]
     record = ProfitabilityRecord(timings=timings, model_ms_before=timer(lambda: compiled(*inputs)) * 1e3,
                                  margin=MARGIN)
     result = compiled

@@ -21,6 +21,7 @@ from fxforge.backends.cpu_bf16 import (
     bf16_unavailable_reason,
     native_bf16_kernels,
 )
+from fxforge.pipeline.fragments import compose
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import assert_unchanged, module_types, one_intra_op_thread, randomize_bn, state_snapshot
 
@@ -73,7 +74,8 @@ def test_override_makes_the_target_usable(emulate):
 
 def test_pipeline_is_the_cpu_pipeline_with_the_bf16_lowering():
     text = fxforge.pipeline_for("cpu-bf16")  # works whether or not this CPU can run it
-    assert text == fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu-bf16")
+    assert text == compose("cpu-graph", "lower-cpu-bf16")  # the cpu target's graph passes, shared
+    assert fxforge.pipeline_for("cpu") == compose("cpu-graph", "lower-cpu")
     assert text.endswith(",lower-cpu-bf16")
     assert fxforge.PassManager.from_text(text).pipeline == text
 
@@ -86,8 +88,9 @@ def test_lowered_graph_holds_bf16_weights_and_casts_at_the_edges(emulate):
     floating = [t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()]
     assert floating and all(t.dtype == torch.bfloat16 for t in floating)
     nodes = list(gm.graph.nodes)
-    first_cast = nodes[1]
-    assert (first_cast.op, first_cast.target, first_cast.kwargs) == ("call_method", "to", {"dtype": torch.bfloat16})
+    first_cast = nodes[1]  # straight to channels-last: only to-nhwc's conversion into it reads the input
+    assert (first_cast.op, first_cast.target) == ("call_method", "to") and first_cast.args == (nodes[0],)
+    assert first_cast.kwargs == {"dtype": torch.bfloat16, "memory_format": torch.channels_last}
     output = nodes[-1]
     casts = [a for a in output.args[0] if a.op == "call_method" and a.target in ("to", "contiguous")]
     assert len(casts) == 2  # both outputs come back through a cast to fp32

@@ -12,6 +12,7 @@ from torch import nn
 import fxforge
 from fxforge.backends.cuda import ALIGNMENT, CudaConv2d, _autotune, choose_kernel, fused_kernel
 from fxforge.backends.cuda_graphs import CudaRuntime, tf32_policy
+from fxforge.pipeline.fragments import with_options
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import module_types, randomize_bn, reestimate_bn, rel_error
 
@@ -124,7 +125,7 @@ def test_other_dtypes(target, dtype, min_db):
 
 def test_fused_false_keeps_every_conv_on_conv2d():
     x = torch.randn(2, 3, 8, 8)
-    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{fused=false}")
+    pipeline = with_options(fxforge.pipeline_for("cuda"), "lower-cuda", fused=False)
     compiled = cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), x, pipeline=pipeline)
     assert {m.kernel for m in convs(inner(compiled)).values()} == {"conv2d"}
     assert "not fused: fused=false: 4" in str(compiled.report)
@@ -251,48 +252,62 @@ def test_fused_kernel_rules(conv, add, activation, expected):
     assert kernel == expected and bool(why) == (expected is None)
 
 
-def fake_timer(module: CudaConv2d, times: dict[str, float], failing: str | None = None):
-    """A Timer that runs the call once (on CPU: the conv2d composition) and reports the time set for the
-    module's current kernel, or fails like cuDNN without an engine for it."""
-    def timer(fn):
-        fn()
-        if module.kernel == failing:
+class FailingConv(CudaConv2d):
+    """A CudaConv2d whose ``failing`` kernel raises as cuDNN does without an engine for it."""
+
+    failing: str | None = None
+
+    def forward(self, x, other=None):
+        if self.kernel == self.failing:
             raise RuntimeError("FIND was unable to find an engine to execute this computation")
-        return times[module.kernel]
+        return super().forward(x, other)
+
+
+def fake_clock(module: CudaConv2d, ms, timed: list | None = None):
+    """A clock that runs the sample (on CPU: the conv2d composition) and reports ``ms(module)`` per call of the
+    module in it (a sample may hold several calls); each call's (kernel, add) goes into ``timed``."""
+    def timer(fn):
+        calls = []
+        handle = module.register_forward_hook(lambda m, args, out: calls.append((m.kernel, m.add)))
+        try:
+            fn()
+        finally:
+            handle.remove()
+        if timed is not None:
+            timed.extend(calls)
+        return len(calls) * ms(module) / 1e3
 
     return timer
 
 
-@pytest.mark.parametrize("times, failing, expected", [
+@pytest.mark.parametrize("ms, failing, expected", [
     ({"cudnn_relu": 1.0, "conv2d": 2.0}, None, "cudnn_relu"),
     ({"cudnn_relu": 2.0, "conv2d": 1.0}, None, "conv2d"),
     ({"cudnn_relu": 1.0, "conv2d": 2.0}, "cudnn_relu", "conv2d"),
 ])
-def test_autotune_keeps_the_faster_kernel_that_runs(times, failing, expected):
-    module = CudaConv2d(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
-    note = choose_kernel(module, torch.randn(1, 8, 6, 6), None, fake_timer(module, times, failing))
+def test_autotune_keeps_the_faster_kernel_that_runs(ms, failing, expected):
+    module = FailingConv(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
+    module.failing = failing
+    note = choose_kernel(module, torch.randn(1, 8, 6, 6), None, fake_clock(module, lambda m: ms[m.kernel]))
     assert module.kernel == expected
     assert ("failed (FIND was unable" in note) == (failing is not None)
+    assert f"conv2d {ms['conv2d']:.3f} ms" in note
 
 
 def test_autotune_times_each_fused_layer_on_its_shapes_and_reports_the_switches():
-    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{autotune=false}")
+    pipeline = with_options(fxforge.pipeline_for("cuda"), "lower-cuda", autotune=False)
     gm = inner(cuda_pipeline_on_cpu(randomize_bn(Block()).eval(), torch.randn(2, 3, 8, 8), pipeline=pipeline))
     timed = []
 
-    def timer_for(module: CudaConv2d):
-        def timer(fn):
-            fn()  # runs on the layer's example shapes (the residual's too)
-            timed.append((module.kernel, module.add))
-            return 1.0 if (module.kernel == "conv2d") == module.add else 2.0  # c2 (add) is faster unfused
-        return timer
+    def ms(module: CudaConv2d) -> float:  # the calls run on the layer's example shapes (the residual's too)
+        return 1.0 if (module.kernel == "conv2d") == module.add else 2.0  # c2 (add) is faster unfused
 
     notes = {}
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ("c1", "c2")]:
-        notes[node.target] = _autotune(gm, [node], timer_for(gm.get_submodule(node.target)))
+        notes[node.target] = _autotune(gm, [node], fake_clock(gm.get_submodule(node.target), ms, timed))
     assert {name: m.kernel for name, m in convs(gm).items()} == {
         "stem": "conv2d", "c1": "cudnn_relu", "c2": "conv2d", "dw": "conv2d"}
-    assert sorted(timed) == [("conv2d", False), ("conv2d", True), ("cudnn_add_relu", True), ("cudnn_relu", False)]
+    assert sorted(set(timed)) == [("conv2d", False), ("conv2d", True), ("cudnn_add_relu", True), ("cudnn_relu", False)]
     assert notes["c1"] == ["autotune: 1 layer(s) kept their fused kernel, 0 run conv2d instead"]
     assert notes["c2"][0] == "autotune: 0 layer(s) kept their fused kernel, 1 run conv2d instead"
     assert notes["c2"][1] == "  c2: cudnn_add_relu 2.000 ms, conv2d 1.000 ms -> conv2d"
@@ -353,7 +368,7 @@ def test_bf16_sqnr_against_fp32_on_gpu(ieee_fp32):
 @needs_gpu
 def test_fused_cudnn_kernels_run_and_match_on_gpu(ieee_fp32):
     model, x = gpu_model("resnet18"), torch.randn(2, 3, 224, 224, device="cuda")
-    pipeline = fxforge.pipeline_for("cuda").replace("lower-cuda", "lower-cuda{autotune=false}")
+    pipeline = with_options(fxforge.pipeline_for("cuda"), "lower-cuda", autotune=False)
     compiled = fxforge.compile(model, "cuda", example_inputs=x, pipeline=pipeline)
     kernels = {m.kernel for m in convs(inner(compiled)).values()}
     assert {"cudnn_relu", "cudnn_add_relu"} <= kernels
@@ -390,7 +405,7 @@ def test_capture_replay_per_shape_and_outputs_are_not_overwritten():
 @needs_gpu
 def test_capture_false_runs_without_graphs(ieee_fp32):
     model, x = gpu_model("resnet18"), torch.randn(2, 3, 224, 224, device="cuda")
-    pipeline = fxforge.pipeline_for("cuda").replace("cuda-runtime", "cuda-runtime{capture=false}")
+    pipeline = with_options(fxforge.pipeline_for("cuda"), "cuda-runtime", capture=False)
     compiled = fxforge.compile(model, "cuda", example_inputs=x, pipeline=pipeline)
     y = compiled(x)
     assert not compiled.graph_module.cuda_runtime.graphs.keys

@@ -17,9 +17,10 @@ from fxforge.backends import fp32_kernel_choice as choice
 from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
 from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear, fastest
 from fxforge.graph.fused import FusedLinear
+from fxforge.pipeline.fragments import with_options
 from helpers import module_types, randomize_bn, rel_error
 
-TUNED = fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu{autotune=true}")
+TUNED = with_options(fxforge.pipeline_for("cpu"), "lower-cpu", autotune=True)
 
 
 class Net(nn.Module):
@@ -78,11 +79,12 @@ def test_fastest_picks_the_fastest_whatever_the_order_and_keeps_the_incumbent_on
     assert fastest({"a": lambda: "a", "c": lambda: "c"}, timer)[0] == "a"
 
 
-def test_candidates_are_timed_interleaved():
+def test_candidates_are_warmed_up_then_timed_interleaved():
     order = []
     fastest({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, lambda fn: fn() or 1.0)
-    timed = order[2 * choice.WARMUP_CALLS:]
-    assert timed == ["a", "b"] * choice.ROUNDS
+    warmup, rounds = choice.SCHEDULE.warmup, choice.SCHEDULE.rounds
+    assert warmup >= 1 and order[:2 * warmup] == ["a"] * warmup + ["b"] * warmup
+    assert order[2 * warmup:] == (["a", "b", "b", "a"] * rounds)[:2 * rounds]  # which goes first alternates
 
 
 @pytest.mark.parametrize(("add", "activation"), [(False, a) for a in ("", "relu", "relu6", "hardswish", "silu")]
@@ -179,7 +181,7 @@ def test_layers_with_the_same_signature_share_one_measurement(monkeypatch):
 
     model, x = Twins().eval(), torch.randn(3, 8)
     _compile(model, x, timer, monkeypatch)
-    per_measurement = 3 * choice.ROUNDS  # eager, onednn, gemm
+    per_measurement = 3 * choice.SCHEDULE.rounds  # eager, onednn, gemm
     assert len(timed) == 2 * per_measurement  # a and b share one; c has its own
 
 

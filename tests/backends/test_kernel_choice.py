@@ -1,8 +1,9 @@
-"""Per-layer engine choice for int8 kernels (backends/kernel_choice.py) and its use by lower-x86."""
+"""Per-layer engine choice for int8 kernels (backends/int8_kernel_choice.py) and its use by lower-x86.
+
+Timing is never asserted: the choice is driven by fake clocks."""
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ from quant_helpers import batches, sqnr, toy_model
 from torch import fx
 
 import fxforge
-from fxforge.backends.kernel_choice import available_engines, example_int8_input, fastest_prepacked
+from fxforge.backends.int8_kernel_choice import available_engines, example_int8_input, fastest_prepacked
+from fxforge.pipeline.fragments import with_options
 from helpers import reestimate_bn
 
 X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -23,13 +25,25 @@ def test_the_engine_whose_kernel_is_faster_wins_whatever_the_order():
     def prepack(engine: str) -> SimpleNamespace:  # stands for a weight packed by that engine
         return SimpleNamespace(packed=engine)
 
-    def kernel(x, packed, scale, zero_point):
-        time.sleep(0.004 if packed == slow else 0.0)
+    ran = []
 
-    for slow in ("fbgemm", "qnnpack"):
-        engines = ("fbgemm", "qnnpack")
-        engine, packed = fastest_prepacked(kernel, prepack, engines, torch.zeros(1), 0.1, 0)
-        assert engine == packed.packed == next(e for e in engines if e != slow)
+    def kernel(x, packed, scale, zero_point):
+        ran.append((packed, torch.backends.quantized.engine))
+
+    def clock(fn) -> float:  # a fake clock: the slow engine's kernel takes 4 ms, the other 1 ms
+        fn()
+        return 4e-3 if ran[-1][0] == slow else 1e-3
+
+    engines = available_engines(("fbgemm", "qnnpack", "onednn", "x86"))[:2]
+    if len(engines) < 2:
+        pytest.skip("needs two quantized engines")
+    for slow in engines:
+        for order in (engines, engines[::-1]):
+            ran.clear()
+            engine, packed = fastest_prepacked(kernel, prepack, order, torch.zeros(1), 0.1, 0, timer=clock)
+            assert engine == packed.packed == next(e for e in engines if e != slow)
+            assert {p for p, _ in ran} == set(engines)
+            assert all(p == current for p, current in ran)  # each kernel ran under its own engine
 
 
 def test_one_engine_or_no_example_input_is_not_timed():
@@ -75,7 +89,7 @@ def test_x86_packs_each_layer_for_a_measured_engine_and_agrees_with_fixed_packin
     model, calibration = _model(), batches(8)
     tuned = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration)
     fixed = fxforge.compile(model, "x86", example_inputs=X, calibration=calibration,
-                            pipeline=fxforge.pipeline_for("x86").replace("lower-x86", "lower-x86{autotune=false}"))
+                            pipeline=with_options(fxforge.pipeline_for("x86"), "lower-x86", autotune=False))
     notes = next(p.notes for p in tuned.report.passes if p.name == "lower-x86")
     choice = next(n for n in notes if n.startswith("weights packed for the fastest engine"))
     chosen = {e: int(n) for n, e in (part.split() for part in choice.split(": ")[1].split(", "))}

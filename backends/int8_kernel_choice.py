@@ -5,15 +5,16 @@ runs fbgemm's kernel, one prepacked under ``onednn`` runs oneDNN's, whatever the
 compute the same integer convolution and requantize to the same output qparams (results agree to one int8
 step), but which is faster depends on the layer's shape (benchmarks/RESULTS.md, int8 notes;
 ``benchmarks/int8_kernels.py`` measures them). So the lowering prepacks each layer's weight for every
-candidate engine, times the kernel on a random int8 input of the layer's input shape (warm-up, then the best
-of a few calls) and keeps the fastest packing. Layers of the same shapes share one measurement.
+candidate engine, times the kernels on a random int8 input of the layer's input shape
+(``fxforge.numerics.timing``: warm-up, then the best of a few calls, the engines interleaved) and keeps the
+fastest packing. Layers of the same shapes share one measurement.
 The choice costs a few kernel calls per layer at compile time and depends on the machine and its load;
 ``lower-x86{autotune=false}`` turns it off.
 """
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,11 +22,11 @@ import torch
 from torch import fx
 
 from fxforge.graph.meta import fxmeta, tensor_shape
+from fxforge.numerics import timing
 from fxforge.quant.plan import QPARAMS_KEY
 from fxforge.quant.qspec import quantized_engine
 
-TIMED_CALLS = 3
-WARMUP_CALLS = 2  # oneDNN builds its primitive for a shape on the first call
+SCHEDULE = timing.Schedule(warmup=2, rounds=3)  # oneDNN builds its primitive for a shape on the first call
 FALLBACK_QPARAMS = (1.0 / 32, 128)  # activation qparams when the producer's cannot be found (timing only)
 
 
@@ -64,29 +65,24 @@ def example_int8_input(gm: fx.GraphModule, dequantize: fx.Node) -> torch.Tensor 
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _seconds_per_call(fn: Callable[[], Any]) -> float:
-    for _ in range(WARMUP_CALLS):
-        fn()
-    best = float("inf")
-    for _ in range(TIMED_CALLS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _under_engine(engine: str, kernel: Callable, *args: Any) -> Any:
+    with quantized_engine(engine):
+        return kernel(*args)
 
 
 def fastest_prepacked(kernel: Callable, prepack: Callable[[str], Any], engines: Sequence[str],
-                      x: torch.Tensor | None, scale: float, zero_point: int) -> tuple[str, Any]:
+                      x: torch.Tensor | None, scale: float, zero_point: int,
+                      timer: timing.Timer = timing.wall_clock) -> tuple[str, Any]:
     """(engine, prepack(engine)) for the engine whose ``kernel(x, prepack(engine).packed, scale, zero_point)``
-    is fastest. With one engine, or no example input, the first engine's packing is returned untimed.
+    is fastest (ties: the earlier engine). With one engine, or no example input, the first engine's packing is
+    returned untimed.
     """
     if len(engines) == 1 or x is None:
         return engines[0], prepack(engines[0])
-    timings = []
-    for engine in engines:
-        packed = prepack(engine)  # outside inference mode: the packed weight lives on in the compiled module
-        with torch.inference_mode(), quantized_engine(engine):
-            seconds = _seconds_per_call(lambda packed=packed.packed: kernel(x, packed, scale, zero_point))
-        timings.append((seconds, engine, packed))
-    _, engine, packed = min(timings, key=lambda t: t[0])
-    return engine, packed
+    # prepacked outside inference mode: the packed weight lives on in the compiled module
+    packed = {engine: prepack(engine) for engine in engines}
+    calls = {engine: functools.partial(_under_engine, engine, kernel, x, p.packed, scale, zero_point)
+             for engine, p in packed.items()}
+    with torch.inference_mode():
+        engine, _ = timing.fastest(calls, SCHEDULE, timer)
+    return engine, packed[engine]
