@@ -25,7 +25,7 @@ lower-x86 packs each conv/linear weight for fbgemm or oneDNN, whichever kernel m
 input shape (``kernel_choice.py``; ``autotune=false`` packs for the x86 engine as torch.ao does).
 Layout: the kernels return channels-last tensors; as lower-cpu does, eager's NCHW layout is restored before
 ``.view``, before reshapes that in-place ops mutate through, and at the outputs (where eager's were).
-Torch kernel bugs kept out (each measured, see tests/fuzz/test_regressions.py): qnnpack's int8 clamp
+Torch kernel bugs kept out (each measured, see tests/backends/test_int8_lowering.py): qnnpack's int8 clamp
 (relu6 / hardtanh / clamp) reads an NCHW copy; average pooling that qnnpack rejects or gets wrong (one-element
 windows, count_include_pad=False with padding), adaptive pooling that upsamples a 1x1 map (wrong on
 every engine) and, on qnnpack, sigmoid with other output qparams than (1/256, 0) keep their reference form.

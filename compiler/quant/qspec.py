@@ -12,7 +12,7 @@ Backend rules:
   int16 whatever the activation codes (ONNX Runtime's ``reduce_range`` does the same). torch.ao narrows the
   activations to [0, 127] instead, but ``quantize_per_tensor`` and the kernels' requantization clamp to the
   dtype (255), not 127: values above a clipped calibrated range still get codes 128-255, on which the kernels
-  saturate and depart from the reference graph (tests/fuzz/test_regressions.py). Dynamic int8 keeps 8-bit
+  saturate and depart from the reference graph (tests/quant/test_qspec.py). Dynamic int8 keeps 8-bit
   weights and 7-bit activations (``dynamic_weight``): their range is each tensor's own min/max, so the codes
   never pass 127.
 - qnnpack: activations quint8 over the full range, weights per-channel symmetric qint8 restricted to

@@ -8,7 +8,7 @@ several users and several outputs. Properties, for every drawn graph:
       same in-place effects on the input), at the example batch size and at another one;
   (b) the cpu pipeline is idempotent: running it a second time changes nothing;
   (c) the user's model is not modified.
-Bugs this file found are pinned as named regression tests with minimal models (``test_regression``).
+Bugs this file found are named tests with minimal models in the test files of the components at fault.
 """
 
 from __future__ import annotations
@@ -289,78 +289,6 @@ def _compile_and_check(spec: GraphSpec) -> None:
 @given(graph_specs())
 def test_compiled_matches_eager_and_pipeline_is_idempotent(spec: GraphSpec) -> None:
     _compile_and_check(spec)
-
-
-# --- bugs found by this file, fixed; minimal reproductions kept as regression tests -------------------
-
-
-class _MutateAfterConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c0, self.conv = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.c0(x)
-        a = self.conv(t)
-        torch.relu_(t)  # mutates the conv's input after the conv read it
-        return torch.relu(a)
-
-
-class _DeadUserOfConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        _unused = y + 1  # a second user of y: fold-bn skips the BN, then dce removes this
-        return self.bn(y)
-
-
-class _AugmentedAssignAlias(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.conv(x)
-        b = a
-        b += 1  # mutates a too
-        return a
-
-
-REGRESSIONS = [
-    # fuse-conv ran the fused conv at the relu, after relu_(t) had mutated the conv's input
-    pytest.param(_MutateAfterConv, id="fuse-conv-after-mutation"),
-    # dce removed the conv's dead second user after fold-bn, leaving a foldable BN: 'bn-folded' failed
-    pytest.param(_DeadUserOfConv, id="dce-breaks-bn-folded"),
-    # torch.fx traces `b += 1` as `b + 1`: the alias `a` never saw the sum
-    pytest.param(_AugmentedAssignAlias, id="iadd-traced-out-of-place"),
-]
-
-
-@pytest.mark.parametrize("model_cls", REGRESSIONS)
-def test_regression(model_cls: type[nn.Module]) -> None:
-    model = model_cls().eval()
-    randomize_bn(model)
-    x = torch.randn(1, 3, 8, 8)
-    compiled = fxforge.compile(model, "cpu", example_inputs=x.clone())
-    with torch.no_grad():
-        expected = model(x.clone())
-    assert rel_error(compiled(x.clone()), expected) <= RTOL
-
-
-class _MutatesInput(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x.add_(1)  # legal in eager: the caller sees x + 1
-        return x * 2
-
-
-def test_compile_leaves_example_inputs_alone() -> None:
-    x = torch.zeros(2)
-    compiled = fxforge.compile(_MutatesInput().eval(), "cpu", example_inputs=x)
-    assert torch.equal(x, torch.zeros(2)), f"example input changed to {x.tolist()}"
-    assert compiled.report.max_rel_error == 0.0
 
 
 # --- the harness itself ---------------------------------------------------------------------------------
