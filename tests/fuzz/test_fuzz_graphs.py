@@ -2,7 +2,7 @@
 
 For each target hypothesis draws FuzzGraphs (conv with groups / stride / dilation / padding modes,
 conv-transpose, BN, relu / relu6 / hardswish / silu / sigmoid / tanh / gelu, add, mul, cat, pooling, linear,
-flatten / reshape; 1-channel, odd and 1-pixel shapes, batch 1 and 3: see ``fxforge/fuzz.py``)
+flatten / reshape; 1-channel, odd and 1-pixel shapes, batch 1 and 3: see ``fxforge.testing.fuzz``)
 and checks, on the model built from it:
 - ``cpu`` (fp32): outputs within 1e-4 of max |eager| (+1e-6) at the example batch size and the other one (1 <-> 3),
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;

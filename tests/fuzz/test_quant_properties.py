@@ -1,16 +1,18 @@
-"""Property tests for static int8: random conv/bn/relu/add/cat/maxpool/flatten-linear graphs.
+"""Property tests for static int8: random conv/bn/relu/add/cat/maxpool graphs with a flatten-linear head.
 
-The graphs are ``tests/test_properties.py``'s (``graph_specs``: residual adds, concats, in-place ops on
-shared values, several outputs), with shape-preserving max-pools spliced in at random places and a head on
-one output: ``[max_pool2d ->] flatten -> linear``. Properties, for every drawn graph:
+The graphs come from the fuzzer's generator (``fxforge.testing.graphs``) narrowed as in test_properties.py (conv /
+bn / relu / add / cat with residual blocks: residual adds, concats, in-place ops on shared values, several outputs)
+plus max-pools, with a classifier head on one output: ``[max_pool2d ->] flatten -> linear``. Properties, for every
+drawn graph:
   (a) the observed graph (the x86 pipeline cut before insert-qdq) computes exactly, bit for bit, what the
       same pipeline without observers computes (an observer returns its input), on a fresh input;
   (b) the x86 reference int8 graph is well formed: no quantize reads a dequantize (directly or through
       ops that run on quantized tensors), every cat reads quantized inputs that share one scale buffer, and
       the graph returns float tensors;
   (c) its SQNR against the fp32 model on a fresh input is at least ``SQNR_FLOOR_DB``;
-  (d) compiling twice gives identical qparams, weights and code (calibration is deterministic).
-(a), (b), (d) explore new graphs on every run (hypothesis' defaults, as in tests/test_properties.py); (c) is
+  (d) compiling twice gives identical qparams, weights and code (calibration is deterministic), and identical
+      outputs where lower-x86 packed each layer for the same engine both times (its choice is timed).
+(a), (b), (d) explore new graphs on every run (hypothesis' defaults, as in test_properties.py); (c) is
 a statistical bound and runs a fixed (derandomized) set of graphs. Together ~7 s on a 2-core machine: slow.
 Graphs with in-place ops on values read elsewhere are included: the quantization plan keeps those values
 fp32 (a cat reading one is a reported fp32 island); before it did, their int8 graphs lost the change.
@@ -18,142 +20,64 @@ fp32 (a cat reading one is a reported fp32 island); before it did, their int8 gr
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from quant_helpers import dq_q_round_trips, quantize_nodes
-from test_properties import GraphSpec, Layer, SpecModel, graph_specs
 from torch import fx, nn
 
 import fxforge
+from fxforge.backends.int8_packed import PackedWeight
 from fxforge.graph.meta import fxmeta
+from fxforge.quant.ops import pool_window
 from fxforge.quant.plan import QPARAMS_KEY
 from fxforge.quant.sqnr import outputs_sqnr_db
-from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
+from fxforge.testing import FuzzGraph, FuzzModel, Op, OpChoices, graphs
+from fxforge.testing.fuzz import ACT_SPELLINGS, BINARY_SPELLINGS, MORE_ACT_SPELLINGS, MORE_BINARY_SPELLINGS
+from helpers import assert_unchanged, close_to_eager, one_intra_op_thread, state_snapshot
 
 PIPELINE = fxforge.pipeline_for("x86")
 OBSERVED = PIPELINE.split(",insert-qdq")[0]
 FP32 = PIPELINE.split(",insert-observers")[0]
 CALIBRATION_BATCHES, CALIBRATION_BATCH, FRESH_BATCH = 4, 32, 4
-MAXPOOL_SPELLINGS = ("nn.MaxPool2d", "F.max_pool2d")
-# SQNR floor for (c). Measured on 2,500 random graphs (x86, 7-bit activations, as CPUs without VNNI then had,
-# 4 calibration batches of 32, a fresh batch of 4): min 15.9 dB, 0.5% quantile 20.7, 5% 25.3, median 31.9.
-# The tail is legitimate: cat inputs of different magnitudes sharing one grid, and fresh values beyond the
-# calibrated range clipped (this is why calibration uses 32-sample batches: with 16, 1% fell below 12 dB).
-# 12 dB leaves ~4 dB of margin below the lowest graph seen; the in-place bug pinned below gave -5 to 8 dB
-# on ~10% of the graphs with in-place ops.
+QUANT_OPS = OpChoices(kinds=("conv", "conv", "bn", "act", "act", "add", "cat", "pool"), activations=("relu",),
+                      act_spellings=ACT_SPELLINGS + MORE_ACT_SPELLINGS,
+                      binary_spellings=BINARY_SPELLINGS + MORE_BINARY_SPELLINGS, pools=("max",),
+                      conv_paddings=("int",), padding_modes=("zeros",), conv_channels=8)
+# SQNR floor for (c). Measured over 2,400 random graphs of this distribution (x86, 4 calibration batches of 32, a
+# fresh batch of 4): 0.5% quantile ~19 dB, 5% ~30, median ~37; the lowest reference int8 graph reached 9.6 dB (one
+# graph: the tail is legitimate, cat inputs of different magnitudes sharing one grid, fresh values beyond the
+# calibrated range clipped). The fixed examples (c) runs reach 30.7 dB at the least, whichever engine lower-x86
+# picks. 12 dB catches outright broken quantization: the in-place bug (test_quant_passes.py) gave -5 to 8 dB, and
+# oneDNN's int8 grouped conv with padding >= kernel gives ~-8 dB where lower-x86 packs it for oneDNN.
 SQNR_FLOOR_DB = 12.0
+
+
+# Inputs at least 3 pixels wide: x86's int8 conv kernel crashes the process on a dilated one-tap conv over a
+# 1-pixel-wide map (Conv2d(2, 6, 1, stride=2, padding=1, dilation=2) on 4x1), which lower-x86 does not avoid yet.
+INPUT_SIZES = ((1, 2, 3, 4, 6), (1, 3, 5, 7, 9), (3, 5, 7, 9, 11))
+
+
+def quant_graphs() -> st.SearchStrategy[FuzzGraph]:
+    return graphs(max_ops=5, choices=QUANT_OPS, input_sizes=INPUT_SIZES, residual_blocks=True, extra_output=True,
+                  head=True)
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    body: GraphSpec  # maxpool layers (op "maxpool", kernel 3, stride 1, padding 1) spliced in
-    head_output: int  # which of the body's outputs gets the head
-    head_pool: str  # "" or a MAXPOOL_SPELLINGS entry: a 2x2 max-pool (ceil_mode) before flatten
-    head_features: int
-
-
-class QuantSpecModel(SpecModel):
-    """SpecModel plus max-pool layers and a ``[max-pool ->] flatten -> linear`` head on one output."""
-
-    def __init__(self, spec: QuantSpec) -> None:
-        super().__init__(spec.body)
-        self.qspec = spec
-        for i, layer in enumerate(spec.body.layers):
-            if layer.spelling == "nn.MaxPool2d":
-                self.mods[str(i)] = nn.MaxPool2d(3, stride=1, padding=1)
-        if spec.head_pool == "nn.MaxPool2d":
-            self.head_pool = nn.MaxPool2d(2, ceil_mode=True)
-        c, h, w = _value_shapes(spec.body)[spec.body.outputs[spec.head_output]]
-        if spec.head_pool:
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-        self.fc = nn.Linear(c * h * w, spec.head_features)
-        g = torch.Generator().manual_seed(spec.body.seed + 1)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.randn(self.fc.weight.shape, generator=g) / math.sqrt(c * h * w))
-            self.fc.bias.copy_(torch.randn(self.fc.bias.shape, generator=g) * 0.5)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        out = super().forward(x)
-        outputs = list(out) if isinstance(out, tuple) else [out]
-        y = outputs[self.qspec.head_output]
-        if self.qspec.head_pool == "nn.MaxPool2d":
-            y = self.head_pool(y)
-        elif self.qspec.head_pool:
-            y = F.max_pool2d(y, 2, ceil_mode=True)
-        outputs[self.qspec.head_output] = self.fc(torch.flatten(y, 1))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    def _layer(self, i: int, layer: Layer, values: list[torch.Tensor]) -> torch.Tensor:
-        if layer.op != "maxpool":
-            return super()._layer(i, layer, values)
-        x = values[layer.srcs[0]]
-        return self.mods[str(i)](x) if layer.spelling == "nn.MaxPool2d" else F.max_pool2d(x, 3, 1, 1)
-
-
-def _value_shapes(spec: GraphSpec) -> list[tuple[int, int, int]]:
-    """(C, H, W) of every value of a body (values[0] is the input)."""
-    shapes = [spec.shape]
-    for layer in spec.layers:
-        src = shapes[layer.srcs[0]]
-        if layer.op == "conv":
-            kw = layer.conv
-            extent = kw["dilation"] * (kw["kernel_size"] - 1) + 1
-            hw = tuple((n + 2 * kw["padding"] - extent) // kw["stride"] + 1 for n in src[1:])
-            shapes.append((kw["out_channels"], *hw))
-        elif layer.op == "cat":
-            shapes.append((sum(shapes[s][0] for s in layer.srcs), *src[1:]))
-        else:
-            shapes.append(src)
-    return shapes
-
-
-def _splice_maxpool(spec: GraphSpec, at: int, src: int, spelling: str) -> GraphSpec:
-    """Insert a shape-preserving max-pool of value ``src`` as layer ``at`` (value ``at + 1``); later
-    references to values ``>= at + 1`` shift by one."""
-    def shift(i: int) -> int:
-        return i + 1 if i > at else i
-
-    layers = [replace(layer, srcs=tuple(map(shift, layer.srcs))) for layer in spec.layers]
-    layers.insert(at, Layer("maxpool", (src,), spelling))
-    return replace(spec, layers=tuple(layers), outputs=tuple(map(shift, spec.outputs)))
-
-
-@st.composite
-def quant_specs(draw: st.DrawFn) -> QuantSpec:
-    body = draw(graph_specs())
-    for _ in range(draw(st.integers(0, 2))):
-        at = draw(st.integers(0, len(body.layers)))
-        src = draw(st.integers(0, at))  # any value computed before the insertion point
-        body = _splice_maxpool(body, at, src, draw(st.sampled_from(MAXPOOL_SPELLINGS)))
-    return QuantSpec(body, draw(st.integers(0, len(body.outputs) - 1)),
-                     draw(st.sampled_from(("", *MAXPOOL_SPELLINGS))), draw(st.integers(4, 10)))
-
-
 # --- checks ------------------------------------------------------------------------------------------------
 
 
-def _inputs(spec: QuantSpec, batch: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, *spec.body.shape, generator=torch.Generator().manual_seed(seed))
+def _fresh(graph: FuzzGraph, batch: int = FRESH_BATCH) -> torch.Tensor:
+    return graph.example(batch, seed=200 + batch)  # neither the example input nor a calibration batch
 
 
-def _fresh(spec: QuantSpec, batch: int = FRESH_BATCH) -> torch.Tensor:
-    return _inputs(spec, batch, 200 + batch)  # neither the example input nor a calibration batch
-
-
-def _compile(model: nn.Module, spec: QuantSpec, target: str = "x86", **kwargs) -> fxforge.CompiledModule:
-    calibration = [_inputs(spec, CALIBRATION_BATCH, seed) for seed in range(CALIBRATION_BATCHES)]
-    return fxforge.compile(model, target, example_inputs=_inputs(spec, spec.body.batch, 100),
-                           calibration=calibration, **kwargs)
+def _compile(model: nn.Module, graph: FuzzGraph, pipeline: str = PIPELINE) -> fxforge.CompiledModule:
+    calibration = [graph.example(CALIBRATION_BATCH, seed=seed) for seed in range(CALIBRATION_BATCHES)]
+    return fxforge.compile(model, "x86", example_inputs=graph.example(seed=100), calibration=calibration,
+                           pipeline=pipeline)
 
 
 def _outputs(value: object) -> tuple[torch.Tensor, ...]:
@@ -188,13 +112,16 @@ _PASS_THROUGH_MODULES = (nn.MaxPool2d, nn.ReLU, nn.Flatten)
 
 def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Walk up from a quantize's input through single-input shape / max-pool / relu ops (ops that would
-    have run on the quantized tensor, had their input been quantized) to the node that computed the value."""
+    have run on the quantized tensor, had their input been quantized) to the node that computed the value.
+    Max pooling over a one-element window is not one: the op table runs it in fp32 between its input's qparams
+    (``share``, exact), by design."""
     def passes_through(n: fx.Node) -> bool:
         if len(n.all_input_nodes) != 1:
             return False
         if n.op == "call_module":
-            return isinstance(gm.get_submodule(str(n.target)), _PASS_THROUGH_MODULES)
-        return getattr(n.target, "__name__", n.target) in _PASS_THROUGH_FUNCTIONS
+            module = gm.get_submodule(str(n.target))
+            return isinstance(module, _PASS_THROUGH_MODULES) and pool_window(n, module) != 1
+        return getattr(n.target, "__name__", n.target) in _PASS_THROUGH_FUNCTIONS and pool_window(n) != 1
 
     while passes_through(node):
         node = node.all_input_nodes[0]
@@ -226,6 +153,11 @@ def _check_int8_graph(compiled: fxforge.CompiledModule, x: torch.Tensor) -> None
         assert isinstance(y, torch.Tensor) and not y.is_quantized and y.dtype == torch.float32
 
 
+def _engines(compiled: fxforge.CompiledModule) -> dict[str, str]:
+    """The engine each layer's int8 weight was packed for: lower-x86 times the candidates (kernel_choice.py)."""
+    return {name: m.engine for name, m in compiled.graph_module.named_modules() if isinstance(m, PackedWeight)}
+
+
 def _qparams(compiled: fxforge.CompiledModule) -> dict[str, torch.Tensor]:
     """Every activation qparam buffer and every weight (int8 grid values and their scales)."""
     gm = compiled.graph_module
@@ -234,49 +166,51 @@ def _qparams(compiled: fxforge.CompiledModule) -> dict[str, torch.Tensor]:
     return found
 
 
-def int8_sqnr(spec: QuantSpec) -> float:
+def int8_sqnr(graph: FuzzGraph) -> float:
     """Property (c): SQNR of the x86 graph against the fp32 model on a fresh input."""
-    model = QuantSpecModel(spec)
-    compiled = _compile(model, spec)
-    x = _fresh(spec)
+    model = FuzzModel(graph)
+    compiled = _compile(model, graph)
+    x = _fresh(graph)
     with torch.inference_mode():
         return outputs_sqnr_db(model(x.clone()), compiled(x.clone()))
 
 
-_CONV_1X1 = dict(out_channels=2, kernel_size=1, stride=1, padding=0, dilation=1, groups=1, bias=False)
+_CONV_1X1 = dict(out_channels=2, kernel_size=(1, 1), stride=1, padding=0, dilation=1, groups=1, bias=False,
+                 padding_mode="zeros")
 # A cat of a lowered int8 add (qparams as literals) and the input: found by this test, a false alarm of
 # its own checker (it looked for a quantize node behind the add); kept as an example that always runs.
-_CAT_OF_LOWERED_ADD = QuantSpec(GraphSpec(1, (2, 1, 3), (
-    Layer("conv", (0,), conv=_CONV_1X1), Layer("bn", (1,), affine=False), Layer("add", (2, 1), "a+=b"),
-    Layer("conv", (3,), conv=_CONV_1X1), Layer("add", (4, 4), "a+b"), Layer("cat", (5, 0))), (6,), 0),
-    head_output=0, head_pool="", head_features=4)
+_CAT_OF_LOWERED_ADD = FuzzGraph(shape=(2, 1, 3), batch=1, ops=(
+    Op("conv", (0,), _CONV_1X1), Op("bn", (1,), {"affine": False}), Op("add", (2, 1), {"spelling": "inplace"}),
+    Op("conv", (3,), _CONV_1X1), Op("add", (4, 4), {"spelling": "op"}), Op("cat", (5, 0), {"dim": 1}),
+    Op("flatten", (6,), {"spelling": "torch"}), Op("linear", (7,), {"out_features": 4, "bias": True})),
+    outputs=(8,), seed=0)
 
 
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(quant_specs())
+@given(quant_graphs())
 @example(_CAT_OF_LOWERED_ADD)
-def test_observers_exact_int8_graph_well_formed_and_deterministic(spec: QuantSpec) -> None:
+def test_observers_exact_int8_graph_well_formed_and_deterministic(graph: FuzzGraph) -> None:
     """Properties (a), (b) and (d)."""
-    model = QuantSpecModel(spec)
+    model = FuzzModel(graph)
     snapshot = state_snapshot(model)
-    x = _fresh(spec)
+    x = _fresh(graph)
 
     # (a) observers are exact: bit-equal to the same pipeline without them (which computes eager's function)
-    observed = _compile(model, spec, pipeline=OBSERVED)
-    fp32 = fxforge.compile(model, "cpu", example_inputs=_inputs(spec, spec.body.batch, 100), pipeline=FP32)
+    observed = _compile(model, graph, OBSERVED)
+    fp32 = fxforge.compile(model, "cpu", example_inputs=graph.example(seed=100), pipeline=FP32)
     for a, e in zip(_outputs(observed(x.clone())), _outputs(fp32(x.clone())), strict=True):
         assert torch.equal(a, e), "the observed graph computes something else than the fp32 graph"
     with torch.no_grad():
-        assert rel_error(fp32(x.clone()), model(x.clone())) <= 1e-4
+        assert close_to_eager(fp32(x.clone()), model(x.clone()))
 
     # (b) the reference int8 graph is well formed, at the example batch size and another one
-    compiled = _compile(model, spec)
+    compiled = _compile(model, graph)
     _check_int8_graph(compiled, x)
-    _check_int8_graph(compiled, _fresh(spec, 4 - spec.body.batch))
+    _check_int8_graph(compiled, _fresh(graph, 4 - graph.batch))
 
-    # (d) the same compile twice: the same qparams, weights, code and outputs
-    again = _compile(model, spec)
+    # (d) the same compile twice: the same qparams, weights, code and (for the same kernels) outputs
+    again = _compile(model, graph)
     first, second = _qparams(compiled), _qparams(again)
     assert first.keys() == second.keys()
     for name, value in first.items():
@@ -284,36 +218,47 @@ def test_observers_exact_int8_graph_well_formed_and_deterministic(spec: QuantSpe
     records = [(r.node, r.scale, r.zero_point) for r in compiled.report.quantization.layers]
     assert records == [(r.node, r.scale, r.zero_point) for r in again.report.quantization.layers]
     assert compiled.graph_module.code == again.graph_module.code
-    for a, b in zip(_outputs(compiled(x.clone())), _outputs(again(x.clone())), strict=True):
-        assert torch.equal(a, b)
+    if _engines(compiled) == _engines(again):  # a timed choice; the engines' kernels may round one step apart
+        for a, b in zip(_outputs(compiled(x.clone())), _outputs(again(x.clone())), strict=True):
+            assert torch.equal(a, b)
     assert_unchanged(model, snapshot)
 
 
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(quant_specs())
-def test_int8_sqnr_floor(spec: QuantSpec) -> None:
+@given(quant_graphs())
+def test_int8_sqnr_floor(graph: FuzzGraph) -> None:
     """(c): SQNR >= SQNR_FLOOR_DB on a fresh input; a fixed set of examples (derandomized), because this is
     a statistical bound (see SQNR_FLOOR_DB), not an exact property."""
-    db = int8_sqnr(spec)
+    db = int8_sqnr(graph)
     assert db >= SQNR_FLOOR_DB, f"SQNR {db:.1f} dB"
 
 
 # --- the harness itself ---------------------------------------------------------------------------------
 
 
+def _drawn(graph: FuzzGraph) -> set[str]:
+    """The op kinds and spellings a graph holds, its head and its output count."""
+    seen = {"multi-output" if len(graph.outputs) > 1 else "single-output"}
+    for op in graph.ops:
+        seen.add(f"{op.kind}-{op.params['spelling']}" if op.kind in ("act", "add", "pool") else op.kind)
+    flatten = next(i for i, op in enumerate(graph.ops) if op.kind == "flatten")  # the head's
+    src = graph.ops[flatten].srcs[0]
+    head_pool = graph.ops[src - 1] if src == flatten else None  # the op right before it, when it reads that one
+    seen.add(f"head pool-{head_pool.params['spelling']}" if head_pool and head_pool.kind == "pool" else "head")
+    return seen
+
+
 def test_generated_graphs_exercise_every_layer_kind() -> None:
     seen: set[str] = set()
 
     @settings(max_examples=100, deadline=None, derandomize=True, phases=[Phase.generate], database=None)
-    @given(quant_specs())
-    def collect(spec: QuantSpec) -> None:
-        seen.update(layer.spelling or layer.op for layer in spec.body.layers)
-        seen.add(f"head {spec.head_pool or 'no pool'}")
-        seen.add("multi-output" if len(spec.body.outputs) > 1 else "single-output")
+    @given(quant_graphs())
+    def collect(graph: FuzzGraph) -> None:
+        seen.update(_drawn(graph))
 
     collect()
-    expected = {"conv", "bn", "cat", *MAXPOOL_SPELLINGS, "nn.ReLU", "F.relu(inplace)", "Tensor.add_", "a+=b",
-                "head no pool", *(f"head {s}" for s in MAXPOOL_SPELLINGS), "multi-output", "single-output"}
+    expected = {"conv", "bn", "cat", "pool-module", "pool-F", "act-module", "act-F-inplace", "add-method-inplace",
+                "add-inplace", "head", "head pool-module", "head pool-F", "multi-output", "single-output"}
     assert expected <= seen, f"never seen: {sorted(expected - seen)}"
