@@ -23,7 +23,7 @@ nvidia-smi -L
 python3 -c "import torch, torchvision, fxforge; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'fxforge from', fxforge.__file__)"
 
 # shellcheck disable=SC2086  # TESTS is a list of paths
-timeout "$TEST_TIMEOUT" python3 -m pytest -q -rs -p no:cacheprovider -o pythonpath="tests tests/quant" $TESTS \
+timeout "$TEST_TIMEOUT" python3 -m pytest -q -rs -p no:cacheprovider -o pythonpath="tests" $TESTS \
   -s 2>&1 | tee "$LOGS/tests.log" | grep -E "dB|passed|failed|error|SKIPPED|FAILED|ERROR|Error" | tail -40
 test_status=${PIPESTATUS[0]}
 

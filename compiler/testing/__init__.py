@@ -5,13 +5,13 @@ May import: ``pipeline`` and below.
 
 from .helpers import randomize_bn, reestimate_bn
 
-_FUZZ_NAMES = ("FuzzGraph", "FuzzModel", "Op", "graphs")
+_FUZZ_NAMES = ("FuzzGraph", "FuzzModel", "Op", "OpChoices", "graphs")
 __all__ = ["randomize_bn", "reestimate_bn", *_FUZZ_NAMES]
 
 
 def __getattr__(name: str):
-    """``graphs``, ``FuzzGraph``, ``FuzzModel`` and ``Op`` (from ``fuzz``) need hypothesis, a test extra: they
-    are imported on first use (optional dependency), so ``import fxforge`` works without it."""
+    """``graphs``, ``FuzzGraph``, ``FuzzModel``, ``Op`` and ``OpChoices`` (from ``fuzz``) need hypothesis, a test
+    extra: they are imported on first use (optional dependency), so ``import fxforge`` works without it."""
     if name in _FUZZ_NAMES:
         from . import fuzz  # optional dependency: hypothesis (a test extra)
 

@@ -9,6 +9,8 @@ activations in every spelling (modules, functions, methods, in place or not), ad
 pooling, linear, flatten in its spellings, unflatten. Shapes include 1 channel, 1-pixel and odd sizes, batch
 1 and 3. Weights are scaled by 1/sqrt(fan_in) and BatchNorm statistics estimated on random data, then
 perturbed: activations stay near unit scale (a fair int8 reference) and BN is never the identity.
+``graphs()`` narrows on request (``OpChoices``, ``input_sizes``) and can add structure (``residual_blocks``,
+``extra_output``, ``head``); its defaults are the distribution of the fuzz suite's fixed examples.
 A graph's ``repr`` is valid Python, so a failing example pastes straight into a regression test.
 Needs hypothesis (a test extra): ``from fxforge.testing import graphs, FuzzModel``.
 """
@@ -29,6 +31,7 @@ from torch import nn
 MAX_CHANNELS = 16
 MAX_SIDE = 16
 MAX_FEATURES = 256
+INPUT_SIZES = ((1, 1, 2, 3, 4, 8), (1, 3, 4, 5, 7, 8, 9, 11), (1, 3, 5, 6, 7, 9, 12))  # channels, height, width
 
 Shape = tuple[int, ...]  # a value's shape without the batch dimension: (C, H, W) or (F,)
 
@@ -75,6 +78,10 @@ _BINARY = {
     "mul": {"op": operator.mul, "torch": torch.mul, "method": lambda a, b: a.mul(b)},
 }
 BINARY_SPELLINGS = ("op", "torch", "method", "inplace")
+# run, but drawn only when OpChoices asks for them: torch.relu_ / sigmoid_ / tanh_, a.add_(b) / a.mul_(b)
+MORE_ACT_SPELLINGS = ("torch-inplace",)
+MORE_BINARY_SPELLINGS = ("method-inplace",)
+_INPLACE_BINARY = ("inplace", "method-inplace")
 FLATTEN_SPELLINGS = ("module", "torch", "method", "reshape", "view")
 
 
@@ -120,8 +127,8 @@ def _act(p: dict[str, Any], x: torch.Tensor, module: nn.Module | None) -> torch.
     inplace = spelling.endswith("inplace")
     if spelling.startswith("method") and fn in _ACT_TENSOR_METHODS:
         return getattr(x, f"{fn}_" if inplace else fn)()
-    if spelling == "torch" and fn in _ACT_TENSOR_METHODS:  # torch.relu, torch.sigmoid, torch.tanh
-        return getattr(torch, fn)(x)
+    if spelling.startswith("torch") and fn in _ACT_TENSOR_METHODS:  # torch.relu / torch.relu_, sigmoid, tanh
+        return getattr(torch, f"{fn}_" if inplace else fn)(x)
     if fn in _ACT_INPLACE_ARG:  # F.relu6(x, inplace=...) and the like
         return _ACT_FUNCTIONS[fn](x, inplace=inplace)
     if inplace and fn in _ACT_TENSOR_METHODS:  # F-inplace of sigmoid / tanh: torch.sigmoid_
@@ -136,6 +143,8 @@ def _binary(kind: str, spelling: str, a: torch.Tensor, b: torch.Tensor) -> torch
         else:
             a *= b
         return a
+    if spelling == "method-inplace":
+        return a.add_(b) if kind == "add" else a.mul_(b)
     return _BINARY[kind][spelling](a, b)
 
 
@@ -292,6 +301,22 @@ def op_shape(op: Op, src_shapes: list[Shape]) -> Shape:
 # --- drawing ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OpChoices:
+    """What ``graphs()`` draws ops from (a kind listed twice is drawn twice as often). The defaults are the fuzz
+    suite's distribution; a property test narrows them, e.g. to conv / bn / relu / add / cat."""
+
+    kinds: tuple[str, ...] = ("conv", "conv", "conv", "conv_t", "bn", "act", "act", "add", "mul", "cat", "pool",
+                              "pool", "linear", "flatten", "unflatten")
+    activations: tuple[str, ...] = tuple(_ACT_MODULES)
+    act_spellings: tuple[str, ...] = ACT_SPELLINGS
+    binary_spellings: tuple[str, ...] = BINARY_SPELLINGS
+    pools: tuple[str, ...] = ("max", "max", "avg", "avg", "adaptive_avg", "adaptive_max", "mean")
+    conv_paddings: tuple[str, ...] = ("int", "int", "same", "valid")  # "int": 0-2 (enough for a 1-pixel output)
+    padding_modes: tuple[str, ...] = ("zeros", "zeros", "reflect", "replicate", "circular")
+    conv_channels: int = MAX_CHANNELS  # the most output channels a conv draws
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -300,16 +325,16 @@ def _out_side(side: int, k: int, stride: int, pad: int, dilation: int) -> int:
     return (side + 2 * pad - dilation * (k - 1) - 1) // stride + 1
 
 
-def _draw_conv(draw: st.DrawFn, shape: Shape) -> dict[str, Any]:
+def _draw_conv(draw: st.DrawFn, shape: Shape, choices: OpChoices) -> dict[str, Any]:
     cin, h, w = shape
     groups = draw(st.sampled_from(_divisors(cin)))
-    out = groups * draw(st.integers(1, max(1, MAX_CHANNELS // groups)))
+    out = groups * draw(st.integers(1, max(1, choices.conv_channels // groups)))
     kh = draw(st.sampled_from([1, 2, 3, 3]))
     kw = kh if draw(st.integers(0, 3)) else draw(st.sampled_from([1, 2, 3]))
     dilation = draw(st.sampled_from([1, 1, 2]))
-    padding: Any = draw(st.sampled_from(["int", "int", "same", "valid"]))
+    padding: Any = draw(st.sampled_from(choices.conv_paddings))
     stride = 1 if padding == "same" else draw(st.sampled_from([1, 1, 2, 3]))
-    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    mode = draw(st.sampled_from(choices.padding_modes))
     if padding == "int":
         padding = draw(st.integers(0, 2))
     extents = [dilation * (k - 1) + 1 for k in (kh, kw)]
@@ -345,9 +370,18 @@ def _draw_conv_t(draw: st.DrawFn, shape: Shape) -> dict[str, Any]:
                 groups=groups, bias=draw(st.booleans()), dilation=dilation)
 
 
-def _draw_pool(draw: st.DrawFn, shape: Shape) -> dict[str, Any]:
+def _draw_same_conv(draw: st.DrawFn, shape: Shape) -> dict[str, Any]:
+    """A conv that keeps its input's shape, as in residual blocks."""
+    cin = shape[0]
+    groups = draw(st.sampled_from(_divisors(cin)))
+    k, dilation = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2]))
+    return dict(out_channels=cin, kernel_size=(k, k), stride=1, padding=dilation * (k - 1) // 2, dilation=dilation,
+                groups=groups, bias=draw(st.booleans()), padding_mode="zeros")
+
+
+def _draw_pool(draw: st.DrawFn, shape: Shape, pools: tuple[str, ...]) -> dict[str, Any]:
     _, h, w = shape
-    pool = draw(st.sampled_from(["max", "max", "avg", "avg", "adaptive_avg", "adaptive_max", "mean"]))
+    pool = draw(st.sampled_from(pools))
     spelling = draw(st.sampled_from(["method", "torch"] if pool == "mean" else ["module", "F"]))
     if pool.startswith("adaptive"):
         size = draw(st.sampled_from([1, 2, (1, 2), (2, 1), 3]))
@@ -369,7 +403,12 @@ class _Drawn:
     """Values drawn so far (their shapes) and the ops that computed them."""
 
     shapes: list[Shape]
+    choices: OpChoices
     ops: list[Op] = field(default_factory=list)
+
+    @property
+    def newest(self) -> int:
+        return len(self.shapes) - 1
 
     def pick(self, draw: st.DrawFn, where: Callable[[Shape], bool] = lambda s: True) -> int | None:
         """A value satisfying ``where``: the newest one half of the time (chains), any other the rest."""
@@ -402,8 +441,8 @@ def _draw_binary(draw: st.DrawFn, values: _Drawn, kind: str) -> Op | None:
     smaller = [i for i, s in enumerate(values.shapes) if s != shape and _broadcasts_into(s, shape)]
     # half of the time a (C, 1, 1) value gates a (C, H, W) one, as in squeeze-excitation
     b = draw(st.sampled_from(smaller)) if smaller and draw(st.booleans()) else values.pick(draw, lambda s: s == shape)
-    spelling = draw(st.sampled_from(BINARY_SPELLINGS))
-    srcs = (a, b) if spelling == "inplace" or draw(st.booleans()) else (b, a)
+    spelling = draw(st.sampled_from(values.choices.binary_spellings))
+    srcs = (a, b) if spelling in _INPLACE_BINARY or draw(st.booleans()) else (b, a)
     return Op(kind, srcs, dict(spelling=spelling))
 
 
@@ -431,16 +470,13 @@ def _draw_unflatten(draw: st.DrawFn, values: _Drawn, src: int) -> Op | None:
 
 def _draw_op(draw: st.DrawFn, values: _Drawn) -> Op | None:
     """One op of a random kind, or None when the drawn kind does not fit the values there are."""
-    kind = draw(st.sampled_from(["conv", "conv", "conv", "conv_t", "bn", "act", "act", "add", "mul", "cat", "pool",
-                                 "pool", "linear", "flatten", "unflatten"]))
+    kind = draw(st.sampled_from(values.choices.kinds))
     if kind in ("add", "mul"):
         return _draw_binary(draw, values, kind)
     if kind == "cat":
         return _draw_cat(draw, values)
     if kind == "act":
-        src = values.pick(draw)
-        return Op("act", (src,), dict(fn=draw(st.sampled_from(list(_ACT_MODULES))),
-                                      spelling=draw(st.sampled_from(ACT_SPELLINGS))))
+        return _draw_act(draw, values, values.pick(draw))
     if kind == "bn":
         return Op("bn", (values.pick(draw),), dict(affine=draw(st.booleans())))
     if kind == "linear":
@@ -464,25 +500,94 @@ def _draw_image_op(draw: st.DrawFn, values: _Drawn, kind: str) -> Op | None:
     src = values.pick(draw, _image)
     if src is None:
         return None
-    params = _draw_conv(draw, values.shapes[src]) if kind == "conv" else _draw_pool(draw, values.shapes[src])
+    shape = values.shapes[src]
+    choices = values.choices
+    params = _draw_conv(draw, shape, choices) if kind == "conv" else _draw_pool(draw, shape, choices.pools)
     return Op(kind, (src,), params)
 
 
+def _draw_act(draw: st.DrawFn, values: _Drawn, src: int) -> Op:
+    choices = values.choices
+    fn, spelling = draw(st.sampled_from(choices.activations)), draw(st.sampled_from(choices.act_spellings))
+    return Op("act", (src,), dict(fn=fn, spelling=spelling))
+
+
+def _push_block(draw: st.DrawFn, values: _Drawn) -> None:
+    """A block on the newest image value, as CNNs are built: conv (same shape) [-> bn], then an activation, a
+    residual add (+ a value of that shape) or both, so that every conv fusion gets drawn."""
+    src = next((i for i in reversed(range(len(values.shapes))) if _image(values.shapes[i])), None)
+    if src is None:
+        return
+    values.push(Op("conv", (src,), _draw_same_conv(draw, values.shapes[src])))
+    if draw(st.booleans()):
+        values.push(Op("bn", (values.newest,), dict(affine=draw(st.booleans()))))
+    tail = draw(st.sampled_from(["add", "act", "add-act"]))
+    if tail.startswith("add"):
+        values.push(_draw_residual_add(draw, values))
+    if tail.endswith("act"):
+        values.push(_draw_act(draw, values, values.newest))
+
+
+def _draw_residual_add(draw: st.DrawFn, values: _Drawn) -> Op:
+    """The newest value + another value of its shape (itself when there is none: a + a, which standalone adds
+    draw too)."""
+    a = values.newest
+    others = [i for i, s in enumerate(values.shapes) if s == values.shapes[a] and i != a]
+    b = draw(st.sampled_from(others)) if others else a
+    spelling = draw(st.sampled_from(values.choices.binary_spellings))
+    return Op("add", (a, b) if spelling in _INPLACE_BINARY or draw(st.booleans()) else (b, a), dict(spelling=spelling))
+
+
+def _push_head(draw: st.DrawFn, values: _Drawn, outputs: list[int]) -> None:
+    """A classifier head on one image output, which it replaces: [2x2 max-pool (ceil_mode) ->] flatten -> linear."""
+    images = [i for i, value in enumerate(outputs) if _image(values.shapes[value])]
+    if not images:
+        return
+    at = draw(st.sampled_from(images))
+    pool = draw(st.sampled_from(["", "module", "F"]))
+    if pool:
+        args = (("kernel_size", 2), ("stride", None), ("padding", 0), ("ceil_mode", True))
+        values.push(Op("pool", (outputs[at],), dict(pool="max", spelling=pool, args=args)))
+    flatten_src = values.newest if pool else outputs[at]
+    values.push(Op("flatten", (flatten_src,), dict(spelling="torch")))
+    values.push(Op("linear", (values.newest,), dict(out_features=draw(st.integers(4, 10)), bias=True)))
+    outputs[at] = values.newest
+
+
+def _draw_outputs(draw: st.DrawFn, values: _Drawn, extra_output: bool) -> list[int]:
+    """The last value, and half of the time every value no op read (else those are dead code); with
+    ``extra_output``, half of the time one more: any value."""
+    read = {s for op in values.ops for s in op.srcs}
+    last = len(values.ops)
+    outputs = [last, *(i for i in range(1, last) if i not in read)] if draw(st.booleans()) else [last]
+    if extra_output and draw(st.booleans()):
+        outputs.append(draw(st.integers(0, last)))
+    return outputs
+
+
 @st.composite
-def graphs(draw: st.DrawFn, max_ops: int = 8, batches: tuple[int, ...] = (1, 3)) -> FuzzGraph:
-    """Random FuzzGraphs of 1..``max_ops`` ops on an image input, returning the last value (and any value no op
-    read, half of the time: several outputs; the other half such values are dead code)."""
-    shape = (draw(st.sampled_from([1, 1, 2, 3, 4, 8])), draw(st.sampled_from([1, 3, 4, 5, 7, 8, 9, 11])),
-             draw(st.sampled_from([1, 3, 5, 6, 7, 9, 12])))
-    values = _Drawn([shape])
+def graphs(draw: st.DrawFn, max_ops: int = 8, batches: tuple[int, ...] = (1, 3), choices: OpChoices = OpChoices(),
+           input_sizes: tuple[tuple[int, ...], ...] = INPUT_SIZES, residual_blocks: bool = False,
+           extra_output: bool = False, head: bool = False) -> FuzzGraph:
+    """Random FuzzGraphs of 1..``max_ops`` steps on an image input (channels, height and width drawn from
+    ``input_sizes``), returning the last value (and any value no op read, half of the time: several outputs; the
+    other half such values are dead code). A step is one op drawn from ``choices``, or with ``residual_blocks`` a
+    quarter of the time a block (2-4 ops, see ``_push_block``). ``extra_output``: half of the time one more
+    output, any value (the input, one read elsewhere, a repeat). ``head``: one image output goes through a
+    classifier head."""
+    shape = tuple(draw(st.sampled_from(sizes)) for sizes in input_sizes)
+    values = _Drawn([shape], choices)
     for _ in range(draw(st.integers(1, max_ops))):
+        if residual_blocks and draw(st.integers(0, 3)) == 0:
+            _push_block(draw, values)
+            continue
         op = _draw_op(draw, values)
         if op is not None:
             values.push(op)
     if not values.ops:
         values.push(Op("act", (0,), dict(fn="relu", spelling="torch")))
-    read = {s for op in values.ops for s in op.srcs}
-    last = len(values.ops)
-    unread = tuple(i for i in range(1, last) if i not in read) if draw(st.booleans()) else ()
-    return FuzzGraph(shape, draw(st.sampled_from(batches)), tuple(values.ops), (last, *unread),
+    outputs = _draw_outputs(draw, values, extra_output)
+    if head:
+        _push_head(draw, values, outputs)
+    return FuzzGraph(shape, draw(st.sampled_from(batches)), tuple(values.ops), tuple(outputs),
                      draw(st.integers(0, 2**16)))

@@ -1,5 +1,7 @@
 import copy
 import io
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -115,3 +117,63 @@ def test_conv_add_relu_on_layout_ambiguous_shapes():
         compiled = fxforge.compile(model, "cpu", example_inputs=x)
         assert module_types(compiled.graph_module) == ["OneDnnConv2d"]
         assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class ConvHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_load_state_dict_and_to_refresh_the_prepacked_weights():
+    model = ConvHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    state = {k: v * 2 if k.endswith("conv.weight") else v for k, v in compiled.state_dict().items()}
+    compiled.load_state_dict(state)
+    doubled = ConvHead().eval()
+    doubled.load_state_dict({**model.state_dict(), "conv.weight": model.conv.weight * 2})
+    assert rel_error(compiled(x), doubled(x)) <= 1e-5
+    compiled.to(torch.float32)  # a no-op conversion still leaves a runnable, correct module
+    assert rel_error(compiled(x), doubled(x)) <= 1e-5
+
+
+def test_conv_packs_its_weight_per_input_size():
+    """Found by the zoo sweep (regnet_y_8gf: 7x slower than eager at batch 1 after compiling at batch 2):
+    oneDNN lays a prepacked conv weight out for one input size, and run at another size the same weight can
+    be ~100x slower (its 896-channel, 16-group convs on 4x4 maps: 40 ms instead of 0.3 ms). Fix: OneDnnConv2d
+    packs its weight once per input size it meets (up to MAX_OTHER_SIZES, then the dense weight). Checked
+    here by values and by which weight each size uses (no timing)."""
+    from fxforge.backends.cpu import MAX_OTHER_SIZES, OneDnnConv2d
+
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=16), nn.ReLU()).eval()
+    compiled = fxforge.compile(model, "cpu", example_inputs=torch.randn(2, 64, 4, 4))
+    conv = next(m for m in compiled.modules() if isinstance(m, OneDnnConv2d))
+    sizes = [(b, 64, 4, 4) for b in (1, 3, 5, 6, 7, 9)] + [(2, 64, 4, 4)]
+    for size in sizes:
+        x = torch.randn(size)
+        with torch.no_grad():
+            assert rel_error(compiled(x), model(x)) <= 1e-5
+    assert list(conv.other_sizes) == sizes[:MAX_OTHER_SIZES]  # the example's size keeps its own packing
+    assert conv._weight_for(torch.randn(9, 64, 4, 4)) is conv.weight  # past the cap: the dense weight
+    assert not copy.deepcopy(conv).other_sizes  # copies pack again when they need to
+
+
+def test_dilated_one_by_one_conv_runs_without_crashing():
+    """oneDNN's prepacked conv segfaulted on a 1x1 conv with dilation 2, stride 3 and padding 2 over a 4x1 map
+    (torch 2.14; found by a longer run of the graph fuzzer, in any input layout). Dilation of a one-tap kernel
+    dimension changes nothing: OneDnnConv2d drops it. Run in a subprocess: before the fix it killed the
+    interpreter."""
+    code = ("import torch, fxforge; from torch import nn; torch.set_num_threads(1)\n"
+            "m = nn.Sequential(nn.Conv2d(2, 10, 1, stride=3, padding=2, dilation=2)).eval()\n"
+            "x = torch.randn(1, 2, 4, 1)\n"
+            "c = fxforge.compile(m, 'cpu', example_inputs=x)\n"
+            "assert 'OneDnnConv2d' in str(c.graph_module)\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(20): torch.testing.assert_close(c(x), m(x))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

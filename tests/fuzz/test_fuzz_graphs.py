@@ -2,7 +2,7 @@
 
 For each target hypothesis draws FuzzGraphs (conv with groups / stride / dilation / padding modes,
 conv-transpose, BN, relu / relu6 / hardswish / silu / sigmoid / tanh / gelu, add, mul, cat, pooling, linear,
-flatten / reshape; 1-channel, odd and 1-pixel shapes, batch 1 and 3: see ``fxforge/fuzz.py``)
+flatten / reshape; 1-channel, odd and 1-pixel shapes, batch 1 and 3: see ``fxforge.testing.fuzz``)
 and checks, on the model built from it:
 - ``cpu`` (fp32): outputs within 1e-4 of max |eager| (+1e-6) at the example batch size and the other one (1 <-> 3),
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;
@@ -21,7 +21,7 @@ conv: graphs where rounding-sized noise at every value leaves under CONDITION_DB
 ``FuzzModel.forward_with_rounding_noise``), spatial means requantized with their input's qparams (a mean of a
 zero-mean value loses up to 10 log10(H*W) dB), a standalone BN that scales up narrow channels of a per-tensor
 quantized input, errors adding up over up to 8 quantization points. The lowest bug-free values over those 2,100
-graphs (after the fixes in test_regressions.py): 7.3 dB against eager, 15.9 dB lowered against reference. The
+graphs (after the fixes the fuzzer led to): 7.3 dB against eager, 15.9 dB lowered against reference. The
 bugs the fuzzer found gave -2.6 to 4.2 dB against eager (lowering bugs: -2.5 to 3.4 dB against the reference),
 so SQNR_FLOOR_DB = 5 catches outright broken quantization (wrong qparams or kernels, saturated or sign-flipped
 values) and KERNEL_FLOOR_DB = 10 any kernel that computes something else than its reference region. Subtle
@@ -29,7 +29,9 @@ precision losses (the divisor_override bug: 15-19 dB) pass both: read the low ta
 hypothesis statistics list the SQNR distribution).
 
 Examples: EXAMPLES per target (550 in all) in CI; ``FXFORGE_FUZZ_EXAMPLES=n`` runs n per target
-(``make fuzz``). Every failure found is a named test in test_regressions.py.
+(``make fuzz``). Every failure found is a named test, reduced to a minimal model, in the test file of the
+component at fault (tests/backends/test_int8_lowering.py, tests/passes/test_to_nhwc.py, ...: "Found by the graph
+fuzzer" in its docstring).
 """
 
 from __future__ import annotations

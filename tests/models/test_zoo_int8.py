@@ -168,7 +168,7 @@ def test_user_model_unchanged(case: Int8Case) -> None:
 
 def test_no_dequantize_quantize_round_trips(case: Int8Case) -> None:
     """No quantize reads a dequantize, directly or through ops that could have run quantized (as in
-    tests/quant/quant_helpers.py's dq_q_round_trips, plus the shape ops and pools in between)."""
+    tests/quant_helpers.py's dq_q_round_trips, plus the shape ops and pools in between)."""
     gm = case.compiled.graph_module
     quantize = _quantize_nodes(gm)
     assert quantize

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxforge
 from helpers import function_targets, module_types, rel_error, run_pipeline
 
 
@@ -183,3 +184,81 @@ def test_dce_removes_dead_inplace_chains_in_one_run():
     assert module_types(compiled.graph_module) == []
     assert [n.op for n in compiled.graph_module.graph.nodes] == ["placeholder", "call_function", "output"]
     assert torch.equal(actual, expected)
+
+
+class InplaceSiluAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 3, 1), nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = self.act(a)  # returns a itself, mutated
+        b += 1  # so this mutates a too
+        return a
+
+
+def test_normalize_inplace_treats_an_in_place_activation_result_as_an_alias_of_its_input():
+    model = InplaceSiluAlias().eval()
+    x = torch.randn(1, 3, 4, 4)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class Promote(nn.Module):
+    def forward(self, a16, x32):
+        y = a16 * 2
+        y += x32  # in place: stays float16 (y + x32 would be float32)
+        return y
+
+
+def test_normalize_inplace_keeps_the_dtype_of_an_in_place_op():
+    a, x = torch.randn(2, 3).half(), torch.randn(2, 3)
+    compiled = fxforge.compile(Promote().eval(), "cpu", example_inputs=(a, x))
+    out = compiled(a, x)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, Promote()(a, x))
+
+
+class Counter(nn.Module):
+    """Opaque to fxforge (kept as a leaf): counts its calls, a side effect."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+class CountsButIgnores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.counter = Counter()
+
+    def forward(self, x):
+        self.counter(x)  # result unused
+        return x + 1
+
+
+def test_dce_keeps_unused_calls_of_opaque_modules():
+    compiled = fxforge.compile(CountsButIgnores().eval(), "cpu", example_inputs=torch.randn(2),
+                               leaf_modules=[Counter])
+    assert [n.op for n in compiled.graph_module.graph.nodes].count("call_module") == 1
+
+
+class DropoutBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.drop, self.bn = nn.Conv2d(3, 3, 1), nn.Dropout(), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.drop(self.conv(x))))
+
+
+def test_remove_noops_after_fold_bn_invalidates_bn_folded():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(fxforge.PassError, match="requires \\['bn-folded'\\]"):
+        fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="fold-bn,remove-noops,fuse-conv")
+    fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="remove-noops,fold-bn,fuse-conv")

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxforge
 from helpers import module_types, randomize_bn, rel_error, run_pipeline
 
 
@@ -108,3 +109,25 @@ def test_fold_is_computed_in_float64():
     x = torch.randn(1, 8, 6, 6)
     _, expected, actual = run_pipeline(model, "fold-bn", x)
     assert rel_error(actual, expected) <= 1e-5
+
+
+class DeadUserOfConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        _unused = y + 1  # a second user of y: fold-bn would skip the BN, but dce removes this first
+        return self.bn(y)
+
+
+def test_a_dead_second_user_of_the_conv_does_not_leave_a_foldable_bn():
+    """Found by the property tests: dce removed the conv's dead second user after fold-bn, leaving a foldable
+    BN, and the 'bn-folded' invariant failed the compile."""
+    model, x = randomize_bn(DeadUserOfConv()).eval(), torch.randn(1, 3, 8, 8)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x.clone())
+    assert "BatchNorm2d" not in module_types(compiled.graph_module)
+    with torch.no_grad():
+        expected = model(x.clone())
+    assert rel_error(compiled(x.clone()), expected) <= 1e-4

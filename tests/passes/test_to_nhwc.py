@@ -294,3 +294,133 @@ def test_regions_share_the_conversion_of_an_input_they_both_read():
     assert "2 channels-last region(s)" in str(compiled.report)
     with torch.inference_mode():
         assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class ViewHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))  # needs NCHW-contiguous strides
+
+
+def test_view_after_a_lowered_conv_works():
+    model = ViewHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class Double(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, self.conv(x)
+
+
+def test_outputs_keep_the_layout_eager_gives():
+    model = Double().eval()
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    for got, want in zip(compiled(x), model(x), strict=True):
+        assert got.stride() == want.stride()
+    plain = torch.randn(1, 3, 4, 4)
+    compiled = fxforge.compile(model, "cpu", example_inputs=plain)
+    assert all(out.is_contiguous() for out in compiled(plain))
+
+
+class MutateThroughFlattenOneChannel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        F.hardswish(y.flatten(1), inplace=True)  # flatten is a view of y: hardswish changes y too
+        return y * 2
+
+
+def test_in_place_op_through_a_flatten_reaches_the_lowered_conv_output():
+    """Found by the graph fuzzer: lower-cpu made the conv output channels-last, so ``y.flatten(1)`` became a
+    copy and the in-place hardswish no longer reached ``y`` (relative error 0.6). Fix: the value is made
+    NCHW-contiguous right after its producer when an in-place op mutates it through a flatten/reshape/view
+    (one shared copy; to-nhwc does this now, lower-cpu did then)."""
+    model = MutateThroughFlattenOneChannel().eval()
+    x = torch.randn(1, 1, 5, 5)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    assert "OneDnnConv2d" in str(compiled.graph_module)  # still lowered
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class ConvThenCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, (1, 2), padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y], 1)
+
+
+def test_a_reasserted_cat_returned_as_an_output_keeps_eager_layout():
+    """Found by the graph fuzzer: to-nhwc re-asserts channels-last after a cat, and gave the re-assertion node
+    channels-last shape metadata; the outputs' layout is decided from that metadata (eager's), so the cat,
+    returned, stayed channels-last where eager's is contiguous. Fix: to-nhwc's conversion nodes keep eager's
+    metadata."""
+    model, x = ConvThenCat().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out.is_contiguous() and rel_error(out, model(x)) <= 1e-5
+
+
+class OneChannelConvView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.relu(x))
+        return y.view(y.shape[0], -1)
+
+
+def test_view_of_a_one_channel_conv_output_passes_the_layout_invariant():
+    """Found by the graph fuzzer: to-nhwc inserts no NCHW copy before a view of a one-channel value (it is
+    NCHW-contiguous in either layout), but its own invariant ('no view reads a channels-last value') still
+    counted it and failed the compile. Fix: the invariant exempts values that are contiguous in both layouts,
+    as the pass does."""
+    model, x = OneChannelConvView().eval(), torch.randn(1, 1, 3, 3)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+class OneByOneLeaves(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(1, 2, 1, bias=False), nn.ReLU(inplace=True)
+        self.c2, self.up = nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        z = self.c2(y)
+        y = self.act(y)  # in place: the conv's readers all read its NCHW copy, made right after it
+        return self.up(x + y), z  # the add and conv-transpose hold no Conv2d: no region, eager layout
+
+
+def test_a_one_by_one_map_leaving_a_region_is_restrided():
+    """Found by the graph fuzzer: on 1x1 maps ``contiguous()`` returns a channels-last tensor as it is (it is
+    contiguous in both layouts), but torch still reads its strides as channels-last, so the conv-transpose
+    outside any region returned channels-last where eager's output is contiguous. Fix: to-nhwc converts values
+    that are contiguous in both layouts at the example's shape with ``.to(memory_format=...)``, which restrides
+    them."""
+    model, x = OneByOneLeaves().eval(), torch.randn(1, 1, 1, 1)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x)
+    with torch.no_grad():
+        out = compiled(x)
+        assert out[0].is_contiguous() and rel_error(out, model(x)) <= 1e-5

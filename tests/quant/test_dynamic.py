@@ -93,3 +93,14 @@ def test_dynamic_lowering_uses_int8_kernels_that_match_the_reference(engine):
     tokens = torch.randint(0, 50, (5, 12), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         assert torch.allclose(lowered(tokens), reference(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
+def test_dynamic_modes_follow_the_per_channel_setting(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LSTM(16, 8, batch_first=True)).eval()
+    config = fxforge.QuantConfig(per_channel=False)
+    compiled = fxforge.compile(model, "x86", example_inputs=torch.randn(2, 5, 8), quantization=mode,
+                               quant_config=config, pipeline=reference_pipeline("x86", mode))
+    assert compiled.graph_module.get_submodule("0").weight_scale.numel() == 1
+    assert all("per-tensor" in r.weight for r in compiled.report.quantization.layers)

@@ -1,12 +1,20 @@
-"""Every op in CASES (the ops the int8 targets promise to quantize) is quantized, not left an fp32 island, and
-keeps SQNR high in the reference graph."""
+"""The int8 op table (fxforge.quant.ops): every op the int8 targets promise to quantize is quantized (not an fp32
+island) and keeps SQNR high in the reference graph; ops without int8 kernels run in fp32 between their input's
+qparams; pooling that scales its values gets qparams of its own."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import dq_q_round_trips, quantize_nodes, reference_pipeline, sqnr
+from quant_helpers import (
+    compile_calibrated_on,
+    compile_reference,
+    dq_q_round_trips,
+    quantize_nodes,
+    reference_pipeline,
+    sqnr,
+)
 from torch import nn
 
 import fxforge
@@ -124,3 +132,53 @@ def test_in_place_spellings_are_quantized_as_their_op():
         if pipeline == reference:
             plans = [n.meta.get("fxforge", {}).get("quant", {}) for n in compiled.graph_module.graph.nodes]
             assert {"relu", "add", "sigmoid"} <= {plan.get("kind") for plan in plans}
+class ConvThen(nn.Module):
+    def __init__(self, dims: int, middle: nn.Module) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+        self.a, self.middle, self.b = conv(3, 4, 1), middle, conv(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.middle(self.a(x)))
+
+
+class Interpolate1d(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2)
+
+
+@pytest.mark.parametrize(("dims", "middle"), [
+    (2, nn.AdaptiveMaxPool2d(2)), (1, nn.Upsample(scale_factor=2)), (1, Interpolate1d())],
+    ids=["adaptive-max-pool2d", "upsample-1d", "interpolate-1d"])
+def test_value_picking_ops_without_quantized_kernels_compile_and_keep_qparams(dims, middle):
+    torch.manual_seed(0)
+    model = ConvThen(dims, middle).eval()
+    x = torch.randn((2, 3, 8) if dims == 1 else (2, 3, 8, 8))
+    compiled = compile_reference(model, x)
+    assert sqnr(model, compiled, x) > 25
+    middle_node = next(n for n in compiled.graph_module.graph.nodes
+                       if n.target == "middle" or n.target is F.interpolate)
+    assert middle_node.args[0].target == "dequantize"  # runs in fp32 on the dequantized values
+    requant = next(iter(middle_node.users))
+    assert requant.target is torch.quantize_per_tensor
+    assert requant.args[1].target == middle_node.args[0].args[0].args[1].target  # the input's qparams
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_average_pooling_with_a_divisor_override_gets_qparams_of_its_own(target: str, functional: bool):
+    """Found by the graph fuzzer: average pooling requantized its output with its input's qparams, but with
+    ``divisor_override`` it is a scaled sum (3x3 window / 2: up to 4.5x the input range), so outputs saturated:
+    SQNR 19.7 dB (x86) and 15.6 dB (qnnpack, whose int8 kernel also ignores the override) for a single conv +
+    pool, ~36 / 42 dB expected. Fix: the op table makes such pooling a compute op, with qparams of its own."""
+    class ConvSumPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(4, 4, 1), nn.AvgPool2d(3, divisor_override=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return F.avg_pool2d(y, 3, divisor_override=2) if functional else self.pool(y)
+
+    _, db = compile_calibrated_on(ConvSumPool().eval(), target, torch.randn(3, 4, 9, 9))
+    assert db >= 30.0

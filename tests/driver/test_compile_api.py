@@ -95,3 +95,16 @@ def test_compile_runs_the_model_a_fixed_number_of_times_not_once_per_pass():
     m.fc.register_forward_hook(lambda *args: calls.append(1))
     fxforge.compile(m, "cpu", example_inputs=torch.randn(1, 3, 8, 8))
     assert len(calls) == 2
+
+
+class MutatesInput(nn.Module):
+    def forward(self, x):
+        x.add_(1)  # legal in eager: the caller sees x + 1
+        return x * 2
+
+
+def test_compile_leaves_example_inputs_alone():
+    x = torch.zeros(2)
+    compiled = fxforge.compile(MutatesInput().eval(), "cpu", example_inputs=x)
+    assert torch.equal(x, torch.zeros(2)), f"example input changed to {x.tolist()}"
+    assert compiled.report.max_rel_error == 0.0

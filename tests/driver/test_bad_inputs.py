@@ -3,7 +3,7 @@ the user's model is left exactly as it was (state_dict, training flags, submodul
 unusual (an empty or identity model, batch sizes other than the example's) compile and run.
 
 Some cases are also covered where their feature lives (test_compile_api, test_tracing, test_quant_passes,
-test_review_quant, test_cuda_backend); this file is the one table of them all, each with the model check.
+test_calibration, test_cuda_backend); this file is the one table of them all, each with the model check.
 """
 
 from __future__ import annotations

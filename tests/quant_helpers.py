@@ -57,3 +57,20 @@ def toy_model(seed: int = 0, channels: int = 8) -> nn.Module:
 def batches(n: int, shape: tuple[int, ...] = (4, 3, 8, 8), scale: float = 1.0, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g) * scale for _ in range(n)]
+
+
+def compile_reference(model: nn.Module, x: torch.Tensor | tuple, target: str = "x86", **kwargs
+                      ) -> fxforge.CompiledModule:
+    """``model``'s reference int8 graph for ``target`` (its pipeline without the lowering), calibrated on
+    ``calibration`` when given, else on 4 batches shaped like ``x``."""
+    if "calibration" not in kwargs:
+        kwargs["calibration"] = batches(4, tuple(x.shape))
+    kwargs.setdefault("pipeline", reference_pipeline(target))
+    return fxforge.compile(model.eval(), target, example_inputs=x, **kwargs)
+
+
+def compile_calibrated_on(model: nn.Module, target: str, x: torch.Tensor) -> tuple[fxforge.CompiledModule, float]:
+    """Compile for ``target`` (lowering included) calibrated on ``x`` alone; (compiled, SQNR of its output on
+    ``x`` against eager)."""
+    compiled = fxforge.compile(model, target, example_inputs=x, calibration=[x])
+    return compiled, sqnr(model, compiled, x)

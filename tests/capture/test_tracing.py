@@ -130,3 +130,30 @@ def test_every_augmented_assignment_keeps_its_in_place_meaning():
     x = torch.randn(5) * 4
     compiled = fxforge.compile(AugmentedAlias().eval(), "cpu", example_inputs=x)
     assert torch.equal(compiled(x), AugmentedAlias()(x))
+
+
+class ConvAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = a
+        b += 1  # mutates a too
+        return a
+
+
+def test_augmented_assignment_on_a_conv_output_is_seen_through_its_alias():
+    """Found by the property tests: torch.fx traces ``b += 1`` as ``b + 1``, so the alias ``a`` never saw the
+    sum."""
+    model, x = ConvAlias().eval(), torch.randn(1, 3, 8, 8)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x.clone())
+    with torch.no_grad():
+        expected = model(x.clone())
+    assert rel_error(compiled(x.clone()), expected) <= 1e-4
+
+
+def test_leaf_module_path_typo_is_a_config_error():
+    with pytest.raises(fxforge.ConfigError, match="no submodule 'convv'.*Did you mean 'conv'"):
+        fxforge.compile(ConvAlias().eval(), "cpu", example_inputs=torch.randn(1, 3, 5, 5), leaf_modules=["convv"])

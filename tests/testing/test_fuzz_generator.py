@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 from hypothesis import Phase, given, settings
-from torch import nn
+from torch import fx, nn
 
-from fxforge.testing import FuzzModel, graphs
+from fxforge.testing import FuzzModel, OpChoices, graphs
 from fxforge.testing.fuzz import FuzzGraph, Op, graph_shapes  # noqa: F401  (eval(repr(graph)) needs Op)
 from helpers import state_snapshot
 
@@ -117,3 +117,43 @@ def test_models_are_fair_references():
     assert bn_shifts and min(bn_shifts) > 1e-3
     logs = sorted(math.log10(max(s, 1e-12)) for s in scales)
     assert logs[len(logs) // 20] >= -2 and logs[-len(logs) // 20] <= 2, "5% tails outside [0.01, 100] rms"
+
+
+def test_options_narrow_what_is_drawn_and_add_blocks_an_extra_output_and_a_head():
+    """OpChoices and input_sizes bound every drawn op and shape; residual_blocks, extra_output and head add their
+    structure (bn and add come only from blocks here, flatten and linear only from the head)."""
+    choices = OpChoices(kinds=("conv", "act", "pool"), activations=("relu",), act_spellings=("torch-inplace",),
+                        binary_spellings=("method-inplace",), pools=("max",), conv_paddings=("int",),
+                        padding_modes=("zeros",), conv_channels=4)
+    seen: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, derandomize=True, phases=[Phase.generate], database=None)
+    @given(graphs(max_ops=4, choices=choices, input_sizes=((2,), (5, 6), (7,)), residual_blocks=True,
+                  extra_output=True, head=True))
+    def collect(graph: FuzzGraph) -> None:
+        assert graph.shape in ((2, 5, 7), (2, 6, 7))
+        assert [op.kind for op in graph.ops[-2:]] == ["flatten", "linear"]
+        for op in graph.ops[:-2]:
+            assert op.kind in ("conv", "act", "pool", "bn", "add"), op  # bn and add: from blocks
+            p = op.params
+            assert op.kind != "conv" or (isinstance(p["padding"], int) and p["padding_mode"] == "zeros"
+                                         and p["out_channels"] <= 4)
+            assert op.kind != "act" or (p["fn"], p["spelling"]) == ("relu", "torch-inplace")
+            assert op.kind != "add" or p["spelling"] == "method-inplace"
+            assert op.kind != "pool" or p["pool"] == "max"
+        read = {s for op in graph.ops for s in op.srcs}
+        seen.update({"block"} if any(op.kind == "add" for op in graph.ops) else ())
+        seen.update({"extra-output"} if len(graph.outputs) > len(set(graph.outputs) - read) else ())
+        seen.add("head-pool" if graph.ops[graph.ops[-2].srcs[0] - 1].kind == "pool" else "head")
+
+    collect()
+    assert {"block", "extra-output", "head-pool", "head"} <= seen, seen
+
+
+def test_spellings_drawn_on_request_trace_as_themselves():
+    graph = FuzzGraph(shape=(2, 3, 3), batch=1, ops=(
+        Op("act", (0,), {"fn": "relu", "spelling": "torch-inplace"}),
+        Op("add", (1, 0), {"spelling": "method-inplace"}),
+        Op("mul", (2, 0), {"spelling": "method-inplace"})), outputs=(3,))
+    nodes = fx.symbolic_trace(FuzzModel(graph)).graph.nodes
+    assert [n.target for n in nodes if n.op in ("call_function", "call_method")] == [torch.relu_, "add_", "mul_"]

@@ -5,6 +5,7 @@ from torch import fx, nn
 import fxforge
 from fxforge.pipeline.instruments import NumericCheck, TimingInstrument
 from fxforge.pipeline.report import CompileReport
+from helpers import randomize_bn, rel_error
 
 
 class Tiny(nn.Module):
@@ -118,3 +119,34 @@ def test_dump_after_change_writes_code_and_dot_for_changing_passes_only(tmp_path
     assert any(n.endswith("fold-bn.py") for n in names) and any(n.endswith("fold-bn.dot") for n in names)
     assert not any("remove-noops" in n for n in names)  # nothing to remove: not dumped
     assert "digraph" in next(tmp_path.glob("*fold-bn.dot")).read_text()
+
+
+class ConvBnSilu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_verify_none_still_regenerates_the_code_after_each_pass():
+    model = randomize_bn(ConvBnSilu()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    compiled = fxforge.compile(model, "cpu", example_inputs=x, verify="none")
+    assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+@fxforge.graph_pass(name="test-break-runtime")
+def break_runtime(gm, ctx):
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module")
+    conv.args = (conv.args[0], conv.args[0])  # a conv with two inputs: lints fine, fails when run
+    return True
+
+
+def test_a_graph_that_lints_but_does_not_run_is_a_typed_error_naming_the_pass():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(fxforge.CompileError, match="failed on the example inputs.*verify='numeric'"):
+        fxforge.compile(Tiny().eval(), "cpu", example_inputs=x, pipeline="test-break-runtime")
+    with pytest.raises(fxforge.NumericMismatchError, match="after pass 'test-break-runtime' the model no longer runs"):
+        fxforge.compile(Tiny().eval(), "cpu", example_inputs=x, pipeline="test-break-runtime", verify="numeric")

@@ -235,3 +235,17 @@ def test_broken_plugin_warns_with_its_name_and_does_not_break_the_registry(fresh
     assert len(messages) == 1
     assert "plugin 'broken' (fxforge_test_broken) from distribution 'fxforge_test_broken'" in messages[0]
     assert "needs a library that is not installed" in messages[0]
+
+
+def test_redefining_a_pass_replaces_it_and_a_clash_is_an_error():
+    def define():
+        @fxforge.graph_pass(name="test-redefined")
+        def redefined(gm, ctx):
+            return False
+
+        return redefined
+
+    first, second = define(), define()  # same module and qualname: the second replaces the first
+    assert first is not second and fxforge.registered_passes()["test-redefined"] is second
+    with pytest.raises(fxforge.ConfigError, match="already registered.*another name"):
+        fxforge.graph_pass(name="fold-bn")(lambda gm, ctx: False)
