@@ -6,13 +6,14 @@ import torch
 from torch import fx, nn
 
 import fxforge
+from fxforge.pipeline.fragments import without
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import randomize_bn
 
 
 def reference_pipeline(target: str, quantization: str | None = None) -> str:
     """The target's pipeline up to the reference int8 graph (without the lowering to int8 kernels)."""
-    return fxforge.pipeline_for(target, quantization).replace(f",lower-{target}", "")
+    return without(fxforge.pipeline_for(target, quantization), f"lower-{target}")
 
 
 def quantize_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -47,6 +48,17 @@ class ConvBnRelu(nn.Module):
         y = torch.relu(self.bn1(self.conv1(x)))
         y = torch.relu(self.bn2(self.conv2(y)) + y)
         return self.fc(torch.flatten(self.pool(y), 1))
+
+
+class ConvFc(nn.Module):
+    """A conv whose flattened output feeds a Linear (conv and linear quantized, flatten between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(256, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
 
 
 def toy_model(seed: int = 0, channels: int = 8) -> nn.Module:

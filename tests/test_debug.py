@@ -8,6 +8,7 @@ from quant_helpers import batches, toy_model
 from torch import fx
 
 import fxforge
+from fxforge.pipeline.fragments import with_options
 from helpers import one_intra_op_thread
 
 _fixture = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -126,7 +127,9 @@ def test_bisect_checks_do_not_feed_the_observers():
     """Running the observed graph on the example inputs would add them to the calibration statistics."""
     model, x = toy_model(), batches(1, seed=8, scale=3.0)[0]  # far outside the calibration range
     # x86 picks each layer's weight packing by timing it, so two compiles may round differently: fix the choice
-    pipeline = fxforge.pipeline_for(INT8).replace("lower-x86", "lower-x86{autotune=false}")
+    pipeline = fxforge.pipeline_for(INT8)
+    if INT8 == "x86":
+        pipeline = with_options(pipeline, "lower-x86", autotune=False)
     result = fxforge.debug.bisect(model, INT8, x, calibration=batches(4), min_sqnr_db=0, pipeline=pipeline)
     compiled = fxforge.compile(model, INT8, example_inputs=x, calibration=batches(4), pipeline=pipeline)
     assert not result.found and result.stages[-1].spec.startswith(f"lower-{INT8}")

@@ -22,6 +22,7 @@ import fxforge
 from fxforge.backends import cpu
 from fxforge.errors import PluginUnavailableError, UnsupportedOpError
 from fxforge.pipeline import renderers
+from fxforge.pipeline.fragments import with_options
 from fxforge.serialization import torchscript
 
 ROOT = Path(fxforge.__path__[0]).parent  # the checkout: file names are shown relative to it
@@ -271,7 +272,7 @@ def test_without_the_backends_torchscript_twins_the_export_names_the_module(monk
 @CPU
 def test_without_the_kernel_choice_autotune_says_what_to_import(monkeypatch):
     monkeypatch.setattr(cpu, "_AUTOTUNERS", {})
-    tuned = fxforge.pipeline_for("cpu").replace("lower-cpu", "lower-cpu{autotune=true}")
+    tuned = with_options(fxforge.pipeline_for("cpu"), "lower-cpu", autotune=True)
     with pytest.raises(PluginUnavailableError, match="fp32_kernel_choice"):
         fxforge.compile(conv_relu(), "cpu", example_inputs=torch.randn(1, 3, 8, 8), pipeline=tuned)
 

@@ -45,6 +45,7 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 
 import fxforge
+from fxforge.pipeline.fragments import without
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing import FuzzGraph, FuzzModel, graphs
 from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
@@ -140,7 +141,7 @@ def _check_int8(target: str, graph: FuzzGraph) -> None:
     assume(noise_db >= CONDITION_DB)
     compiled = fxforge.compile(model, target, example_inputs=example.clone(), calibration=[data.clone()])
     reference = fxforge.compile(model, target, example_inputs=example.clone(), calibration=[data.clone()],
-                                pipeline=fxforge.pipeline_for(target).replace(f",lower-{target}", ""))
+                                pipeline=without(fxforge.pipeline_for(target), f"lower-{target}"))
     actual, x_compiled = _run(compiled, data)
     _check_layout(actual, expected)
     db = outputs_sqnr_db(expected, actual)

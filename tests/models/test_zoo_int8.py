@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 
 import fxforge
+from fxforge.pipeline.fragments import without
 from fxforge.quant.ops import weighted_layer
 from fxforge.quant.qspec import backend_quant
 from fxforge.quant.sqnr import outputs_sqnr_db
@@ -125,7 +126,7 @@ def case(request: pytest.FixtureRequest) -> Int8Case:
     example = _inputs(EXAMPLE_BATCH, 3)
     compiled = fxforge.compile(model, target, example_inputs=example, calibration=calibration)
     reference = fxforge.compile(model, target, example_inputs=example, calibration=calibration,
-                                pipeline=fxforge.pipeline_for(target).replace(f",lower-{target}", ""))
+                                pipeline=without(fxforge.pipeline_for(target), f"lower-{target}"))
     return Int8Case(name, target, model, snapshot, calibration, compiled, reference)
 
 

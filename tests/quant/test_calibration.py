@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_helpers import batches, compile_reference
+from quant_helpers import ConvFc, batches, compile_reference
 from torch import nn
 
 import fxforge
@@ -55,15 +55,6 @@ def test_calibration_items_that_do_not_fit_the_model_raise_calibration_errors():
         compile_reference(TwoInputs(), (X, X), calibration=[{"x": X}])
     with pytest.raises(fxforge.CalibrationError, match="calibration batch 0 .*RuntimeError"):
         compile_reference(TwoInputs(), (X, X), calibration=[(torch.randn(2, 5, 8, 8), X)])
-
-
-class ConvFc(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(256, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.conv(x), 1))
 
 
 def test_calibration_batches_is_checked_like_the_other_quantization_arguments():

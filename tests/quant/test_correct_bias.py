@@ -30,11 +30,9 @@ def data(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def compile_with(model: nn.Module, correct: bool, calibration) -> fxforge.CompiledModule:
-    pipeline = fxforge.pipeline_for(INT8)
-    if correct:
-        pipeline = pipeline.replace("insert-qdq,", "insert-qdq,correct-bias,")
+    extra = {"after:insert-qdq": "correct-bias"} if correct else None
     g = torch.Generator().manual_seed(2)
-    return fxforge.compile(model, INT8, example_inputs=data(8, g), calibration=calibration, pipeline=pipeline,
+    return fxforge.compile(model, INT8, example_inputs=data(8, g), calibration=calibration, extra_passes=extra,
                            quant_config=fxforge.QuantConfig(per_channel=False))
 
 

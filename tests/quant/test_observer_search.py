@@ -50,8 +50,8 @@ def data() -> tuple[list[torch.Tensor], torch.Tensor]:
     return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(8)], torch.randn(256, 3, 8, 8, generator=g)
 
 
-def compile_with(model: nn.Module, target: str, search: bool | str, calibration, config=None, **kwargs):
-    extra = ({"after:calibrate": search} if isinstance(search, str) else SEARCH) if search else None
+def compile_with(model: nn.Module, target: str, search: bool | str | list, calibration, config=None, **kwargs):
+    extra = ({"after:calibrate": search} if isinstance(search, (str, list)) else SEARCH) if search else None
     return fxforge.compile(model, target, example_inputs=torch.randn(4, 3, 8, 8, generator=torch.Generator()
                                                                       .manual_seed(3)),
                            calibration=calibration, quant_config=config, extra_passes=extra, **kwargs)
@@ -132,8 +132,7 @@ def _search_records(model: nn.Module, target: str, calibration) -> dict:
         found.update({r.node: r for r in ctx.artifacts["observer_search"][0].records})
         return False
 
-    compile_with(model, target, False, iter(calibration), pipeline=fxforge.pipeline_for(target).replace(
-        "calibrate,", "calibrate,search-observers{min_gain_db=1000},keep-search-records-for-test,"))
+    compile_with(model, target, ["search-observers{min_gain_db=1000}", keep], iter(calibration))
     return found
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from quant_helpers import (
     ConvBnRelu,
+    ConvFc,
     batches,
     compile_calibrated_on,
     compile_reference,
@@ -309,15 +310,6 @@ def test_skip_of_a_rewritten_relu_keeps_it_in_fp32():
     relu = next(n for n in compiled.graph_module.graph.nodes if n.target is torch.relu)
     assert relu.args[0].target == "dequantize"
     assert any("relu" in island and "skipped" in island for island in compiled.report.quantization.islands)
-
-
-class ConvFc(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(256, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.conv(x), 1))
 
 
 def test_skip_given_as_one_string_names_one_module():
