@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from fxforge.graph.matching import is_in_place, module_of
+from fxforge.graph.matching import is_in_place
 from fxforge.graph.meta import record_rewrite
+from fxforge.graph.ops import op_name
 
 
 def _eager_was_contiguous_4d(value: object) -> bool:
@@ -41,12 +42,12 @@ def _contiguous_before(gm: fx.GraphModule, value: fx.Node, before: fx.Node, pass
     return new
 
 
+_RESHAPES = {"flatten", "reshape", "view"}  # op names (graph/ops.py knows their spellings)
+
+
 def _is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     """flatten / reshape / view: a view of their input on NCHW-contiguous tensors, a copy on channels-last."""
-    if node.op == "call_method":
-        return node.target in ("flatten", "reshape", "view")
-    return (node.op == "call_function" and node.target in (torch.flatten, torch.reshape)) or \
-        isinstance(module_of(gm, node), nn.Flatten)
+    return op_name(node) in _RESHAPES
 
 
 def _mutated_through_reshape(gm: fx.GraphModule, value: fx.Node) -> bool:
