@@ -28,7 +28,7 @@ from fxforge.driver.compiled import CompiledModule
 from fxforge.driver.qat import convert_qat_layers
 from fxforge.graph.meta import fxmeta
 from fxforge.numerics.metrics import max_errors
-from fxforge.numerics.provenance import ValueErrors, capture, errors, local_errors, value_keys
+from fxforge.numerics.provenance import ValueErrors, accumulated_errors, capture, local_errors, value_keys
 from fxforge.pipeline.instruments import TimingInstrument
 from fxforge.pipeline.manager import PassManager
 from fxforge.pipeline.report import LayerComparison, LayerError
@@ -97,14 +97,13 @@ def compare(model: nn.Module, compiled: CompiledModule, inputs: Any, *, attach: 
         raise ConfigError(f"compare takes the module fxforge.compile returned, got {type(compiled).__name__}")
     inputs = as_input_tuple(inputs)
     ref_gm = reference_graph(model, compiled, inputs)
-    ref_values, _ = capture(ref_gm, inputs)
     with quantized_engine(_engine(compiled)), torch.no_grad():
         values, nodes = capture(compiled.graph_module, inputs)
+        total = accumulated_errors(ref_gm, inputs, values)
         own = local_errors(ref_gm, inputs, values)
         output_sqnr = outputs_sqnr_db(ref_gm(*inputs), compiled.graph_module(*inputs))
     by_name = {n.name: n for n in ref_gm.graph.nodes}
-    rows = [_row(ref_gm, by_name, key, nodes[key], errors(ref_values[key], value), own.get(key))
-            for key, value in values.items() if key in ref_values and ref_values[key].shape == value.shape]
+    rows = [_row(ref_gm, by_name, key, nodes[key], err, own.get(key)) for key, err in total.items()]
     table = LayerComparison(_describe(inputs), _finite(output_sqnr), sorted(rows, key=_damage))
     if attach:
         compiled.report.comparison = table

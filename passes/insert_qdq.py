@@ -30,6 +30,7 @@ from torch import fx, nn
 from fxforge.errors import ConfigError
 from fxforge.graph.matching import module_of
 from fxforge.graph.meta import fxmeta
+from fxforge.numerics.provenance import ValueErrors, accumulated_errors, capture, value_keys
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
@@ -39,7 +40,7 @@ from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import quantize_weight
 from fxforge.quant.search import WEIGHT_SCHEME_KEY, SearchResult, configured_per_channel
-from fxforge.quant.sqnr import apply_op, capture, local_errors_and_values, sample_inputs, sqnr_db
+from fxforge.quant.sqnr import apply_op, local_errors_and_values, sample_inputs
 
 from .insert_observers import quant_options
 from .search_observers import SEARCH_ARTIFACT
@@ -148,7 +149,8 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
     heads = _heads(gm, conv)
     roots = {**{q.name: root for root, q in conv.q_of_root.items()}, **{q.name: op for op, q in conv.requant.items()}}
     inputs = _report_inputs(gm, ctx)
-    fp32 = capture(observed, inputs, {v.name for v in roots.values()})
+    values, _ = capture(gm, inputs)
+    cum, keys = accumulated_errors(observed, inputs, values), value_keys(observed)
     fp32_op = functools.partial(apply_op, observed)  # fp32, with the *original* weights
     first_op = {q: (op.args[0] if stored(op).get("role") == ABSORBED else op) for q, (op, _) in heads.items()}
     activation = {first_op[q].name: op for q, (op, _) in heads.items() if op is not first_op[q]}
@@ -158,7 +160,7 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
         act = activation.get(node.name)  # an absorbed relu runs before the layer's quantize
         return y if act is None else fp32_op(act, (y, *act.args[1:]), dict(act.kwargs))
 
-    local, got = local_errors_and_values(gm, inputs, {first_op[q].name: q for q in heads}, reference, set(roots))
+    local, _ = local_errors_and_values(gm, inputs, {first_op[q].name: q for q in heads}, reference, set())
     records = []
     for q_name, value in roots.items():
         gid = stored(value).get("group")
@@ -171,7 +173,7 @@ def _records(gm: fx.GraphModule, conv: _Converter, observed: fx.GraphModule, obs
             scale=float(getattr(gm, scale_name)), zero_point=int(getattr(gm, zp_name)),
             activation=spec.describe(), weight=weights.get(op.name, ""),
             local_sqnr_db=_finite(local.get(q_name)) if q_name in heads else None,
-            sqnr_db=_finite(_sqnr(fp32, got, value.name, q_name))))
+            sqnr_db=_finite(_cum_db(cum, keys.get(value.name)))))
     return records
 
 
@@ -197,10 +199,8 @@ def _record_op(value: fx.Node, op: fx.Node) -> str:
     return f"{kind} (fp32 out)" if stored(op).get("role") == "float" else kind
 
 
-def _sqnr(fp32: dict, got: dict, value: str, q_name: str) -> float | None:
-    if value not in fp32 or q_name not in got:
-        return None
-    return sqnr_db(fp32[value], got[q_name])
+def _cum_db(cum: dict[str, ValueErrors], key: str | None) -> float | None:
+    return cum[key].sqnr_db if key in cum else None
 
 
 def _finite(x: float | None) -> float | None:

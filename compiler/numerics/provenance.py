@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from fxforge.graph.meta import fxmeta
-from fxforge.quant.observers import Observer
+from fxforge.quant.observers import Observer, observers_paused
 from fxforge.quant.plan import OBSERVER_KEY
 from fxforge.quant.qat_modules import FakeQuantize, SharedFakeQuantize
 from fxforge.quant.reference import dynamic_quantize
@@ -85,9 +85,10 @@ class _Capture(fx.Interpreter):
 
 def capture(gm: fx.GraphModule, inputs: tuple, keys: dict[str, str] | None = None
             ) -> tuple[dict[str, torch.Tensor], dict[str, fx.Node]]:
-    """(key -> value as float, key -> the node that computed it) for ``gm`` run on ``inputs``."""
+    """(key -> value as float, key -> the node that computed it) for ``gm`` run on ``inputs`` (observers in
+    ``gm`` do not record them: they are not calibration data)."""
     interp = _Capture(gm, value_keys(gm) if keys is None else keys)
-    with torch.no_grad():
+    with torch.no_grad(), observers_paused():
         interp.run(*inputs)
     return interp.values, interp.nodes
 
@@ -106,6 +107,16 @@ def errors(reference: torch.Tensor, value: torch.Tensor) -> ValueErrors:
     diff = (ref - val).abs().max().item() if ref.numel() else 0.0
     scale = ref.abs().max().item() if ref.numel() else 0.0
     return ValueErrors(sqnr_db(ref, val), diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+
+
+def accumulated_errors(reference: fx.GraphModule, inputs: tuple, values: dict[str, torch.Tensor]
+                       ) -> dict[str, ValueErrors]:
+    """key -> the error accumulated up to that value: graph B's value (``values``, from ``capture``) against
+    ``reference`` run on ``inputs``; values whose shapes differ are left out. The one computation behind the
+    report's per-layer "cum dB" column and ``fxforge.debug.compare``."""
+    ref_values, _ = capture(reference, inputs)
+    return {key: errors(ref_values[key], value) for key, value in values.items()
+            if key in ref_values and ref_values[key].shape == value.shape}
 
 
 class _Substitute(fx.Interpreter):
@@ -132,6 +143,6 @@ def local_errors(reference: fx.GraphModule, inputs: tuple, values: dict[str, tor
                  keys: dict[str, str] | None = None) -> dict[str, ValueErrors]:
     """key -> the error graph B adds at that value (``values`` are B's, from ``capture``)."""
     interp = _Substitute(reference, value_keys(reference) if keys is None else keys, values)
-    with torch.no_grad():
+    with torch.no_grad(), observers_paused():
         interp.run(*inputs)
     return interp.local
