@@ -7,13 +7,15 @@ A registered name works in pipeline text, ``compile(extra_passes=...)`` and erro
 
 Passes from other distributions are found through the ``fxforge.passes`` entry-point group, loaded the first
 time an unknown name is looked up or the registry is listed; a plugin that fails to load is skipped with a
-``PluginWarning`` naming it.
+``PluginWarning`` naming it. The environment variable ``FXFORGE_PLUGINS`` limits which are loaded: ``0`` none,
+``name1,name2`` only those entry points; unset (or ``1``) all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -27,10 +29,11 @@ from fxforge.errors import ConfigError, PluginWarning, suggest
 from fxforge.graph.result import PassResult
 
 from .context import PassContext
-from .text import PassSpec
+from .text import PassSpec, parse_pipeline
 
 _REGISTRY: dict[str, type[Pass]] = {}
 PLUGIN_GROUP = "fxforge.passes"
+PLUGINS_ENV = "FXFORGE_PLUGINS"
 _plugins = {"loaded": False}  # entry points are read once, lazily (importing plugins costs time)
 
 
@@ -102,10 +105,21 @@ def _coerce(value: str, kind: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
 
 
+def _is_pass_name(name: object) -> bool:
+    """Whether ``name`` reads back from pipeline text as itself (the kebab-case rule is pipeline/text.py's)."""
+    try:
+        return isinstance(name, str) and parse_pipeline(name) == [PassSpec(name)]
+    except ConfigError:
+        return False
+
+
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Register a Pass subclass under its ``name`` (kebab-case, unique)."""
     if not cls.name:
         raise ConfigError(f"{cls.__qualname__} has no `name`; give it a kebab-case name such as 'fold-bn'")
+    if not _is_pass_name(cls.name):
+        raise ConfigError(f"pass name {cls.name!r} ({cls.__qualname__}) is not kebab-case: pipeline text and "
+                          f"dump_dir file names need lowercase words joined by '-', e.g. 'fold-bn'")
     old = _REGISTRY.get(cls.name)
     # Re-defining the same pass (a re-run notebook cell, a reloaded module) replaces it; another one clashes.
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -128,7 +142,8 @@ def pass_class(name: str) -> type[Pass]:
         known = ", ".join(sorted(_REGISTRY))
         raise ConfigError(f"unknown pass '{name}'.{suggest(name, _REGISTRY)} Known passes: {known}. A pass of "
                           f"your own needs @fxforge.graph_pass(name='{name}') (or @register_pass) to run first, "
-                          f"or a '{PLUGIN_GROUP}' entry point in an installed distribution")
+                          f"or a '{PLUGIN_GROUP}' entry point in an installed distribution"
+                          f"{'' if plugin_allowlist() is None else f' ({PLUGINS_ENV} limits which load)'}")
     return _REGISTRY[name]
 
 
@@ -141,7 +156,10 @@ def load_plugins(reload: bool = False) -> None:
     if _plugins["loaded"] and not reload:
         return
     _plugins["loaded"] = True  # before loading: a plugin that lists the registry must not recurse
+    allowed = plugin_allowlist()
     for ep in entry_points(group=PLUGIN_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
         try:
             obj = ep.load()
             if isinstance(obj, type) and issubclass(obj, Pass) and _REGISTRY.get(obj.name) is not obj:
@@ -150,6 +168,17 @@ def load_plugins(reload: bool = False) -> None:
             dist = f" from distribution '{ep.dist.name}'" if getattr(ep, "dist", None) else ""
             warnings.warn(f"fxforge pass plugin '{ep.name}' ({ep.value}){dist} failed to load and is skipped: "
                           f"{type(exc).__name__}: {exc}", PluginWarning, stacklevel=2)
+
+
+def plugin_allowlist() -> frozenset[str] | None:
+    """The entry-point names ``FXFORGE_PLUGINS`` allows: None for all (unset, empty or ``1``), empty for
+    none (``0``), else the comma-separated names."""
+    value = os.environ.get(PLUGINS_ENV, "").strip()
+    if value in ("", "1"):
+        return None
+    if value == "0":
+        return frozenset()
+    return frozenset(name.strip() for name in value.split(",") if name.strip())
 
 
 def instantiate(spec: PassSpec) -> Pass:

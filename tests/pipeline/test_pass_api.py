@@ -1,6 +1,7 @@
 """The public pass API: user passes by name, extra_passes, requirement errors, options, plugins."""
 
 import importlib
+import sys
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -249,3 +250,36 @@ def test_redefining_a_pass_replaces_it_and_a_clash_is_an_error():
     assert first is not second and fxforge.registered_passes()["test-redefined"] is second
     with pytest.raises(fxforge.ConfigError, match="already registered.*another name"):
         fxforge.graph_pass(name="fold-bn")(lambda gm, ctx: False)
+
+
+def _two_plugins(root):
+    for name in ("alpha", "beta"):
+        _write_plugin(root, f"fxforge_test_{name}", f"fxforge_test_{name}", [(name, f"fxforge_test_{name}")], f"""
+            import fxforge
+
+            @fxforge.graph_pass(name="test-plugin-{name}")
+            def plugin_pass(gm, ctx):
+                return False
+            """)
+
+
+@pytest.mark.parametrize(("setting", "loaded"), [("0", set()), ("beta", {"beta"}), ("alpha, beta", {"alpha", "beta"}),
+                                                 ("1", {"alpha", "beta"})])
+def test_fxforge_plugins_limits_which_entry_points_load(fresh_plugins, monkeypatch, setting, loaded):
+    _two_plugins(fresh_plugins)
+    monkeypatch.setattr(pass_api, "_REGISTRY", dict(pass_api._REGISTRY))  # each case imports them afresh
+    for name in ("alpha", "beta"):
+        monkeypatch.setitem(sys.modules, f"fxforge_test_{name}", None)
+        del sys.modules[f"fxforge_test_{name}"]
+    monkeypatch.setenv(pass_api.PLUGINS_ENV, setting)
+    with pytest.raises(fxforge.ConfigError, match="unknown pass 'fold-bm'"):
+        pass_api.pass_class("fold-bm")  # a typo scans the plugins: only the allowed ones are imported
+    assert {name for name in ("alpha", "beta") if f"fxforge_test_{name}" in sys.modules} == loaded
+    assert {name for name in ("alpha", "beta") if f"test-plugin-{name}" in pass_api._REGISTRY} == loaded
+
+
+@pytest.mark.parametrize("name", ["Fold_BN", "my pass", "a/b", "fold-bn{x=1}"])
+def test_a_pass_name_that_is_not_kebab_case_is_refused_when_registered(name):
+    with pytest.raises(fxforge.ConfigError, match="not kebab-case"):
+        fxforge.graph_pass(name=name)(lambda gm, ctx: False)
+    assert name not in pass_api._REGISTRY
