@@ -16,7 +16,16 @@ from fxforge.pipeline.renderers import register_renderers
 
 from .diff import GraphDiff, compare
 from .html import write_report
-from .render import GraphvizNotFoundWarning, as_snapshot, diff, dot_available, render, to_dot
+from .render import (
+    GraphvizFailedWarning,
+    GraphvizNotFoundWarning,
+    GraphvizWarning,
+    as_snapshot,
+    diff,
+    dot_available,
+    render,
+    to_dot,
+)
 from .roles import ROLES, role_of
 
 register_renderers(html_report=write_report, dot=to_dot)  # the core's report page and dump_dir draw with viz
@@ -31,5 +40,5 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-__all__ = ["ROLES", "GraphDiff", "GraphvizNotFoundWarning", "as_snapshot", "compare", "diff", "dot_available",
-           "render", "role_of", "to_dot", "to_networkx"]
+__all__ = ["ROLES", "GraphDiff", "GraphvizFailedWarning", "GraphvizNotFoundWarning", "GraphvizWarning", "as_snapshot",
+           "compare", "diff", "dot_available", "render", "role_of", "to_dot", "to_networkx"]

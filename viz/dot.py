@@ -52,7 +52,14 @@ def view_of(snap: GraphSnapshot, title: str | None = None) -> View:
 # ---- labels ---------------------------------------------------------------------------------------------
 
 def _esc(text: str) -> str:
+    """Backslashes escaped (DOT reads ``\\n`` as a line break)."""
     return text.replace("\\", "\\\\")
+
+
+def _plain(*lines: str) -> str:
+    """A DOT string of ``lines``, never read as an HTML-like label (``<<b ... x>`` would be one, and ``dot``
+    fails on it): names of users' modules and classes can hold any character."""
+    return graphviz.nohtml("\\n".join(_esc(line) for line in lines if line))
 
 
 def _shape_text(rec: NodeRecord) -> str:
@@ -93,7 +100,7 @@ def label(vn: ViewNode, constants: dict[str, str]) -> str:
     if vn.role == "fp32-island":
         lines.append(f"fp32: {rec.reason}")
     lines.append(vn.note)
-    return "\\n".join(_esc(line) for line in lines if line)
+    return _plain(*lines)
 
 
 def tooltip(vn: ViewNode) -> str:
@@ -105,7 +112,7 @@ def tooltip(vn: ViewNode) -> str:
         parts.append(f"rewritten by {rec.rewritten_by}")
     if rec.reason:
         parts.append(f"fp32 because: {rec.reason}")
-    return _esc("; ".join(parts))
+    return _plain("; ".join(parts))
 
 
 # ---- clusters -----------------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def _collapse(cluster: _Cluster, ctx: tuple, out: _Collapse) -> None:
 def _box_label(first: str, repeats: list[_Cluster], modules: dict[str, str]) -> str:
     names = repeats[0].path if len(repeats) == 1 else f"{repeats[0].path} ... {repeats[-1].path}"
     cls = modules.get(repeats[0].path, "block")
-    return _esc(f"{names}\\n{len(repeats)} x {cls}, same ops as {first}\\n(collapsed: render with collapse=False)")
+    return _plain(names, f"{len(repeats)} x {cls}, same ops as {first}", "(collapsed: render with collapse=False)")
 
 
 # ---- the digraph -----------------------------------------------------------------------------------------
@@ -293,7 +300,7 @@ def _emit(g: graphviz.Digraph, cluster: _Cluster, by_name: dict[str, ViewNode], 
     for child in cluster.children:
         cls = modules.get(child.path)
         with g.subgraph(name=f"cluster_{child.path}") as sub:
-            sub.attr(label=_esc(child.path + (f" : {cls}" if cls else "")), style="rounded", color="#bdbdbd",
+            sub.attr(label=_plain(child.path + (f" : {cls}" if cls else "")), style="rounded", color="#bdbdbd",
                      fontsize="10", fontcolor="#525252", labeljust="l")
             sub.attr("graph", **{"class": "module"})
             _emit(sub, child, by_name, consts, folded, modules, beside)

@@ -18,7 +18,7 @@ from fxforge.pipeline.report import CompileReport, PassRecord, QuantLayerRecord,
 
 from .diff import compare, diff_view
 from .dot import digraph, view_of
-from .render import svg_text
+from .render import dot_available, svg_text
 
 _CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1200px;
@@ -164,12 +164,13 @@ def _quantization(q: QuantSummary) -> str:
 
 
 def _inline_svg(graph) -> str:
-    svg = svg_text(graph)
+    svg, why_not = svg_text(graph)
     if svg is None:
-        return (f"<p class='note'>Graphviz's <code>dot</code> program is not installed, so this graph is not drawn. "
-                f"Install the OS package <code>graphviz</code> (e.g. <code>apt-get install graphviz</code>) and "
-                f"write the report again, or render the DOT text below with <code>dot -Tsvg graph.dot -o "
-                f"graph.svg</code>.</p><details><summary>DOT text</summary><pre>{_e(graph.source)}</pre></details>")
+        fix = (" Install the OS package <code>graphviz</code> (e.g. <code>apt-get install graphviz</code>) and write "
+               "the report again, or render" if not dot_available() else " Render")
+        return (f"<p class='note'>{_e(why_not)}, so this graph is not drawn.{fix} the DOT text below with "
+                f"<code>dot -Tsvg graph.dot -o graph.svg</code>.</p><details><summary>DOT text</summary>"
+                f"<pre>{_e(graph.source)}</pre></details>")
     svg = re.sub(r"^.*?(?=<svg)", "", svg, flags=re.DOTALL)  # drop the XML prolog and DOCTYPE
     return f'<div class="graph">{svg}</div>'
 

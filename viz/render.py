@@ -4,7 +4,7 @@ Accepted graphs: an ``fx.GraphModule``, a ``CompiledModule`` (its lowered graph)
 (``compiled.report.stage("fold-bn")``) or a ``GraphSnapshot``. ``.dot``/``.gv`` files get the DOT text;
 ``.svg``, ``.png`` and ``.pdf`` are laid out by Graphviz's ``dot`` program (OS package ``graphviz``). Without
 ``dot`` the DOT text is written next to the requested file and a ``GraphvizNotFoundWarning`` says how to
-render it.
+render it; when ``dot`` fails on the graph, the same with a ``GraphvizFailedWarning`` quoting its error.
 """
 
 from __future__ import annotations
@@ -28,8 +28,21 @@ FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
 DOT_SUFFIXES = (".dot", ".gv")
 
 
-class GraphvizNotFoundWarning(UserWarning):
+class GraphvizWarning(UserWarning):
+    """A graph was not drawn: its DOT text was written instead."""
+
+
+class GraphvizNotFoundWarning(GraphvizWarning):
     """Graphviz's ``dot`` program is missing: a ``.dot`` file was written instead of the picture."""
+
+
+class GraphvizFailedWarning(GraphvizWarning):
+    """Graphviz's ``dot`` program failed on the graph: a ``.dot`` file was written instead of the picture."""
+
+
+def _dot_error(exc: graphviz.CalledProcessError) -> str:
+    stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+    return (stderr.strip().splitlines() or [f"exit status {exc.returncode}"])[0]
 
 
 def as_snapshot(obj: Any) -> GraphSnapshot:
@@ -50,12 +63,14 @@ def dot_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def svg_text(graph: graphviz.Digraph) -> str | None:
-    """The SVG of ``graph`` as text, or None when the ``dot`` program is missing."""
+def svg_text(graph: graphviz.Digraph) -> tuple[str | None, str]:
+    """(the SVG of ``graph`` as text, "") or (None, why not: the ``dot`` program is missing or failed)."""
     try:
-        return graph.pipe(format="svg", encoding="utf-8")
+        return graph.pipe(format="svg", encoding="utf-8"), ""
     except graphviz.ExecutableNotFound:
-        return None
+        return None, "Graphviz's dot program is not installed"
+    except graphviz.CalledProcessError as exc:
+        return None, f"Graphviz's dot program failed on this graph: {_dot_error(exc)}"
 
 
 def write(graph: graphviz.Digraph, path: str | Path) -> Path:
@@ -78,6 +93,12 @@ def write(graph: graphviz.Digraph, path: str | Path) -> Path:
             f"Graphviz's 'dot' program is not installed, so {path.name} was not drawn: wrote {dot_path} instead. "
             f"Install the OS package graphviz (e.g. 'apt-get install graphviz', 'brew install graphviz'), then run "
             f"'dot -T{FORMATS[suffix]} {dot_path} -o {path}'.", GraphvizNotFoundWarning, stacklevel=3)
+        return dot_path
+    except graphviz.CalledProcessError as exc:
+        dot_path = path.with_suffix(".dot")
+        dot_path.write_text(graph.source)
+        warnings.warn(f"Graphviz's 'dot' program failed on this graph, so {path.name} was not drawn: wrote {dot_path} "
+                      f"instead. dot said: {_dot_error(exc)}", GraphvizFailedWarning, stacklevel=3)
         return dot_path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import graphviz
 import pytest
 import torch
 from torch import nn
@@ -137,3 +138,46 @@ def test_to_dot_and_dump_dir_use_the_styled_graph(compiled_models):
     assert source.startswith("digraph") and "role-fused" in source and "final" in source
     g = viz.to_networkx(gm)
     assert g.number_of_nodes() == len(gm.graph.nodes) and g.has_edge("x", next(iter(g.successors("x"))))
+
+
+def _oddly_named_model() -> nn.Module:
+    """A submodule named ``x>`` of a class named ``<<b`` returning a tuple (no shape line): its node's label
+    reads ``<<b`` ... ``x>``, which Graphviz would take for an HTML-like label."""
+    odd = type("<<b", (nn.Module,), {"forward": lambda self, x: (x * 2, x)})
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_module("x>", odd())
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = getattr(self, "x>")(x)
+            return self.lin(a + b)
+
+    return Model().eval()
+
+
+@pytest.mark.skipif(not viz.dot_available(), reason="needs Graphviz's dot program")
+def test_labels_made_of_angle_brackets_are_drawn_as_text(tmp_path):
+    model = _oddly_named_model()
+    leaf = type(model.get_submodule("x>"))
+    compiled = fxforge.compile(model, "cpu", example_inputs=torch.randn(1, 4), leaf_modules=[leaf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", viz.GraphvizWarning)
+        svg = viz.render(compiled.report.stage("trace"), tmp_path / "g.svg").read_text()
+    assert "&lt;&lt;b" in svg and "x&gt;" in svg
+    page = compiled.report.to_html(tmp_path / "r.html").read_text()
+    assert "failed on this graph" not in page and "<svg" in page
+
+
+def test_when_dot_fails_the_dot_text_is_written_with_its_error(compiled_models, tmp_path, monkeypatch):
+    def failing_pipe(self, *args, **kwargs):
+        raise graphviz.CalledProcessError(1, ["dot", "-Tsvg"], stderr=b"Error: <stdin>: syntax error in line 6\n")
+
+    monkeypatch.setattr(graphviz.Digraph, "pipe", failing_pipe)
+    with pytest.warns(viz.GraphvizFailedWarning, match="syntax error in line 6"):
+        written = viz.render(compiled_models["resnet18-cpu"], tmp_path / "g.svg")
+    assert written == tmp_path / "g.dot" and written.read_text().startswith("digraph")
+    page = compiled_models["resnet18-cpu"].report.to_html(tmp_path / "r.html").read_text()
+    assert "failed on this graph: Error: &lt;stdin&gt;: syntax error" in page and "DOT text" in page
