@@ -20,7 +20,7 @@ from fxforge.errors import CalibrationError
 from fxforge.graph.matching import module_of
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
-from fxforge.quant.calibration import run_calibration
+from fxforge.quant.calibration import CHECK_BATCH, run_calibration
 from fxforge.quant.plan import observer_nodes, stored
 
 from .insert_observers import quant_options
@@ -49,8 +49,9 @@ class Calibrate(Pass):
         if not _unseen(gm):
             return PassResult(gm, False, ["every observer already holds statistics (trained QAT fake-quants)"])
         device = next((x.device for x in ctx.example_inputs if hasattr(x, "device")), "cpu")
-        used, dropped = run_calibration(gm, opts.calibration, opts.calibration_batches, device)
+        used, dropped, last = run_calibration(gm, opts.calibration, opts.calibration_batches, device)
         ctx.artifacts["calibration_batches"] = used
+        ctx.artifacts[CHECK_BATCH] = last
         notes = [f"calibrated on {used} batches"]
         if dropped:
             notes.append("calibration items had more values than the model takes: used the leading ones "

@@ -54,6 +54,7 @@ def _ms(seconds: float) -> str:
 def _summary(r: CompileReport) -> str:
     rows = [("target", r.target), ("torch", r.torch_version),
             ("time", f"trace {_ms(r.trace_seconds)} ms, total compile {_ms(r.compile_seconds)} ms")]
+    rows += [("warning", w) for w in r.warnings]
     if r.max_rel_error is not None:
         rows.append(("output vs eager", f"max abs error {r.max_abs_error:.3g}, relative {r.max_rel_error:.3g} "
                                         f"(example inputs)"))

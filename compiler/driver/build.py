@@ -32,6 +32,7 @@ from fxforge.quant.qat_modules import FakeQuantize
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.sqnr import outputs_sqnr_db
 
+from . import health
 from .compiled import CompiledModule
 from .qat import convert_qat_layers
 
@@ -204,6 +205,7 @@ def build(
         report.quantization.model_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
         if _has_trained_fake_quants(model):
             report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
+    health.check(report, model, gm, ctx, quant, verify)  # warns of what makes it worse than it looks
     report.compile_seconds = time.perf_counter() - start
     compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
     # how the model was traced: fxforge.debug.compare traces it again the same way

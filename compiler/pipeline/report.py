@@ -219,6 +219,8 @@ class CompileReport:
     comparison: LayerComparison | None = None  # fxforge.debug.compare
     accuracy: AccuracyRecord | None = None  # compile(..., accuracy=fxforge.AccuracyBudget(...))
     profitability: ProfitabilityRecord | None = None  # compile(..., profitability=True)
+    # what may make the compiled model worse than it looks (one line per kind, also logged by fxforge.driver.health)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(dataclasses.replace(self, stages=[]))  # graphs are for viz and to_html, not the JSON
@@ -259,6 +261,7 @@ class CompileReport:
             f"pipeline: {self.pipeline}",
             f"trace {self.trace_seconds * 1e3:.1f} ms, total compile {self.compile_seconds * 1e3:.1f} ms",
         ]
+        lines.extend(f"WARNING: {w}" for w in self.warnings)
         if self.max_rel_error is not None:
             lines.append(f"output vs eager on example inputs: max abs err {self.max_abs_error:.3g}, "
                          f"relative {self.max_rel_error:.3g}")

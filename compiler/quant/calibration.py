@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
@@ -108,9 +108,21 @@ def _total(data: Iterable[Any], batches: int | None) -> int | None:
     return min(n, batches) if batches is not None else n
 
 
+CHECK_BATCH = "calibration_check_batch"  # PassContext artifact: the last calibration batch's arguments
+
+
+class CalibrationRun(NamedTuple):
+    """What ``run_calibration`` fed: how many batches, whether labels were dropped, and the last batch's
+    arguments (compile checks the int8 model's output on it: real data, where the example inputs may not be)."""
+
+    used: int
+    dropped: bool
+    last: tuple[Any, ...]
+
+
 def run_calibration(gm: fx.GraphModule, data: Iterable[Any], batches: int | None, device: torch.device | str,
-                    desc: str = "calibrating") -> tuple[int, bool]:
-    """Feed ``data`` through ``gm`` without gradients; returns (batches used, labels dropped)."""
+                    desc: str = "calibrating") -> CalibrationRun:
+    """Feed ``data`` through ``gm`` without gradients."""
     if data is None:
         raise CalibrationError("no calibration data: pass calibration=<iterable of model inputs> (a list of "
                                "tensors, a generator or a DataLoader), or quantization='dynamic', which needs none")
@@ -121,17 +133,18 @@ def run_calibration(gm: fx.GraphModule, data: Iterable[Any], batches: int | None
                                f"a DataLoader), got {type(data).__name__}")
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise CalibrationError(f"calibration_batches={batches}: use a positive integer or None for all")
-    names, ranks, used, dropped = input_names(gm), _input_ranks(gm), 0, False
+    names, ranks, used, dropped, last = input_names(gm), _input_ranks(gm), 0, False, None
     items = itertools.islice(data, batches) if batches is not None else data
     with torch.no_grad():
         for item in tqdm(items, total=_total(data, batches), desc=desc, unit="batch", disable=None, leave=False):
             args, cut = as_args(item, names, device)
             _check_batch(args, names, ranks, used)
             _run_batch(gm, args, used)
-            used, dropped = used + 1, dropped or cut
+            used, dropped, last = used + 1, dropped or cut, item
     if used == 0:
         raise CalibrationError("the calibration data was empty (an exhausted generator?): give at least one batch")
-    return used, dropped
+    # converted again from the caller's item: the model may have changed its copy in place
+    return CalibrationRun(used, dropped, as_args(last, names, device)[0])
 
 
 def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) -> dict[str, tuple[float, float]]:

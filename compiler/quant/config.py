@@ -14,6 +14,7 @@ module and everything inside it, so ``skip=["layer4"]`` keeps all of layer4 in f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -65,9 +66,15 @@ class QuantConfig:
     by_type: tuple[tuple[type | str, LayerRule], ...] = ()
     by_name: tuple[tuple[str, LayerRule], ...] = ()
     by_regex: tuple[tuple[str, LayerRule], ...] = ()
+    # compile warns (raises under verify="numeric") when the int8 output's SQNR against fp32 falls below this
+    min_sqnr_db: float = 10.0
 
     def __post_init__(self) -> None:
         _check_observer(self.activation, "quant_config activation")
+        if not isinstance(self.min_sqnr_db, (int, float)) or isinstance(self.min_sqnr_db, bool) \
+                or math.isnan(self.min_sqnr_db):
+            raise ConfigError(f"quant_config min_sqnr_db={self.min_sqnr_db!r}: give a number of dB "
+                              f"(-math.inf turns the check off)")
         for pattern, _ in self.by_regex:
             try:
                 re.compile(pattern)
@@ -103,11 +110,11 @@ class QuantConfig:
             return value or cls()
         if isinstance(value, str):
             return cls(activation=value)
-        known = {"activation", "per_channel", "types", "names", "regex"}
+        known = {"activation", "per_channel", "min_sqnr_db", "types", "names", "regex"}
         unknown = set(value) - known
         if unknown:
             raise ConfigError(f"quant_config has unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        cfg = cls(**{k: value[k] for k in ("activation", "per_channel") if k in value})
+        cfg = cls(**{k: value[k] for k in ("activation", "per_channel", "min_sqnr_db") if k in value})
         for key, method in (("types", cfg.for_type), ("names", cfg.for_name), ("regex", cfg.for_regex)):
             for match, rule in value.get(key, {}).items():
                 cfg = getattr(cfg, method.__name__)(match, **rule)

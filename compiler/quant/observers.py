@@ -11,7 +11,8 @@ names ``QuantConfig`` takes; docs/quantization.md says when each fits):
 - ``FixedRangeObserver``: outputs of sigmoid / hardsigmoid, fixed qparams (1/256, 0) as their int8 kernels give.
 Histogram ranges contain zero and skip non-finite values. Min/max observers report raw statistics
 (``QSpec.qparams`` widens them to zero) and, like torch.ao's, let NaN / inf through: checking every batch
-would cost a host sync. ``torch.ao.quantization`` is not used; the tests use it as an oracle.
+would cost a host sync; ``saw_nonfinite()`` tells afterwards whether NaN / inf reached an observer (compile
+warns). ``torch.ao.quantization`` is not used; the tests use it as an oracle.
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ class Observer(nn.Module):
         # a Python int, not a buffer: FakeQuantize reads it every training step, and a device tensor would
         # cost a host sync each time; state_dict carries it through get_extra_state
         self._batches = 0
+        self._nonfinite = False  # a batch held NaN / inf values (checked where the check costs no extra sync)
 
     @property
     def batches_seen(self) -> int:
         return self._batches
+
+    def saw_nonfinite(self) -> bool:
+        """Whether calibration fed this observer NaN / inf values (an overflow inside the model, or masks)."""
+        return self._nonfinite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recording = _PAUSED.get()
@@ -80,6 +86,7 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         self._batches = 0
+        self._nonfinite = False
         self._reset_stats()
 
     def calculate_range(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +117,11 @@ class Observer(nn.Module):
 
     # serialisation -------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, int]:
-        return {"batches_seen": self._batches}
+        return {"batches_seen": self._batches, "nonfinite": int(self._nonfinite)}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self._batches = int(state["batches_seen"])
+        self._nonfinite = bool(state.get("nonfinite", 0))
 
 
 class MinMaxObserver(Observer):
@@ -160,6 +168,11 @@ class MinMaxObserver(Observer):
 
     def _range(self, spec: QSpec) -> tuple[Tensor, Tensor]:
         return self.min_val.clone(), self.max_val.clone()
+
+    def saw_nonfinite(self) -> bool:
+        # NaN / inf reach the running min / max (checked once here, not per batch: no host sync while observing)
+        return self._batches > 0 and not bool(torch.isfinite(torch.cat([self.min_val.flatten(),
+                                                                         self.max_val.flatten()])).all())
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # per-channel statistics have no size until the first batch (and per-tensor ones are 0-d): take
@@ -263,6 +276,7 @@ class HistogramBasedObserver(Observer):
         stats = torch.stack([*torch.aminmax(x), self.min_val.to(x.device), self.max_val.to(x.device)])
         lo, hi, old_lo, old_hi = stats.tolist()  # one host sync for the batch's and the histogram's range
         if not (math.isfinite(lo) and math.isfinite(hi)):
+            self._nonfinite = True
             x = x[torch.isfinite(x)]
             if x.numel() == 0:
                 return False

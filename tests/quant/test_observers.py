@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -332,3 +333,18 @@ def test_fixed_range_observer_gives_torch_ao_fixed_qparams_whatever_it_sees():
     assert [float(v) for v in tanh.qparams(FULL)] == [2 / 256, 128]
     with pytest.raises(ValueError, match="contain zero"):
         FixedRangeObserver(0.5, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "moving-average", "histogram", "percentile", "entropy"])
+def test_an_observer_says_whether_it_saw_nan_or_inf(kind):
+    obs = make_observer(kind)
+    obs(torch.randn(64))
+    assert not obs.saw_nonfinite()
+    obs(torch.tensor([1.0, math.inf, -2.0]))
+    assert obs.saw_nonfinite()
+    restored = make_observer(kind)
+    restored.load_state_dict(obs.state_dict())
+    assert restored.saw_nonfinite()
+    obs.reset()
+    obs(torch.randn(64))
+    assert not obs.saw_nonfinite()
