@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import sys
 import time
@@ -34,6 +33,7 @@ from fxforge.quant.sqnr import outputs_sqnr_db
 
 from . import health
 from .compiled import CompiledModule
+from .inputs import check_inputs, check_model, copy_model, input_specs
 from .qat import convert_qat_layers
 
 VERIFY_MODES = ("none", "structure", "numeric")
@@ -132,10 +132,12 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
             skip: str | Sequence[str], start: float, extra_passes: Mapping[str, Any] | None = None) -> Session:
     """Check the arguments, trace a copy of ``model`` and record the eager reference (compile, bisect)."""
     check_eval(model)
+    check_model(model)
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     tgt = resolve_target(target)
     quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
+    check_inputs(as_input_tuple(example_inputs))
     inputs = tuple(_to_device(x, tgt.device) for x in as_input_tuple(example_inputs))
     default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
     manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
@@ -143,7 +145,7 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
         manager.passes = insert_passes(manager.passes, extra_passes)
     manager.check({"eval"})  # a pass whose requirements cannot hold fails here, before tracing
 
-    work = copy.deepcopy(model).to(tgt.device)  # never touch the user's model
+    work = copy_model(model).to(tgt.device)  # never touch the user's model
     convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay
     traced = trace(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     report = CompileReport(tgt.name, manager.pipeline, torch.__version__,
@@ -210,4 +212,5 @@ def build(
     compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
     # how the model was traced: fxforge.debug.compare traces it again the same way
     compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    compiled.__dict__["input_specs"] = input_specs(inputs)
     return compiled

@@ -12,6 +12,8 @@ from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.torchscript import to_torchscript
 
+from .inputs import explain_call_failure
+
 
 class CompiledModule(nn.Module):
     """The compiled model: an nn.Module that runs the lowered graph under ``torch.inference_mode``."""
@@ -26,14 +28,22 @@ class CompiledModule(nn.Module):
         # Static int8: the fp32 graph with its observers, kept (not a submodule) for fxforge.recalibrate.
         self.__dict__["observed_graph"] = observed_graph
         self.__dict__["quant_options"] = quant
+        # the example inputs' dtypes / shapes / devices, to explain a failed call (fxforge.driver.inputs)
+        self.__dict__["input_specs"] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.quant_options is None:  # fp32: nothing else on the per-call path
-            with torch.inference_mode():
+        try:
+            if self.quant_options is None:  # fp32: nothing else on the per-call path
+                with torch.inference_mode():
+                    return self.graph_module(*args, **kwargs)
+            # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
+            with torch.inference_mode(), quantized_engine(self.quant_options.runtime_engine):
                 return self.graph_module(*args, **kwargs)
-        # int8 ops without prepacked weights follow the process-wide engine: pin the one we compiled for
-        with torch.inference_mode(), quantized_engine(self.quant_options.runtime_engine):
-            return self.graph_module(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:  # a kernel's raw message: were the inputs unlike?
+            explained = explain_call_failure(self.__dict__.get("input_specs"), args, exc)
+            if explained is None:
+                raise
+            raise explained from exc
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, pipeline={self.pipeline!r}"
