@@ -9,8 +9,10 @@ lower-cuda{dtype=float16,fused=true,autotune=true} rewrites:
                                        (backends/edges.py)
 The fused kernels serve ungrouped, undilated convs with channel counts that are multiples of 8 (tensor-core
 alignment; docs/targets.md says why); with ``autotune`` and a GPU each such layer is timed with both kernels
-(``fxforge.numerics.timing``) and keeps the faster. On the CPU nothing is timed and a CudaConv2d computes its
-"conv2d" composition.
+(``fxforge.numerics.timing``), each replayed from a CUDA graph under the TF32 policy the model will run with
+(cuda-runtime's ``tf32``), as the compiled model runs them, and keeps the faster; without ``autotune`` each fused
+kernel is still run once, and one that fails (no cuDNN engine) is replaced by "conv2d". On the CPU nothing is
+timed and a CudaConv2d computes its "conv2d" composition.
 Why correct: every kernel computes conv + bias, then the add, then the activation of the FusedConv it
 replaces; results differ from fp32 by the rounding of ``dtype``.
 Preconditions: ``to-nhwc`` ran (property ``nhwc``: lower-cuda lowers its regions' convs only and adds no layout
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +38,14 @@ from fxforge.graph.fused import FusedConv
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import fxmeta, record_rewrite, tensor_shape
 from fxforge.numerics import timing
+from fxforge.numerics.precision import tf32_policy
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.fragments import compose, register_fragment
-from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
+from fxforge.pipeline.pass_api import Pass, PassResult, instantiate, register_pass
 from fxforge.pipeline.targets import Target, register_target
+from fxforge.pipeline.text import parse_pipeline
 
-from . import cuda_graphs  # noqa: F401  (registers the cuda-runtime pass)
+from . import cuda_graphs  # also registers the cuda-runtime pass
 from .edges import cast_inputs, restore_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,6 +83,11 @@ def fused_kernel(conv: nn.Conv2d, add: bool, activation: str) -> tuple[str | Non
     return ("cudnn_add_relu" if add else "cudnn_relu"), ""
 
 
+def fused_kernels_run_on(x: torch.Tensor) -> bool:
+    """cuDNN's fused kernels take CUDA tensors only."""
+    return x.is_cuda
+
+
 class CudaConv2d(nn.Module):
     """Conv2d (+ add) (+ activation) with its weight in the compute dtype, channels-last, for the CUDA targets.
 
@@ -95,10 +106,13 @@ class CudaConv2d(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.weight.dtype:  # an op upstream produced another dtype (e.g. a constant in fp32)
             x = x.to(self.weight.dtype)
-        if x.is_cuda and self.kernel == "cudnn_relu":
+        if other is not None and other.dtype != self.weight.dtype:  # cuDNN's fused add takes one dtype
+            other = other.to(self.weight.dtype)
+        fused = fused_kernels_run_on(x)
+        if fused and self.kernel == "cudnn_relu":
             return torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride, self.padding,
                                                 self.dilation, self.groups)
-        if x.is_cuda and self.kernel == "cudnn_add_relu":
+        if fused and self.kernel == "cudnn_add_relu":
             return torch.cudnn_convolution_add_relu(x, self.weight, other, 1.0, self.bias, self.stride,
                                                     self.padding, self.dilation, self.groups)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -117,21 +131,33 @@ class CudaConv2d(nn.Module):
 SCHEDULE = timing.Schedule(warmup=3, rounds=5, calls=2)
 
 
+def _replayed(run: Callable[[], torch.Tensor], capture: cuda_graphs.Capture) -> Callable[[], Any]:
+    """``run`` as the compiled model runs it: the replay of a CUDA graph (at batch 1 an eager call would time
+    the kernel launch, not the kernel); ``run`` itself when it cannot be captured."""
+    try:
+        replay, _ = capture(run, ())
+    except Exception:  # capture is how cuda-runtime runs it when it can; eager otherwise
+        return run
+    return replay
+
+
 def choose_kernel(module: CudaConv2d, x: torch.Tensor, other: torch.Tensor | None,
-                  timer: timing.Timer = timing.cuda_events) -> str:
-    """Time ``module`` with its fused kernel and with "conv2d" on (x, other), interleaved; keep the faster (or the
-    one that runs) in ``module.kernel``. Returns a note for the report."""
-    runs, failures = {}, []
-    for kernel in (module.kernel, "conv2d"):
+                  timer: timing.Timer = timing.cuda_events, *, timed: bool = True,
+                  capture: cuda_graphs.Capture = cuda_graphs.capture_cuda_graph) -> str:
+    """Run ``module`` with its fused kernel and with "conv2d" on (x, other); with ``timed`` time both, each
+    replayed from a CUDA graph, interleaved, and keep the faster (or the one that runs) in ``module.kernel``;
+    else keep the fused kernel if it runs. Returns a note for the report."""
+    fused, runs, failures = module.kernel, {}, []
+    for kernel in (fused, "conv2d") if timed else (fused,):
         run = functools.partial(_run_with_kernel, module, kernel, x, other)
         try:
             run()
         except RuntimeError as exc:  # e.g. no cuDNN engine for this fused graph
             failures.append(f"{kernel} failed ({str(exc).strip().splitlines()[0][:80]})")
         else:
-            runs[kernel] = run
-    if not runs:  # conv2d failing too: its error shows when the model runs
-        module.kernel = "conv2d"
+            runs[kernel] = _replayed(run, capture) if timed else run
+    if not timed or not runs:  # conv2d failing too: its error shows when the model runs
+        module.kernel = fused if fused in runs else "conv2d"
         return "; ".join(failures)
     module.kernel, seconds = timing.fastest(runs, SCHEDULE, timer)
     measured = ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in seconds.items())
@@ -149,11 +175,13 @@ def _example(shape: torch.Size | None, like: torch.Tensor) -> torch.Tensor | Non
     return torch.randn(tuple(shape), device=like.device, dtype=like.dtype).contiguous(memory_format=_CL)
 
 
-def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: timing.Timer) -> list[str]:
-    """Time each node's fused kernel against "conv2d"; a summary line, then one line per layer that left
-    its fused kernel (slower or failed)."""
+def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: timing.Timer, *, timed: bool = True,
+              tf32: bool = False, capture: cuda_graphs.Capture = cuda_graphs.capture_cuda_graph) -> list[str]:
+    """Time each node's fused kernel against "conv2d" (``timed``; else only check that it runs), under the
+    runtime's TF32 policy; a summary line, then one line per layer that left its fused kernel (slower or
+    failed)."""
     kept, switched = 0, []
-    with torch.inference_mode():
+    with torch.inference_mode(), tf32_policy(tf32):
         for node in nodes:
             module = module_of(gm, node)
             x = _example(tensor_shape(node.args[0]), module.weight)
@@ -161,12 +189,13 @@ def _autotune(gm: fx.GraphModule, nodes: list[fx.Node], timer: timing.Timer) -> 
             if x is None or (module.add and other is None):
                 continue  # shape unknown: keep the rule's choice
             fused = module.kernel
-            note = choose_kernel(module, x, other, timer)
+            note = choose_kernel(module, x, other, timer, timed=timed, capture=capture)
             if module.kernel == fused:
                 kept += 1
             else:
                 switched.append(f"  {node.target}: {note} -> {module.kernel}")
-    return [f"autotune: {kept} layer(s) kept their fused kernel, {len(switched)} run conv2d instead", *switched]
+    what = "autotune" if timed else "fused kernels checked"
+    return [f"{what}: {kept} layer(s) kept their fused kernel, {len(switched)} run conv2d instead", *switched]
 
 
 # ---------------------------------------------------------------------------------------------- lowering
@@ -222,7 +251,8 @@ class LowerCuda(Pass):
             else:
                 fused_nodes.append(node)
         gm.to(dtype)  # every other floating parameter and buffer (CudaConv2d's are converted already)
-        notes = _autotune(gm, fused_nodes, timing.cuda_events) if self.autotune and _on_gpu(gm) else []
+        notes = _autotune(gm, fused_nodes, timing.cuda_events, timed=self.autotune, tf32=runtime_tf32(ctx)) \
+            if fused_nodes and cuda_graphs.weights_on_gpu(gm) else []
         for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
             module = module_of(gm, node)
             if isinstance(module, CudaConv2d):
@@ -233,8 +263,11 @@ class LowerCuda(Pass):
                                      _summary(kernels, why_not), *notes])
 
 
-def _on_gpu(gm: fx.GraphModule) -> bool:
-    return any(t.is_cuda for t in gm.parameters()) or any(t.is_cuda for t in gm.buffers())
+def runtime_tf32(ctx: PassContext) -> bool:
+    """The TF32 policy the compiled model will run under: cuda-runtime's ``tf32`` option in this pipeline
+    (off when it has none, as eager fp32 on a CPU)."""
+    specs = [spec for spec in parse_pipeline(ctx.report.pipeline) if spec.name == cuda_graphs.CudaRuntimePass.name]
+    return bool(specs) and instantiate(specs[-1]).tf32
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -7,22 +7,24 @@ records the launches once and replays them with one call (torch.compile's "reduc
 Per call (``GraphCache``): the key is each tensor argument's shape, dtype and device (plain scalars by value);
 a new key is warmed up on a side stream, then captured; every call copies its tensors into the key's static
 inputs, replays, and returns clones of the static outputs; at most ``max_graphs`` keys are kept (least
-recently used dropped). CPU tensors, other arguments, or a call inside another capture run eagerly; a capture
-that fails turns capture off with one RuntimeWarning (the reason in ``capture_error``).
+recently used dropped). Other arguments (containers, objects) or a call inside another capture run eagerly;
+CPU tensors given to a model on the GPU raise ``ConfigError`` (move them with ``.cuda()``); a capture that
+fails turns capture off with one RuntimeWarning (the reason in ``capture_error``).
 Why correct: a replay computes what the captured run computed on the values copied in, and outputs are copied
 out before the next replay can overwrite them. Captured kernels read weights by address, so moving the module
 (``.to()``) drops its graphs, and copies start empty. TF32 is set around each eager run and capture, then
-restored. Not thread-safe: the static buffers are shared.
+restored. Concurrent calls are safe: a lock serializes the capture and the copy-in / replay / copy-out of the
+shared static buffers (eager runs do not take it).
 Options: ``capture``, ``max_graphs``, ``tf32`` (TF32 for fp32 convolutions and matmuls: only cuda-fp32 has any).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,9 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
+from fxforge.errors import ConfigError
 from fxforge.graph.meta import record_rewrite
+from fxforge.numerics.precision import tf32_policy
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 
@@ -39,52 +43,6 @@ _VALUE_TYPES = (int, float, bool, str, type(None))  # non-tensor arguments that 
 
 # capture(fn, static_args) -> (replay, static_outputs): records fn on static_args; replay() re-runs it in place
 Capture = Callable[[Callable[..., Any], tuple[Any, ...]], tuple[Callable[[], None], Any]]
-
-
-# ---------------------------------------------------------------------------------------------- TF32
-def _has_fp32_precision_api() -> bool:
-    """torch >= 2.9 spells TF32 as ``fp32_precision`` per backend; mixing it with the legacy ``allow_tf32``
-    flags makes torch raise when the flags disagree, so only one API is ever used."""
-    return hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
-
-
-def _flag_owners() -> tuple[Any, Any]:
-    return torch.backends.cudnn, torch.backends.cuda.matmul
-
-
-def _read_legacy(owner: Any) -> bool | None:
-    try:
-        return owner.allow_tf32
-    except RuntimeError:  # torch >= 2.9 when the caller mixed the legacy and new APIs: no single legacy value
-        return None
-
-
-@contextlib.contextmanager
-def tf32_policy(allow: bool) -> Iterator[None]:
-    """TF32 on (``allow``) or off for cuDNN (convolutions, RNNs) and cuBLAS matmuls inside the block; every
-    flag is restored after.
-
-    torch >= 2.9 keeps the legacy ``allow_tf32`` flags beside the new ``fp32_precision`` ones and raises when a
-    legacy flag is read while the two disagree; so the legacy flags are set to agree first (setting one resets
-    the new flags it shadows), then the new ones, and they are restored in the same order.
-    """
-    owners = _flag_owners()
-    new_api = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul] \
-        if _has_fp32_precision_api() else []
-    saved_legacy = [_read_legacy(owner) for owner in owners]
-    saved_new = [b.fp32_precision for b in new_api]
-    for owner in owners:
-        owner.allow_tf32 = allow
-    for b in new_api:
-        b.fp32_precision = "tf32" if allow else "ieee"
-    try:
-        yield
-    finally:
-        for owner, value in zip(owners, saved_legacy, strict=True):
-            if value is not None:
-                owner.allow_tf32 = value
-        for b, value in zip(new_api, saved_new, strict=True):
-            b.fp32_precision = value
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -150,11 +108,16 @@ class GraphCache:
         self.capture, self.capturable, self.capturing = capture, capturable, capturing
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.error: str | None = None  # why capture was turned off
+        self.lock = threading.Lock()  # the static buffers are shared: one replay at a time
 
     def __call__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         key = None if self.error else cache_key(args, self.capturable)
         if key is None or self.capturing():
             return fn(*args)
+        with self.lock:
+            return self._replay(fn, args, key)
+
+    def _replay(self, fn: Callable[..., Any], args: tuple[Any, ...], key: tuple) -> Any:
         entry = self.entries.get(key)
         if entry is None:
             entry = self._capture(fn, args, key)
@@ -194,6 +157,10 @@ def _tensors(args: tuple[Any, ...]) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- runtime
+def weights_on_gpu(module: nn.Module) -> bool:
+    return any(t.is_cuda for t in module.parameters()) or any(t.is_cuda for t in module.buffers())
+
+
 class CudaRuntime(nn.Module):
     """Runs ``graph_module`` under the TF32 policy, replaying a CUDA graph per input shape when ``capture``."""
 
@@ -205,8 +172,15 @@ class CudaRuntime(nn.Module):
         self.graphs = GraphCache(max_graphs)
 
     def forward(self, *args: Any) -> Any:
-        with torch.inference_mode():
-            return self.graphs(self.run_graph, args) if self.capture else self.run_graph(*args)
+        try:
+            with torch.inference_mode():
+                return self.graphs(self.run_graph, args) if self.capture else self.run_graph(*args)
+        except RuntimeError as exc:  # a device mismatch deep in a kernel: say which inputs and what to do
+            cpu = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not a.is_cuda]
+            if not cpu or not weights_on_gpu(self.graph_module):
+                raise
+            raise ConfigError(f"input(s) {', '.join(map(str, cpu))} are CPU tensors but this model runs on the GPU: "
+                              f"move them with .cuda() (or .to(device)) before calling it") from exc
 
     def run_graph(self, *args: Any) -> Any:
         """One eager run under the TF32 policy. Captures go through here too, so the captured kernels are the

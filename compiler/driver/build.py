@@ -20,6 +20,7 @@ from torch import fx, nn
 from fxforge.capture.tracing import trace
 from fxforge.errors import CalibrationError, CompileError, ConfigError
 from fxforge.numerics.metrics import max_errors
+from fxforge.numerics.precision import exact_fp32
 from fxforge.pipeline.composition import insert_passes
 from fxforge.pipeline.context import PassContext, clone_inputs
 from fxforge.pipeline.instruments import DumpAfterChange, GraphSnapshots, Instrument, NumericCheck, TimingInstrument
@@ -66,7 +67,7 @@ def _reference_outputs(ctx: PassContext, gm: fx.GraphModule) -> Any:
     inputs do not fit the model. (ShapeProp prints the traceback it chains: kept off stderr on failure.)"""
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stderr(printed):
+        with contextlib.redirect_stderr(printed), exact_fp32():  # not TF32, torch's default for GPU convs
             outputs = ctx.propagate(gm)
     except Exception as exc:
         cause = exc.__cause__ or exc
@@ -190,11 +191,11 @@ def build(
     if verify == "numeric":
         manager.instruments.append(NumericCheck())
     engine = quant.runtime_engine if quant else None  # passes and checks run the graph as forward() will
-    with quantized_engine(engine):
+    with quantized_engine(engine), exact_fp32():  # numeric checks compare with the exact fp32 reference
         gm = manager.run(session.gm, ctx)
 
     try:
-        with torch.inference_mode(), quantized_engine(engine):
+        with torch.inference_mode(), quantized_engine(engine), exact_fp32():
             outputs = gm(*clone_inputs(inputs))
             report.max_abs_error, report.max_rel_error = max_errors(outputs, ctx.reference_outputs)
     except Exception as exc:  # the compiled graph verified but does not run: say how to find the culprit

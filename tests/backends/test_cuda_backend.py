@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import fxforge
+from fxforge.backends import cuda
 from fxforge.backends.cuda import ALIGNMENT, CudaConv2d, _autotune, choose_kernel, fused_kernel
 from fxforge.backends.cuda_graphs import CudaRuntime, tf32_policy
 from fxforge.pipeline.fragments import with_options
@@ -311,6 +312,99 @@ def test_autotune_times_each_fused_layer_on_its_shapes_and_reports_the_switches(
     assert notes["c1"] == ["autotune: 1 layer(s) kept their fused kernel, 0 run conv2d instead"]
     assert notes["c2"][0] == "autotune: 0 layer(s) kept their fused kernel, 1 run conv2d instead"
     assert notes["c2"][1] == "  c2: cudnn_add_relu 2.000 ms, conv2d 1.000 ms -> conv2d"
+
+
+class ReplayCapture:
+    """capture(fn, args) as cuda-runtime does it: fn recorded once, replays counted (on CPU: fn re-run)."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def __call__(self, fn, args):
+        out = fn(*args)
+
+        def replay():
+            self.replays += 1
+            fn(*args)
+
+        return replay, out
+
+
+def test_autotune_times_graph_replays_not_eager_calls():
+    module = FailingConv(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
+    capture, timed_replays = ReplayCapture(), []
+
+    def timer(fn):
+        before = capture.replays
+        fn()
+        timed_replays.append(capture.replays - before)
+        return 1e-3
+
+    choose_kernel(module, torch.randn(1, 8, 6, 6), None, timer, capture=capture)
+    assert timed_replays and all(n == cuda.SCHEDULE.calls for n in timed_replays)  # each sample: replays only
+
+
+def test_autotune_runs_under_the_runtime_tf32_policy(monkeypatch):
+    entered = []
+    real = cuda.tf32_policy
+
+    def spy(allow):
+        entered.append(allow)
+        return real(allow)
+
+    monkeypatch.setattr(cuda, "tf32_policy", spy)
+    cuda._autotune(torch.fx.symbolic_trace(nn.Identity()), [], None, tf32=True)
+    assert entered == [True]
+
+    class Ctx:
+        class report:  # noqa: N801 - the one attribute runtime_tf32 reads
+            pipeline = fxforge.pipeline_for("cuda-fp32")
+
+    assert cuda.runtime_tf32(Ctx()) is False
+    Ctx.report.pipeline = with_options(Ctx.report.pipeline, "cuda-runtime", tf32=True)
+    assert cuda.runtime_tf32(Ctx()) is True
+
+
+def test_without_autotune_a_failing_fused_kernel_is_replaced_before_capture():
+    module = FailingConv(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
+    module.failing = "cudnn_relu"
+    note = choose_kernel(module, torch.randn(1, 8, 6, 6), None, timed=False)
+    assert module.kernel == "conv2d" and "cudnn_relu failed (FIND was unable" in note
+    working = FailingConv(nn.Conv2d(8, 8, 3), torch.float32, activation="relu", kernel="cudnn_relu")
+    assert choose_kernel(working, torch.randn(1, 8, 6, 6), None, timed=False) == ""
+    assert working.kernel == "cudnn_relu"
+
+
+def test_the_residual_reaches_the_fused_add_in_the_compute_dtype(monkeypatch):
+    seen = []
+
+    def fake_add_relu(x, weight, other, alpha, bias, *rest):
+        seen.append((x.dtype, other.dtype))
+        return torch.zeros(1)
+
+    monkeypatch.setattr(cuda, "fused_kernels_run_on", lambda x: True)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", fake_add_relu)
+    module = CudaConv2d(nn.Conv2d(8, 8, 3), torch.float16, add=True, activation="relu", kernel="cudnn_add_relu")
+    module(torch.randn(1, 8, 6, 6, dtype=torch.float16), torch.randn(1, 8, 4, 4))  # an fp32 residual
+    assert seen == [(torch.float16, torch.float16)]
+
+
+def test_references_and_numeric_checks_are_exact_fp32_not_tf32():
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return x + 1
+
+    before = torch.backends.cudnn.allow_tf32
+    tf32_on = tf32_policy(True)
+    with tf32_on:  # torch's default for cuDNN convolutions
+        fxforge.compile(nn.Sequential(Spy(), nn.Conv2d(3, 4, 1)).eval(), "cpu", example_inputs=torch.randn(1, 3, 4, 4),
+                        verify="numeric", leaf_modules=[Spy])
+        assert torch.backends.cudnn.allow_tf32 is True  # restored after the compile
+    assert seen and not any(seen)  # the reference, every check and the final comparison ran without TF32
+    assert torch.backends.cudnn.allow_tf32 == before
 
 
 @pytest.mark.parametrize("activation", ["", "relu", "relu6", "hardswish", "silu"])

@@ -4,6 +4,7 @@ replay writes into the same output buffers every time."""
 
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import fxforge
 from fxforge.backends import cuda_graphs
 from fxforge.backends.cuda_graphs import CudaRuntime, GraphCache, cache_key, tf32_policy
+from fxforge.numerics import precision
 
 
 class FakeCapture:
@@ -260,8 +262,8 @@ def test_runtime_pass_rejects_an_empty_cache():
 def _flags() -> list:
     b = torch.backends
     new = [b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision] \
-        if cuda_graphs._has_fp32_precision_api() else []
-    return [cuda_graphs._read_legacy(b.cudnn), cuda_graphs._read_legacy(b.cuda.matmul), *new]
+        if precision.has_fp32_precision_api() else []
+    return [precision.read_legacy_tf32(b.cudnn), precision.read_legacy_tf32(b.cuda.matmul), *new]
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -269,7 +271,7 @@ def test_tf32_policy_sets_the_flags_inside_and_restores_them(allow):
     before = _flags()
     with tf32_policy(allow):
         assert torch.backends.cudnn.allow_tf32 is allow and torch.backends.cuda.matmul.allow_tf32 is allow
-        if cuda_graphs._has_fp32_precision_api():
+        if precision.has_fp32_precision_api():
             assert torch.backends.cudnn.conv.fp32_precision == ("tf32" if allow else "ieee")
     assert _flags() == before
 
@@ -282,8 +284,46 @@ def test_tf32_policy_restores_the_flags_after_an_error():
 
 
 def test_tf32_policy_on_torch_without_the_fp32_precision_api(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "_has_fp32_precision_api", lambda: False)
+    monkeypatch.setattr(precision, "has_fp32_precision_api", lambda: False)
     before = _flags()
     with tf32_policy(False):
         assert torch.backends.cudnn.allow_tf32 is False
     assert _flags() == before
+
+
+def test_concurrent_calls_do_not_share_the_static_buffers_mid_replay():
+    """Thread A's replay waits (up to a second) for thread B to start copying in; with the lock B cannot, so A
+    reads back its own values."""
+    b_entered = threading.Event()
+    cache = GraphCache(capture=lambda fn, args: (lambda: (b_entered.wait(1.0), args[1].copy_(args[0])), args[1]),
+                       capturable=lambda t: True, capturing=lambda: False)
+    a_in, b_in, out = torch.full((4,), 1.0), torch.full((4,), 2.0), torch.zeros(4)
+    cache(lambda x, o: o, (a_in, out))  # captures the entry
+    results = {}
+
+    def call(name, x):
+        if name == "b":
+            b_entered.set()
+        results[name] = cache(lambda x, o: o, (x, out))
+
+    a = threading.Thread(target=call, args=("a", a_in))
+    a.start()
+    b = threading.Thread(target=call, args=("b", b_in))
+    b.start()
+    a.join()
+    b.join()
+    assert torch.equal(results["a"], a_in) and torch.equal(results["b"], b_in)
+
+
+def test_cpu_tensors_for_a_model_on_the_gpu_get_a_config_error(monkeypatch):
+    class NeedsGpu(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu")
+
+    monkeypatch.setattr(cuda_graphs, "weights_on_gpu", lambda module: True)
+    runtime = CudaRuntime(NeedsGpu(), capture=True)
+    with pytest.raises(fxforge.ConfigError, match=r"input\(s\) 0 are CPU tensors.*\.cuda\(\)"):
+        runtime(torch.randn(2))
+    monkeypatch.setattr(cuda_graphs, "weights_on_gpu", lambda module: False)  # a model on the CPU: its own error
+    with pytest.raises(RuntimeError, match="same device"):
+        runtime(torch.randn(2))
