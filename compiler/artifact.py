@@ -15,10 +15,14 @@ docs/saving.md says why this representation. Like every pickle-based format, loa
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
+import os
+import pickle
 import re
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -29,24 +33,31 @@ import torch
 
 from fxforge.driver.compiled import CompiledModule
 from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
+from fxforge.serialization.allowlist import savable_classes
 from fxforge.serialization.codec import (
+    check_records,
     foreign_globals,
     graph_attrs,
     graph_records,
+    payload_trust,
     portable_leaves,
     rebuild,
     synthetic_inputs,
 )
+from fxforge.serialization.isa import check_isa, isa_facts
 
 from .errors import ArtifactError, BackendUnavailableError
 from .version import __version__
 
 FORMAT = "fxforge-compiled-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MEMBERS = ("fxforge.json", "report.txt", "report.json", "model.pt")
+_IDENTITY = ("format_version", "fxforge_version", "torch_version", "target", "engine")  # read before all else
+_PAYLOAD = ("members", "isa", "quantization", "pipeline")  # read once the format is known
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -90,7 +101,8 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": compiled.target, "engine": _engine(compiled), "pipeline": compiled.pipeline,
             "quantization": _quant_meta(compiled), "inputs": _inputs_meta(compiled.graph_module),
-            "portable_submodules": {path: m.kind for path, m in leaves.items()}}
+            "portable_submodules": {path: m.kind for path, m in leaves.items()},
+            "isa": isa_facts(_quant_meta(compiled), _engine(compiled))}
 
 
 def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,7 +119,8 @@ def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[
     if recalibratable and compiled.observed_graph is None:
         raise ArtifactError("recalibratable=True keeps the observers of a static int8 model: this one has none "
                             "(fp32, dynamic or weight-only); save it without recalibratable")
-    with quantized_engine(compiled.quant_options.runtime_engine if compiled.quant_options else None):
+    engine = compiled.quant_options.runtime_engine if compiled.quant_options else None
+    with quantized_engine(engine):
         state, leaves = _graph_state(gm, inputs)
         if recalibratable:  # a copy: finding its user submodules' inputs would feed its observers
             state["observed"] = _graph_state(copy.deepcopy(compiled.observed_graph), inputs)[0]
@@ -120,11 +133,43 @@ def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[
         raise ArtifactError(f"the compiled model refers to code outside torch and fxforge ({', '.join(foreign[:5])}): "
                             f"loading it would need that code. Keep such functions out of the traced forward, or "
                             f"make them torch ops")
+    try:  # what load will accept: refuse to write a file that cannot be read back
+        _unpickle(data, engine, trusted=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"the compiled model holds objects fxforge.load would refuse ({exc}); a runtime module "
+                            f"must pickle as tensors and plain data (docs/saving.md)") from exc
     return data, {**metadata(compiled, leaves), "recalibratable": recalibratable}
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, members: dict[str, bytes]) -> None:
+    """The archive written to a temporary file beside ``path``, synced, then renamed over it: a failure at
+    any point leaves the previous file as it was."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+                for name, data in members.items():
+                    archive.writestr(name, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a crash once the directory is synced
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
 def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalibratable: bool = False) -> Path:
-    """Write ``compiled`` (from ``fxforge.compile``) to ``path``; returns the path.
+    """Write ``compiled`` (from ``fxforge.compile``) to ``path`` atomically; returns the path.
 
     ``example_inputs`` are only needed when the graph holds a submodule the tracer kept whole (it is
     exported with them); by default random inputs of the compiled shapes are used. ``recalibratable``
@@ -134,26 +179,51 @@ def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalib
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
     data, meta = _payload(compiled, example_inputs, recalibratable)
+    members = {"report.txt": (str(compiled.report) + "\n").encode(),
+               "report.json": (json.dumps(compiled.report.to_dict(), indent=2, default=str) + "\n").encode(),
+               "model.pt": data}
+    meta["members"] = {name: _digest(blob) for name, blob in members.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("fxforge.json", json.dumps(meta, indent=2) + "\n")
-        archive.writestr("report.txt", str(compiled.report) + "\n")
-        archive.writestr("report.json", json.dumps(compiled.report.to_dict(), indent=2, default=str) + "\n")
-        archive.writestr("model.pt", data)
+    _write_atomically(path, {"fxforge.json": (json.dumps(meta, indent=2) + "\n").encode(), **members})
     return path
+
+
+def _not_ours(path: str | Path, why: str) -> ArtifactError:
+    return ArtifactError(f"{path} is not a model written by fxforge.save, or it was damaged ({why})")
+
+
+def _read_members(path: str | Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name: archive.read(name) for name in names}
+    except KeyError as exc:
+        raise _not_ours(path, f"member {exc} is missing") from None
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+        raise _not_ours(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _parse_metadata(path: str | Path, raw: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _not_ours(path, f"fxforge.json is not JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _not_ours(path, f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    _require(path, meta, _IDENTITY)
+    return meta
+
+
+def _require(path: str | Path, meta: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: the metadata (fxforge.json) lacks {', '.join(map(repr, missing))}: the file "
+                            f"was edited or damaged; save the model again")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a saved model (nothing is unpickled)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("fxforge.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not a model written by fxforge.save ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a model written by fxforge.save (format {meta.get('format')!r})")
-    return meta
+    return _parse_metadata(path, _read_members(path, ("fxforge.json",))["fxforge.json"])
 
 
 def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
@@ -162,6 +232,10 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
         raise ArtifactError(f"the model was saved in format {meta['format_version']} by fxforge "
                             f"{meta['fxforge_version']}; this fxforge reads up to format {FORMAT_VERSION}: "
                             f"upgrade fxforge")
+    if meta["format_version"] < FORMAT_VERSION:
+        raise ArtifactError(f"the model was saved in format {meta['format_version']} by fxforge "
+                            f"{meta['fxforge_version']}, whose loading runs pickled code; this fxforge reads "
+                            f"format {FORMAT_VERSION}: compile the original model again and save it")
     saved, running = _major_minor(meta["torch_version"]), _major_minor(torch.__version__)
     if check_version and saved != running:
         raise ArtifactError(
@@ -181,22 +255,50 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
             f"the original model for one of the targets usable here: {', '.join(targets())}")
 
 
-def load(path: str | Path, *, check_version: bool = True) -> CompiledModule:
-    """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed."""
-    meta = read_metadata(path)
+def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
+    """The payload, unpickled without running code from it (``fxforge.serialization.allowlist``)."""
+    try:
+        with quantized_engine(engine), torch.serialization.safe_globals(savable_classes()), \
+                payload_trust(trusted), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
+            state = torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+        why = found.group(1) if found else (str(exc).strip().splitlines() or [""])[0]
+        raise ArtifactError(f"model.pt holds something other than tensors and fxforge / torch objects ({why})") \
+            from None
+    if not isinstance(state, dict) or not {"records", "attrs", "class_name", "report"} <= state.keys() \
+            or not isinstance(state["attrs"], dict) or not isinstance(state["report"], CompileReport):
+        raise ArtifactError("model.pt does not hold a stored graph, its objects and a report")
+    return state
+
+
+def _graph(state: dict[str, Any]) -> Any:
+    return rebuild(check_records(state["records"]), state["attrs"], str(state["class_name"]))
+
+
+def load(path: str | Path, *, check_version: bool = True, trusted: bool = False) -> CompiledModule:
+    """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed.
+
+    Nothing in the file is run while loading: the payload holds tensors and data that only fxforge's and
+    torch's own classes are rebuilt from. Submodules the tracer kept whole are stored as torch.export or
+    TorchScript programs, whose torch loaders do run pickled code: such a file loads only with
+    ``trusted=True`` (``ArtifactError`` otherwise).
+    """
+    members = _read_members(path, _MEMBERS)
+    meta = _parse_metadata(path, members["fxforge.json"])
     check_loadable(meta, check_version)
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read("model.pt")
+    _require(path, meta, _PAYLOAD)
+    check_isa(meta["isa"])
+    for name, digest in meta["members"].items():
+        if name not in members or _digest(members[name]) != digest:
+            raise ArtifactError(f"{path}: member {name} does not match the checksum saved with it: the file was "
+                                f"modified or damaged; save the model again")
     quant = meta["quantization"]
-    try:  # prepacked int8 weights are re-packed for the engine current while unpickling: pin the model's own
-        with quantized_engine(quant.get("engine", quant["backend"]) if quant else None), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of packed weights
-            state = torch.load(io.BytesIO(data), weights_only=False)  # our own payload: modules, packed weights
-    except Exception as exc:
-        raise ArtifactError(f"{path} could not be read ({type(exc).__name__}: {exc}); it was saved by fxforge "
-                            f"{meta['fxforge_version']} with torch {meta['torch_version']}") from exc
-    gm = rebuild(state["records"], state["attrs"], state["class_name"])
-    observed = rebuild(**state["observed"]) if "observed" in state else None
+    engine = quant.get("engine", quant["backend"]) if quant else None
+    state = _unpickle(members["model.pt"], engine, trusted)
+    gm = _graph(state)
+    observed = _graph(state["observed"]) if "observed" in state else None
     options = None if quant is None else QuantOptions(mode=quant["mode"], backend=quant["backend"],
                                                       skip=tuple(quant["skip"]), reduce_range=quant["reduce_range"],
                                                       engine=quant.get("engine"))
