@@ -196,9 +196,10 @@ def _not_ours(path: str | Path, why: str) -> ArtifactError:
 def _read_members(path: str | Path, names: tuple[str, ...]) -> dict[str, bytes]:
     try:
         with zipfile.ZipFile(path) as archive:
+            missing = [name for name in names if name not in archive.namelist()]
+            if missing:
+                raise _not_ours(path, f"member {', '.join(map(repr, missing))} is missing")
             return {name: archive.read(name) for name in names}
-    except KeyError as exc:
-        raise _not_ours(path, f"member {exc} is missing") from None
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
         raise _not_ours(path, f"{type(exc).__name__}: {exc}") from None
 
