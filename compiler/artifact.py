@@ -102,7 +102,7 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
             "target": compiled.target, "engine": _engine(compiled), "pipeline": compiled.pipeline,
             "quantization": _quant_meta(compiled), "inputs": _inputs_meta(compiled.graph_module),
             "portable_submodules": {path: m.kind for path, m in leaves.items()},
-            "isa": isa_facts(_quant_meta(compiled), _engine(compiled))}
+            "isa": isa_facts(compiled)}
 
 
 def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:

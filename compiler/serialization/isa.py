@@ -34,12 +34,14 @@ def vnni_here() -> bool:
     return qspec.cpu_has_vnni() and (limit is None or limit.upper() not in _ONEDNN_WITHOUT_VNNI)
 
 
-def isa_facts(quantization: dict[str, Any] | None, engine: str | None) -> dict[str, Any]:
-    """What the saved kernels assumed about the CPU (the ``isa`` entry of the metadata)."""
-    requires = (quantization is not None and quantization["backend"] in _VNNI_BACKENDS
-                and quantization["mode"] in _SATURATING_MODES and quantization["reduce_range"] is False)
-    return {"requires_vnni": requires, "engine": engine,
-            "reduce_range": None if quantization is None else quantization["reduce_range"],
+def isa_facts(compiled: Any) -> dict[str, Any]:
+    """What the compiled model's kernels assume about the CPU (the ``isa`` entry of saved metadata)."""
+    opts, summary = compiled.quant_options, compiled.report.quantization
+    reduce_range = None if opts is None or summary is None else bool(summary.reduce_range)
+    requires = (opts is not None and opts.backend in _VNNI_BACKENDS and opts.mode in _SATURATING_MODES
+                and reduce_range is False)
+    return {"requires_vnni": requires, "engine": None if opts is None else opts.runtime_engine,
+            "reduce_range": reduce_range,
             "built_on": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "vnni": vnni_here(),
                          "onednn_max_cpu_isa": onednn_max_isa()}}
 

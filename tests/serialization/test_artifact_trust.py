@@ -19,7 +19,9 @@ import fxforge
 from fxforge.backends import int8_lowering
 from fxforge.backends.int8_packed import PackedWeight
 from fxforge.quant import qspec
+from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.codec import FnRef
+from fxforge.serialization.torchscript import load_torchscript, save_torchscript, torchscript_metadata
 from helpers import one_intra_op_thread
 
 _fixture = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -229,3 +231,18 @@ def test_models_that_do_not_need_vnni_load_without_it(tmp_path, monkeypatch, tar
     monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)
     with torch.inference_mode():
         assert torch.equal(fxforge.load(path)(X), compiled(X))
+
+
+@pytest.mark.skipif("x86" not in fxforge.targets(), reason="no x86 int8 engine here")
+def test_the_torchscript_export_records_its_engine_and_cpu_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: True)
+    compiled = fxforge.compile(toy_model(), "x86", example_inputs=X, calibration=batches(4))
+    path = save_torchscript(compiled, tmp_path / "m.pt", X)
+    meta = torchscript_metadata(path)
+    assert meta["engine"] == compiled.quant_options.runtime_engine == "onednn" and meta["isa"]["requires_vnni"]
+    scripted = load_torchscript(path)
+    with quantized_engine(meta["engine"]), torch.inference_mode():
+        assert torch.equal(scripted(X), compiled(X))
+    monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)
+    with pytest.raises(fxforge.BackendUnavailableError, match="saturate here without VNNI"):
+        load_torchscript(path)
