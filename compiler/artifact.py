@@ -39,10 +39,12 @@ from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.allowlist import savable_classes
 from fxforge.serialization.codec import (
+    SAFE_FUNCTIONS,
     check_records,
     foreign_globals,
     graph_attrs,
     graph_records,
+    payload_bytes,
     payload_trust,
     portable_leaves,
     rebuild,
@@ -125,9 +127,7 @@ def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[
         if recalibratable:  # a copy: finding its user submodules' inputs would feed its observers
             state["observed"] = _graph_state(copy.deepcopy(compiled.observed_graph), inputs)[0]
     state["report"] = compiled.report
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
+    data = payload_bytes(state)
     foreign = foreign_globals(data)
     if foreign:
         raise ArtifactError(f"the compiled model refers to code outside torch and fxforge ({', '.join(foreign[:5])}): "
@@ -259,7 +259,7 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
 def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
     """The payload, unpickled without running code from it (``fxforge.serialization.allowlist``)."""
     try:
-        with quantized_engine(engine), torch.serialization.safe_globals(savable_classes()), \
+        with quantized_engine(engine), torch.serialization.safe_globals([*savable_classes(), *SAFE_FUNCTIONS]), \
                 payload_trust(trusted), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
             state = torch.load(io.BytesIO(data), weights_only=True)

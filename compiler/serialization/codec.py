@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import pickle
 import pickletools
+import types
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -384,6 +386,33 @@ def portable_leaves(gm: fx.GraphModule, inputs: tuple, convert: Callable = Porta
                 f"stored without its class ({exc}). Make it traceable (then compile again), or make it work "
                 f"with torch.export (no Python control flow on tensor values)") from None
     return out
+
+
+def stored_graph(records: list[NodeRecord], attrs: dict[str, Any], class_name: str) -> fx.GraphModule:
+    """A graph module held by a stored module (a runtime module wrapping the lowered graph), rebuilt from
+    data as the top-level graph is; the one function a payload may call while loading."""
+    return rebuild(check_records(records), attrs, str(class_name))
+
+
+class _GraphsAsData(pickle.Pickler):
+    """Pickles graph modules nested in stored modules as ``stored_graph`` data: torch.fx's own pickling stores
+    generated Python code and runs it on load."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, fx.GraphModule):
+            return stored_graph, (graph_records(obj), graph_attrs(obj), type(obj).__name__)
+        return NotImplemented
+
+
+_PICKLE = types.SimpleNamespace(__name__="fxforge_graphs_as_data", Pickler=_GraphsAsData)
+SAFE_FUNCTIONS: tuple[Callable, ...] = (stored_graph,)  # what a payload may call besides torch's rebuilders
+
+
+def payload_bytes(state: dict[str, Any]) -> bytes:
+    """``torch.save`` of ``state`` (graphs as data), for ``torch.load(weights_only=True)`` and SAFE_FUNCTIONS."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer, pickle_module=_PICKLE)
+    return buffer.getvalue()
 
 
 def stored_globals(torch_save_bytes: bytes) -> set[str]:

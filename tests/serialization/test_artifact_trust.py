@@ -17,10 +17,11 @@ from quant_helpers import batches, toy_model
 
 import fxforge
 from fxforge.backends import int8_lowering
+from fxforge.backends.cuda_graphs import CudaRuntime, wrap_in_runtime
 from fxforge.backends.int8_packed import PackedWeight
 from fxforge.quant import qspec
 from fxforge.quant.qspec import quantized_engine
-from fxforge.serialization.codec import FnRef
+from fxforge.serialization.codec import FnRef, stored_globals
 from fxforge.serialization.torchscript import load_torchscript, save_torchscript, torchscript_metadata
 from helpers import one_intra_op_thread
 
@@ -246,3 +247,16 @@ def test_the_torchscript_export_records_its_engine_and_cpu_needs(tmp_path, monke
     monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: False)
     with pytest.raises(fxforge.BackendUnavailableError, match="saturate here without VNNI"):
         load_torchscript(path)
+
+
+def test_a_graph_nested_in_a_runtime_module_is_stored_as_data(tmp_path, fp32_model):
+    """The cuda target wraps its lowered graph in a CudaRuntime: torch.fx would pickle that graph as code."""
+    inner = fp32_model.graph_module
+    wrapped = wrap_in_runtime(inner, CudaRuntime(inner, capture=False))
+    compiled = fxforge.CompiledModule(wrapped, "cpu", fp32_model.pipeline, fp32_model.report)
+    path = fxforge.save(compiled, tmp_path / "m.fxf")
+    assert "torch.fx.graph_module.reduce_graph_module" not in stored_globals(members(path)["model.pt"])
+    loaded = fxforge.load(path)
+    assert isinstance(loaded.graph_module.get_submodule("cuda_runtime"), CudaRuntime)
+    with torch.inference_mode():
+        assert torch.equal(loaded(X), compiled(X))
