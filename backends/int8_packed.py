@@ -5,6 +5,8 @@ whatever ``torch.backends.quantized.engine`` is selected then. lower-x86 packs e
 kernel measured fastest, and conv2d_add needs oneDNN's packing (given fbgemm's, torch 2.14 crashed), so a
 weight must come back packed by the same engine. ``PackedWeight`` holds the packed object and its recipe
 (kind, engine, conv geometry); pickling unpacks the weight and unpickling packs it again under its engine.
+Its pickled state is tensors and plain data only, which is what ``fxforge.load`` accepts (docs/saving.md); the
+lowered graph reads ``_packed_N.packed``, and ``fxforge.save`` stores the owner ``PackedWeight`` for it.
 """
 
 from __future__ import annotations

@@ -2,14 +2,17 @@
 
 The file is a zip archive (stored, not compressed) holding:
 - ``fxforge.json``: format version, fxforge and torch versions, target, quantized engine, quantization mode,
-  pipeline text, input shapes, a qparams summary; read *before* anything is unpickled, so that a missing
-  engine or an incompatible torch fails with a typed error that says what to do (``fxforge.read_metadata``);
+  pipeline text, input shapes, a qparams summary, each other member's sha256 and the CPU facts the kernels
+  assume (``serialization.isa``); read first, so that damage, a missing engine, an incompatible torch or a
+  CPU without VNNI fails with a typed error that says what to do (``fxforge.read_metadata``);
 - ``report.txt`` / ``report.json``: the compile report, readable without Python;
 - ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialization.codec``) plus the report
   object; with ``recalibratable=True`` also the fp32 graph with its observers, which ``recalibrate`` needs.
-``save`` checks that the payload refers only to torch, fxforge and builtins (user submodules the tracer kept
-whole become ``torch.export`` programs first), so ``load`` needs neither tracing nor the user's classes.
-docs/saving.md says why this representation. Like every pickle-based format, load only files you trust.
+``load`` unpickles ``model.pt`` with ``weights_only=True`` and an allowlist of exact classes
+(``serialization.allowlist``): no code from the file runs, and graph call targets resolve only to tensor ops.
+User submodules the tracer kept whole are stored as ``torch.export`` / TorchScript programs, whose loaders
+run pickled code: they load only with ``trusted=True``. ``save`` writes atomically and reads its payload back
+the way ``load`` will. docs/saving.md says why this representation.
 """
 
 from __future__ import annotations
