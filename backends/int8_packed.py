@@ -54,6 +54,8 @@ class PackedWeight(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if state.get("kind") not in KINDS:
+            raise ValueError(f"unknown packed weight kind {state.get('kind')!r}: one of {', '.join(KINDS)}")
         weight, bias = state.pop("packed")
         self.__dict__.update(state)
         self._pack(weight, bias)

@@ -271,6 +271,10 @@ def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
         why = found.group(1) if found else (str(exc).strip().splitlines() or [""])[0]
         raise ArtifactError(f"model.pt holds something other than tensors and fxforge / torch objects ({why})") \
             from None
+    except ArtifactError:
+        raise
+    except Exception as exc:  # an allowlisted class refused its stored state (e.g. an unknown packed weight kind)
+        raise ArtifactError(f"model.pt could not be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not {"records", "attrs", "class_name", "report"} <= state.keys() \
             or not isinstance(state["attrs"], dict) or not isinstance(state["report"], CompileReport):
         raise ArtifactError("model.pt does not hold a stored graph, its objects and a report")

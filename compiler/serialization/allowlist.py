@@ -13,7 +13,7 @@ tensors, plain data and other such objects: opaque derived objects (prepacked we
 the payload back the same way before writing it.
 Graph call targets are data too (``codec.FnRef``) and resolve only to ``allowed_function``s: torch's tensor
 computations (``torch.overrides.get_overridable_functions``), ``operator`` / ``math``, ``getattr`` and
-fxforge's functions.
+the functions of fxforge's compute packages (graph, quant, backends, passes).
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def savable_classes() -> list[type]:
     return list(dict.fromkeys([*_BUILTIN_TYPES, *_torch_module_classes(), *_TORCH_VALUE_TYPES, *_fxforge_classes()]))
 
 
+# fxforge packages whose functions a lowered graph may call (dynamic_quantize, ...): they compute on tensors,
+# unlike the ones that write files (pipeline dumps, viz, artifact, cli)
+_COMPUTE_PACKAGES = ("fxforge.graph.", "fxforge.quant.", "fxforge.backends.", "fxforge.passes.")
+
+
 @functools.cache
 def _tensor_functions() -> frozenset[Any]:
     overridable = torch.overrides.get_overridable_functions()
@@ -72,7 +77,7 @@ def allowed_function(fn: Callable) -> bool:
     module = str(getattr(fn, "__module__", None) or "")
     if module in ("_operator", "operator", "math"):
         return getattr(operator if module != "math" else math, fn.__name__, None) is fn
-    if module == "fxforge" or module.startswith("fxforge."):
+    if module.startswith(_COMPUTE_PACKAGES):
         return True
     try:
         return fn in _tensor_functions()

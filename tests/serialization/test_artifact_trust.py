@@ -97,6 +97,7 @@ def stored_state(path: Path) -> dict:
 @pytest.mark.parametrize(("op", "target", "args", "refused"), [
     ("call_function", FnRef("os:system"), ("true",), "os:system"),
     ("call_function", FnRef("fxforge.serialization.codec:io.open"), ("x",), "io.open"),
+    ("call_function", FnRef("fxforge.artifact:save"), ("x", "y"), "fxforge.artifact:save"),
     ("call_method", "__reduce_ex__", (), "not a public torch.Tensor method"),
     ("call_function", FnRef("builtins:getattr"), ("x", "__class__"), "getattr"),
 ])
