@@ -40,7 +40,7 @@ from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
-from fxforge.serialization.allowlist import savable_classes
+from fxforge.serialization.allowlist import needed, savable_classes
 from fxforge.serialization.codec import (
     SAFE_FUNCTIONS,
     check_records,
@@ -51,6 +51,7 @@ from fxforge.serialization.codec import (
     payload_trust,
     portable_leaves,
     rebuild,
+    stored_globals,
     synthetic_inputs,
 )
 from fxforge.serialization.isa import check_isa, isa_facts
@@ -262,7 +263,12 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
 def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
     """The payload, unpickled without running code from it (``fxforge.serialization.allowlist``)."""
     try:
-        with quantized_engine(engine), torch.serialization.safe_globals([*savable_classes(), *SAFE_FUNCTIONS]), \
+        allowed = needed([*savable_classes(), *SAFE_FUNCTIONS], stored_globals(data))
+    except (zipfile.BadZipFile, StopIteration, ValueError) as exc:
+        raise ArtifactError(f"model.pt holds something other than tensors and fxforge / torch objects (not a "
+                            f"torch.save archive: {type(exc).__name__})") from None
+    try:
+        with quantized_engine(engine), torch.serialization.safe_globals(allowed), \
                 payload_trust(trusted), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
             state = torch.load(io.BytesIO(data), weights_only=True)

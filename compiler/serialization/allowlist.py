@@ -64,6 +64,17 @@ def savable_classes() -> list[type]:
 _COMPUTE_PACKAGES = ("fxforge.graph.", "fxforge.quant.", "fxforge.backends.", "fxforge.passes.")
 
 
+def needed(candidates: list[Any], referenced: set[str]) -> list[Any]:
+    """The ``candidates`` a pickle references by name ('module.qualname', as ``codec.stored_globals`` lists
+    them): torch's weights-only unpickler scans its allowlist on every lookup, so it is kept to these."""
+    out = []
+    for obj in candidates:
+        module, name = str(obj.__module__), obj.__qualname__
+        if f"{module}.{name}" in referenced or (module == "builtins" and f"__builtin__.{name}" in referenced):
+            out.append(obj)
+    return out
+
+
 @functools.cache
 def _tensor_functions() -> frozenset[Any]:
     overridable = torch.overrides.get_overridable_functions()
