@@ -219,8 +219,8 @@ def _parse_metadata(path: str | Path, raw: bytes) -> dict[str, Any]:
     return meta
 
 
-def _require(path: str | Path, meta: dict[str, Any], keys: tuple[str, ...]) -> None:
-    missing = [key for key in keys if key not in meta]
+def _require(path: str | Path, meta: Any, keys: tuple[str, ...], prefix: str = "") -> None:
+    missing = [f"{prefix}{key}" for key in keys if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise ArtifactError(f"{path}: the metadata (fxforge.json) lacks {', '.join(map(repr, missing))}: the file "
                             f"was edited or damaged; save the model again")
@@ -281,13 +281,15 @@ def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
         raise
     except Exception as exc:  # an allowlisted class refused its stored state (e.g. an unknown packed weight kind)
         raise ArtifactError(f"model.pt could not be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not {"records", "attrs", "class_name", "report"} <= state.keys() \
-            or not isinstance(state["attrs"], dict) or not isinstance(state["report"], CompileReport):
-        raise ArtifactError("model.pt does not hold a stored graph, its objects and a report")
+    if not isinstance(state, dict) or not isinstance(state.get("report"), CompileReport):
+        raise ArtifactError("model.pt does not hold a stored graph and its report")
     return state
 
 
-def _graph(state: dict[str, Any]) -> Any:
+def _graph(state: Any) -> Any:
+    if not isinstance(state, dict) or not {"records", "attrs", "class_name"} <= state.keys() \
+            or not isinstance(state["attrs"], dict):
+        raise ArtifactError("model.pt holds a graph without its node records or objects")
     return rebuild(check_records(state["records"]), state["attrs"], str(state["class_name"]))
 
 
@@ -303,12 +305,18 @@ def load(path: str | Path, *, check_version: bool = True, trusted: bool = False)
     meta = _parse_metadata(path, members["fxforge.json"])
     check_loadable(meta, check_version)
     _require(path, meta, _PAYLOAD)
+    quant = meta["quantization"]
+    _require(path, meta["isa"], ("requires_vnni", "engine"), "isa.")
+    _require(path, quant or {}, ("mode", "backend", "skip", "reduce_range") if quant else (), "quantization.")
     check_isa(meta["isa"])
-    for name, digest in meta["members"].items():
-        if name not in members or _digest(members[name]) != digest:
+    checksums = meta["members"]
+    if not isinstance(checksums, dict) or set(checksums) != set(_MEMBERS) - {"fxforge.json"}:
+        raise ArtifactError(f"{path}: the metadata's checksums do not cover the members {', '.join(_MEMBERS[1:])}: "
+                            f"the file was edited or damaged; save the model again")
+    for name, digest in checksums.items():
+        if _digest(members[name]) != digest:
             raise ArtifactError(f"{path}: member {name} does not match the checksum saved with it: the file was "
                                 f"modified or damaged; save the model again")
-    quant = meta["quantization"]
     engine = quant.get("engine", quant["backend"]) if quant else None
     state = _unpickle(members["model.pt"], engine, trusted)
     gm = _graph(state)

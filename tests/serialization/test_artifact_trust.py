@@ -261,3 +261,9 @@ def test_a_graph_nested_in_a_runtime_module_is_stored_as_data(tmp_path, fp32_mod
     assert isinstance(loaded.graph_module.get_submodule("cuda_runtime"), CudaRuntime)
     with torch.inference_mode():
         assert torch.equal(loaded(X), compiled(X))
+
+
+def test_checksums_must_cover_every_member(saved):
+    rewrite(saved, {}, meta={"members": {}}, fix_checksums=False)
+    with pytest.raises(fxforge.ArtifactError, match="checksums do not cover the members"):
+        fxforge.load(saved)
