@@ -5,6 +5,8 @@ whatever ``torch.backends.quantized.engine`` is selected then. lower-x86 packs e
 kernel measured fastest, and conv2d_add needs oneDNN's packing (given fbgemm's, torch 2.14 crashed), so a
 weight must come back packed by the same engine. ``PackedWeight`` holds the packed object and its recipe
 (kind, engine, conv geometry); pickling unpacks the weight and unpickling packs it again under its engine.
+Its pickled state is tensors and plain data only, which is what ``fxforge.load`` accepts (docs/saving.md); the
+lowered graph reads ``_packed_N.packed``, and ``fxforge.save`` stores the owner ``PackedWeight`` for it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class PackedWeight(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if state.get("kind") not in KINDS:
+            raise ValueError(f"unknown packed weight kind {state.get('kind')!r}: one of {', '.join(KINDS)}")
         weight, bias = state.pop("packed")
         self.__dict__.update(state)
         self._pack(weight, bias)

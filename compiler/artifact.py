@@ -2,23 +2,30 @@
 
 The file is a zip archive (stored, not compressed) holding:
 - ``fxforge.json``: format version, fxforge and torch versions, target, quantized engine, quantization mode,
-  pipeline text, input shapes, a qparams summary; read *before* anything is unpickled, so that a missing
-  engine or an incompatible torch fails with a typed error that says what to do (``fxforge.read_metadata``);
+  pipeline text, input shapes, a qparams summary, each other member's sha256 and the CPU facts the kernels
+  assume (``serialization.isa``); read first, so that damage, a missing engine, an incompatible torch or a
+  CPU without VNNI fails with a typed error that says what to do (``fxforge.read_metadata``);
 - ``report.txt`` / ``report.json``: the compile report, readable without Python;
 - ``model.pt``: ``torch.save`` of the lowered graph as data (``fxforge.serialization.codec``) plus the report
   object; with ``recalibratable=True`` also the fp32 graph with its observers, which ``recalibrate`` needs.
-``save`` checks that the payload refers only to torch, fxforge and builtins (user submodules the tracer kept
-whole become ``torch.export`` programs first), so ``load`` needs neither tracing nor the user's classes.
-docs/saving.md says why this representation. Like every pickle-based format, load only files you trust.
+``load`` unpickles ``model.pt`` with ``weights_only=True`` and an allowlist of exact classes
+(``serialization.allowlist``): no code from the file runs, and graph call targets resolve only to tensor ops.
+User submodules the tracer kept whole are stored as ``torch.export`` / TorchScript programs, whose loaders
+run pickled code: they load only with ``trusted=True``. ``save`` writes atomically and reads its payload back
+the way ``load`` will. docs/saving.md says why this representation.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
+import os
+import pickle
 import re
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -29,24 +36,34 @@ import torch
 
 from fxforge.driver.compiled import CompiledModule
 from fxforge.graph.meta import fxmeta
+from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
+from fxforge.serialization.allowlist import needed, savable_classes
 from fxforge.serialization.codec import (
+    SAFE_FUNCTIONS,
+    check_records,
     foreign_globals,
     graph_attrs,
     graph_records,
+    payload_bytes,
+    payload_trust,
     portable_leaves,
     rebuild,
+    stored_globals,
     synthetic_inputs,
 )
+from fxforge.serialization.isa import check_isa, isa_facts
 
 from .errors import ArtifactError, BackendUnavailableError
 from .version import __version__
 
 FORMAT = "fxforge-compiled-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MEMBERS = ("fxforge.json", "report.txt", "report.json", "model.pt")
+_IDENTITY = ("format_version", "fxforge_version", "torch_version", "target", "engine")  # read before all else
+_PAYLOAD = ("members", "isa", "quantization", "pipeline")  # read once the format is known
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -90,7 +107,8 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": compiled.target, "engine": _engine(compiled), "pipeline": compiled.pipeline,
             "quantization": _quant_meta(compiled), "inputs": _inputs_meta(compiled.graph_module),
-            "portable_submodules": {path: m.kind for path, m in leaves.items()}}
+            "portable_submodules": {path: m.kind for path, m in leaves.items()},
+            "isa": isa_facts(compiled)}
 
 
 def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,24 +125,55 @@ def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[
     if recalibratable and compiled.observed_graph is None:
         raise ArtifactError("recalibratable=True keeps the observers of a static int8 model: this one has none "
                             "(fp32, dynamic or weight-only); save it without recalibratable")
-    with quantized_engine(compiled.quant_options.runtime_engine if compiled.quant_options else None):
+    engine = compiled.quant_options.runtime_engine if compiled.quant_options else None
+    with quantized_engine(engine):
         state, leaves = _graph_state(gm, inputs)
         if recalibratable:  # a copy: finding its user submodules' inputs would feed its observers
             state["observed"] = _graph_state(copy.deepcopy(compiled.observed_graph), inputs)[0]
     state["report"] = compiled.report
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
+    data = payload_bytes(state)
     foreign = foreign_globals(data)
     if foreign:
         raise ArtifactError(f"the compiled model refers to code outside torch and fxforge ({', '.join(foreign[:5])}): "
                             f"loading it would need that code. Keep such functions out of the traced forward, or "
                             f"make them torch ops")
+    try:  # what load will accept: refuse to write a file that cannot be read back
+        _unpickle(data, engine, trusted=True)
+    except ArtifactError as exc:
+        raise ArtifactError(f"the compiled model holds objects fxforge.load would refuse ({exc}); a runtime module "
+                            f"must pickle as tensors and plain data (docs/saving.md)") from exc
     return data, {**metadata(compiled, leaves), "recalibratable": recalibratable}
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, members: dict[str, bytes]) -> None:
+    """The archive written to a temporary file beside ``path``, synced, then renamed over it: a failure at
+    any point leaves the previous file as it was."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+                for name, data in members.items():
+                    archive.writestr(name, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a crash once the directory is synced
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
 def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalibratable: bool = False) -> Path:
-    """Write ``compiled`` (from ``fxforge.compile``) to ``path``; returns the path.
+    """Write ``compiled`` (from ``fxforge.compile``) to ``path`` atomically; returns the path.
 
     ``example_inputs`` are only needed when the graph holds a submodule the tracer kept whole (it is
     exported with them); by default random inputs of the compiled shapes are used. ``recalibratable``
@@ -134,26 +183,52 @@ def save(compiled: Any, path: str | Path, *, example_inputs: Any = None, recalib
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"fxforge.save takes the module fxforge.compile returned, got {type(compiled).__name__}")
     data, meta = _payload(compiled, example_inputs, recalibratable)
+    members = {"report.txt": (str(compiled.report) + "\n").encode(),
+               "report.json": (json.dumps(compiled.report.to_dict(), indent=2, default=str) + "\n").encode(),
+               "model.pt": data}
+    meta["members"] = {name: _digest(blob) for name, blob in members.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("fxforge.json", json.dumps(meta, indent=2) + "\n")
-        archive.writestr("report.txt", str(compiled.report) + "\n")
-        archive.writestr("report.json", json.dumps(compiled.report.to_dict(), indent=2, default=str) + "\n")
-        archive.writestr("model.pt", data)
+    _write_atomically(path, {"fxforge.json": (json.dumps(meta, indent=2) + "\n").encode(), **members})
     return path
+
+
+def _not_ours(path: str | Path, why: str) -> ArtifactError:
+    return ArtifactError(f"{path} is not a model written by fxforge.save, or it was damaged ({why})")
+
+
+def _read_members(path: str | Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            missing = [name for name in names if name not in archive.namelist()]
+            if missing:
+                raise _not_ours(path, f"member {', '.join(map(repr, missing))} is missing")
+            return {name: archive.read(name) for name in names}
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+        raise _not_ours(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _parse_metadata(path: str | Path, raw: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _not_ours(path, f"fxforge.json is not JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _not_ours(path, f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    _require(path, meta, _IDENTITY)
+    return meta
+
+
+def _require(path: str | Path, meta: Any, keys: tuple[str, ...], prefix: str = "") -> None:
+    missing = [f"{prefix}{key}" for key in keys if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: the metadata (fxforge.json) lacks {', '.join(map(repr, missing))}: the file "
+                            f"was edited or damaged; save the model again")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a saved model (nothing is unpickled)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("fxforge.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not a model written by fxforge.save ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a model written by fxforge.save (format {meta.get('format')!r})")
-    return meta
+    return _parse_metadata(path, _read_members(path, ("fxforge.json",))["fxforge.json"])
 
 
 def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
@@ -162,6 +237,10 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
         raise ArtifactError(f"the model was saved in format {meta['format_version']} by fxforge "
                             f"{meta['fxforge_version']}; this fxforge reads up to format {FORMAT_VERSION}: "
                             f"upgrade fxforge")
+    if meta["format_version"] < FORMAT_VERSION:
+        raise ArtifactError(f"the model was saved in format {meta['format_version']} by fxforge "
+                            f"{meta['fxforge_version']}, whose loading runs pickled code; this fxforge reads "
+                            f"format {FORMAT_VERSION}: compile the original model again and save it")
     saved, running = _major_minor(meta["torch_version"]), _major_minor(torch.__version__)
     if check_version and saved != running:
         raise ArtifactError(
@@ -181,22 +260,67 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
             f"the original model for one of the targets usable here: {', '.join(targets())}")
 
 
-def load(path: str | Path, *, check_version: bool = True) -> CompiledModule:
-    """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed."""
-    meta = read_metadata(path)
+def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
+    """The payload, unpickled without running code from it (``fxforge.serialization.allowlist``)."""
+    try:
+        allowed = needed([*savable_classes(), *SAFE_FUNCTIONS], stored_globals(data))
+    except (zipfile.BadZipFile, StopIteration, ValueError) as exc:
+        raise ArtifactError(f"model.pt holds something other than tensors and fxforge / torch objects (not a "
+                            f"torch.save archive: {type(exc).__name__})") from None
+    try:
+        with quantized_engine(engine), torch.serialization.safe_globals(allowed), \
+                payload_trust(trusted), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
+            state = torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+        why = found.group(1) if found else (str(exc).strip().splitlines() or [""])[0]
+        raise ArtifactError(f"model.pt holds something other than tensors and fxforge / torch objects ({why})") \
+            from None
+    except ArtifactError:
+        raise
+    except Exception as exc:  # an allowlisted class refused its stored state (e.g. an unknown packed weight kind)
+        raise ArtifactError(f"model.pt could not be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("report"), CompileReport):
+        raise ArtifactError("model.pt does not hold a stored graph and its report")
+    return state
+
+
+def _graph(state: Any) -> Any:
+    if not isinstance(state, dict) or not {"records", "attrs", "class_name"} <= state.keys() \
+            or not isinstance(state["attrs"], dict):
+        raise ArtifactError("model.pt holds a graph without its node records or objects")
+    return rebuild(check_records(state["records"]), state["attrs"], str(state["class_name"]))
+
+
+def load(path: str | Path, *, check_version: bool = True, trusted: bool = False) -> CompiledModule:
+    """A CompiledModule from a file written by ``fxforge.save``: no tracing, no user classes needed.
+
+    Nothing in the file is run while loading: the payload holds tensors and data that only fxforge's and
+    torch's own classes are rebuilt from. Submodules the tracer kept whole are stored as torch.export or
+    TorchScript programs, whose torch loaders do run pickled code: such a file loads only with
+    ``trusted=True`` (``ArtifactError`` otherwise).
+    """
+    members = _read_members(path, _MEMBERS)
+    meta = _parse_metadata(path, members["fxforge.json"])
     check_loadable(meta, check_version)
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read("model.pt")
+    _require(path, meta, _PAYLOAD)
     quant = meta["quantization"]
-    try:  # prepacked int8 weights are re-packed for the engine current while unpickling: pin the model's own
-        with quantized_engine(quant.get("engine", quant["backend"]) if quant else None), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of packed weights
-            state = torch.load(io.BytesIO(data), weights_only=False)  # our own payload: modules, packed weights
-    except Exception as exc:
-        raise ArtifactError(f"{path} could not be read ({type(exc).__name__}: {exc}); it was saved by fxforge "
-                            f"{meta['fxforge_version']} with torch {meta['torch_version']}") from exc
-    gm = rebuild(state["records"], state["attrs"], state["class_name"])
-    observed = rebuild(**state["observed"]) if "observed" in state else None
+    _require(path, meta["isa"], ("requires_vnni", "engine"), "isa.")
+    _require(path, quant or {}, ("mode", "backend", "skip", "reduce_range") if quant else (), "quantization.")
+    check_isa(meta["isa"])
+    checksums = meta["members"]
+    if not isinstance(checksums, dict) or set(checksums) != set(_MEMBERS) - {"fxforge.json"}:
+        raise ArtifactError(f"{path}: the metadata's checksums do not cover the members {', '.join(_MEMBERS[1:])}: "
+                            f"the file was edited or damaged; save the model again")
+    for name, digest in checksums.items():
+        if _digest(members[name]) != digest:
+            raise ArtifactError(f"{path}: member {name} does not match the checksum saved with it: the file was "
+                                f"modified or damaged; save the model again")
+    engine = quant.get("engine", quant["backend"]) if quant else None
+    state = _unpickle(members["model.pt"], engine, trusted)
+    gm = _graph(state)
+    observed = _graph(state["observed"]) if "observed" in state else None
     options = None if quant is None else QuantOptions(mode=quant["mode"], backend=quant["backend"],
                                                       skip=tuple(quant["skip"]), reduce_range=quant["reduce_range"],
                                                       engine=quant.get("engine"))

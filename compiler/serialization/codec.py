@@ -9,15 +9,21 @@ What the stored objects may refer to is checked, not hoped for: torch and fxforg
 (plus Python's builtins). The compiled graph holds no user class after tracing, except submodules the
 tracer kept whole (leaves); those are converted to a ``PortableModule`` (a ``torch.export`` program, or
 TorchScript when export fails, e.g. on data-dependent control flow). Meta entries that name user classes
-(``nn_module_stack``) keep the class's qualified name as text.
+(``nn_module_stack``) keep the class's qualified name as text. Function targets are stored by name
+(``FnRef``), a ``get_attr`` of a module's attribute with its owner module (a ``PackedWeight`` keeps its
+engine), and ``check_records`` refuses, in a loaded graph, any call outside ``allowlist``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import pickle
 import pickletools
+import types
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +32,8 @@ from torch import fx, nn
 
 from fxforge.errors import ArtifactError
 from fxforge.graph.meta import fxmeta
+
+from .allowlist import allowed_method, function_name, resolve_function
 
 # Modules whose classes / functions a stored model may reference (checked in the pickle, see stored_globals).
 ALLOWED_ROOTS = ("torch", "fxforge", "builtins", "__builtin__", "collections", "operator", "_operator", "math",
@@ -56,6 +64,20 @@ class OpRef:
             raise ArtifactError(f"the saved model calls torch.ops.{namespace}.{name}, which this torch build lacks: "
                                 f"load it with the torch version it was saved with (see fxforge.read_metadata(path))"
                                 ) from exc
+
+
+@dataclass(frozen=True)
+class FnRef:
+    """A Python function a ``call_function`` node calls, by name ('torch:relu', 'operator:add')."""
+
+    name: str
+
+    def resolve(self) -> Any:
+        try:
+            return resolve_function(self.name)
+        except LookupError:
+            raise ArtifactError(f"the saved model calls {self.name}, which is not a torch, operator or fxforge "
+                                f"function this process has: refusing to load it") from None
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,10 @@ def _encode(value: Any) -> Any:
         return OpRef(value._qualified_op_name)
     if isinstance(value, torch._ops.OpOverload):
         return OpRef(f"{value._schema.name}.{value._overloadname}")
+    if callable(value) and not isinstance(value, (type, nn.Module, torch.Tensor)):
+        name = function_name(value)
+        if name is not None:
+            return FnRef(name)
     return _clean_leaf(value)
 
 
@@ -127,25 +153,44 @@ def graph_records(gm: fx.GraphModule) -> list[NodeRecord]:
 
 def graph_attrs(gm: fx.GraphModule) -> dict[str, Any]:
     """Qualified name -> object for everything the graph's ``call_module`` and ``get_attr`` nodes use, and
-    the graph module's own buffers (qparams that lowered kernels took as literals, read by recalibrate)."""
+    the graph module's own buffers (qparams that lowered kernels took as literals, read by recalibrate).
+    A ``get_attr`` of a submodule's attribute ("_packed_0.packed") is stored as its owner module, which knows
+    how to rebuild it (a prepacked weight under its own engine)."""
     attrs: dict[str, Any] = dict(gm.named_buffers(recurse=False))
     for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            attrs[str(node.target)] = _fetch(gm, str(node.target))
+        target = str(node.target)
+        owner = target.rpartition(".")[0] if node.op == "get_attr" else ""
+        if owner and isinstance(_fetch(gm, owner), nn.Module):
+            attrs[owner] = _fetch(gm, owner)
+        elif node.op in ("call_module", "get_attr"):
+            attrs[target] = _fetch(gm, target)
     return attrs
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
+def _fetch(root: Any, target: str) -> Any:
+    obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+def _resolved_attrs(graph: fx.Graph, attrs: dict[str, Any]) -> dict[str, Any]:
+    """``attrs`` plus every node target found inside a stored owner module (see ``graph_attrs``)."""
+    out = dict(attrs)
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op in ("call_module", "get_attr") and target not in out:
+            owner, _, field = target.rpartition(".")
+            if owner not in attrs:
+                raise ArtifactError(f"the stored graph uses '{target}', which the file does not hold")
+            out[target] = getattr(attrs[owner], field)
+    return out
+
+
 def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if isinstance(value, NodeRef):
         return env[value.name]
-    return value.resolve() if isinstance(value, (OpRef, FormatRef)) else value
+    return value.resolve() if isinstance(value, (OpRef, FnRef, FormatRef)) else value
 
 
 def rebuild(records: list[NodeRecord], attrs: dict[str, Any], class_name: str = "CompiledGraph") -> fx.GraphModule:
@@ -158,11 +203,43 @@ def rebuild(records: list[NodeRecord], attrs: dict[str, Any], class_name: str = 
         node = graph.create_node(r.op, _decode(r.target, env), args, kwargs, name=r.name)
         node.meta.update(_walk(r.meta, lambda v: v.resolve() if isinstance(v, FormatRef) else v))
         env[r.name] = node
-    gm = fx.GraphModule(attrs, graph, class_name)
+    gm = fx.GraphModule(_resolved_attrs(graph, attrs), graph, class_name)
     for name, value in attrs.items():  # fx copies only what nodes use: add the graph module's own buffers
         if "." not in name and isinstance(value, torch.Tensor) and not hasattr(gm, name):
             gm.register_buffer(name, value)
+        elif isinstance(value, nn.Module) and gm.get_submodule(name) is not value:  # fx made a plain holder
+            gm.set_submodule(name, value)
     return gm.eval()
+
+
+_NODE_OPS = frozenset({"placeholder", "get_attr", "call_function", "call_method", "call_module", "output"})
+
+
+def _call_refused(r: NodeRecord) -> str | None:
+    """Why a loaded graph may not make record ``r``'s call, or None (see ``allowlist``)."""
+    if r.op not in _NODE_OPS:
+        return f"unknown node op {r.op!r}"
+    if r.op == "call_function" and not isinstance(r.target, (OpRef, FnRef)):
+        return f"a call of {type(r.target).__name__} {r.target!r}"
+    if r.op == "call_method" and not allowed_method(r.target):
+        return f"a call of method {r.target!r}, which is not a public torch.Tensor method"
+    if r.op in ("call_module", "get_attr", "placeholder", "output") and not isinstance(r.target, str):
+        return f"a {r.op} node whose target is a {type(r.target).__name__}"
+    if r.target == FnRef("builtins:getattr") and not (len(r.args) == 2 and isinstance(r.args[1], str)
+                                                     and not r.args[1].startswith("_")):
+        return f"getattr with arguments {r.args[1:]!r}"
+    return None
+
+
+def check_records(records: Any) -> list[NodeRecord]:
+    """``records`` read from a file, refused (ArtifactError) unless every node is one a compiled graph makes."""
+    if not isinstance(records, list) or not all(isinstance(r, NodeRecord) for r in records):
+        raise ArtifactError("the stored graph is not a list of node records")
+    for r in records:
+        reason = _call_refused(r)
+        if reason is not None:
+            raise ArtifactError(f"the stored graph's node '{r.name}' makes {reason}: refusing to load it")
+    return records
 
 
 def copy_graph_module(gm: fx.GraphModule, replace: dict[str, Any] | None = None) -> fx.GraphModule:
@@ -214,10 +291,25 @@ def module_inputs(gm: fx.GraphModule, inputs: tuple, targets: set[str]) -> dict[
     return interp.args
 
 
+_TRUSTED = contextvars.ContextVar("fxforge_trusted_payload", default=True)
+
+
+@contextlib.contextmanager
+def payload_trust(trusted: bool) -> Iterator[None]:
+    """While active, PortableModules unpickle only when ``trusted``: torch.export and TorchScript loaders
+    unpickle with code execution allowed, so a file from elsewhere must not reach them unasked."""
+    token = _TRUSTED.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
 class PortableModule(nn.Module):
     """A user submodule stored without its class: a ``torch.export`` program or a TorchScript module.
 
-    Pickles as the serialized program (bytes) and loads it back on unpickling.
+    Pickles as the serialized program (bytes) and loads it back on unpickling, which ``fxforge.load`` allows
+    only with ``trusted=True`` (``payload_trust``): both torch loaders run pickled code.
     """
 
     def __init__(self, kind: str, payload: bytes, original: str) -> None:
@@ -236,6 +328,12 @@ class PortableModule(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if not _TRUSTED.get():
+            raise ArtifactError(f"the file holds submodule {state.get('original')!r} as a {state.get('kind')} "
+                                f"program, whose torch loader runs code from the file: load it with "
+                                f"fxforge.load(path, trusted=True) only if you trust where the file came from")
+        if state.get("kind") not in ("export", "torchscript") or not isinstance(state.get("payload"), bytes):
+            raise ArtifactError("a stored portable submodule is neither a torch.export nor a TorchScript program")
         super().__setstate__(state)
         self._load()
 
@@ -288,6 +386,33 @@ def portable_leaves(gm: fx.GraphModule, inputs: tuple, convert: Callable = Porta
                 f"stored without its class ({exc}). Make it traceable (then compile again), or make it work "
                 f"with torch.export (no Python control flow on tensor values)") from None
     return out
+
+
+def stored_graph(records: list[NodeRecord], attrs: dict[str, Any], class_name: str) -> fx.GraphModule:
+    """A graph module held by a stored module (a runtime module wrapping the lowered graph), rebuilt from
+    data as the top-level graph is; the one function a payload may call while loading."""
+    return rebuild(check_records(records), attrs, str(class_name))
+
+
+class _GraphsAsData(pickle.Pickler):
+    """Pickles graph modules nested in stored modules as ``stored_graph`` data: torch.fx's own pickling stores
+    generated Python code and runs it on load."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, fx.GraphModule):
+            return stored_graph, (graph_records(obj), graph_attrs(obj), type(obj).__name__)
+        return NotImplemented
+
+
+_PICKLE = types.SimpleNamespace(__name__="fxforge_graphs_as_data", Pickler=_GraphsAsData)
+SAFE_FUNCTIONS: tuple[Callable, ...] = (stored_graph,)  # what a payload may call besides torch's rebuilders
+
+
+def payload_bytes(state: dict[str, Any]) -> bytes:
+    """``torch.save`` of ``state`` (graphs as data), for ``torch.load(weights_only=True)`` and SAFE_FUNCTIONS."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer, pickle_module=_PICKLE)
+    return buffer.getvalue()
 
 
 def stored_globals(torch_save_bytes: bytes) -> set[str]:

@@ -14,23 +14,29 @@ The traced module is checked against the compiled one on the example inputs (bit
 Engines: a serving process sets ``torch.backends.quantized.engine`` to the engine the graph runs under
 (``compiled.quant_options.runtime_engine``: "onednn" for x86, else the target's name) *before*
 ``torch.jit.load``, since prepacked weights are re-packed for the engine current while loading, and keeps it
-while running, since quantized ops without weights (add, pooling) follow it.
+while running, since quantized ops without weights (add, pooling) follow it. ``save_torchscript`` records that
+engine and the CPU facts the kernels assume (``isa``) in the archive (``extra/fxforge.json``, read by
+``torchscript_metadata``); ``load_torchscript`` checks them and loads under the engine.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fxforge.errors import UnsupportedOpError
+from fxforge.errors import ArtifactError, UnsupportedOpError
 from fxforge.numerics.metrics import flat_tensors
 from fxforge.quant.qspec import quantized_engine
 
 from .codec import copy_graph_module, synthetic_inputs, user_module_paths
+from .isa import check_isa, isa_facts
 
 ScriptedTwin = Callable[[nn.Module], torch.jit.ScriptModule | None]  # a runtime module's twin; None: not its kind
 _TWINS: list[ScriptedTwin] = []  # filled by the backends on import
@@ -96,3 +102,37 @@ def to_torchscript(compiled: Any, example_inputs: Any = None) -> torch.jit.Scrip
         raise UnsupportedOpError("the TorchScript module does not reproduce the compiled model's outputs on the "
                                  "example inputs: use fxforge.save / fxforge.load, and report this with the model")
     return scripted
+
+
+METADATA = "fxforge.json"  # the extra file save_torchscript adds to the TorchScript archive
+
+
+def save_torchscript(compiled: Any, path: str | Path, example_inputs: Any = None) -> Path:
+    """``to_torchscript`` written to ``path`` with the engine and CPU facts a serving process needs."""
+    scripted = to_torchscript(compiled, example_inputs)
+    isa = isa_facts(compiled)
+    meta = {"target": compiled.target, "engine": isa["engine"], "torch_version": torch.__version__, "isa": isa}
+    torch.jit.save(scripted, str(path), _extra_files={METADATA: json.dumps(meta, indent=2)})
+    return Path(path)
+
+
+def torchscript_metadata(path: str | Path) -> dict[str, Any]:
+    """What ``save_torchscript`` recorded (read from the archive: nothing is loaded)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"/extra/{METADATA}")), None)
+            if name is None:
+                raise ArtifactError(f"{path} holds no {METADATA}: it was not written by save_torchscript")
+            return json.loads(archive.read(name))
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not a TorchScript archive from save_torchscript ({exc})") from None
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """A module from ``save_torchscript``, loaded under its engine once this CPU is known to run it correctly
+    (``BackendUnavailableError`` otherwise). TorchScript archives hold code: load only files you trust. Run the
+    module under the same engine (``torchscript_metadata(path)["engine"]``)."""
+    meta = torchscript_metadata(path)
+    check_isa(meta["isa"])
+    with quantized_engine(meta["engine"]):
+        return torch.jit.load(str(path))

@@ -161,7 +161,12 @@ class UserNet(nn.Module):
 
 LOADER = '''
 import sys, importlib.util, torch, fxforge
-model = fxforge.load(sys.argv[1])
+try:
+    fxforge.load(sys.argv[1])
+    raise AssertionError("torch.export / TorchScript programs loaded without trusted=True")
+except fxforge.ArtifactError as exc:
+    assert "trusted=True" in str(exc), exc
+model = fxforge.load(sys.argv[1], trusted=True)
 x, expected = torch.load(sys.argv[2])
 assert importlib.util.find_spec("usermodel_fxf") is None, "the user's module is importable: the test proves nothing"
 assert torch.equal(model(x), expected), "outputs differ after loading"
