@@ -37,6 +37,7 @@ from fxforge.graph.ops import hardtanh_bounds, module_op, op_name, out_of_place
 from fxforge.passes.dce import remove_dead_code
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import PassResult, graph_pass
+from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
@@ -128,8 +129,10 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's int8 weight, exactly the grid values insert-qdq put in ``weight`` (scales as buffers)."""
     scale, zero_point = layer.weight_scale, layer.weight_zero_point
     if scale.numel() == 1:
-        return torch.quantize_per_tensor(layer.weight.detach(), float(scale), int(zero_point), torch.qint8)
-    return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
+        with quantized_tensors_quietly():
+            return torch.quantize_per_tensor(layer.weight.detach(), float(scale), int(zero_point), torch.qint8)
+    with quantized_tensors_quietly():
+        return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
 
 
 def _split_activation(value: fx.Node) -> tuple[fx.Node, fx.Node | None]:

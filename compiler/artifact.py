@@ -31,6 +31,7 @@ from fxforge.driver.compiled import CompiledModule
 from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
+from fxforge.quant.deprecation import MESSAGE as QUANTIZED_TENSORS_DEPRECATED
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.codec import (
     foreign_globals,
@@ -191,6 +192,7 @@ def load(path: str | Path, *, check_version: bool = True) -> CompiledModule:
     try:  # prepacked int8 weights are re-packed for the engine current while unpickling: pin the model's own
         with quantized_engine(quant.get("engine", quant["backend"]) if quant else None), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of packed weights
+            warnings.filterwarnings("ignore", message=QUANTIZED_TENSORS_DEPRECATED, category=UserWarning)
             state = torch.load(io.BytesIO(data), weights_only=False)  # our own payload: modules, packed weights
     except Exception as exc:
         raise ArtifactError(f"{path} could not be read ({type(exc).__name__}: {exc}); it was saved by fxforge "

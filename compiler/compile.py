@@ -12,6 +12,7 @@ from torch import nn
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.pipeline.instruments import Instrument
+from fxforge.progress import enabled
 from fxforge.quant.config import QuantConfig
 from fxforge.search.accuracy import AccuracyBudget, compile_within_budget, materialize_calibration
 from fxforge.search.profitability import keep_profitable
@@ -36,6 +37,7 @@ def compile(  # noqa: A001 - the public name users expect
     skip: str | Sequence[str] = (),
     accuracy: AccuracyBudget | None = None,
     profitability: bool = False,
+    progress: bool | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
@@ -47,12 +49,20 @@ def compile(  # noqa: A001 - the public name users expect
     changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
     int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.search.accuracy``);
     ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.search.profitability``).
-    The model itself is never modified.
+    ``progress`` draws bars for the long steps (calibration, kernel timing, the searches): None (default) when
+    stderr is a terminal, False never, True always. The model itself is never modified.
     """
-    options = dict(example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes, verify=verify,
-                   leaf_modules=leaf_modules, concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments,
-                   calibration=calibration, calibration_batches=calibration_batches, quantization=quantization,
-                   quant_config=quant_config, skip=skip)
+    with enabled(progress):
+        return _compile(model, target, accuracy=accuracy, profitability=profitability,
+                        options=dict(example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes,
+                                     verify=verify, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                                     dump_dir=dump_dir, instruments=instruments, calibration=calibration,
+                                     calibration_batches=calibration_batches, quantization=quantization,
+                                     quant_config=quant_config, skip=skip))
+
+
+def _compile(model: nn.Module, target: str, *, accuracy: AccuracyBudget | None, profitability: bool,
+             options: dict[str, Any]) -> CompiledModule:
     if accuracy is None and not profitability:
         return build(model, target, **options)
     options = materialize_calibration(options)  # every compile of the searches sees the same batches
