@@ -9,8 +9,11 @@ from pathlib import Path
 
 from fxforge.errors import ConfigError, suggest
 from fxforge.graph.snapshot import GraphStage
+from fxforge.version import __version__
 
 from .renderers import html_report_writer
+
+SCHEMA_VERSION = 1  # of CompileReport.to_dict (report.json)
 
 
 @dataclass
@@ -221,9 +224,11 @@ class CompileReport:
     profitability: ProfitabilityRecord | None = None  # compile(..., profitability=True)
 
     def to_dict(self) -> dict:
+        """Plain data for report.json: ``schema_version`` first (raised when a key changes meaning or goes away),
+        the fxforge and torch versions that made it, then the fields."""
         out = asdict(dataclasses.replace(self, stages=[]))  # graphs are for viz and to_html, not the JSON
         del out["stages"]
-        return out
+        return {"schema_version": SCHEMA_VERSION, "fxforge_version": __version__, **out}
 
     def stage(self, after: str) -> GraphStage:
         """The graph as it was after pass ``after`` (its name or spec; "trace": the traced graph).
