@@ -15,6 +15,7 @@ from fxforge.pipeline.instruments import Instrument
 from fxforge.progress import enabled
 from fxforge.quant.config import QuantConfig
 from fxforge.search.accuracy import AccuracyBudget, compile_within_budget, materialize_calibration
+from fxforge.search.auto import compile_auto, quantization_asked
 from fxforge.search.profitability import keep_profitable
 
 
@@ -63,11 +64,19 @@ def compile(  # noqa: A001 - the public name users expect
 
 def _compile(model: nn.Module, target: str, *, accuracy: AccuracyBudget | None, profitability: bool,
              options: dict[str, Any]) -> CompiledModule:
+    auto = None
+    if target == "auto":
+        options = materialize_calibration(options)  # every candidate sees the same batches
+        target, compiled = compile_auto(model, options, quantization_asked(options, accuracy))
+        auto = compiled.report.auto
     if accuracy is None and not profitability:
-        return build(model, target, **options)
+        return compiled if auto is not None else build(model, target, **options)
     options = materialize_calibration(options)  # every compile of the searches sees the same batches
-    compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \
-        else build(model, target, **options)
+    if accuracy is not None:
+        compiled = compile_within_budget(model, target, accuracy, options)
+    elif auto is None:
+        compiled = build(model, target, **options)
     if profitability:
         compiled = keep_profitable(model, target, compiled, options)
+    compiled.report.auto = auto
     return compiled

@@ -59,12 +59,14 @@ def _known_target(name: str) -> Target:
 
 
 def resolve_target(name: str) -> Target:
-    """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
+    """The Target for ``name``; typed errors otherwise. "auto" here (a single build, no measurements) is the fp32
+    target of the device: "cuda-fp32" with a GPU, else "cpu"; ``fxforge.compile`` measures instead
+    (``fxforge.search.auto``)."""
     if not isinstance(name, str):
         raise ConfigError(f"target must be a target name, got {type(name).__name__}: use 'auto' or one of "
                           f"{', '.join(_TARGETS)}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
+        name = "cuda-fp32" if torch.cuda.is_available() and "cuda-fp32" in _TARGETS else "cpu"
     target = _known_target(name)
     reason = target.availability()
     if reason:

@@ -432,10 +432,14 @@ def test_cuda_fp32_matches_eager_and_leaves_the_model_on_cpu(ieee_fp32):
 
 
 @needs_gpu
-def test_auto_picks_the_fp16_cuda_target_on_a_gpu():
+def test_auto_on_a_gpu_measures_the_cuda_targets():
     compiled = fxforge.compile(randomize_bn(Block()).eval(), "auto", example_inputs=torch.randn(2, 3, 8, 8))
-    assert compiled.target == "cuda"
-    assert inner(compiled).c1.weight.dtype == torch.float16
+    record = compiled.report.auto
+    assert {"cuda", "cuda-fp32"} <= {c.target for c in record.candidates} and record.chosen == compiled.target
+    fp16 = next(c for c in record.candidates if c.target == "cuda")
+    assert fp16.accepted == (fp16.output_sqnr_db >= record.min_sqnr_db)
+    if compiled.target == "cuda":
+        assert inner(compiled).c1.weight.dtype == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------- to-nhwc
