@@ -31,7 +31,7 @@ from fxforge.driver.build import as_input_tuple, build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import AccuracyBudgetError, ConfigError
 from fxforge.pipeline.report import AccuracyRecord, LayerSensitivity
-from fxforge.progress import bar
+from fxforge.progress import bar, enabled
 from fxforge.quant.sqnr import outputs_sqnr_db
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class _Search:
 
     def compile(self, fp32: Sequence[str]) -> tuple[CompiledModule, float, bool]:
         self.compiles += 1
-        compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
+        with enabled(False):  # the search's own bar says where it is; no bars of each compile under it
+            compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
         return (compiled, *self.judge.measure_model(compiled))
 
 

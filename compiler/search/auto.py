@@ -34,7 +34,7 @@ from fxforge.errors import BackendUnavailableError, CompileError
 from fxforge.numerics import timing
 from fxforge.pipeline.report import AutoCandidate, AutoChoice
 from fxforge.pipeline.targets import Target, all_targets
-from fxforge.progress import bar
+from fxforge.progress import bar, enabled
 from fxforge.quant.sqnr import outputs_sqnr_db
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def run_trials(model: nn.Module, targets: list[Target], options: dict[str, Any])
         shown.set_postfix_str(target.name, refresh=False)
         trial = Trial(target)
         try:
-            trial.compiled = build(model, target.name, **options)
+            with enabled(False):  # auto's bar says which target it compiles; no bars of each compile under it
+                trial.compiled = build(model, target.name, **options)
         except CompileError as exc:
             if not trials:  # the first candidate checks the user's arguments: its errors are theirs to see
                 raise
