@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
 BENCH_STAMP := $(VENV)/.fxforge-bench-installed
 # The oldest torch pyproject.toml accepts (torch>=...): CI runs the suite on it too, in a venv of its own.
+# torchvision 0.28.0 pairs with it; here torch 2.13.0 is served as a CPU build and that torchvision wheel links
+# the CUDA one, so it is removed when it cannot load, and the tests that need it skip.
 TORCH_OLDEST_SPEC ?= torch==2.13.0 torchvision==0.28.0
 VENV_OLDEST ?= .venv-torch-oldest
 OLDEST_STAMP := $(VENV_OLDEST)/.fxforge-installed
@@ -30,6 +32,7 @@ $(OLDEST_STAMP): pyproject.toml
 	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/pip install --quiet $(TORCH_OLDEST_SPEC)
 	$(VENV_OLDEST)/bin/pip install --quiet -e ".[test]" $(TORCH_OLDEST_SPEC)
+	$(VENV_OLDEST)/bin/python -c "import torchvision" 2>/dev/null || $(VENV_OLDEST)/bin/pip uninstall -y -q torchvision
 	touch $(OLDEST_STAMP)
 
 # The `dot` binary comes from the OS package graphviz; install it when we can (root), otherwise say how.

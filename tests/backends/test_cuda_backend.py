@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fxforge
@@ -213,6 +212,7 @@ def test_compiled_module_survives_deepcopy_and_save_load(tmp_path):
 def test_fp16_pipeline_loses_no_more_than_eager_fp16(name):
     """On CPU fp16 (rounding to fp16 between layers, like the GPU). Random-init networks amplify rounding
     errors layer after layer; mobilenet_v2 does so strongly, so eager .half() is the yardstick there."""
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = reestimate_bn(getattr(torchvision.models, name)(), [torch.randn(8, 3, 64, 64) for _ in range(2)])
     x = torch.randn(2, 3, 64, 64)
@@ -330,6 +330,7 @@ def test_cuda_conv2d_composition_matches_the_fused_conv_it_replaces(add, activat
 
 # ---------------------------------------------------------------------------------------------- GPU
 def gpu_model(name: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().cuda()
     return reestimate_bn(model, [torch.randn(8, 3, 224, 224, device="cuda") for _ in range(2)])
