@@ -14,6 +14,7 @@ against moving layers on noise.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from fxforge.progress import bar
 from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 
+log = logging.getLogger(__name__)
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
 SCHEDULE = timing.Schedule(warmup=1, rounds=15, statistic=statistics.median)
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
@@ -111,6 +113,9 @@ def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, opt
         record.model_ms_after = timer(lambda: candidate(*inputs)) * 1e3
         if record.model_ms_after < record.model_ms_before:
             result, record.fp32_layers = candidate, slower
+        log.info("profitability: %d layer(s) slower in int8; with them in fp32 the model runs %.3f ms (was %.3f): %s",
+                 len(slower), record.model_ms_after, record.model_ms_before,
+                 "kept" if result is candidate else "not kept")
     for attr in ("accuracy", "comparison"):  # what earlier steps recorded about the model
         setattr(result.report, attr, getattr(result.report, attr) or getattr(compiled.report, attr))
     result.report.profitability = record
