@@ -37,6 +37,7 @@ from fxforge.graph.ops import hardtanh_bounds, module_op, op_name, out_of_place
 from fxforge.passes.dce import remove_dead_code
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import PassResult, graph_pass
+from fxforge.progress import bar
 from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
@@ -437,7 +438,9 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine, kernel_engines)
     with quantized_engine(engine):  # prepacking picks the engine's weight format
-        lowered = [q for q in quantize_nodes if _lower_quantize(low, q)]
+        timed = bar(quantize_nodes, desc=f"lower-{engine}: timing kernels", unit="node",
+                    show=len(low.kernel_engines) > 1)  # per-layer kernel timing: the slow part of this pass
+        lowered = [q for q in timed if _lower_quantize(low, q)]
         dynamic = [n for n in list(gm.graph.nodes) if _lower_dynamic_linear(low, n) or _lower_dynamic_rnn(low, n)]
     for q in lowered:
         if not q.users:
