@@ -26,7 +26,7 @@ from torch import nn
 from . import progress, viz
 from .artifact import save
 from .compile import compile as compile_model
-from .errors import CalibrationError, CompileError, suggest
+from .errors import CalibrationError, CompileError, ConfigError, suggest
 from .numerics.metrics import max_errors
 from .pipeline.manager import PassManager
 from .pipeline.pass_api import pass_class
@@ -175,7 +175,12 @@ def _pipeline_text(args: argparse.Namespace) -> str | None:
     if getattr(args, "pipeline", None) is not None:
         return args.pipeline
     target = args.target if isinstance(args.target, str) else None
-    return None if target in (None, "auto") else pipeline_for(target, args.quantization)
+    if target in (None, "auto"):
+        return None
+    try:
+        return pipeline_for(target, args.quantization)
+    except ConfigError as exc:  # e.g. --quantization on an fp32 target
+        raise UsageError(f"--quantization {args.quantization}: {exc}") from None
 
 
 def _check_pipeline(args: argparse.Namespace) -> None:
@@ -213,6 +218,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Raise UsageError for a command line that cannot work, before any model is loaded."""
     if args.command == "pipeline":
         _check_target(args.target, "TARGET")
+        _pipeline_text(args)
         return
     if args.command == "targets":
         return
@@ -220,6 +226,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         _check_target(target, "--target")
     _check_calibration(args.calibration)
     _check_pipeline(args)
+    _pipeline_text(args)
     if args.command == "show":
         if args.output.suffix.lower() not in (*FORMATS, *DOT_SUFFIXES):
             raise UsageError(f"-o {args.output}: name the file .svg, .png, .pdf or .dot (the suffix picks the format)")

@@ -130,6 +130,7 @@ def test_bench_times_eager_and_each_target(capsys, model_file):
     (["compile", "{file}:make", "--target", "nope"], "'nope' is not a target"),
     (["bench", "{file}:make", "--target", "cpu", "x68"], "Did you mean 'x86'"),
     (["compile", "{file}:make", "--pipeline", "fold-bn,fuse-conf"], "fuse-conv"),
+    (["pipeline", "cpu", "--quantization", "dynamic"], "target 'cpu' runs in fp32"),
     (["show", "{file}:make", "--after", "fold_bn", "-o", "g.svg"], "Did you mean 'fold-bn'"),
     (["show", "{file}:broken", "--after", "fold-bnn", "-o", "g.svg"], "Did you mean 'fold-bn'"),  # before any work
     (["compile", "torchvision:resnet18", "--input-shape", "1,3"], "fails on an input of that shape"),

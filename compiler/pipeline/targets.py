@@ -27,6 +27,9 @@ class Target:
         """The pipeline for a quantization mode ("static", "dynamic", "weight-only"); None: the default."""
         if mode is None or mode == "static":
             return self.pipeline
+        if self.quant_backend is None:
+            int8 = ", ".join(name for name, t in _TARGETS.items() if t.quant_backend is not None)
+            raise ConfigError(f"target '{self.name}' runs in fp32: quantization={mode!r} needs an int8 target ({int8})")
         if mode not in self.mode_pipelines:
             modes = ", ".join(["static", *self.mode_pipelines])
             raise ConfigError(f"quantization={mode!r} is not available on target '{self.name}': choose {modes}")
