@@ -6,14 +6,34 @@ BIN := $(VENV)/bin
 # e.g. `make test TORCH_SPEC="torch torchvision"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fxforge-installed
+BENCH_STAMP := $(VENV)/.fxforge-bench-installed
+# The oldest torch pyproject.toml accepts (torch>=...): CI runs the suite on it too, in a venv of its own.
+# torchvision 0.28.0 pairs with it; here torch 2.13.0 is served as a CPU build and that torchvision wheel links
+# the CUDA one, so it is removed when it cannot load, and the tests that need it skip.
+TORCH_OLDEST_SPEC ?= torch==2.13.0 torchvision==0.28.0
+VENV_OLDEST ?= .venv-torch-oldest
+OLDEST_STAMP := $(VENV_OLDEST)/.fxforge-installed
 
-.PHONY: demo test lint bench bench-int8 bench-cuda graphviz chromium clean gpu-wheels
+.PHONY: demo test test-oldest-torch lint bench bench-int8 bench-cuda graphviz chromium clean gpu-wheels
 
+# the test extra only (pytest, hypothesis, torchvision, transformers, onnx...): the benchmark peers are not needed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[test]" $(TORCH_SPEC)
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]" $(TORCH_SPEC)
+	touch $(BENCH_STAMP)
+
+# torch pinned in both pip calls so that no dependency moves it
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/pip install --quiet $(TORCH_OLDEST_SPEC)
+	$(VENV_OLDEST)/bin/pip install --quiet -e ".[test]" $(TORCH_OLDEST_SPEC)
+	$(VENV_OLDEST)/bin/python -c "import torchvision" 2>/dev/null || $(VENV_OLDEST)/bin/pip uninstall -y -q torchvision
+	touch $(OLDEST_STAMP)
 
 # The `dot` binary comes from the OS package graphviz; install it when we can (root), otherwise say how.
 graphviz:
@@ -41,13 +61,17 @@ demo: $(STAMP) graphviz
 test: $(STAMP) graphviz chromium lint
 	$(BIN)/python -m pytest -q
 
+# the suite on the oldest supported torch (pyproject's lower bound)
+test-oldest-torch: $(OLDEST_STAMP) graphviz chromium
+	$(VENV_OLDEST)/bin/python -m pytest -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check compiler passes backends viz tests benchmarks examples
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py
 
-bench-int8: $(STAMP)
+bench-int8: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_int8.py
 
 # needs a CUDA GPU (on the lent GPU machine use benchmarks/gpu_check.sh); --dry-run checks the script on CPU
@@ -55,7 +79,7 @@ bench-cuda: $(STAMP)
 	$(BIN)/python benchmarks/bench_cuda.py
 
 clean:
-	rm -rf $(VENV) fxforge-report .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) fxforge-report .pytest_cache .hypothesis
 
 # Wheelhouse for benchmarks/gpu_check.sh on the GPU machine (Python 3.12 with torch, pytest, hypothesis,
 # networkx, tqdm; no network there): the python graphviz package and a wheel of this tree.

@@ -30,6 +30,7 @@ from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite, tensor_shape
 from fxforge.numerics import timing
 from fxforge.pipeline.context import PassContext
+from fxforge.progress import bar
 
 # oneDNN builds its primitive on the first call; then the best of 5 calls per candidate, interleaved
 SCHEDULE = timing.Schedule(warmup=2, rounds=5)
@@ -147,7 +148,8 @@ def choose_kernels(gm: fx.GraphModule, timer: timing.Timer | None = None) -> tup
     measured: dict[tuple, tuple[str, dict]] = {}
     switched = []
     with torch.inference_mode():
-        for node in [n for n in gm.graph.nodes if n.op == "call_module" and calls[str(n.target)] == 1]:
+        layers = [n for n in gm.graph.nodes if n.op == "call_module" and calls[str(n.target)] == 1]
+        for node in bar(layers, desc="timing cpu kernels", unit="layer"):
             options = _alternatives(gm, node)
             if options is None:
                 continue

@@ -37,6 +37,8 @@ from fxforge.graph.ops import hardtanh_bounds, module_op, op_name, out_of_place
 from fxforge.passes.dce import remove_dead_code
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import PassResult, graph_pass
+from fxforge.progress import bar
+from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.ops import pool_options, pool_window, weight_axis
 from fxforge.quant.plan import ABSORBED, QPARAMS_KEY, stored
 from fxforge.quant.qspec import quantized_engine
@@ -128,8 +130,10 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's int8 weight, exactly the grid values insert-qdq put in ``weight`` (scales as buffers)."""
     scale, zero_point = layer.weight_scale, layer.weight_zero_point
     if scale.numel() == 1:
-        return torch.quantize_per_tensor(layer.weight.detach(), float(scale), int(zero_point), torch.qint8)
-    return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
+        with quantized_tensors_quietly():
+            return torch.quantize_per_tensor(layer.weight.detach(), float(scale), int(zero_point), torch.qint8)
+    with quantized_tensors_quietly():
+        return torch.quantize_per_channel(layer.weight.detach(), scale, zero_point, weight_axis(layer), torch.qint8)
 
 
 def _split_activation(value: fx.Node) -> tuple[fx.Node, fx.Node | None]:
@@ -434,7 +438,9 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine, kernel_engines)
     with quantized_engine(engine):  # prepacking picks the engine's weight format
-        lowered = [q for q in quantize_nodes if _lower_quantize(low, q)]
+        timed = bar(quantize_nodes, desc=f"lower-{engine}: timing kernels", unit="node",
+                    show=len(low.kernel_engines) > 1)  # per-layer kernel timing: the slow part of this pass
+        lowered = [q for q in timed if _lower_quantize(low, q)]
         dynamic = [n for n in list(gm.graph.nodes) if _lower_dynamic_linear(low, n) or _lower_dynamic_rnn(low, n)]
     for q in lowered:
         if not q.users:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM
 
@@ -40,9 +41,10 @@ class DynamicInt8RNN(nn.Module):
     @staticmethod
     def _int8(reference: nn.Module, name: str) -> torch.Tensor:
         w, scale, zero_point = (getattr(reference, n) for n in (name, f"{name}_scale", f"{name}_zero_point"))
-        if scale.dim() == 0:
-            return torch.quantize_per_tensor(w, float(scale), int(zero_point), torch.qint8)
-        return torch.quantize_per_channel(w, scale, zero_point, 0, torch.qint8)
+        with quantized_tensors_quietly():
+            if scale.dim() == 0:
+                return torch.quantize_per_tensor(w, float(scale), int(zero_point), torch.qint8)
+            return torch.quantize_per_channel(w, scale, zero_point, 0, torch.qint8)
 
     def _biases(self, reference: nn.Module, layer: int, sfx: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.bias:  # the kernels require biases: zeros add nothing

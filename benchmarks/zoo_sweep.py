@@ -43,6 +43,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 import fxforge
+from fxforge import progress
 from fxforge.numerics import max_errors, timing
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing.helpers import reestimate_bn
@@ -319,7 +320,7 @@ def sweep_model(name: str, targets: tuple[str, ...], timing: tuple[int, int] | N
         if compiled is not None and eager_ms is not None:
             case.speedup = eager_ms / _median_ms(compiled, images(name, 1, 5), *timing)
         cases.append(case)
-        print(_line(case), flush=True)
+        progress.write(_line(case))
     return cases
 
 
@@ -425,8 +426,10 @@ def main(argv: list[str] | None = None) -> None:
         args.models, args.models.split(","))
     targets = tuple(args.targets.split(","))
     start, cases = time.perf_counter(), []
-    for name in names:
-        cases += sweep_model(name, targets, (args.warmup, args.repeats) if args.time else None)
+    with progress.bar(names, desc="zoo sweep", unit="model", leave=True) as models:
+        for name in models:
+            models.set_postfix_str(name, refresh=False)
+            cases += sweep_model(name, targets, (args.warmup, args.repeats) if args.time else None)
     info = machine_info(sys.orig_argv, time.perf_counter() - start, args)
     write_block(args.out, render(cases, targets, info))
     if args.save:

@@ -5,6 +5,8 @@ This file is the public API: it re-exports names from the layers below (see docs
 
 from __future__ import annotations
 
+import logging
+
 from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / .numerics / .testing)
 from .artifact import load, read_metadata, save
 from .capture.tracing import trace
@@ -36,6 +38,10 @@ from .quant.calibration import recalibrate
 from .quant.config import QuantConfig
 from .search.accuracy import AccuracyBudget
 from .version import __version__  # noqa: F401
+
+# A library stays quiet unless its user configures logging: records of the "fxforge" logger (one INFO line per
+# pass, WARNING when a compile degrades, DEBUG details) go nowhere until a handler is added (the CLI's -v does).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # Built-in passes and backends register themselves by name on import; viz registers the report page and dumps.
 from . import passes as _passes  # noqa: E402,F401  isort: skip

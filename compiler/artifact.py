@@ -39,6 +39,7 @@ from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
+from fxforge.quant.deprecation import MESSAGE as QUANTIZED_TENSORS_DEPRECATED
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.allowlist import needed, savable_classes
 from fxforge.serialization.codec import (
@@ -271,6 +272,7 @@ def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
         with quantized_engine(engine), torch.serialization.safe_globals(allowed), \
                 payload_trust(trusted), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
+            warnings.filterwarnings("ignore", message=QUANTIZED_TENSORS_DEPRECATED, category=UserWarning)
             state = torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))

@@ -8,24 +8,27 @@ what to do) without a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
+import logging
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import viz
+from . import progress, viz
 from .artifact import save
 from .compile import compile as compile_model
-from .errors import CalibrationError, CompileError, suggest
+from .errors import CalibrationError, CompileError, ConfigError, suggest
 from .numerics.metrics import max_errors
+from .pipeline.manager import PassManager
 from .pipeline.pass_api import pass_class
 from .pipeline.targets import all_targets, pipeline_for, resolve_target
 from .pipeline.text import parse_pipeline
@@ -50,8 +53,10 @@ examples:
   fxforge show torchvision:resnet18 --after fold-bn --diff -o fold-bn-diff.svg
   fxforge bench torchvision:resnet18 --target cpu x86
 
-Exit status: 0 ok, 2 bad command line, 1 the compile failed (the message says what to do).
+Exit status: 0 ok, 2 bad command line (checked before any work), 1 the compile failed (the message says what to do).
 """
+_QUANT_MODES = ("static", "dynamic", "weight-only")
+_LOG_LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}  # -q, default, -v (-vv: DEBUG)
 
 
 class UsageError(Exception):
@@ -83,7 +88,13 @@ def _torchvision_model(name: str, shape: tuple[int, ...]) -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
     batch = (max(shape[0], 2), *shape[1:])  # train-mode BatchNorm needs more than one value per channel
-    return reestimate_bn(model, [torch.randn(batch) for _ in range(2)])
+    try:
+        return reestimate_bn(model, [torch.randn(batch) for _ in range(2)])
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"--input-shape {','.join(map(str, shape))}: torchvision:{name} fails on an input of that "
+                         f"shape ({type(exc).__name__}: {first}). Give the shape the model takes, e.g. 1,3,224,224 "
+                         f"(N,C,H,W)") from exc
 
 
 def _file_model(path: str, factory: str) -> tuple[nn.Module, Any]:
@@ -129,16 +140,14 @@ def calibration_data(text: str | None, example: Any) -> list | None:
     """``random:N``: N random batches shaped like the example inputs (fine to try a target, not for accuracy)."""
     if text is None:
         return None
-    kind, _, count = text.partition(":")
-    if kind != "random" or not count.isdigit() or int(count) < 1:
-        raise UsageError(f"--calibration '{text}': use random:N, e.g. random:8 (N random batches shaped like the "
-                         f"example input); for real data call fxforge.compile(..., calibration=loader) from Python")
+    _check_calibration(text)
     inputs = example if isinstance(example, tuple) else (example,)
 
     def like(x: Any) -> Any:
         return torch.randn_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-    return [tuple(like(x) for x in inputs) if len(inputs) > 1 else like(inputs[0]) for _ in range(int(count))]
+    count = int(text.partition(":")[2])
+    return [tuple(like(x) for x in inputs) if len(inputs) > 1 else like(inputs[0]) for _ in range(count)]
 
 
 def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: Any, calibration: list | None):
@@ -152,39 +161,156 @@ def _compile(args: argparse.Namespace, target: str, model: nn.Module, example: A
         raise
 
 
+# ---- checks made before any work: a bad command line exits 2 without loading or compiling anything --------
+
+def _check_target(name: str, option: str) -> None:
+    names = list(all_targets())
+    if name != "auto" and name not in names:
+        raise UsageError(f"{option} '{name}' is not a target.{suggest(name, names)} Targets: auto, {', '.join(names)} "
+                         f"(fxforge targets says which run here)")
+
+
+def _pipeline_text(args: argparse.Namespace) -> str | None:
+    """The pipeline the command will run (None: decided by target auto at compile time)."""
+    if getattr(args, "pipeline", None) is not None:
+        return args.pipeline
+    target = args.target if isinstance(args.target, str) else None
+    if target in (None, "auto"):
+        return None
+    try:
+        return pipeline_for(target, args.quantization)
+    except ConfigError as exc:  # e.g. --quantization on an fp32 target
+        raise UsageError(f"--quantization {args.quantization}: {exc}") from None
+
+
+def _check_pipeline(args: argparse.Namespace) -> None:
+    text = getattr(args, "pipeline", None)
+    if text is None:
+        return
+    try:
+        PassManager.from_text(text)
+    except CompileError as exc:
+        raise UsageError(f"--pipeline: {exc}") from None
+
+
+def _check_after(args: argparse.Namespace) -> None:
+    text = _pipeline_text(args)
+    if args.after is None or args.after == "trace" or text is None:
+        return
+    try:
+        passes = [p.spec() for p in PassManager.from_text(text).passes]
+    except CompileError as exc:
+        raise UsageError(f"{exc}") from None
+    names = [*dict.fromkeys([s.name for s in passes] + [str(s) for s in passes])]
+    if args.after not in names:
+        raise UsageError(f"--after {args.after}: no pass of that name in the pipeline.{suggest(args.after, names)} "
+                         f"Passes: {', '.join(str(s) for s in passes)} (or 'trace' for the traced graph)")
+
+
+def _check_calibration(text: str | None) -> None:
+    kind, _, count = (text or "random:1").partition(":")
+    if kind != "random" or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--calibration '{text}': use random:N, e.g. random:8 (N random batches shaped like the "
+                         f"example input); for real data call fxforge.compile(..., calibration=loader) from Python")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise UsageError for a command line that cannot work, before any model is loaded."""
+    if args.command == "pipeline":
+        _check_target(args.target, "TARGET")
+        _pipeline_text(args)
+        return
+    if args.command == "targets":
+        return
+    for target in [args.target] if isinstance(args.target, str) else args.target:
+        _check_target(target, "--target")
+    _check_calibration(args.calibration)
+    _check_pipeline(args)
+    _pipeline_text(args)
+    if args.command == "show":
+        if args.output.suffix.lower() not in (*FORMATS, *DOT_SUFFIXES):
+            raise UsageError(f"-o {args.output}: name the file .svg, .png, .pdf or .dot (the suffix picks the format)")
+        _check_after(args)
+    if args.command == "bench" and (args.repeats < 1 or args.warmup < 0 or args.threads < 0):
+        raise UsageError("bench: --repeats must be at least 1, --warmup and --threads at least 0")
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+
+def table(rows: Sequence[Sequence[str]], gap: int = 2) -> list[str]:
+    """Rows as lines with every column but the last padded to its widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    padded = ([c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)] + [r[-1]] for r in rows)
+    return [(" " * gap).join(cells).rstrip() for cells in padded]
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A message for the user: stdout, or stderr when stdout carries JSON."""
+    print(text, file=sys.stderr if args.json else sys.stdout)
+
+
 # ---- commands ---------------------------------------------------------------------------------------------
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    for t in all_targets().values():
-        reason = t.availability()
-        print(f"{t.name:<9}{'usable' if reason is None else 'unusable':<10}{t.description}")
+    found = [(t, t.availability()) for t in all_targets().values()]
+    if args.json:
+        _print_json([{"name": t.name, "usable": reason is None, "reason": reason, "device": t.device,
+                      "int8": t.quant_backend is not None, "description": t.description} for t, reason in found])
+        return 0
+    rows = [["target", "status", "description"]]
+    for t, reason in found:
+        rows.append([t.name, "usable" if reason is None else "unusable", t.description])
+    lines = table(rows)
+    indent = len(lines[0]) - len("description")
+    print(lines[0])
+    for line, (_, reason) in zip(lines[1:], found, strict=True):
+        print(line)
         if reason:
-            print(f"{'':<19}({reason})")
+            print(f"{'':<{indent}}({reason})")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     text = pipeline_for(args.target, args.quantization)
+    specs = parse_pipeline(text)
+    docs = [(pass_class(spec.name).__doc__ or "").strip().splitlines() for spec in specs]
+    firsts = [doc[0].replace("``", "") if doc else "" for doc in docs]
+    if args.json:
+        _print_json({"target": args.target, "quantization": args.quantization, "pipeline": text,
+                     "passes": [{"name": spec.name, "spec": str(spec), "summary": first}
+                                for spec, first in zip(specs, firsts, strict=True)]})
+        return 0
     print(text)
     if args.explain:
-        for spec in parse_pipeline(text):
-            doc = (pass_class(spec.name).__doc__ or "").strip().splitlines()
-            print(f"  {str(spec):<30}{doc[0].replace('``', '') if doc else ''}")
+        for line in table([[str(spec), first] for spec, first in zip(specs, firsts, strict=True)]):
+            print(f"  {line}")
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     model, example = load_model(args.model, args.input_shape)
     compiled = _compile(args, args.target, model, example, calibration_data(args.calibration, example))
-    print(compiled.report)
+    files: dict[str, str] = {}
     if args.report is not None:
         out = compiled.report.save(args.report)
         html = compiled.report.to_html(out / "report.html")
-        print(f"\nreport written to {out}/: report.txt, report.json and {html.name} (open it in a browser)")
+        files["report"] = str(out)
     if args.save is not None:
         path = save(compiled, args.save, example_inputs=example)
-        print(f"\ncompiled model saved to {path}: load it with fxforge.load({str(path)!r}) "
-              f"(no tracing, no model class needed)")
+        files["saved"] = str(path)
+    if args.json:
+        _print_json({**compiled.report.to_dict(), "files": files})
+    else:
+        print(compiled.report)
+    if args.report is not None:
+        _note(args, f"\nreport written to {out}/: report.txt, report.json and {html.name} (open it in a browser)")
+    if args.save is not None:
+        _note(args, f"\ncompiled model saved to {path}: load it with fxforge.load({str(path)!r}) "
+                    f"(no tracing, no model class needed)")
     return 0
 
 
@@ -198,8 +324,6 @@ def _draw(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    if args.output.suffix.lower() not in (*FORMATS, *DOT_SUFFIXES):
-        raise UsageError(f"-o {args.output}: name the file .svg, .png, .pdf or .dot (the suffix picks the format)")
     model, example = load_model(args.model, args.input_shape)
     compiled = _compile(args, args.target, model, example, calibration_data(args.calibration, example))
     report = compiled.report
@@ -221,19 +345,29 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> 
     for _ in range(warmup):
         fn()
     times = []
-    for _ in tqdm(range(repeats), desc=f"timing {label}", unit="run", leave=False, disable=None):
+    for _ in progress.bar(range(repeats), desc=f"timing {label}", unit="run"):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> str:
+def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> tuple[str, float]:
+    """("output_sqnr_db", dB) for int8 models, else ("max_rel_error", error): against eager on ``inputs``."""
     with torch.inference_mode():
         got, want = compiled(*inputs), model(*inputs)
     if compiled.report.quantization is not None:
-        return f"SQNR {outputs_sqnr_db(want, got):.1f} dB"
-    return f"max rel err {max_errors(got, want)[1]:.2g}"
+        return "output_sqnr_db", outputs_sqnr_db(want, got)
+    return "max_rel_error", max_errors(got, want)[1]
+
+
+def _bench_line(row: dict[str, Any], width: int) -> str:
+    line = f"{row['target']:<{width}}{row['ms']:>10.2f} ms"
+    if "speedup" in row:
+        line += f"  {row['speedup']:5.2f}x eager  "
+        line += (f"SQNR {row['output_sqnr_db']:.1f} dB" if "output_sqnr_db" in row
+                 else f"max rel err {row['max_rel_error']:.2g}")
+    return line
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -241,19 +375,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = example if isinstance(example, tuple) else (example,)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = "x".join(map(str, args.input_shape))
-    print(f"{args.model}, input {shape}, median of {args.repeats} runs after {args.warmup} warm-up, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    head = {"model": args.model, "input_shape": list(args.input_shape), "repeats": args.repeats,
+            "warmup": args.warmup, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+    width = max(len(t) for t in ["eager", *args.target]) + 2
+    if not args.json:
+        print(f"{args.model}, input {'x'.join(map(str, args.input_shape))}, median of {args.repeats} runs after "
+              f"{args.warmup} warm-up, {head['threads']} threads, torch {torch.__version__}")
     eager = _median_ms(lambda: model(*inputs), args.repeats, args.warmup, "eager")
-    print(f"{'eager':<10}{eager:>9.2f} ms")
+    rows = [{"target": "eager", "ms": eager}]
+    if not args.json:
+        print(_bench_line(rows[0], width))
     for target in args.target:
         calibration = args.calibration
         if calibration is None and resolve_target(target).quant_backend is not None:
             calibration = "random:8"
-            print(f"note: {target} is int8: calibrating on random:8 (give --calibration to change it)")
+            _note(args, f"note: {target} is int8: calibrating on random:8 (give --calibration to change it)")
         compiled = _compile(args, target, model, example, calibration_data(calibration, example))
         ms = _median_ms(lambda c=compiled: c(*inputs), args.repeats, args.warmup, target)
-        print(f"{target:<10}{ms:>9.2f} ms  {eager / ms:5.2f}x eager  {_accuracy(compiled, model, inputs)}")
+        kind, value = _accuracy(compiled, model, inputs)
+        rows.append({"target": compiled.target, "ms": ms, "speedup": eager / ms, kind: value})
+        if not args.json:
+            print(_bench_line(rows[-1], width))
+    if args.json:
+        _print_json({**head, "results": rows})
     return 0
 
 
@@ -267,8 +411,12 @@ def _model_arguments(p: argparse.ArgumentParser, target_help: str, default_targe
                    help="shape of the random example input (default 1,3,224,224; ignored when FACTORY returns inputs)")
     p.add_argument("--calibration", metavar="random:N",
                    help="int8 targets: calibrate on N random batches (try-out only; use real data from Python)")
-    p.add_argument("--quantization", choices=("static", "dynamic", "weight-only"),
+    p.add_argument("--quantization", choices=_QUANT_MODES,
                    help="int8 targets: quantization mode (default static)")
+
+
+def _json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (notes go to stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,19 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fxforge", description="fxforge: compile PyTorch models with torch.fx, and see what the compiler did.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what the compiler does on stderr: -v one line per pass, -vv details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr (no warnings, no bars)")
     parser.add_argument("--version", action="version", version=f"fxforge {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     raw = argparse.RawDescriptionHelpFormatter
 
-    sub.add_parser("targets", help="list the targets and whether this machine can run them",
-                   description="List every target: usable here or not (and why), and what it does.")
+    p = sub.add_parser("targets", help="list the targets and whether this machine can run them",
+                       description="List every target: usable here or not (and why), and what it does.")
+    _json_argument(p)
     p = sub.add_parser("pipeline", help="print a target's pipeline text", formatter_class=raw,
                        description="Print the pass pipeline of TARGET; the text works as compile(pipeline=...).",
                        epilog="examples:\n  fxforge pipeline cpu\n  fxforge pipeline x86 --explain\n"
                               "  fxforge pipeline x86 --quantization dynamic")
     p.add_argument("target", metavar="TARGET", help="a target name (fxforge targets lists them)")
-    p.add_argument("--quantization", choices=("static", "dynamic", "weight-only"), help="int8 targets: mode")
+    p.add_argument("--quantization", choices=_QUANT_MODES, help="int8 targets: mode")
     p.add_argument("--explain", action="store_true", help="also list each pass with a line on what it does")
+    _json_argument(p)
 
     p = sub.add_parser("compile", help="compile MODEL and print the report (--report DIR: also HTML)",
                        formatter_class=raw, description="Compile MODEL for a target and print the compile report.",
@@ -302,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write report.txt, report.json and report.html (graphs after each pass) into DIR")
     p.add_argument("--save", type=Path, metavar="PATH",
                    help="save the compiled model (fxforge.save: a self-describing file, fxforge.load reads it)")
+    _json_argument(p)
 
     p = sub.add_parser("show", help="draw MODEL's graph after a pass (.svg/.png/.pdf/.dot)", formatter_class=raw,
                        description="Compile MODEL and draw its graph after a pass (default: the last one).",
@@ -331,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    _json_argument(p)
     return parser
 
 
@@ -348,14 +503,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return int(exc.code or 0)
-    with warnings.catch_warnings():
-        if not args.debug:  # torch 2.14 deprecates quantized tensors, which the int8 targets are built on
-            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+    with _logging(-1 if args.quiet else args.verbose), progress.enabled(False if args.quiet else None):
         return _run(parser, args)
+
+
+@contextlib.contextmanager
+def _logging(verbosity: int) -> Iterator[None]:
+    """Records of the fxforge logger on stderr while a command runs: -q errors, default warnings, -v INFO (one
+    line per pass), -vv DEBUG."""
+    logger = logging.getLogger("fxforge")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level, logger_level = _LOG_LEVELS.get(verbosity, logging.DEBUG), logger.level
+    logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logger_level)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
+        check_arguments(args)
         return _COMMANDS[args.command](args)
     except UsageError as exc:
         if args.debug:

@@ -12,8 +12,10 @@ from torch import nn
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.pipeline.instruments import Instrument
+from fxforge.progress import enabled
 from fxforge.quant.config import QuantConfig
 from fxforge.search.accuracy import AccuracyBudget, compile_within_budget, materialize_calibration
+from fxforge.search.auto import compile_auto, quantization_asked
 from fxforge.search.profitability import keep_profitable
 
 
@@ -36,6 +38,7 @@ def compile(  # noqa: A001 - the public name users expect
     skip: str | Sequence[str] = (),
     accuracy: AccuracyBudget | None = None,
     profitability: bool = False,
+    progress: bool | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
@@ -47,17 +50,33 @@ def compile(  # noqa: A001 - the public name users expect
     changed it. ``accuracy`` (an ``fxforge.AccuracyBudget``,
     int8 targets) moves the most damaging layers to fp32 until the budget holds (``fxforge.search.accuracy``);
     ``profitability`` (static int8) keeps in fp32 the layers measured slower in int8 (``fxforge.search.profitability``).
-    The model itself is never modified.
+    ``progress`` draws bars for the long steps (calibration, kernel timing, the searches): None (default) when
+    stderr is a terminal, False never, True always. The model itself is never modified.
     """
-    options = dict(example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes, verify=verify,
-                   leaf_modules=leaf_modules, concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments,
-                   calibration=calibration, calibration_batches=calibration_batches, quantization=quantization,
-                   quant_config=quant_config, skip=skip)
+    with enabled(progress):
+        return _compile(model, target, accuracy=accuracy, profitability=profitability,
+                        options=dict(example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes,
+                                     verify=verify, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                                     dump_dir=dump_dir, instruments=instruments, calibration=calibration,
+                                     calibration_batches=calibration_batches, quantization=quantization,
+                                     quant_config=quant_config, skip=skip))
+
+
+def _compile(model: nn.Module, target: str, *, accuracy: AccuracyBudget | None, profitability: bool,
+             options: dict[str, Any]) -> CompiledModule:
+    auto = None
+    if target == "auto":
+        options = materialize_calibration(options)  # every candidate sees the same batches
+        target, compiled = compile_auto(model, options, quantization_asked(options, accuracy))
+        auto = compiled.report.auto
     if accuracy is None and not profitability:
-        return build(model, target, **options)
+        return compiled if auto is not None else build(model, target, **options)
     options = materialize_calibration(options)  # every compile of the searches sees the same batches
-    compiled = compile_within_budget(model, target, accuracy, options) if accuracy is not None \
-        else build(model, target, **options)
+    if accuracy is not None:
+        compiled = compile_within_budget(model, target, accuracy, options)
+    elif auto is None:
+        compiled = build(model, target, **options)
     if profitability:
         compiled = keep_profitable(model, target, compiled, options)
+    compiled.report.auto = auto
     return compiled

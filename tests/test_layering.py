@@ -30,6 +30,8 @@ ROOT = Path(fxforge.__path__[0]).parent  # the checkout: file names are shown re
 # from one listed after it. A subpackage of compiler/ missing here fails the test: add it where it belongs.
 LAYERS: tuple[tuple[str, str], ...] = (
     ("errors", "typed errors: every layer raises them"),
+    ("version", "the package version: reports and saved files record it"),
+    ("progress", "the one switch for progress bars: every layer with long steps draws them"),
     ("graph", "the fx vocabulary every layer speaks: node meta, op table, matching, patterns, fused modules"),
     ("capture", "tracing turns modules into graphs"),
     ("quant", "the int8 core works on graphs and knows nothing of pipelines or compile"),

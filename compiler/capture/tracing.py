@@ -132,6 +132,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _drop_string_annotations(graph: fx.Graph) -> None:
+    """Forget type annotations written as strings (``from __future__ import annotations`` in the model's file): torch
+    2.13's code generation makes them globals of ``forward`` that pickling the GraphModule (``torch.save``) cannot
+    name. They document ``forward``; nothing reads them."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+
+
 def trace(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -158,6 +167,7 @@ def trace(
             leaf_paths.add(path)
             reasons[path] = f"{_first_line(exc)} at {_user_frame(exc)}"
     _default_placeholders_to_bound_values(graph, bound)
+    _drop_string_annotations(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)  # the intermediate containers GraphModule creates start in training mode
     return TraceResult(gm, reasons, bound)

@@ -8,6 +8,8 @@ before anything runs.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +22,8 @@ from .instruments import Instrument
 from .pass_api import Pass, PassResult, instantiate, registered_passes
 from .text import format_pipeline, parse_pipeline
 from .verify import verify_graph
+
+log = logging.getLogger(__name__)
 
 
 def _providers(prop: str) -> list[str]:
@@ -49,6 +53,17 @@ class PropertyFlow:
             return (f"'{prop}' was invalidated by '{self.invalidated_by[prop]}'{after}; it is provided by "
                     f"{providers}: run one of them after '{self.invalidated_by[prop]}'")
         return f"'{prop}' is provided by {providers}, and no such pass ran before it"
+
+
+def _log_pass(p: Pass, result: PassResult, nodes_before: int, seconds: float) -> None:
+    """One INFO line per pass (name, time, nodes before -> after), its notes at DEBUG."""
+    log.info("pass %s: %.1f ms, %d -> %d nodes%s", p.spec(), seconds * 1e3, nodes_before, len(result.gm.graph.nodes),
+             "" if result.modified else " (unchanged)")
+    if log.isEnabledFor(logging.DEBUG):
+        for note in result.notes:
+            log.debug("pass %s: %s", p.name, note)
+        for rule, count in result.matches.items():
+            log.debug("pass %s: rule %s matched %d time(s)", p.name, rule, count)
 
 
 class PassManager:
@@ -84,7 +99,9 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx)
             ctx.current_pass = p.name
+            nodes_before, start = len(gm.graph.nodes), time.perf_counter()
             result = self._run_one(p, gm, ctx, ran)
+            _log_pass(p, result, nodes_before, time.perf_counter() - start)
             flow.apply(p)
             ctx.properties = set(flow.holds)
             for inst in self.instruments:

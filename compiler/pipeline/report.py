@@ -9,8 +9,11 @@ from pathlib import Path
 
 from fxforge.errors import ConfigError, suggest
 from fxforge.graph.snapshot import GraphStage
+from fxforge.version import __version__
 
 from .renderers import html_report_writer
+
+SCHEMA_VERSION = 1  # of CompileReport.to_dict (report.json)
 
 
 @dataclass
@@ -200,6 +203,35 @@ class ProfitabilityRecord:
 
 
 @dataclass
+class AutoCandidate:
+    """One target ``target="auto"`` tried: its median time on the example inputs, output SQNR vs eager, verdict."""
+
+    target: str
+    ms: float | None
+    output_sqnr_db: float | None
+    accepted: bool
+    why: str
+
+
+@dataclass
+class AutoChoice:
+    """What ``target="auto"`` chose and why, with every candidate it measured."""
+
+    chosen: str
+    reason: str
+    min_sqnr_db: float
+    candidates: list[AutoCandidate] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"target auto: chose {self.chosen}, {self.reason}"]
+        for c in self.candidates:
+            ms = "" if c.ms is None else f"{c.ms:.3f} ms"
+            out.append(f"    {'*' if c.target == self.chosen else ' '} {c.target:<10}{ms:>12}  "
+                       f"SQNR {_db(c.output_sqnr_db):>6} dB  {'taken' if c.accepted else 'rejected'}: {c.why}")
+        return out
+
+
+@dataclass
 class CompileReport:
     target: str
     pipeline: str
@@ -221,11 +253,14 @@ class CompileReport:
     profitability: ProfitabilityRecord | None = None  # compile(..., profitability=True)
     # what may make the compiled model worse than it looks (one line per kind, also logged by fxforge.driver.health)
     warnings: list[str] = field(default_factory=list)
+    auto: AutoChoice | None = None  # compile(model, "auto", ...): the candidates and the choice
 
     def to_dict(self) -> dict:
+        """Plain data for report.json: ``schema_version`` first (raised when a key changes meaning or goes away),
+        the fxforge and torch versions that made it, then the fields."""
         out = asdict(dataclasses.replace(self, stages=[]))  # graphs are for viz and to_html, not the JSON
         del out["stages"]
-        return out
+        return {"schema_version": SCHEMA_VERSION, "fxforge_version": __version__, **out}
 
     def stage(self, after: str) -> GraphStage:
         """The graph as it was after pass ``after`` (its name or spec; "trace": the traced graph).
@@ -265,6 +300,8 @@ class CompileReport:
         if self.max_rel_error is not None:
             lines.append(f"output vs eager on example inputs: max abs err {self.max_abs_error:.3g}, "
                          f"relative {self.max_rel_error:.3g}")
+        if self.auto is not None:
+            lines.extend(self.auto.lines())
         if self.output_sqnr_db is not None:
             lines.append(f"reduced precision: output SQNR vs fp32 on the example inputs: {_db(self.output_sqnr_db)} dB")
         if self.quantization is not None:

@@ -27,6 +27,9 @@ class Target:
         """The pipeline for a quantization mode ("static", "dynamic", "weight-only"); None: the default."""
         if mode is None or mode == "static":
             return self.pipeline
+        if self.quant_backend is None:
+            int8 = ", ".join(name for name, t in _TARGETS.items() if t.quant_backend is not None)
+            raise ConfigError(f"target '{self.name}' runs in fp32: quantization={mode!r} needs an int8 target ({int8})")
         if mode not in self.mode_pipelines:
             modes = ", ".join(["static", *self.mode_pipelines])
             raise ConfigError(f"quantization={mode!r} is not available on target '{self.name}': choose {modes}")
@@ -59,12 +62,14 @@ def _known_target(name: str) -> Target:
 
 
 def resolve_target(name: str) -> Target:
-    """The Target for ``name`` ("auto" -> "cuda" with a GPU, else "cpu"); typed errors otherwise."""
+    """The Target for ``name``; typed errors otherwise. "auto" here (a single build, no measurements) is the fp32
+    target of the device: "cuda-fp32" with a GPU, else "cpu"; ``fxforge.compile`` measures instead
+    (``fxforge.search.auto``)."""
     if not isinstance(name, str):
         raise ConfigError(f"target must be a target name, got {type(name).__name__}: use 'auto' or one of "
                           f"{', '.join(_TARGETS)}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() and "cuda" in _TARGETS else "cpu"
+        name = "cuda-fp32" if torch.cuda.is_available() and "cuda-fp32" in _TARGETS else "cpu"
     target = _known_target(name)
     reason = target.availability()
     if reason:

@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from fxforge.errors import CalibrationError
 from fxforge.graph.meta import fxmeta
+from fxforge.progress import bar
 
 from .plan import OBSERVER_KEY, QPARAMS_KEY, group_buffers, observer_nodes
 from .qat_modules import FakeQuantize
@@ -136,7 +136,7 @@ def run_calibration(gm: fx.GraphModule, data: Iterable[Any], batches: int | None
     names, ranks, used, dropped, last = input_names(gm), _input_ranks(gm), 0, False, None
     items = itertools.islice(data, batches) if batches is not None else data
     with torch.no_grad():
-        for item in tqdm(items, total=_total(data, batches), desc=desc, unit="batch", disable=None, leave=False):
+        for item in bar(items, total=_total(data, batches), desc=desc, unit="batch"):
             args, cut = as_args(item, names, device)
             _check_batch(args, names, ranks, used)
             _run_batch(gm, args, used)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .deprecation import quantized_tensors_quietly
 from .qspec import QSpec
 
 __all__ = ["DynamicQuantGRU", "DynamicQuantLSTM", "dynamic_quantize", "quantize_weight"]
@@ -43,12 +44,14 @@ def quantize_weight(weight: Tensor, spec: QSpec) -> tuple[Tensor, Tensor, Tensor
         shape[axis] = -1
         s, z = scale.view(shape), zero_point.view(shape).float()
         w = torch.minimum(torch.maximum(w, (spec.quant_min - z) * s), (spec.quant_max - z) * s)
-        q = torch.quantize_per_channel(w, scale, zero_point, axis, spec.dtype)
+        with quantized_tensors_quietly():
+            q = torch.quantize_per_channel(w, scale, zero_point, axis, spec.dtype)
     else:
         scale, zero_point = spec.qparams(w.min(), w.max())
         s, z = float(scale), int(zero_point)
         w = w.clamp((spec.quant_min - z) * s, (spec.quant_max - z) * s)
-        q = torch.quantize_per_tensor(w, s, z, spec.dtype)
+        with quantized_tensors_quietly():
+            q = torch.quantize_per_tensor(w, s, z, spec.dtype)
     return q.dequantize(), scale, zero_point
 
 
@@ -59,7 +62,8 @@ def dynamic_quantize(x: Tensor, reduce_range: bool) -> Tensor:
     """
     if x.numel() == 0:
         return x
-    q = torch.quantize_per_tensor_dynamic(x.detach().float().contiguous(), torch.quint8, reduce_range)
+    with quantized_tensors_quietly():
+        q = torch.quantize_per_tensor_dynamic(x.detach().float().contiguous(), torch.quint8, reduce_range)
     return q.dequantize().to(x.dtype)
 
 

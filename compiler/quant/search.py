@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from fxforge.graph.matching import call_count
 from fxforge.graph.meta import fxmeta
+from fxforge.progress import bar
 
 from .config import QuantOptions
+from .deprecation import quantized_tensors_quietly
 from .observers import (
     FixedRangeObserver,
     HistogramBasedObserver,
@@ -198,16 +199,18 @@ class ObserverSearch:
 
     # emulation --------------------------------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor, option: _Option) -> torch.Tensor:
-        return torch.quantize_per_tensor(x.float(), option.scale, option.zero_point, self.spec.dtype).dequantize()
+        with quantized_tensors_quietly():
+            q = torch.quantize_per_tensor(x.float(), option.scale, option.zero_point, self.spec.dtype)
+        return q.dequantize()
 
     def search(self, batches: Sequence[tuple], histograms: dict[int, HistogramBasedObserver],
                progress: bool = True) -> SearchResult:
         self.histograms = histograms
         runner = _Lockstep(self.gm, batches)
         with torch.no_grad():
-            bar = tqdm(list(self.gm.graph.nodes), desc="searching observers", unit="node", leave=False,
-                       disable=None if progress else True)  # None: shown when stderr is a terminal
-            for node in bar:
+            nodes = bar(list(self.gm.graph.nodes), desc="searching observers", unit="node",
+                        show=progress)
+            for node in nodes:
                 runner.set(node, self._step(node, runner))
                 if node.op == "output":
                     break

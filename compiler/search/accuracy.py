@@ -17,6 +17,7 @@ that every compile sees the same batches.
 from __future__ import annotations
 
 import itertools
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,10 @@ from fxforge.driver.build import as_input_tuple, build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import AccuracyBudgetError, ConfigError
 from fxforge.pipeline.report import AccuracyRecord, LayerSensitivity
+from fxforge.progress import bar, enabled
 from fxforge.quant.sqnr import outputs_sqnr_db
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,32 +134,40 @@ class _Search:
 
     def compile(self, fp32: Sequence[str]) -> tuple[CompiledModule, float, bool]:
         self.compiles += 1
-        compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
+        with enabled(False):  # the search's own bar says where it is; no bars of each compile under it
+            compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
         return (compiled, *self.judge.measure_model(compiled))
 
 
 def _sensitivities(search: _Search, candidates: list[str]) -> list[LayerSensitivity]:
     """Most damaging first: each candidate alone in int8, the others in fp32."""
     scores = []
-    for layer in candidates:
-        _, score, _ = search.compile([c for c in candidates if c != layer])
-        scores.append(LayerSensitivity(layer, score))
+    with bar(candidates, desc="accuracy budget: sensitivity", unit="compile") as layers:
+        for layer in layers:
+            layers.set_postfix_str(layer, refresh=False)
+            _, score, _ = search.compile([c for c in candidates if c != layer])
+            log.debug("sensitivity of %s alone in int8: %.4g", layer, score)
+            scores.append(LayerSensitivity(layer, score))
     return sorted(scores, key=lambda s: s.score)
 
 
 def _choose(search: _Search, order: list[str]) -> list[str]:
     """Greedy (most damaging first) until the budget holds, then prune back to int8 what is not needed."""
     chosen: list[str] = []
-    for layer in order:
-        chosen.append(layer)
-        if search.compile(chosen)[2]:
-            break
-    else:
-        return []
-    for layer in reversed(chosen[:-1]):  # least damaging first; the last one added was needed
-        trial = [c for c in chosen if c != layer]
-        if search.compile(trial)[2]:
-            chosen = trial
+    with bar(order, desc="accuracy budget: to fp32", unit="compile") as layers:
+        for layer in layers:
+            layers.set_postfix_str(layer, refresh=False)
+            chosen.append(layer)
+            if search.compile(chosen)[2]:
+                break
+        else:
+            return []
+    with bar(list(reversed(chosen[:-1])), desc="accuracy budget: pruning", unit="compile") as layers:
+        for layer in layers:  # least damaging first; the last one added was needed
+            layers.set_postfix_str(layer, refresh=False)
+            trial = [c for c in chosen if c != layer]
+            if search.compile(trial)[2]:
+                chosen = trial
     return chosen
 
 
@@ -171,6 +183,8 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
     if first.quant_options is None:
         raise ConfigError(f"accuracy= needs an int8 target (x86, fbgemm, qnnpack): '{first.target}' runs in fp32")
     chosen, sensitivity = [], []
+    log.info("accuracy budget (%s): all-int8 score %.4g, %s", budget.describe(), before,
+             "met" if ok else "not met: searching layers to keep in fp32")
     if not ok:
         candidates = _candidates(first, model, budget, search.skip)
         sensitivity = _sensitivities(search, candidates)
@@ -181,6 +195,8 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
                 f"in fp32 (all-int8 score {before:.4g}; most sensitive: "
                 f"{', '.join(f'{s.layer} {s.score:.4g}' for s in sensitivity[:5])}). Relax the budget, calibrate "
                 f"with more representative data, choose other observers (quant_config), or train with prepare_qat")
+    log.info("accuracy budget: %d layer(s) in fp32 after %d compiles: %s", len(chosen), search.compiles,
+             ", ".join(chosen) or "none")
     plain = not options["dump_dir"] and not options["instruments"] and options["verify"] == "structure"
     final = first if plain and not chosen else build(model, target, **{**options, "skip": (*search.skip, *chosen)})
     after, met = search.judge.measure_model(final)

@@ -14,6 +14,7 @@ against moving layers on noise.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +28,11 @@ from fxforge.errors import ConfigError
 from fxforge.graph.meta import fxmeta
 from fxforge.numerics import timing
 from fxforge.pipeline.report import LayerTiming, ProfitabilityRecord
+from fxforge.progress import bar
+from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 
+log = logging.getLogger(__name__)
 MARGIN = 0.10  # int8 must be at least this much slower before a layer moves to fp32
 SCHEDULE = timing.Schedule(warmup=1, rounds=15, statistic=statistics.median)
 Timer = Callable[[Callable[[], Any]], float]  # seconds one call takes (median of a few)
@@ -66,13 +70,15 @@ def layer_timings(compiled: CompiledModule, inputs: tuple, timer: Timer = median
     """int8 kernel vs fp32 island time of every int8 conv/linear of a static int8 compiled model."""
     gm, observed = compiled.graph_module, compiled.observed_graph
     interp = _KernelArgs(gm)
-    with quantized_engine(compiled.quant_options.runtime_engine), torch.inference_mode():
+    with quantized_engine(compiled.quant_options.runtime_engine), torch.inference_mode(), quantized_tensors_quietly():
         interp.run(*inputs)
         timings = []
-        for node in gm.graph.nodes:
-            path = _layer_path(observed, fxmeta(node).get("origins", [])) if node.name in interp.args else None
+        kernels = [n for n in gm.graph.nodes if n.name in interp.args]
+        for node in (layers := bar(kernels, desc="profitability: timing int8 vs fp32", unit="layer")):
+            path = _layer_path(observed, fxmeta(node).get("origins", []))
             if path is None:
                 continue
+            layers.set_postfix_str(path, refresh=False)
             args, module = interp.args[node.name], observed.get_submodule(path)
             timings.append(LayerTiming(path, str(node.target).split(".")[-1], timer(_call(node.target, args)) * 1e3,
                                        timer(_fp32_island(module, args)) * 1e3))
@@ -107,6 +113,9 @@ def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, opt
         record.model_ms_after = timer(lambda: candidate(*inputs)) * 1e3
         if record.model_ms_after < record.model_ms_before:
             result, record.fp32_layers = candidate, slower
+        log.info("profitability: %d layer(s) slower in int8; with them in fp32 the model runs %.3f ms (was %.3f): %s",
+                 len(slower), record.model_ms_after, record.model_ms_before,
+                 "kept" if result is candidate else "not kept")
     for attr in ("accuracy", "comparison"):  # what earlier steps recorded about the model
         setattr(result.report, attr, getattr(result.report, attr) or getattr(compiled.report, attr))
     result.report.profitability = record

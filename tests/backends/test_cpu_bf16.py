@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fxforge
@@ -144,6 +143,7 @@ def test_numeric_verification_compares_by_sqnr(emulate):
 
 @pytest.mark.slow
 def test_resnet18_sqnr_against_fp32_matches_eager_bf16(emulate):
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = fxforge.testing.reestimate_bn(torchvision.models.resnet18(), [torch.randn(8, 3, 64, 64)
                                                                           for _ in range(4)])

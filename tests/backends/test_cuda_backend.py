@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fxforge
@@ -214,6 +213,7 @@ def test_compiled_module_survives_deepcopy_and_save_load(tmp_path):
 def test_fp16_pipeline_loses_no_more_than_eager_fp16(name):
     """On CPU fp16 (rounding to fp16 between layers, like the GPU). Random-init networks amplify rounding
     errors layer after layer; mobilenet_v2 does so strongly, so eager .half() is the yardstick there."""
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = reestimate_bn(getattr(torchvision.models, name)(), [torch.randn(8, 3, 64, 64) for _ in range(2)])
     x = torch.randn(2, 3, 64, 64)
@@ -424,6 +424,7 @@ def test_cuda_conv2d_composition_matches_the_fused_conv_it_replaces(add, activat
 
 # ---------------------------------------------------------------------------------------------- GPU
 def gpu_model(name: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().cuda()
     return reestimate_bn(model, [torch.randn(8, 3, 224, 224, device="cuda") for _ in range(2)])
@@ -526,10 +527,14 @@ def test_cuda_fp32_matches_eager_and_leaves_the_model_on_cpu(ieee_fp32):
 
 
 @needs_gpu
-def test_auto_picks_the_fp16_cuda_target_on_a_gpu():
+def test_auto_on_a_gpu_measures_the_cuda_targets():
     compiled = fxforge.compile(randomize_bn(Block()).eval(), "auto", example_inputs=torch.randn(2, 3, 8, 8))
-    assert compiled.target == "cuda"
-    assert inner(compiled).c1.weight.dtype == torch.float16
+    record = compiled.report.auto
+    assert {"cuda", "cuda-fp32"} <= {c.target for c in record.candidates} and record.chosen == compiled.target
+    fp16 = next(c for c in record.candidates if c.target == "cuda")
+    assert fp16.accepted == (fp16.output_sqnr_db >= record.min_sqnr_db)
+    if compiled.target == "cuda":
+        assert inner(compiled).c1.weight.dtype == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------- to-nhwc

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import fx, nn
 
 import fxforge
@@ -62,6 +61,7 @@ def _ambiguous(shape: torch.Size) -> bool:
 
 
 def _zoo(name: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     return reestimate_bn(torchvision.models.get_model(name, weights=None), [torch.randn(4, 3, 64, 64)])
 
