@@ -4,8 +4,8 @@ Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` 
 ``jit`` (torch.jit.script + freeze + optimize_for_inference; torch.jit.trace when script fails),
 ``ort`` (onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL), ``openvino`` (OpenVINO's CPU plugin on the model
 converted by ``openvino.convert_model``: fp32 inference precision, latency hint, torch's thread count; recorded
-as ``skipped: openvino not installed`` without the package, which is not a project dependency: install
-``openvino`` to run it), ``inductor`` (torch.compile with
+as ``skipped: openvino not installed`` without the package, which only the ``bench`` extra installs:
+``pip install -e ".[bench]"``), ``inductor`` (torch.compile with
 ``torch._inductor.config.freezing = True``), ``fxforge`` (``fxforge.compile(model, "cpu", ...)``) and
 ``fxforge_bf16`` (``"cpu-bf16"``: bf16 on oneDNN; only on CPUs with AMX or AVX512-BF16, elsewhere recorded as
 ``skipped: no AMX/AVX512-BF16``, never timed emulated). vit_b_16 exercises the attention-to-sdpa rewrite.

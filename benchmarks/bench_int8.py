@@ -24,8 +24,8 @@ The tables give, per batch size, the median latency and, for int8 peers, the SQN
 fp32 on the timed input (``fxforge.quant.sqnr.outputs_sqnr_db``), plus a verdict column: the latency of
 fxforge's fastest int8 target over the fastest other peer's (fp32 ones included), and whether that target's
 SQNR (to 0.1 dB) is at least the best other int8 peer's. Build times follow. A peer that fails is recorded as
-``failed: <reason>`` and the run goes on. The OpenVINO peers need ``openvino`` and ``nncf``, which are not
-project dependencies: without them those peers are recorded as ``skipped: ... not installed``.
+``failed: <reason>`` and the run goes on. The OpenVINO peers need ``openvino`` and ``nncf`` (the ``bench``
+extra: ``pip install -e ".[bench]"``); without them those peers are recorded as ``skipped: ... not installed``.
 
 Run it (``make bench-int8`` does the first):
     .venv/bin/python benchmarks/bench_int8.py
