@@ -43,18 +43,19 @@ from torch import nn
 import fxforge
 from fxforge.numerics import timing
 
-OVERHEAD = "overhead"
+OVERHEAD, OTHER = "overhead", "other ops"
 # (category, pattern on the op / node type / layer type name), first match wins; the three engines' vocabularies
 CATEGORIES: list[tuple[str, str]] = [
     ("dispatch/alloc", r"^aten::(conv2d|convolution|_convolution|linear|matmul|empty|empty_strided|empty_like"
-                       r"|resize_|detach|alias|lift_fresh|zeros|zero_)$"),
+                       r"|resize_|detach|alias|lift_fresh|zeros|zero_|_empty_affine_quantized"
+                       r"|_empty_per_channel_affine_quantized)$"),
+    (OTHER, r"^QLinear(?!Conv|MatMul)"),  # ONNX int8 elementwise ops (QLinearAdd, ...), not kernels
     ("requantize", r"(?i)requant"),
     ("quantize/dequantize", r"(?i)quantize_per|dequantize|quantizelinear|fakequantize|^convert$"),
     ("kernel", r"(?i)conv|linear|gemm|addmm|^aten::b?mm$|matmul|fullyconnected|scaled_dot_product|attention"),
     ("layout", r"(?i)copy|clone|contiguous|^aten::to$|permute|transpose|^aten::t$|reshape|view|as_strided|expand"
                r"|reorder|squeeze|flatten|to_dense|to_mkldnn"),
 ]
-OTHER = "other ops"
 ORDER = ["kernel", "quantize/dequantize", "requantize", "layout", OTHER, "dispatch/alloc", OVERHEAD]
 
 

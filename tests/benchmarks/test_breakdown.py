@@ -38,6 +38,7 @@ class Tiny(nn.Module):
     ("aten::quantize_per_tensor", "quantize/dequantize"), ("DequantizeLinear", "quantize/dequantize"),
     ("aten::copy_", "layout"), ("Reorder", "layout"), ("ReorderOutput", "layout"),
     ("aten::conv2d", "dispatch/alloc"), ("aten::empty", "dispatch/alloc"), ("aten::relu", "other ops"),
+    ("QLinearAdd", "other ops"), ("QLinearConv", "kernel"), ("aten::_empty_affine_quantized", "dispatch/alloc"),
 ])
 def test_ops_fall_into_their_category(breakdown, name, expected):
     assert breakdown.category(name) == expected
