@@ -85,7 +85,7 @@ def conv_candidates(m: OneDnnConv2d, shape: tuple) -> dict:
     wm = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.to_mkldnn(), m.padding, m.stride, m.dilation, m.groups)
     c["blocked_nopost"] = lambda: torch.mkldnn_convolution(xm, wm, m.bias, m.padding, m.stride, m.dilation, m.groups)
     if _conv_kind(m) == "1x1":
-        gemm = GemmConv1x1(m)
+        gemm = GemmConv1x1.of(m)
         c["gemm"] = lambda: gemm(x, other)
         n, cin, h, w = shape
         w2 = m.weight.reshape(m.weight.shape[0], -1)
