@@ -190,9 +190,12 @@ class GemmConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        rows = x.contiguous(memory_format=_CHANNELS_LAST).permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
+        if h * w == 1:  # 1x1 maps (squeeze-excitation): [N, C] rows, and an output NCHW and channels-last at once
+            rows = x.reshape(n, c)
+        else:
+            rows = x.contiguous(memory_format=_CHANNELS_LAST).permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
         y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
-        out = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+        out = y.view(n, h, w, -1).permute(0, 3, 1, 2) if h * w != 1 else y.view(n, -1, 1, 1)  # channels-last strides
         if self.binary:
             out.add_(other)
         if self.activation:
