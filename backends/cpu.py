@@ -173,13 +173,15 @@ INPLACE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], object]] = {
 
 class GemmConv1x1(nn.Module):
     """A 1x1, stride-1, unpadded, ungrouped conv (+ add) (+ activation) as an MKL GEMM on the channels-last view:
-    the [N*H*W, C_in] rows times the [C_in, C_out] weight (for any input size); returns a channels-last tensor."""
+    ``F.linear`` of the [N*H*W, C_in] rows with the [C_out, C_in] weight (for any input size); returns a
+    channels-last tensor. ``F.linear``, not ``addmm``: TorchScript's executor splits a traced ``addmm`` into a
+    product and an add, which rounds differently, and ``to_torchscript`` checks its trace bit for bit."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, add: bool = False,
                  activation: str = "") -> None:
         super().__init__()
         weight = weight.detach()
-        self.register_buffer("weight_t", weight.reshape(weight.shape[0], -1).t().contiguous())  # [C_in, C_out]
+        self.register_buffer("weight", weight.reshape(weight.shape[0], -1).contiguous())  # [C_out, C_in]
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.binary, self.activation = add, activation
 
@@ -190,12 +192,9 @@ class GemmConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        if h * w == 1:  # 1x1 maps (squeeze-excitation): [N, C] rows, and an output NCHW and channels-last at once
-            rows = x.reshape(n, c)
-        else:
-            rows = x.contiguous(memory_format=_CHANNELS_LAST).permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
-        y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
-        out = y.view(n, h, w, -1).permute(0, 3, 1, 2) if h * w != 1 else y.view(n, -1, 1, 1)  # channels-last strides
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of a channels-last input or of 1x1 maps
+        y = F.linear(rows, self.weight, self.bias)
+        out = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
         if self.binary:
             out.add_(other)
         if self.activation:
@@ -204,7 +203,7 @@ class GemmConv1x1(nn.Module):
 
     def extra_repr(self) -> str:
         post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
-        return f"{list(self.weight_t.shape)}, post_ops={post!r}"
+        return f"{list(self.weight.shape)}, post_ops={post!r}"
 
 
 def is_pointwise_conv(conv: nn.Conv2d) -> bool:

@@ -3,7 +3,7 @@
 Runs at the end of ``lower-cpu`` when its ``autotune`` option is on (off by default) and rewrites a layer only
 when the alternative timed faster on this machine at compile time (random input of the layer's recorded shape,
 at the current thread count):
-    OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (torch.addmm on the [N*H*W, C] view)
+    OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (F.linear on the [N*H*W, C] view)
     OneDnnLinear (linear + activation)                =>  GemmLinear    (torch.addmm, weight pre-transposed)
     nn.Linear (left on eager's F.linear by lower-cpu)  =>  OneDnnLinear (prepacked, no post-op) or GemmLinear
 Why correct: a 1x1 stride-1 unpadded conv on a channels-last tensor is the matrix product of its free

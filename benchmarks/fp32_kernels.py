@@ -70,8 +70,8 @@ CURRENT = {"linear": "eager", MAP_1X1: "gemm"}  # the kernel lower-cpu picks, pe
 
 def _as_onednn(gemm: GemmConv1x1, shape: tuple) -> OneDnnConv2d:
     """The oneDNN conv computing what ``gemm`` computes (the candidates are built from it)."""
-    conv = torch.nn.Conv2d(*gemm.weight_t.shape, 1, bias=gemm.bias is not None)
-    conv.weight.data = gemm.weight_t.t().reshape(conv.weight.shape).clone()
+    conv = torch.nn.Conv2d(gemm.weight.shape[1], gemm.weight.shape[0], 1, bias=gemm.bias is not None)
+    conv.weight.data = gemm.weight.reshape(conv.weight.shape).clone()
     if gemm.bias is not None:
         conv.bias.data = gemm.bias.clone()
     return OneDnnConv2d(conv, gemm.binary, gemm.activation, list(shape))
