@@ -227,15 +227,17 @@ def conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype = torch.
 
 
 def _cpu_conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """As ``conv_lowering``, except a pointwise conv on 1x1 maps (a squeeze-excitation conv: a linear layer on
-    [N, C]), which goes to MKL's GEMM: oneDNN's conv op spends ~20 us per call building its primitive descriptor,
-    several times what such a product takes (benchmarks/RESULTS.md, *fp32 cpu per-call cost*)."""
-    lowered = conv_lowering(gm, node)
-    if isinstance(lowered, OneDnnConv2d) and lowered.input_size[2] * lowered.input_size[3] == 1:
-        mod = module_of(gm, node)
-        if is_pointwise_conv(mod.conv if isinstance(mod, FusedConv) else mod):
-            return GemmConv1x1.of(lowered)
-    return lowered
+    """As ``conv_lowering``, except a pointwise fp32 conv on 1x1 maps (a squeeze-excitation conv: a linear layer
+    on [N, C]), which goes to MKL's GEMM: oneDNN's conv op spends ~20 us per call building its primitive
+    descriptor, several times what such a product takes (benchmarks/RESULTS.md, *fp32 cpu: where the time goes*)."""
+    mod = module_of(gm, node)
+    fused = isinstance(mod, FusedConv)
+    conv = mod.conv if fused else mod
+    shape = tensor_shape(node.args[0]) if node.args else None
+    if (type(conv) is nn.Conv2d and conv.weight.dtype == torch.float32 and is_pointwise_conv(conv)
+            and shape is not None and len(shape) == 4 and shape[2] * shape[3] == 1):
+        return GemmConv1x1(conv.weight, conv.bias, mod.add if fused else False, mod.activation if fused else "")
+    return conv_lowering(gm, node)
 
 
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
