@@ -106,7 +106,7 @@ def _per_forward(times: dict[str, list[float]], forwards: int) -> dict[str, OpTi
     return {name: OpTime(ms / forwards, calls / forwards) for name, (ms, calls) in times.items()}
 
 
-def fxforge_breakdown(compiled: nn.Module, x: torch.Tensor, forwards: int) -> Breakdown:
+def fxforge_breakdown(compiled: fxforge.CompiledModule, x: torch.Tensor, forwards: int) -> Breakdown:
     """torch.profiler self-CPU time per op of a compiled fxforge model."""
     with torch.inference_mode():
         wall = wall_ms(lambda: compiled(x), forwards)
