@@ -4,9 +4,13 @@ lower-cpu rewrites:
     FusedConv[Conv2d, add? act?] / Conv2d  =>  OneDnnConv2d   (mkldnn._convolution_pointwise[.binary])
     FusedLinear[act]                        =>  OneDnnLinear   (mkldnn._linear_pointwise)
     (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
+    Conv2d 1x1 on 1x1 maps (squeeze-excitation)  =>  GemmConv1x1  (MKL GEMM on [N, C]: oneDNN's per-call cost
+                                                                  is larger than such a product)
 Plain Linear stays on eager's MKL GEMM, faster at batch 1 (benchmarks/RESULTS.md, kernel choice).
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
-the kernel; results differ from eager only by float summation order.
+the kernel; results differ from eager only by float summation order. A 1x1 stride-1 conv is a matrix product
+over the channels at every pixel (GemmConv1x1 computes it so for any input size, applying add and activation
+after it).
 Layout: the oneDNN convs run channels-last. lower-cpu requires ``to-nhwc`` before it (property ``nhwc``; a
 pipeline without it is refused before anything runs, naming to-nhwc), so every layout conversion is explicit:
 lower-cpu lowers the convs of its channels-last regions and adds nothing (a conv to-nhwc kept in eager layout
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.errors import PluginUnavailableError
@@ -160,6 +165,53 @@ class OneDnnLinear(_Prepacked):
         return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars, "")
 
 
+# in-place activations, for kernels that compute into a fresh tensor and apply the activation after it
+INPLACE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], object]] = {
+    "relu": torch.relu_, "relu6": lambda y: y.clamp_(0.0, 6.0),
+    "hardswish": lambda y: F.hardswish(y, inplace=True), "silu": lambda y: F.silu(y, inplace=True)}
+
+
+class GemmConv1x1(nn.Module):
+    """A 1x1, stride-1, unpadded, ungrouped conv (+ add) (+ activation) as an MKL GEMM on the channels-last view:
+    ``F.linear`` of the [N*H*W, C_in] rows with the [C_out, C_in] weight (for any input size); returns a
+    channels-last tensor. ``F.linear``, not ``addmm``: TorchScript's executor splits a traced ``addmm`` into a
+    product and an add, which rounds differently, and ``to_torchscript`` checks its trace bit for bit."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, add: bool = False,
+                 activation: str = "") -> None:
+        super().__init__()
+        weight = weight.detach()
+        self.register_buffer("weight", weight.reshape(weight.shape[0], -1).contiguous())  # [C_out, C_in]
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.binary, self.activation = add, activation
+
+    @classmethod
+    def of(cls, conv: OneDnnConv2d) -> GemmConv1x1:
+        """The GEMM computing what the oneDNN ``conv`` computes."""
+        return cls(conv.weight, conv.bias, conv.binary, conv.activation)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of a channels-last input or of 1x1 maps
+        y = F.linear(rows, self.weight, self.bias)
+        out = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+        if self.binary:
+            out.add_(other)
+        if self.activation:
+            INPLACE_ACTIVATIONS[self.activation](y)
+        return out
+
+    def extra_repr(self) -> str:
+        post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
+        return f"{list(self.weight.shape)}, post_ops={post!r}"
+
+
+def is_pointwise_conv(conv: nn.Conv2d) -> bool:
+    """1x1 kernel, stride 1, no padding, one group: a matrix product over the channels at every pixel."""
+    return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.groups == 1)
+
+
 def conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype = torch.float32,
                   module: type[OneDnnConv2d] = OneDnnConv2d) -> nn.Module | None:
     """The oneDNN ``module`` replacing ``node``, or None when it is not a lowerable Conv2d of ``dtype``."""
@@ -172,6 +224,20 @@ def conv_lowering(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype = torch.
     if conv.weight.dtype != dtype or shape is None or len(shape) != 4:
         return None
     return module(conv, add, activation, list(shape))
+
+
+def _cpu_conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """As ``conv_lowering``, except a pointwise fp32 conv on 1x1 maps (a squeeze-excitation conv: a linear layer
+    on [N, C]), which goes to MKL's GEMM: oneDNN's conv op spends ~20 us per call building its primitive
+    descriptor, several times what such a product takes (benchmarks/RESULTS.md, *fp32 cpu: where the time goes*)."""
+    mod = module_of(gm, node)
+    fused = isinstance(mod, FusedConv)
+    conv = mod.conv if fused else mod
+    shape = tensor_shape(node.args[0]) if node.args else None
+    if (type(conv) is nn.Conv2d and conv.weight.dtype == torch.float32 and is_pointwise_conv(conv)
+            and shape is not None and len(shape) == 4 and shape[2] * shape[3] == 1):
+        return GemmConv1x1(conv.weight, conv.bias, mod.add if fused else False, mod.activation if fused else "")
+    return conv_lowering(gm, node)
 
 
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -224,7 +290,7 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
     instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
     ctx.shapes(gm)
-    counts = lower_modules(gm, "lower-cpu", conv_lowering, _linear_lowering)
+    counts = lower_modules(gm, "lower-cpu", _cpu_conv_lowering, _linear_lowering)
     ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
     switched = False

@@ -3,7 +3,7 @@
 Runs at the end of ``lower-cpu`` when its ``autotune`` option is on (off by default) and rewrites a layer only
 when the alternative timed faster on this machine at compile time (random input of the layer's recorded shape,
 at the current thread count):
-    OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (torch.addmm on the [N*H*W, C] view)
+    OneDnnConv2d 1x1, stride 1, no padding, groups 1  =>  GemmConv1x1   (F.linear on the [N*H*W, C] view)
     OneDnnLinear (linear + activation)                =>  GemmLinear    (torch.addmm, weight pre-transposed)
     nn.Linear (left on eager's F.linear by lower-cpu)  =>  OneDnnLinear (prepacked, no post-op) or GemmLinear
 Why correct: a 1x1 stride-1 unpadded conv on a channels-last tensor is the matrix product of its free
@@ -22,10 +22,15 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear, register_autotuner
+from fxforge.backends.cpu import (
+    INPLACE_ACTIVATIONS,
+    GemmConv1x1,
+    OneDnnConv2d,
+    OneDnnLinear,
+    register_autotuner,
+)
 from fxforge.graph.matching import module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite, tensor_shape
 from fxforge.numerics import timing
@@ -35,37 +40,6 @@ from fxforge.progress import bar
 # oneDNN builds its primitive on the first call; then the best of 5 calls per candidate, interleaved
 SCHEDULE = timing.Schedule(warmup=2, rounds=5)
 MARGIN = 0.05  # an alternative replaces the current kernel only when the current one takes this much longer
-
-# in-place activations (the product is a fresh tensor)
-_INPLACE = {"relu": torch.relu_, "relu6": lambda y: y.clamp_(0.0, 6.0),
-            "hardswish": lambda y: F.hardswish(y, inplace=True), "silu": lambda y: F.silu(y, inplace=True)}
-
-
-class GemmConv1x1(nn.Module):
-    """A 1x1, stride-1, unpadded, ungrouped conv (+ add) (+ activation) as an MKL GEMM on the channels-last view."""
-
-    def __init__(self, conv: OneDnnConv2d) -> None:
-        super().__init__()
-        weight = conv.weight.detach()
-        self.register_buffer("weight_t", weight.reshape(weight.shape[0], -1).t().contiguous())  # [C_in, C_out]
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
-        self.binary, self.activation = conv.binary, conv.activation
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        n, c, h, w = x.shape
-        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
-        y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
-        out = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
-        if self.binary:
-            out.add_(other)
-        if self.activation:
-            _INPLACE[self.activation](y)
-        return out
-
-    def extra_repr(self) -> str:
-        post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
-        return f"{list(self.weight_t.shape)}, post_ops={post!r}"
-
 
 class GemmLinear(nn.Module):
     """Linear (+ activation) as torch.addmm with the weight transposed once ([in, out], contiguous)."""
@@ -80,7 +54,7 @@ class GemmLinear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
         if self.activation:
-            _INPLACE[self.activation](y)
+            INPLACE_ACTIVATIONS[self.activation](y)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
@@ -120,8 +94,8 @@ def _alternatives(gm: fx.GraphModule, node: fx.Node) -> dict[str, tuple[nn.Modul
             if other_shape is None:
                 return None
             args = (x, _example(other_shape))
-        return {"onednn": (module, args), "gemm": (GemmConv1x1(module), args)}
-    if isinstance(module, OneDnnLinear) and (module.activation == "" or module.activation in _INPLACE):
+        return {"onednn": (module, args), "gemm": (GemmConv1x1.of(module), args)}
+    if isinstance(module, OneDnnLinear) and (module.activation == "" or module.activation in INPLACE_ACTIVATIONS):
         return {"onednn": (module, (x,)), "gemm": (GemmLinear(module, module.activation), (x,))}
     if type(module) is nn.Linear and module.weight.dtype == torch.float32 and len(shape) >= 2:
         rows = int(torch.Size(shape[:-1]).numel())

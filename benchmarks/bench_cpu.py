@@ -2,7 +2,10 @@
 
 Peers (``--peers``, default all): ``eager`` (fp32, the reference), ``eager_cl`` (channels_last),
 ``jit`` (torch.jit.script + freeze + optimize_for_inference; torch.jit.trace when script fails),
-``ort`` (onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL), ``inductor`` (torch.compile with
+``ort`` (onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL), ``openvino`` (OpenVINO's CPU plugin on the model
+converted by ``openvino.convert_model``: fp32 inference precision, latency hint, torch's thread count; recorded
+as ``skipped: openvino not installed`` without the package, which only the ``bench`` extra installs:
+``pip install -e ".[bench]"``), ``inductor`` (torch.compile with
 ``torch._inductor.config.freezing = True``), ``fxforge`` (``fxforge.compile(model, "cpu", ...)``) and
 ``fxforge_bf16`` (``"cpu-bf16"``: bf16 on oneDNN; only on CPUs with AMX or AVX512-BF16, elsewhere recorded as
 ``skipped: no AMX/AVX512-BF16``, never timed emulated). vit_b_16 exercises the attention-to-sdpa rewrite.
@@ -31,6 +34,8 @@ import contextlib
 import copy
 import datetime
 import functools
+import importlib.metadata
+import importlib.util
 import io
 import math
 import os
@@ -119,14 +124,56 @@ def _export_onnx(model: nn.Module, x: torch.Tensor) -> bytes:
     raise RuntimeError("onnx export failed: " + "; ".join(errors))
 
 
-def build_ort(model: nn.Module, x: torch.Tensor) -> Runner:
+def ort_session(onnx_model: bytes | str, profile_prefix: str | None = None) -> object:
+    """An onnxruntime CPU session at ORT_ENABLE_ALL with torch's intra-op thread count; ``profile_prefix``: write
+    ORT's profile (``SessionOptions.enable_profiling``) to a JSON file starting with it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(_export_onnx(model, x), opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session: object) -> Runner:
     return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+
+
+def build_ort(model: nn.Module, x: torch.Tensor) -> Runner:
+    return ort_runner(ort_session(_export_onnx(model, x)))
+
+
+def openvino_model(model: nn.Module, x: torch.Tensor) -> object:
+    """``model`` converted by OpenVINO's PyTorch front end, its input fixed to ``x``'s shape (as the ONNX export).
+    Raises PeerSkipped when openvino is not installed."""
+    if importlib.util.find_spec("openvino") is None:
+        raise PeerSkipped("openvino not installed")
+    import openvino as ov
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return ov.convert_model(model, example_input=x, input=[tuple(x.shape)])
+
+
+def openvino_compiled(ov_model: object, perf_counters: bool = False) -> object:
+    """``ov_model`` compiled for OpenVINO's CPU plugin: torch's thread count, latency mode, fp32 precision (the
+    plugin's default on bf16-capable CPUs is bf16); ``perf_counters``: per-layer times (PERF_COUNT)."""
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": perf_counters}
+    return ov.Core().compile_model(ov_model, "CPU", config)
+
+
+def openvino_runner(compiled: object) -> Runner:
+    request = compiled.create_infer_request()
+    return lambda inp: torch.from_numpy(request.infer({0: inp.numpy()})[0])
+
+
+def build_openvino(model: nn.Module, x: torch.Tensor) -> Runner:
+    return openvino_runner(openvino_compiled(openvino_model(model, x)))
 
 
 def build_inductor(model: nn.Module, x: torch.Tensor) -> Runner:
@@ -163,6 +210,7 @@ PEERS: dict[str, Builder] = {
     "eager_cl": build_eager_cl,
     "jit": build_jit,
     "ort": build_ort,
+    "openvino": build_openvino,
     "inductor": build_inductor,
     "fxforge": build_fxforge,
     "fxforge_bf16": build_fxforge_bf16,
@@ -291,6 +339,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def optional_versions(packages: tuple[str, ...] = ("openvino", "nncf")) -> str:
+    """"openvino X, nncf Y, " for the optional peers' packages that are installed."""
+    found = []
+    for name in packages:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{name} {importlib.metadata.version(name)}, ")
+    return "".join(found)
+
+
 def machine_info(load_before: float) -> list[str]:
     import onnxruntime as ort
 
@@ -299,8 +356,9 @@ def machine_info(load_before: float) -> list[str]:
         f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, "
         f"ISA: {torch.backends.cpu.get_cpu_capability()}, {platform.system()} {platform.release()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime {ort.__version__}, "
-        f"fxforge {fxforge.__version__}, Python {platform.python_version()}",
-        f"- threads: {torch.get_num_threads()} (torch intra-op; ORT intra_op_num_threads the same)",
+        f"{optional_versions()}fxforge {fxforge.__version__}, Python {platform.python_version()}",
+        f"- threads: {torch.get_num_threads()} (torch intra-op; ORT intra_op_num_threads and OpenVINO "
+        "INFERENCE_NUM_THREADS the same)",
         f"- command: `{shlex.join(sys.orig_argv)}`",
         f"- 1-minute load average at start / end: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
         f"(the end value includes this run; well above {torch.get_num_threads()} means shared cores)",

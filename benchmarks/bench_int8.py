@@ -1,19 +1,21 @@
 """CPU int8 inference benchmark: fxforge's int8 targets against int8 peers, side by side in one process.
 
 Peers (``--peers``, default all):
-- fp32: ``eager`` (the reference for SQNR), ``ort`` (onnxruntime, bench_cpu's builder) and ``fx_cpu``
-  (``fxforge.compile(model, "cpu", ...)``);
+- fp32: ``eager`` (the reference for SQNR), ``ort`` (onnxruntime), ``openvino`` (both bench_cpu's builders) and
+  ``fx_cpu`` (``fxforge.compile(model, "cpu", ...)``);
 - int8 peers: ``ao_x86`` / ``ao_fbgemm`` (torch.ao.quantization FX mode: prepare_fx with
   ``get_default_qconfig_mapping(engine)``, calibrate, convert_fx; every call runs with
   ``torch.backends.quantized.engine`` set to that engine) and ``ort_int8`` (onnxruntime ``quantize_static`` on
   the exported fp32 ONNX model after ``quant_pre_process``: QDQ, per-channel, activations QUInt8, weights
-  QInt8, MinMax calibration; CPUExecutionProvider, ORT_ENABLE_ALL);
+  QInt8, MinMax calibration; CPUExecutionProvider, ORT_ENABLE_ALL), ``openvino_int8`` (``nncf.quantize``
+  with NNCF's defaults on the same calibration images, run by OpenVINO's CPU plugin as bench_cpu's
+  ``openvino`` peer: fp32 inference precision for what stays float, torch's thread count);
 - fxforge int8: ``fx_x86``, ``fx_fbgemm``, ``fx_qnnpack`` (``fxforge.compile(model, target, calibration=...)``).
 
 Models are random-init torchvision classifiers with BatchNorm statistics re-estimated on random batches
 (``bench_cpu.make_model``). Every int8 peer calibrates on the same ``--calibration-batches`` batches of 8
-random-normal images (fixed seed); onnxruntime's graph has a fixed batch size, so it sees the same images
-regrouped into batches of that size (min-max ranges do not depend on the grouping). Every peer is built per
+random-normal images (fixed seed); onnxruntime's and OpenVINO's graphs have a fixed batch size, so they see the
+same images regrouped into batches of that size (min-max ranges do not depend on the grouping). Every peer is built per
 (model, batch size) from a fresh deep copy, then all peers are timed on the same input under
 ``torch.inference_mode``, one peer after another (``bench_cpu.time_blocks`` says why not interleaved):
 ``--warmup`` untimed calls, then ``--repeats`` timed ones. Run it on an otherwise idle machine.
@@ -22,7 +24,8 @@ The tables give, per batch size, the median latency and, for int8 peers, the SQN
 fp32 on the timed input (``fxforge.quant.sqnr.outputs_sqnr_db``), plus a verdict column: the latency of
 fxforge's fastest int8 target over the fastest other peer's (fp32 ones included), and whether that target's
 SQNR (to 0.1 dB) is at least the best other int8 peer's. Build times follow. A peer that fails is recorded as
-``failed: <reason>`` and the run goes on.
+``failed: <reason>`` and the run goes on. The OpenVINO peers need ``openvino`` and ``nncf`` (the ``bench``
+extra: ``pip install -e ".[bench]"``); without them those peers are recorded as ``skipped: ... not installed``.
 
 Run it (``make bench-int8`` does the first):
     .venv/bin/python benchmarks/bench_int8.py
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import math
 import os
 import sys
@@ -51,15 +55,22 @@ from bench_cpu import (
     DEFAULT_REPEATS,
     DEFAULT_WARMUP,
     Cell,
+    PeerSkipped,
     Row,
     Runner,
     _export_onnx,
     argument_parser,
+    build_openvino,
     build_ort,
     check_peers,
     fmt_cell,
     machine_info,
     make_model,
+    openvino_compiled,
+    openvino_model,
+    openvino_runner,
+    ort_runner,
+    ort_session,
     per_batch,
     rel_error,
     short,
@@ -142,7 +153,8 @@ def _preprocessed(source: Path, target: Path) -> Path:
         return source
 
 
-def build_ort_int8(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+def ort_int8_model(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> bytes:
+    """The ONNX model quantized by onnxruntime's ``quantize_static`` (see the module docstring)."""
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -167,11 +179,34 @@ def build_ort_int8(model: nn.Module, x: torch.Tensor, calibration: Calibration) 
             quantize_static(_preprocessed(fp32, pre), int8, Reader(regroup(calibration, x.shape[0])),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-        opts = ort.SessionOptions()  # as bench_cpu.build_ort
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(int8.read_bytes(), opts, providers=["CPUExecutionProvider"])
-    return lambda inp: torch.from_numpy(session.run(None, {"x": inp.numpy()})[0])
+        return int8.read_bytes()
+
+
+def build_ort_int8(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+    return ort_runner(ort_session(ort_int8_model(model, x, calibration)))
+
+
+def build_openvino_fp32(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+    return build_openvino(model, x)
+
+
+def openvino_int8_model(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> object:
+    """The OpenVINO model quantized by ``nncf.quantize`` (NNCF's defaults: the performance preset, symmetric
+    activations) on the calibration images, regrouped to the model's fixed batch size as for onnxruntime.
+    Raises PeerSkipped when nncf is not installed."""
+    ov_model = openvino_model(model, x)
+    if importlib.util.find_spec("nncf") is None:
+        raise PeerSkipped("nncf not installed")
+    import nncf
+
+    batches = regroup(calibration, x.shape[0])
+    dataset = nncf.Dataset(batches, lambda batch: batch.numpy())
+    with contextlib.redirect_stdout(sys.stderr):  # nncf prints progress bars
+        return nncf.quantize(ov_model, dataset, subset_size=len(batches))
+
+
+def build_openvino_int8(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+    return openvino_runner(openvino_compiled(openvino_int8_model(model, x, calibration)))
 
 
 def build_fx_cpu(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
@@ -191,12 +226,14 @@ PEERS: dict[str, Builder] = {
     "ao_x86": ao_builder("x86"),
     "ao_fbgemm": ao_builder("fbgemm"),
     "ort_int8": build_ort_int8,
+    "openvino": build_openvino_fp32,
+    "openvino_int8": build_openvino_int8,
     "fx_cpu": build_fx_cpu,
     "fx_x86": fx_builder("x86"),
     "fx_fbgemm": fx_builder("fbgemm"),
     "fx_qnnpack": fx_builder("qnnpack"),
 }
-INT8_PEERS = {"ao_x86", "ao_fbgemm", "ort_int8", "fx_x86", "fx_fbgemm", "fx_qnnpack"}
+INT8_PEERS = {"ao_x86", "ao_fbgemm", "ort_int8", "openvino_int8", "fx_x86", "fx_fbgemm", "fx_qnnpack"}
 FX_INT8_PEERS = ("fx_x86", "fx_fbgemm", "fx_qnnpack")
 
 
@@ -220,6 +257,8 @@ def build_peer(builder: Builder, model: nn.Module, x: torch.Tensor, calibration:
         with torch.inference_mode():
             out = run(x)
         return run, QCell(rel_err=rel_error(out, ref), setup_s=setup_s, sqnr_db=outputs_sqnr_db(ref, out))
+    except PeerSkipped as exc:
+        return None, QCell(skipped=str(exc))
     except Exception as exc:  # one peer failing must not stop the others
         return None, QCell(error=short(exc))
 

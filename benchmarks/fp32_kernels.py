@@ -4,7 +4,8 @@ Each model is compiled for "cpu" (lower-cpu's oneDNN modules give the layers, th
 layers with equal shapes are measured once. Per layer, every candidate is called in turn (``--rounds`` rounds after a
 warm-up; the best call counts), and per (model, threads, layer kind) the table sums the layers' times and gives each
 candidate's ratio to the current kernel (current ms / candidate ms: >1 means the candidate is faster); for linears
-the reference is eager's F.linear (lower-cpu leaves plain Linear there; linear+relu runs "onednn").
+the reference is eager's F.linear (lower-cpu leaves plain Linear there; linear+relu runs "onednn"), for 1x1 convs
+on 1x1 maps (squeeze-excitation) the GEMM lower-cpu runs them on.
 Candidates:
   conv    onednn_cl (lower-cpu's OneDnnConv2d: prepacked weight, channels-last, fused post-ops), onednn_nchw (the same
           prepacked weight on an NCHW input, post-ops fused except with add), aten_cl (F.conv2d on a channels-last
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from bench_cpu import make_model
 
 import fxforge
-from fxforge.backends.cpu import OneDnnConv2d, OneDnnLinear
-from fxforge.backends.fp32_kernel_choice import GemmConv1x1, GemmLinear
+from fxforge.backends.cpu import GemmConv1x1, OneDnnConv2d, OneDnnLinear
+from fxforge.backends.fp32_kernel_choice import GemmLinear
 from fxforge.graph.matching import ACTIVATIONS
 from fxforge.numerics import timing
 from fxforge.passes.attention import SdpaSelfAttention
@@ -52,6 +53,8 @@ def layers(name: str, batch: int) -> list[tuple[str, torch.nn.Module, tuple]]:
         module, shape = gm.get_submodule(str(node.target)), tuple(node.args[0].meta["tensor_meta"].shape)
         if isinstance(module, OneDnnConv2d):
             out.append((_conv_kind(module), module, shape))
+        elif isinstance(module, GemmConv1x1):  # lower-cpu's choice for 1x1 convs on 1x1 maps
+            out.append((MAP_1X1, _as_onednn(module, shape), shape))
         elif isinstance(module, (OneDnnLinear, torch.nn.Linear)):
             out.append(("linear", module, shape))
         elif isinstance(module, SdpaSelfAttention):
@@ -59,6 +62,19 @@ def layers(name: str, batch: int) -> list[tuple[str, torch.nn.Module, tuple]]:
             in_proj.weight.data, in_proj.bias.data = module.in_proj_weight.data, module.in_proj_bias.data
             out += [("linear", in_proj, shape), ("linear", module.out_proj, shape)]
     return out
+
+
+MAP_1X1 = "1x1 on 1x1 map"  # squeeze-excitation convs: lower-cpu runs them as GEMMs (the current kernel)
+CURRENT = {"linear": "eager", MAP_1X1: "gemm"}  # the kernel lower-cpu picks, per layer kind (default onednn_cl)
+
+
+def _as_onednn(gemm: GemmConv1x1, shape: tuple) -> OneDnnConv2d:
+    """The oneDNN conv computing what ``gemm`` computes (the candidates are built from it)."""
+    conv = torch.nn.Conv2d(gemm.weight.shape[1], gemm.weight.shape[0], 1, bias=gemm.bias is not None)
+    conv.weight.data = gemm.weight.reshape(conv.weight.shape).clone()
+    if gemm.bias is not None:
+        conv.bias.data = gemm.bias.clone()
+    return OneDnnConv2d(conv, gemm.binary, gemm.activation, list(shape))
 
 
 def _conv_kind(module: OneDnnConv2d) -> str:
@@ -84,8 +100,8 @@ def conv_candidates(m: OneDnnConv2d, shape: tuple) -> dict:
     xm = x.to_mkldnn()
     wm = torch._C._nn.mkldnn_reorder_conv2d_weight(m.weight.to_mkldnn(), m.padding, m.stride, m.dilation, m.groups)
     c["blocked_nopost"] = lambda: torch.mkldnn_convolution(xm, wm, m.bias, m.padding, m.stride, m.dilation, m.groups)
-    if _conv_kind(m) == "1x1":
-        gemm = GemmConv1x1(m)
+    if _conv_kind(m) == "1x1":  # 1x1, stride 1, one group (1x1 maps included)
+        gemm = GemmConv1x1.of(m)
         c["gemm"] = lambda: gemm(x, other)
         n, cin, h, w = shape
         w2 = m.weight.reshape(m.weight.shape[0], -1)
@@ -149,7 +165,7 @@ def main() -> None:
                 for candidate, seconds in measured[key].items():
                     totals[kind][candidate] += seconds
             for kind, times in totals.items():
-                current = times["eager" if kind == "linear" else "onednn_cl"]  # linear: most are plain (eager)
+                current = times[CURRENT.get(kind, "onednn_cl")]  # linear: most are plain (eager)
                 cells = "  ".join(f"{c} {t * 1e3:.2f} ({current / t:.2f}x)" for c, t in times.items())
                 print(f"| {name} | {threads} | {kind} | {counts[kind]} | {cells} |", flush=True)
 

@@ -95,7 +95,7 @@ def test_gemm_conv_matches_onednn_and_returns_channels_last(add, activation):
     x = torch.randn(2, 12, 5, 7)
     other = torch.randn(2, 20, 5, 7) if add else None
     onednn = OneDnnConv2d(conv, add, activation, list(x.shape))
-    gemm = GemmConv1x1(onednn)
+    gemm = GemmConv1x1.of(onednn)
     args = (x, other) if add else (x,)
     with torch.inference_mode():
         expected, actual = onednn(*args), gemm(*args)

@@ -49,3 +49,22 @@ def test_the_int8_benchmark_keeps_its_own_default_models(bench_cpu, monkeypatch)
 
     assert bench_int8.parse_args([]).models == bench_int8.DEFAULT_MODELS != bench_cpu.DEFAULT_MODELS
     assert bench_int8.parse_args(["--models", "resnet18"]).models == "resnet18"
+
+
+def test_openvino_peer_is_skipped_when_openvino_is_not_installed(bench_cpu, monkeypatch):
+    real_find_spec = bench_cpu.importlib.util.find_spec
+    monkeypatch.setattr(bench_cpu.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    x = torch.randn(1, 3, 8, 8)
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["openvino"], _tiny(), x, _tiny()(x))
+    assert run is None and cell.skipped == "openvino not installed" and cell.error is None
+
+
+def test_openvino_peer_runs_in_fp32_at_torchs_thread_count(bench_cpu):
+    pytest.importorskip("openvino")
+    model, x = _tiny(), torch.randn(1, 3, 8, 8)
+    compiled = bench_cpu.openvino_compiled(bench_cpu.openvino_model(model, x))
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["openvino"], model, x, model(x))
+    assert run is not None and cell.error is None and cell.rel_err < 1e-4

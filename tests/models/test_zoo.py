@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 import fxforge
-from fxforge.backends.cpu import OneDnnConv2d
+from fxforge.backends.cpu import GemmConv1x1, OneDnnConv2d
 from fxforge.graph.fused import FusedConv
 from helpers import assert_unchanged, module_types, one_intra_op_thread, reestimate_bn, rel_error, state_snapshot
 
@@ -32,7 +32,7 @@ RTOL = 1e-4
 SIZE = 64
 EXAMPLE_BATCH = 2
 _BN = nn.modules.batchnorm._BatchNorm
-_ANY_CONV = (nn.modules.conv._ConvNd, FusedConv, OneDnnConv2d)  # as traced, fused, lowered
+_ANY_CONV = (nn.modules.conv._ConvNd, FusedConv, OneDnnConv2d, GemmConv1x1)  # as traced, fused, lowered
 
 ZOO: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: tv_models.resnet18(),
@@ -125,5 +125,6 @@ def test_batchnorm_folded(case: ZooCase) -> None:
 def test_every_conv_lowered_to_onednn(case: ZooCase) -> None:
     convs = sum(isinstance(m, nn.Conv2d) for m in case.model.modules())
     types = module_types(case.compiled.graph_module)
-    assert types.count("OneDnnConv2d") == convs, f"{case.name}: {types.count('OneDnnConv2d')} of {convs} convs lowered"
+    lowered = types.count("OneDnnConv2d") + types.count("GemmConv1x1")  # GEMMs: pointwise convs on 1x1 maps
+    assert lowered == convs, f"{case.name}: {lowered} of {convs} convs lowered"
     assert not [t for t in types if t in ("Conv2d", "FusedConv")], "conv left on the eager path"

@@ -80,7 +80,8 @@ def test_zoo_models_convert_once(name: str):
     assert conversions(gm) == {"enter": 1}
     convs = [n for n in gm.graph.nodes if n.op == "call_module" and "Conv" in type(gm.get_submodule(n.target)).__name__]
     assert convs and all(fxmeta(n).get("layout") == "channels_last" for n in convs)
-    assert module_types(gm).count("OneDnnConv2d") == len(convs)  # all lowered
+    types = module_types(gm)
+    assert types.count("OneDnnConv2d") + types.count("GemmConv1x1") == len(convs)  # all lowered (SE convs: GEMMs)
     unambiguous = [n for n in convs if not _ambiguous(n.meta["tensor_meta"].shape)]  # SE convs run on 1x1
     assert _assert_region_strides(gm, x) >= len(unambiguous) > len(convs) // 2
     with torch.inference_mode():
