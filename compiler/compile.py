@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from fxforge.capture.export import DynamicSpec
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.pipeline.instruments import Instrument
@@ -36,10 +37,17 @@ def compile(  # noqa: A001 - the public name users expect
     skip: str | Sequence[str] = (),
     accuracy: AccuracyBudget | None = None,
     profitability: bool = False,
+    capture: str = "auto",
+    dynamic: DynamicSpec = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
-    ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
+    ``example_inputs`` (a tensor, a tuple of forward arguments, or a dict of keyword arguments as in
+    ``model(**batch)``) fixes shapes for capture and shape propagation; ``capture`` picks the front end:
+    "auto" (symbolic tracing, torch.export where tracing fails), "symbolic" or "export"; ``dynamic`` names
+    the dimensions that may vary between calls: None (the default: batch and sequence where the model
+    allows, see docs/capture.md), True (the batch and sequence dims of every input), False (none), or
+    ``{"input_ids": {0: "batch", 1: "seq"}}``; calls outside them raise ``InputShapeError``. ``pipeline``
     replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
     "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
     "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
@@ -52,7 +60,7 @@ def compile(  # noqa: A001 - the public name users expect
     options = dict(example_inputs=example_inputs, pipeline=pipeline, extra_passes=extra_passes, verify=verify,
                    leaf_modules=leaf_modules, concrete_args=concrete_args, dump_dir=dump_dir, instruments=instruments,
                    calibration=calibration, calibration_batches=calibration_batches, quantization=quantization,
-                   quant_config=quant_config, skip=skip)
+                   quant_config=quant_config, skip=skip, capture=capture, dynamic=dynamic)
     if accuracy is None and not profitability:
         return build(model, target, **options)
     options = materialize_calibration(options)  # every compile of the searches sees the same batches
