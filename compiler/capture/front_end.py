@@ -23,7 +23,7 @@ from fxforge.errors import ConfigError, InputShapeError, TraceError
 
 from .export import DynamicSpec, default_axes, export_model
 from .signature import CallSignature, bind_call, static_contract
-from .tracing import trace, user_frame
+from .tracing import bind_default_arguments, trace, user_frame
 
 CAPTURE_MODES = ("auto", "symbolic", "export")
 
@@ -46,7 +46,7 @@ def example_call(model: nn.Module, example_inputs: Any) -> tuple[inspect.Signatu
     """(forward's signature, the example inputs bound to it by name): a dict is keyword arguments
     (``model(**batch)``), a tuple or list one value per positional argument, anything else the one argument."""
     if example_inputs is None:
-        raise ConfigError("compile needs example_inputs=: a tensor, a tuple with one value per forward argument, "
+        raise ConfigError("compile needs example_inputs=: a tensor, or a tuple with one value per forward argument, "
                           "or a dict of keyword arguments (model(**batch))")
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else \
         (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((example_inputs,), {})
@@ -54,6 +54,7 @@ def example_call(model: nn.Module, example_inputs: Any) -> tuple[inspect.Signatu
     try:
         return parameters, bind_call(parameters, args, kwargs)
     except InputShapeError as exc:
+        bind_default_arguments(model, len(args))  # a wrong count of positional inputs: its own message
         raise ConfigError(f"example_inputs do not fit {type(model).__name__}.forward: {exc}") from exc
 
 

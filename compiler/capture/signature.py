@@ -155,7 +155,7 @@ def _check_tensor(value: Any, contract: TensorContract, symbols: dict[str, int])
 
 def static_contract(name: str, example: torch.Tensor, dynamic_axes: dict[int, str]) -> TensorContract:
     """The contract of an input whose dims are fixed at the example's sizes except ``dynamic_axes`` (axis ->
-    symbol name; any size >= 1 there)."""
-    dims = tuple(Dimension(symbol=dynamic_axes[a], low=1) if a in dynamic_axes else Dimension(size=s)
+    symbol name; any size there)."""
+    dims = tuple(Dimension(symbol=dynamic_axes[a], low=0) if a in dynamic_axes else Dimension(size=s)
                  for a, s in enumerate(example.shape))
     return TensorContract(name, example.dtype, dims)
