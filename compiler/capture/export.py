@@ -107,6 +107,7 @@ def export_model(model: nn.Module, call: dict[str, Any], parameters: inspect.Sig
     gm = ep.module()
     info = gm.graph._codegen.pytree_info
     leaves = pytree.tree_leaves(call)
+    _inline_constant_inputs(gm)
     contracts = _contracts(gm, ep)
     signature = CallSignature(parameters, pytree.tree_flatten(call)[1], leaves, contracts, info.out_spec,
                               _specialized(contracts, call))
@@ -139,6 +140,17 @@ def _contracts(gm: fx.GraphModule, ep: torch.export.ExportedProgram) -> list[Ten
                 dims.append(Dimension(size=int(size)))  # a derived expression is hinted; kept static
         out.append(TensorContract(node.name, val.dtype, tuple(dims)))
     return out
+
+
+def _inline_constant_inputs(gm: fx.GraphModule) -> None:
+    """Non-tensor inputs (``use_cache=False``) were specialized by export: their placeholders go, their
+    readers get the value (the CallSignature checks that calls pass the same one)."""
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            for user in list(node.users):
+                user.replace_input_with(node, value)
+            gm.graph.erase_node(node)
 
 
 def _specialized(contracts: list[TensorContract], call: dict[str, Any]) -> list[str]:
@@ -177,15 +189,17 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _collapse(gm: fx.GraphModule, model: nn.Module, key: str, nodes: list[fx.Node]) -> bool:
-    """One module call's aten nodes -> ``call_module`` of that module, when it reads one tensor and its own
-    parameters, and one of its nodes is read outside."""
+    """One module call's aten nodes -> ``call_module`` of that module, when it reads one tensor (besides its
+    own parameters and sizes) and one of its nodes is read outside."""
     path = next(p for k, (p, _) in nodes[0].meta["nn_module_stack"].items() if k == key)
     module = model.get_submodule(path)
     inside = set(nodes)
     own = {f"{path}.{name}" for name, _ in module.named_parameters()} | \
           {f"{path}.{name}" for name, _ in module.named_buffers()}
     inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside}
-    tensors = [a for a in inputs if not (a.op == "get_attr" and str(a.target) in own)]
+    # sizes read from outside (export hoists sym_size calls) are the module input's own: it recomputes them
+    tensors = [a for a in inputs if not (a.op == "get_attr" and str(a.target) in own)
+               and not isinstance(a.meta.get("val"), (torch.SymInt, int))]
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(tensors) != 1 or len(outputs) != 1 or any(n.op != "call_function" for n in nodes):
         return False
