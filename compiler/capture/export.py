@@ -79,17 +79,17 @@ def default_axes(value: torch.Tensor) -> dict[int, str]:
 
 
 def _dynamic_shapes(call: dict[str, Any], dynamic: DynamicSpec) -> dict[str, Any] | None:
-    """export's dynamic_shapes for the call: named dims where the user named them, else Dim.AUTO (export keeps
+    """export's dynamic_shapes for the call: Dim.DYNAMIC where the user named dims (the names are the user's
+    labels; export's own symbols and ranges go to the report), else Dim.AUTO on the default axes (export keeps
     them symbolic where the model allows, specializes elsewhere; the report says which)."""
     if dynamic is False:
         return None
     named = {} if dynamic is None or dynamic is True else dynamic
-    dims: dict[str, Dim] = {}
 
     def spec(name: str, value: Any) -> Any:
-        if name in named:
+        if name in named:  # must stay dynamic (export fails if the model fixes it); export finds the range
             axes = named[name]
-            return pytree.tree_map(lambda t: {a: dims.setdefault(n, Dim(n)) for a, n in axes.items()}
+            return pytree.tree_map(lambda t: dict.fromkeys(axes, Dim.DYNAMIC)
                                    if isinstance(t, torch.Tensor) else None, value)
         if named:  # the user named some inputs: the others are static
             return pytree.tree_map(lambda t: None, value)

@@ -46,11 +46,12 @@ class TensorContract:
     """What an input tensor must look like: its dtype and, per dimension, a size or a symbol."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: any (the symbolic front end's graphs cast where they need to)
     dims: tuple[Dimension, ...]
 
     def describe(self) -> str:
-        return f"{self.name}: ({', '.join(map(str, self.dims))}) {str(self.dtype).removeprefix('torch.')}"
+        dtype = "" if self.dtype is None else " " + str(self.dtype).removeprefix("torch.")
+        return f"{self.name}: ({', '.join(map(str, self.dims))}){dtype}"
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _check_tensor(value: Any, contract: TensorContract, symbols: dict[str, int])
         raise InputShapeError(f"input '{contract.name}' must be a tensor ({contract.describe()}), "
                               f"got {type(value).__name__}")
     shape = tuple(value.shape)
-    if value.dtype != contract.dtype or len(shape) != len(contract.dims):
+    if contract.dtype not in (None, value.dtype) or len(shape) != len(contract.dims):
         raise InputShapeError(f"input '{contract.name}' has shape {shape} {value.dtype}; the model was compiled "
                               f"for {contract.describe()}")
     for axis, (size, dim) in enumerate(zip(shape, contract.dims, strict=True)):
@@ -154,8 +155,8 @@ def _check_tensor(value: Any, contract: TensorContract, symbols: dict[str, int])
 
 
 def static_contract(name: str, example: torch.Tensor, dynamic_axes: dict[int, str]) -> TensorContract:
-    """The contract of an input whose dims are fixed at the example's sizes except ``dynamic_axes`` (axis ->
+    """The contract of an input (any dtype) whose dims are fixed at the example's sizes except ``dynamic_axes`` (axis ->
     symbol name; any size there)."""
     dims = tuple(Dimension(symbol=dynamic_axes[a], low=0) if a in dynamic_axes else Dimension(size=s)
                  for a, s in enumerate(example.shape))
-    return TensorContract(name, example.dtype, dims)
+    return TensorContract(name, None, dims)
