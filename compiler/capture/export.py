@@ -16,6 +16,8 @@ decompositions):
 - Export's bookkeeping goes: the ``_guards_fn`` shape guard (the ``CallSignature`` checks shapes on every
   call, with messages that say what to do) and ``aten._assert_tensor_metadata`` (it asserts what the shape
   contract checks at the entry). Dropout (``aten.dropout(x, p, False)``) stays for remove-noops.
+- A dataclass the model returns (export cannot flatten it) is registered as a pytree node, and export
+  retried.
 - The graph takes the call's tensors positionally and returns its output leaves; the pytree specs go to the
   ``CallSignature`` (plain codegen: every pass, ShapeProp and the serializers see an ordinary graph).
 Preconditions: eval mode; the model is a private copy (its submodules move into the graph module).
@@ -23,6 +25,7 @@ Preconditions: eval mode; the model is a private copy (its submodules move into 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import sys
@@ -103,7 +106,13 @@ def export_model(model: nn.Module, call: dict[str, Any], parameters: inspect.Sig
                  dynamic: DynamicSpec) -> ExportResult:
     """Export ``model(**call)`` (``call`` bound by name to ``parameters``) into a GraphModule of modules and aten
     ops, with the signature that maps user calls onto it. Raises what torch.export raises."""
-    ep = torch.export.export(model, (), call, strict=False, dynamic_shapes=_dynamic_shapes(call, dynamic))
+    shapes = _dynamic_shapes(call, dynamic)
+    try:
+        ep = torch.export.export(model, (), call, strict=False, dynamic_shapes=shapes)
+    except RuntimeError as exc:
+        if "is not a known type" not in str(exc) or not _register_output_dataclasses(model, call):
+            raise
+        ep = torch.export.export(model, (), call, strict=False, dynamic_shapes=shapes)
     gm = ep.module()
     info = gm.graph._codegen.pytree_info
     leaves = pytree.tree_leaves(call)
@@ -122,6 +131,33 @@ def export_model(model: nn.Module, call: dict[str, Any], parameters: inspect.Sig
     plain.train(model.training)
     log.debug("export: %d module calls kept as modules", collapsed)
     return ExportResult(plain, signature, collapsed)
+
+
+def _register_output_dataclasses(model: nn.Module, call: dict[str, Any]) -> bool:
+    """Register the dataclasses the model returns as pytree nodes (export flattens outputs; a dataclass needs
+    registering once per process). True when there were any to register."""
+    with torch.no_grad():
+        output = model(**call)
+    found: set[type] = set()
+
+    def visit(value: Any) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            found.add(type(value))
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name))
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    visit(output)
+    new = [t for t in found if t not in pytree.SUPPORTED_NODES]
+    for cls in new:
+        torch.export.register_dataclass(cls)
+        log.info("registered %s (a dataclass the model returns) as a pytree node for torch.export", cls.__name__)
+    return bool(new)
 
 
 def _contracts(gm: fx.GraphModule, ep: torch.export.ExportedProgram) -> list[TensorContract]:
