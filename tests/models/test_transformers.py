@@ -139,3 +139,21 @@ def test_positional_and_keyword_calls_agree():
     assert torch.equal(compiled(IDS, MASK).last_hidden_state, by_name)
     with pytest.raises(fxforge.InputShapeError):
         compiled(IDS)  # compiled with an attention mask
+
+
+@pytest.mark.parametrize("make", [T.BertModel, T.DistilBertModel])
+def test_eager_attention_with_padding_mask_becomes_sdpa(make):
+    torch.manual_seed(0)
+    config = (T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=1000) if make is T.BertModel else
+              T.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000))
+    config._attn_implementation = "eager"
+    model = make(config).eval()
+    mask = MASK.clone()
+    mask[1, 20:] = 0  # padding: the additive mask matters
+    compiled = fxforge.compile(model, "cpu", example_inputs={"input_ids": IDS, "attention_mask": mask})
+    targets = [str(n.target) for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert sum("scaled_dot_product_attention" in t for t in targets) == 2
+    assert not any("softmax" in t for t in targets)
+    expected = model(input_ids=IDS, attention_mask=mask).last_hidden_state
+    assert rel_error(compiled(input_ids=IDS, attention_mask=mask).last_hidden_state, expected) <= 1e-4
