@@ -15,7 +15,8 @@ decompositions):
   exported BERT / GPT-2 graphs lower exactly like a symbolically traced model, with no second rule set.
 - Export's bookkeeping goes: the ``_guards_fn`` shape guard (the ``CallSignature`` checks shapes on every
   call, with messages that say what to do) and ``aten._assert_tensor_metadata`` (it asserts what the shape
-  contract checks at the entry). Dropout (``aten.dropout(x, p, False)``) stays for remove-noops.
+  contract checks at the entry), and casts that change nothing (``.to(float32)`` of a float32 tensor).
+  Dropout (``aten.dropout(x, p, False)``) stays for remove-noops.
 - A dataclass the model returns (export cannot flatten it) is registered as a pytree node, and export
   retried.
 - The graph takes the call's tensors positionally and returns its output leaves; the pytree specs go to the
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 DynamicSpec = bool | Mapping[str, Mapping[int, str]] | None
 
 _BOOKKEEPING = {torch.ops.aten._assert_tensor_metadata.default}
+_aten = torch.ops.aten
+_CASTS = {_aten.to.dtype, _aten.to.dtype_layout, _aten.to.device, _aten._to_copy.default, _aten.type_as.default}
 _META_DROPPED = ("val", "tensor_meta", "example_value", "unbacked_bindings", "from_node")
 
 
@@ -122,6 +125,7 @@ def export_model(model: nn.Module, call: dict[str, Any], parameters: inspect.Sig
                               _specialized(contracts, call))
     gm.graph._codegen = fx.graph.CodeGen()
     _drop_bookkeeping(gm)
+    _drop_noop_casts(gm)
     collapsed = sum(_collapse(gm, model, key, nodes) for key, nodes in _module_regions(gm, model).items())
     for node in gm.graph.nodes:
         for key in _META_DROPPED:
@@ -200,6 +204,21 @@ def _drop_bookkeeping(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target) == "_guards_fn" \
                 or node.op == "call_function" and node.target in _BOOKKEEPING:
+            gm.graph.erase_node(node)
+
+
+def _drop_noop_casts(gm: fx.GraphModule) -> None:
+    """``x.to(dtype)`` where x already has that dtype, device and strides returns x itself (copy=False): the
+    call goes. Export records such casts with the dtype spelled out (``.to(x.dtype)`` becomes ``.to(float32)``),
+    which would pin a bf16 lowering's activations to fp32."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CASTS or node.kwargs.get("copy") \
+                or node.kwargs.get("memory_format") is not None or not isinstance(node.args[0], fx.Node):
+            continue
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype \
+                and src.device == out.device and src.stride() == out.stride():
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
 
 

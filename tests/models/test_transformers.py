@@ -157,3 +157,13 @@ def test_eager_attention_with_padding_mask_becomes_sdpa(make):
     assert not any("softmax" in t for t in targets)
     expected = model(input_ids=IDS, attention_mask=mask).last_hidden_state
     assert rel_error(compiled(input_ids=IDS, attention_mask=mask).last_hidden_state, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "wav2vec2"])
+def test_cpu_bf16_where_the_hardware_has_it(name):
+    if "cpu-bf16" not in fxforge.targets():
+        pytest.skip("no bf16 CPU here")
+    model, inputs = _model(name)
+    compiled = fxforge.compile(model, "cpu-bf16", example_inputs=inputs)
+    assert not (compiled.report.output_sqnr_db < 30)
+    assert compiled(**inputs).last_hidden_state.dtype == torch.float32
