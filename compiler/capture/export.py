@@ -99,7 +99,8 @@ def _dynamic_shapes(call: dict[str, Any], dynamic: DynamicSpec) -> dict[str, Any
                                    if isinstance(t, torch.Tensor) else None, value)
         if named:  # the user named some inputs: the others are static
             return pytree.tree_map(lambda t: None, value)
-        return pytree.tree_map(lambda t: dict.fromkeys(default_axes(t), Dim.AUTO)
+        # a size-1 example dim would be specialized anyway (export's 0/1 rule): left static, said so
+        return pytree.tree_map(lambda t: {a: Dim.AUTO for a in default_axes(t) if t.shape[a] != 1}
                                if isinstance(t, torch.Tensor) else None, value)
 
     return {name: spec(name, value) for name, value in call.items()}

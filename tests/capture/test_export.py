@@ -166,3 +166,12 @@ def test_symbolic_named_dynamic_dims():
     static = fxforge.compile(model, "cpu", example_inputs=x, dynamic=False)
     with pytest.raises(fxforge.InputShapeError, match="dimension 0"):
         static(torch.randn(3, 3, 8, 8))
+
+
+def test_export_compiles_a_size_1_example_dim_as_exactly_1():
+    model, _ = _two_inputs()
+    single = {"tokens": torch.randn(1, 5, 8), "mask": torch.ones(1, 5)}
+    compiled = fxforge.compile(model, "cpu", example_inputs=single, capture="export")
+    assert compiled.report.input_shapes[0].startswith("tokens: (1, ")
+    with pytest.raises(fxforge.InputShapeError, match="compiled for exactly 1"):
+        compiled(tokens=torch.randn(2, 5, 8), mask=torch.ones(2, 5))
