@@ -109,11 +109,10 @@ def _symbolic_axes(name: str, value: torch.Tensor, dynamic: DynamicSpec) -> dict
     other sizes), the batch and sequence with dynamic=True, none with False, or the ones named."""
     if dynamic is False:
         return {}
-    if dynamic is True:
-        return default_axes(value)
-    if dynamic is None:
-        return {0: "batch"} if value.dim() >= 1 else {}
-    return dict(dynamic.get(name, {}))
+    if dynamic is not None and dynamic is not True:
+        return dict(dynamic.get(name, {}))  # names shared across inputs must agree: the user said so
+    axes = default_axes(value) if dynamic is True else {0: "batch"} if value.dim() >= 1 else {}
+    return {axis: f"{name}.{label}" for axis, label in axes.items()}  # inputs' batch dims are independent
 
 
 def _export(model: nn.Module, call: dict[str, Any], parameters: inspect.Signature, dynamic: DynamicSpec,
