@@ -20,6 +20,7 @@ from .errors import (
     CalibrationError,
     CompileError,
     ConfigError,
+    InputShapeError,
     NumericMismatchError,
     PassError,
     PluginWarning,
@@ -51,7 +52,7 @@ from . import viz as _viz  # noqa: E402,F401  isort: skip
 __all__ = [
     "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
-    "ConfigError", "DumpAfterChange", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
+    "ConfigError", "DumpAfterChange", "InputShapeError", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PluginWarning", "PassResult", "PassSpec", "QuantConfig", "Target",
     "TimingInstrument", "TraceError", "UnsupportedOpError", "compile", "format_pipeline", "graph_pass",
     "parse_pipeline", "pipeline_for", "prepare_qat", "recalibrate", "register_pass", "register_target",

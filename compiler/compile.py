@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from fxforge.capture.export import DynamicSpec
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.pipeline.instruments import Instrument
@@ -39,10 +40,17 @@ def compile(  # noqa: A001 - the public name users expect
     accuracy: AccuracyBudget | None = None,
     profitability: bool = False,
     progress: bool | None = None,
+    capture: str = "auto",
+    dynamic: DynamicSpec = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` and return a faster module with the same outputs.
 
-    ``example_inputs`` (a tensor or tuple) fixes shapes for tracing and shape propagation; ``pipeline``
+    ``example_inputs`` (a tensor, a tuple of forward arguments, or a dict of keyword arguments as in
+    ``model(**batch)``) fixes shapes for capture and shape propagation; ``capture`` picks the front end:
+    "auto" (symbolic tracing, torch.export where tracing fails), "symbolic" or "export"; ``dynamic`` names
+    the dimensions that may vary between calls: None (the default: batch and sequence where the model
+    allows, see docs/capture.md), True (the batch and sequence dims of every input), False (none), or
+    ``{"input_ids": {0: "batch", 1: "seq"}}``; calls outside them raise ``InputShapeError``. ``pipeline``
     replaces the target's pipeline text; ``extra_passes`` slots passes into it (``{"after:fold-bn": [my_pass],
     "end": "my-check"}``; anchors ``start``, ``end``, ``before:<pass>``, ``after:<pass>``); ``verify`` is
     "none", "structure" (lint + invariants after each pass) or "numeric" (also compares the output with
@@ -59,7 +67,8 @@ def compile(  # noqa: A001 - the public name users expect
                                      verify=verify, leaf_modules=leaf_modules, concrete_args=concrete_args,
                                      dump_dir=dump_dir, instruments=instruments, calibration=calibration,
                                      calibration_batches=calibration_batches, quantization=quantization,
-                                     quant_config=quant_config, skip=skip))
+                                     quant_config=quant_config, skip=skip, capture=capture,
+                                     dynamic=dynamic))
 
 
 def _compile(model: nn.Module, target: str, *, accuracy: AccuracyBudget | None, profitability: bool,

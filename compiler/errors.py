@@ -18,6 +18,11 @@ class TraceError(CompileError):
     """The model could not be captured as a torch.fx graph, even with automatic leaf fallback."""
 
 
+class InputShapeError(CompileError, ValueError):
+    """A compiled model was called with inputs outside what it was compiled for (a static dimension of
+    another size, a dynamic one out of range, another dtype or argument structure)."""
+
+
 class PassError(CompileError):
     """A pass failed, or left the graph in a state that does not verify."""
 

@@ -5,10 +5,13 @@ Rewrites:
     softmax((q @ k.transpose(-2, -1)) / c, dim=-1) @ v   ->  sdpa(q, k, v, scale=1/c)
     softmax((q @ k.transpose(-2, -1)) * c, dim=-1) @ v   ->  sdpa(q, k, v, scale=c)
     softmax(q @ k.transpose(-2, -1), dim=-1) @ v         ->  sdpa(q, k, v, scale=1.0)
+    softmax(<any of these scores> + mask, dim=-1) @ v   ->  sdpa(q, k, v, attn_mask=mask, scale=...)
+      (mask a floating-point tensor: transformers' eager attention, exported or traced)
   (``@``, ``torch.matmul`` or ``torch.bmm``; ``k.transpose(-1, -2)``, ``torch.transpose`` or ``k.mT``;
-  ``F.softmax``, ``torch.softmax`` or ``Tensor.softmax`` over the last dimension; ``c`` a number), and
+  ``F.softmax``, ``torch.softmax`` or ``Tensor.softmax`` over the last dimension; ``c`` a number; any of
+  these as the aten ops torch.export records), and
     mha(x, x, x, need_weights=False)[0]  ->  SdpaSelfAttention(mha)(x)   (batch_first, no masks, no bias_k/v)
-Why correct: sdpa computes softmax(q k^T * scale) v, the same expression, with the attention matrix kept
+Why correct: sdpa computes softmax(q k^T * scale + attn_mask) v, the same expression, with the attention matrix kept
 inside one kernel; SdpaSelfAttention applies MultiheadAttention's own in-projection, head split, attention
 and out-projection (dropout is inactive in eval). Outputs agree to float rounding (checked in the tests).
 Preconditions: eval mode (dropout between softmax and ``@ v`` already removed by remove-noops); the
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxforge.graph.matching import module_of, replace_submodule
-from fxforge.graph.meta import record_rewrite, tensor_shape
+from fxforge.graph.meta import record_rewrite, tensor_info, tensor_shape
 from fxforge.graph.ops import op_name
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import graph_pass
@@ -80,6 +83,19 @@ def _scaled_scores(scores: fx.Node) -> tuple[fx.Node, float] | None:
     return scores, 1.0
 
 
+def _masked_scores(scores: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(the scaled scores, the additive float mask) for scores = s + mask (the mask's dtype is floating: a
+    bool mask added would count as 0/1, which sdpa reads differently), else (scores, None)."""
+    if not _is_call(scores, {"add"}) or len(scores.args) != 2 or scores.kwargs:
+        return scores, None
+    for s, mask in (scores.args, scores.args[::-1]):
+        info = tensor_info(mask) if isinstance(mask, fx.Node) else None
+        if isinstance(s, fx.Node) and _sole_reader(s, scores) and info is not None \
+                and getattr(info, "dtype", torch.bool).is_floating_point and _is_call(s, _MATMULS | {"mul", "div"}):
+            return s, mask
+    return scores, None
+
+
 def _rewrite_explicit(gm: fx.GraphModule, out: fx.Node) -> bool:
     if not _is_call(out, _MATMULS) or len(out.args) != 2 or out.kwargs:
         return False
@@ -89,7 +105,8 @@ def _rewrite_explicit(gm: fx.GraphModule, out: fx.Node) -> bool:
     scores = _last_dim_softmax(probs)
     if not isinstance(scores, fx.Node) or not _sole_reader(scores, probs):
         return False
-    scaled = _scaled_scores(scores)
+    unmasked, mask = _masked_scores(scores)
+    scaled = _scaled_scores(unmasked)
     if scaled is None:
         return False
     qk, scale = scaled
@@ -102,11 +119,12 @@ def _rewrite_explicit(gm: fx.GraphModule, out: fx.Node) -> bool:
     shapes = [tensor_shape(t) for t in (q, k, v)]
     if any(s is None or len(s) < 3 for s in shapes):  # sdpa wants (..., L, E) with a batch dimension
         return False
+    kwargs = {"scale": scale} if mask is None else {"attn_mask": mask, "scale": scale}
     with gm.graph.inserting_before(out):
-        sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), {"scale": scale})
-    record_rewrite(sdpa, "attention-to-sdpa", *(n for n in (key_t, qk, scores, probs, out) if n is not None))
+        sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
+    record_rewrite(sdpa, "attention-to-sdpa", *(n for n in (key_t, qk, unmasked, scores, probs, out) if n is not None))
     out.replace_all_uses_with(sdpa)
-    for node in (out, probs, scores, qk, key_t):
+    for node in dict.fromkeys((out, probs, scores, unmasked, qk, key_t)):
         if not node.users:
             gm.graph.erase_node(node)
     return True

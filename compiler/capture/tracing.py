@@ -118,7 +118,7 @@ def bind_default_arguments(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     return bound
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """'file:line: code' of the innermost traceback frame outside torch and fxforge."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_LIBRARY_DIRS)]
     if not frames:
@@ -165,7 +165,7 @@ def trace(
             if not path or path in leaf_paths:
                 raise _trace_error(model, exc, reasons) from exc
             leaf_paths.add(path)
-            reasons[path] = f"{_first_line(exc)} at {_user_frame(exc)}"
+            reasons[path] = f"{_first_line(exc)} at {user_frame(exc)}"
     _default_placeholders_to_bound_values(graph, bound)
     _drop_string_annotations(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -193,7 +193,7 @@ def _trace_error(model: nn.Module, exc: BaseException, reasons: dict[str, str]) 
     leaves = f" (already kept as leaves: {', '.join(reasons)})" if reasons else ""
     return TraceError(
         f"cannot trace {type(model).__name__}: {_first_line(exc)}\n"
-        f"  at {_user_frame(exc)}\n"
+        f"  at {user_frame(exc)}\n"
         f"The failing statement is in the model's own forward{leaves}, so no submodule can be kept as a leaf "
         f"instead. Options: concrete_args={{'name': value}} to fix a non-tensor argument, "
         f"leaf_modules=['path.to.submodule'] to keep code opaque, or replace data-dependent Python control "

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
-from fxforge.capture.tracing import trace
+from fxforge.capture.export import DynamicSpec
+from fxforge.capture.front_end import capture as capture_model
+from fxforge.capture.signature import CallSignature
 from fxforge.errors import CalibrationError, CompileError, ConfigError
 from fxforge.numerics.metrics import max_errors
 from fxforge.numerics.precision import exact_fp32
@@ -59,7 +62,8 @@ def check_eval(model: nn.Module) -> None:
 
 
 def _to_device(value: Any, device: str) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+    """Every tensor in ``value`` (a tensor, tuple, list or dict of them) on ``device``."""
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
 
 
 def _reference_outputs(ctx: PassContext, gm: fx.GraphModule) -> Any:
@@ -125,21 +129,24 @@ class Session:
     gm: fx.GraphModule
     ctx: PassContext
     report: CompileReport
+    signature: CallSignature | None = None  # how user calls map onto the graph's inputs
 
 
 def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str | None, verify: str,
             leaf_modules: Sequence[str | type], concrete_args: dict[str, Any] | None, calibration: Any,
             calibration_batches: int | None, quantization: str | None, quant_config: Any,
-            skip: str | Sequence[str], start: float, extra_passes: Mapping[str, Any] | None = None) -> Session:
-    """Check the arguments, trace a copy of ``model`` and record the eager reference (compile, bisect)."""
+            skip: str | Sequence[str], start: float, extra_passes: Mapping[str, Any] | None = None,
+            capture: str = "auto", dynamic: DynamicSpec = None) -> Session:
+    """Check the arguments, capture a copy of ``model`` and record the eager reference (compile, bisect)."""
     check_eval(model)
     check_model(model)
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     tgt = resolve_target(target)
     quant = _quant_options(model, tgt, quantization, quant_config, skip, calibration, calibration_batches)
-    check_inputs(as_input_tuple(example_inputs))
-    inputs = tuple(_to_device(x, tgt.device) for x in as_input_tuple(example_inputs))
+    if example_inputs is not None:
+        check_inputs(tuple(tree_leaves(example_inputs)))
+    example_inputs = _to_device(example_inputs, tgt.device)
     default_pipeline = tgt.pipeline_for_mode(quant.mode if quant else None)
     manager = PassManager.from_text(pipeline if pipeline is not None else default_pipeline, verify=verify != "none")
     if extra_passes:
@@ -148,14 +155,17 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
 
     work = copy_model(model).to(tgt.device)  # never touch the user's model
     convert_qat_layers(work)  # a model trained with prepare_qat: plain layers, its fake-quants stay
-    traced = trace(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    captured = capture_model(work, example_inputs, mode=capture, dynamic=dynamic, leaf_modules=leaf_modules,
+                             concrete_args=concrete_args)
     report = CompileReport(tgt.name, manager.pipeline, torch.__version__,
-                           leaf_modules=traced.leaf_modules,
-                           bound_arguments={k: repr(v) for k, v in traced.bound_arguments.items()},
-                           trace_seconds=time.perf_counter() - start)
+                           leaf_modules=captured.leaf_modules,
+                           bound_arguments={k: repr(v) for k, v in captured.bound_arguments.items()},
+                           trace_seconds=time.perf_counter() - start, front_end=captured.front_end,
+                           front_end_reason=captured.reason, input_shapes=captured.signature.specialized)
+    inputs = captured.inputs
     ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
-    ctx.reference_outputs = _reference_outputs(ctx, traced.gm)  # the eager reference, and shapes in node.meta
-    return Session(tgt, quant, inputs, manager, traced.gm, ctx, report)
+    ctx.reference_outputs = _reference_outputs(ctx, captured.gm)  # the eager reference, and shapes in node.meta
+    return Session(tgt, quant, inputs, manager, captured.gm, ctx, report, captured.signature)
 
 
 def build(
@@ -175,6 +185,8 @@ def build(
     quantization: str | None = None,
     quant_config: QuantConfig | dict | None = None,
     skip: str | Sequence[str] = (),
+    capture: str = "auto",
+    dynamic: DynamicSpec = None,
 ) -> CompiledModule:
     """Compile ``model`` for ``target`` once: ``fxforge.compile`` without its searches (``accuracy``,
     ``profitability``); see there for the options."""
@@ -182,7 +194,7 @@ def build(
     session = prepare(model, target, example_inputs=example_inputs, pipeline=pipeline, verify=verify,
                       leaf_modules=leaf_modules, concrete_args=concrete_args, calibration=calibration,
                       calibration_batches=calibration_batches, quantization=quantization, quant_config=quant_config,
-                      skip=skip, start=start, extra_passes=extra_passes)
+                      skip=skip, start=start, extra_passes=extra_passes, capture=capture, dynamic=dynamic)
     tgt, quant, inputs, manager, ctx, report = (session.target, session.quant, session.inputs, session.manager,
                                                 session.ctx, session.report)
     manager.instruments = [TimingInstrument(), GraphSnapshots(), *instruments]
@@ -210,7 +222,8 @@ def build(
             report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
     health.check(report, model, gm, ctx, quant, verify)  # warns of what makes it worse than it looks
     report.compile_seconds = time.perf_counter() - start
-    compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant)
+    compiled = CompiledModule(gm, tgt.name, manager.pipeline, report, ctx.artifacts.get("observed_graph"), quant,
+                              session.signature)
     # how the model was traced: fxforge.debug.compare traces it again the same way
     compiled.__dict__["trace_options"] = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
     compiled.__dict__["input_specs"] = input_specs(inputs)

@@ -240,6 +240,9 @@ class CompileReport:
     leaf_modules: dict[str, str] = field(default_factory=dict)
     bound_arguments: dict[str, str] = field(default_factory=dict)
     trace_seconds: float = 0.0
+    front_end: str = "symbolic"  # what captured the graph: "symbolic" (torch.fx) or "export" (torch.export)
+    front_end_reason: str = ""
+    input_shapes: list[str] = field(default_factory=list)  # the shape contract: static sizes, dynamic symbols
     compile_seconds: float = 0.0
     max_abs_error: float | None = None
     max_rel_error: float | None = None
@@ -295,7 +298,10 @@ class CompileReport:
             f"fxforge compile report: target={self.target}  torch={self.torch_version}",
             f"pipeline: {self.pipeline}",
             f"trace {self.trace_seconds * 1e3:.1f} ms, total compile {self.compile_seconds * 1e3:.1f} ms",
+            f"captured by {self.front_end}" + (f" ({self.front_end_reason})" if self.front_end_reason else ""),
         ]
+        if self.input_shapes:
+            lines.append("inputs (sizes fixed, or symbol[min..max] where dynamic): " + "; ".join(self.input_shapes))
         lines.extend(f"WARNING: {w}" for w in self.warnings)
         if self.max_rel_error is not None:
             lines.append(f"output vs eager on example inputs: max abs err {self.max_abs_error:.3g}, "
