@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from fxforge.quant.sqnr import outputs_sqnr_db
 
 from .compiled import CompiledModule
 from .qat import convert_qat_layers
+
+log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("none", "structure", "numeric")
 
@@ -78,6 +81,14 @@ def _reference_outputs(ctx: PassContext, gm: fx.GraphModule) -> Any:
 
 
 QUANT_MODES = ("static", "dynamic", "weight-only")
+LOW_SQNR_DB = 15.0  # a quantized model's output below this against fp32 is likely broken, not just noisier
+
+
+def _warn_if_inaccurate(sqnr: float, mode: str) -> None:
+    if not (sqnr >= LOW_SQNR_DB):
+        log.warning("%s int8: model output SQNR vs fp32 on the example inputs is %.1f dB (below %.0f dB): the "
+                    "quantized model may be wrong; check report.quantization per layer and skip= the worst layers",
+                    mode, sqnr, LOW_SQNR_DB)
 
 
 def _has_trained_fake_quants(model: nn.Module) -> bool:
@@ -202,6 +213,7 @@ def build(
         report.output_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
     if report.quantization is not None:
         report.quantization.model_sqnr_db = outputs_sqnr_db(ctx.reference_outputs, outputs)
+        _warn_if_inaccurate(report.quantization.model_sqnr_db, report.quantization.mode)
         if _has_trained_fake_quants(model):
             report.quantization.reference = "the QAT model in eval mode (fake-quantized activations)"
     report.compile_seconds = time.perf_counter() - start
