@@ -95,8 +95,8 @@ def _lower(reference: WeightOnlyLinear, engine: str) -> _PackedLinear:
     return Int8WeightLinear(reference) if reference.bits == 8 else Int4WeightLinear(reference)
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 @graph_pass("lower-weight-only", requires=("quantized",), provides=("lowered",))
@@ -111,6 +111,6 @@ def lower_weight_only(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         after += _bytes(packed, ("qweight", "scales", "packed", "scales_and_zeros"))
         replace_submodule(gm, path, packed)
         count += 1
-    notes = [f"{count} weight-only linears; weight memory {_megabytes(before)} -> {_megabytes(after)}"]
+    notes = [f"{count} weight-only linears; weight memory {_size(before)} -> {_size(after)}"]
     log.info("lower-weight-only: %s", notes[0])
     return PassResult(gm, bool(count), notes)
