@@ -1,11 +1,16 @@
-"""lower-weight-only: the reference ``WeightOnlyLinear`` onto torch's weight-only CPU kernels, packed once.
+"""lower-weight-only: the reference ``WeightOnlyLinear`` onto packed int8 / int4 weights, the kernel per layer
+chosen by timing.
 
-    WeightOnlyLinear (int8 rows)   -> Int8WeightLinear: ``aten._weight_int8pack_mm(x, w_int8, scales)``
-    WeightOnlyLinear (int4 groups) -> Int4WeightLinear: ``aten._weight_int4pack_mm_for_cpu(x, packed, g, sz)``,
-                                      the weight packed by ``aten._convert_weight_to_int4pack_for_cpu``
-Why correct: both kernels compute x @ dequantize(W).T from the same integer values, scales and zero points
-the reference holds (int4: ``(q - 8) * scale + zero``), up to fp32 rounding. Only the packed weights stay:
-the lowered modules hold a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus scales.
+    WeightOnlyLinear (int8 rows)   -> Int8WeightLinear, kernel "int8pack": ``aten._weight_int8pack_mm``,
+                                      or "dequant": w = q * scale, then fp32 GEMM
+    WeightOnlyLinear (int4 groups) -> Int4WeightLinear, kernel "int4pack": ``aten._weight_int4pack_mm_for_cpu``
+                                      on the weight packed by ``aten._convert_weight_to_int4pack_for_cpu``,
+                                      or "dequant": two nibbles per byte unpacked, (q - 8) * scale + zero, GEMM
+Each layer's candidates are timed on its input shape (``fxforge.numerics.timing``; layers of one shape share
+the measurement) and the fastest is kept (``autotune=false``: the aten kernels). Why correct: every kernel
+computes x @ dequantize(W).T from the integer values, scales and zero points the reference holds, up to fp32
+rounding. Only packed weights stay: a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus
+scales. int4 packing needs a multiple of 16 output rows: the rows are padded and the output sliced.
 Preconditions: ``quantize-weight-only`` ran; the kernels are ATen CPU ops, whatever the quantized engine.
 """
 
@@ -14,10 +19,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxforge.errors import BackendUnavailableError
 from fxforge.graph.matching import replace_submodule
+from fxforge.graph.meta import tensor_shape
+from fxforge.numerics import timing
 from fxforge.passes.insert_observers import quant_options
 from fxforge.passes.weight_only import WeightOnlyLinear
 from fxforge.pipeline.context import PassContext
@@ -27,60 +35,78 @@ log = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
 _KERNELS = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}
+_INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
+SCHEDULE = timing.Schedule(warmup=2, rounds=3)
 
 
 class _PackedLinear(nn.Module):
-    """Flattens leading dims for a 2-D kernel and adds the bias after it."""
+    """Flattens leading dims for a 2-D kernel and adds the bias after it; ``kernel`` names the GEMM used."""
 
-    def __init__(self, reference: WeightOnlyLinear) -> None:
+    def __init__(self, reference: WeightOnlyLinear, kernel: str) -> None:
         super().__init__()
-        self.in_features, self.out_features = reference.in_features, reference.out_features
+        self.in_features, self.out_features, self.kernel = reference.in_features, reference.out_features, kernel
         self.register_buffer("bias", reference.bias)
 
-    def kernel(self, x: Tensor) -> Tensor:
+    def matmul(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.kernel(x.reshape(-1, self.in_features).float().contiguous()).to(x.dtype)
+        y = self.matmul(x.reshape(-1, self.in_features).float().contiguous()).to(x.dtype)
         y = y if self.bias is None else y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel={self.kernel}"
+
 
 class Int8WeightLinear(_PackedLinear):
-    """y = x @ (w_int8 * scale).T + b on ``aten._weight_int8pack_mm``."""
+    """y = x @ (w_int8 * scale).T + b: ``aten._weight_int8pack_mm`` ("int8pack") or dequantize + GEMM."""
 
-    def __init__(self, reference: WeightOnlyLinear) -> None:
-        super().__init__(reference)
+    KERNELS = ("int8pack", "dequant")
+
+    def __init__(self, reference: WeightOnlyLinear, kernel: str = "int8pack") -> None:
+        super().__init__(reference, kernel)
         self.register_buffer("qweight", reference.qweight.clone())
         self.register_buffer("scales", reference.scales.clone())
 
-    def kernel(self, x: Tensor) -> Tensor:
-        return _aten._weight_int8pack_mm(x, self.qweight, self.scales)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, int8 weights"
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.kernel == "int8pack":
+            return _aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return F.linear(x, self.qweight.float() * self.scales[:, None])
 
 
 class Int4WeightLinear(_PackedLinear):
-    """y = x @ ((q - 8) * scale + zero).T + b on ``aten._weight_int4pack_mm_for_cpu`` (weights packed once)."""
+    """y = x @ ((q - 8) * scale + zero).T + b per group: ``aten._weight_int4pack_mm_for_cpu`` ("int4pack") on
+    the weight packed once, or ("dequant") nibbles unpacked and dequantized, then GEMM."""
 
-    def __init__(self, reference: WeightOnlyLinear) -> None:
-        super().__init__(reference)
+    KERNELS = ("int4pack", "dequant")
+
+    def __init__(self, reference: WeightOnlyLinear, kernel: str = "int4pack") -> None:
+        super().__init__(reference, kernel)
         self.group_size = reference.group_size
-        self.register_buffer("packed", _aten._convert_weight_to_int4pack_for_cpu(reference.qweight.contiguous(), 1))
-        # [in / group, out, (scale, zero)]: the kernel's layout
-        self.register_buffer("scales_and_zeros", torch.stack([reference.scales, reference.zeros], -1)
-                             .transpose(0, 1).contiguous())
+        q, scales, zeros = reference.qweight, reference.scales, reference.zeros
+        if kernel == "int4pack":
+            pad = -self.out_features % _INT4_ROWS
+            q, scales, zeros = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+            self.register_buffer("packed", _aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+            # [in / group, padded out, (scale, zero)]: the kernel's layout
+            self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+        else:
+            self.register_buffer("packed", (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8))
+            self.register_buffer("scales_and_zeros", torch.stack([scales, zeros]))  # [2, out, in / group]
 
-    def kernel(self, x: Tensor) -> Tensor:
-        return _aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.kernel == "int4pack":
+            y = _aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+            return y[:, :self.out_features] if y.shape[1] != self.out_features else y
+        q = torch.stack([self.packed >> 4, self.packed & 15], -1).reshape(self.out_features, -1, self.group_size)
+        scales, zeros = self.scales_and_zeros
+        w = (q.float() - 8) * scales[..., None] + zeros[..., None]
+        return F.linear(x, w.reshape(self.out_features, self.in_features))
 
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, int4 weights in groups of {self.group_size}"
 
-
-def _bytes(module: nn.Module, names: tuple[str, ...]) -> int:
-    return sum(t.numel() * t.element_size() for n in names if (t := getattr(module, n, None)) is not None)
+def _bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name != "bias")
 
 
 def _check_kernel(bits: int, engine: str) -> None:
@@ -90,9 +116,31 @@ def _check_kernel(bits: int, engine: str) -> None:
             f"'{engine}'): use quant_config={{'weight_bits': {12 - bits}}} or quantization='dynamic'")
 
 
-def _lower(reference: WeightOnlyLinear, engine: str) -> _PackedLinear:
-    _check_kernel(reference.bits, engine)
-    return Int8WeightLinear(reference) if reference.bits == 8 else Int4WeightLinear(reference)
+def _candidates(reference: WeightOnlyLinear, autotune: bool) -> dict[str, _PackedLinear]:
+    kind = Int8WeightLinear if reference.bits == 8 else Int4WeightLinear
+    kernels = kind.KERNELS if autotune else kind.KERNELS[:1]
+    return {kernel: kind(reference, kernel) for kernel in kernels}
+
+
+def _fastest(candidates: dict[str, _PackedLinear], shape: tuple[int, ...], chosen: dict[tuple, str]) -> str:
+    """The candidate kernel measured fastest on a random input of ``shape`` (one measurement per layer shape)."""
+    first = next(iter(candidates.values()))
+    key = (type(first).__name__, first.in_features, first.out_features, shape)
+    if len(candidates) > 1 and key not in chosen:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            chosen[key] = timing.fastest({k: (lambda m=m: m(x)) for k, m in candidates.items()}, SCHEDULE)[0]
+    return chosen.get(key, next(iter(candidates)))
+
+
+def _input_shape(gm: fx.GraphModule, path: str, in_features: int) -> tuple[int, ...]:
+    """The layer's input shape from shape propagation (a call of the module), else one row."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == path and node.args and isinstance(node.args[0], fx.Node):
+            shape = tensor_shape(node.args[0])
+            if shape is not None:
+                return tuple(shape)
+    return (1, in_features)
 
 
 def _size(n: int) -> str:
@@ -100,17 +148,26 @@ def _size(n: int) -> str:
 
 
 @graph_pass("lower-weight-only", requires=("quantized",), provides=("lowered",))
-def lower_weight_only(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """WeightOnlyLinear -> int8 / int4 weight-only CPU kernels; reports the weight memory before and after."""
+def lower_weight_only(gm: fx.GraphModule, ctx: PassContext, autotune: bool = True) -> PassResult:
+    """WeightOnlyLinear -> packed int8 / int4 weights on the kernel timed fastest per layer shape (``autotune``;
+    off: the aten weight-only kernels); reports the weight memory before and after."""
     engine = quant_options(ctx, "lower-weight-only").runtime_engine
-    before = after = count = 0
+    ctx.shapes(gm)
+    before = after = 0
+    chosen: dict[tuple, str] = {}
+    kernels: dict[str, int] = {}
     references = [(path, m) for path, m in gm.named_modules() if isinstance(m, WeightOnlyLinear)]
     for path, reference in references:  # top level, or inside a FusedLinear
-        packed = _lower(reference, engine)
+        _check_kernel(reference.bits, engine)
+        candidates = _candidates(reference, autotune)
+        packed = candidates[_fastest(candidates, _input_shape(gm, path, reference.in_features), chosen)]
         before += reference.in_features * reference.out_features * 4
-        after += _bytes(packed, ("qweight", "scales", "packed", "scales_and_zeros"))
+        after += _bytes(packed)
         replace_submodule(gm, path, packed)
-        count += 1
-    notes = [f"{count} weight-only linears; weight memory {_size(before)} -> {_size(after)}"]
-    log.info("lower-weight-only: %s", notes[0])
-    return PassResult(gm, bool(count), notes)
+        kernels[f"int{reference.bits} {packed.kernel}"] = kernels.get(f"int{reference.bits} {packed.kernel}", 0) + 1
+    notes = [f"{len(references)} weight-only linears; weight memory {_size(before)} -> {_size(after)}"]
+    if kernels:
+        notes.append("kernels: " + ", ".join(f"{n} {k}" for k, n in sorted(kernels.items())))
+    log.info("lower-weight-only: %s", "; ".join(notes))
+    return PassResult(gm, bool(references), notes)
+
