@@ -7,12 +7,16 @@ Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
                    measured below ``min_layer_sqnr_db``; transformers' Conv1D becomes the equivalent Linear
     lstm / gru  -> DynamicQuantLSTM / DynamicQuantGRU: per layer of the stack, int8 weights with the layer's
                    input sequence quantized once and the hidden state at every step (torch's dynamic int8 RNN
-                   kernels), or fp16 weights on fp32 activations for a layer measured below the floor
+                   kernels) where that holds the floor; a stack with layers below it runs as consecutive parts
+                   (an fp32 nn.LSTM for those layers, a dynamic int8 module for the others, their final states
+                   joined), or, when called with an initial state, keeps them at fp16 weights on fp32
+                   activations inside the one dynamic module
 ``dynamic_quantize`` picks a per-tensor scale from each call's own min/max, so no calibration is needed.
-Sensitivity: each candidate is run alone (the rest of the layer fp32) on the values the example inputs
+Sensitivity: each candidate is run alone (the rest of the layer or stack unrounded) on the values the example inputs
 produce at that layer, and its output SQNR against fp32 decides; the report gives each layer's choice and dB.
 Why correct: equalization divides an input channel and multiplies the weight column that reads it by the
-same factor (exact in fp32); the rewritten modules compute the same function with weights and inputs rounded.
+same factor (exact in fp32); a stack is its layers applied in turn, each starting from zero state; the
+rewritten modules compute the same function with weights and inputs rounded.
 Preconditions: quantization options in the context (an int8 target with quantization="dynamic").
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +35,7 @@ from torch import fx, nn
 
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import call_count, module_of, replace_submodule
+from fxforge.graph.meta import record_rewrite
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
@@ -90,6 +96,7 @@ class _Choice:
 
     described: str
     sqnr_db: float
+    higher_precision: bool = False  # some of the layer kept fp32 / fp16: int8 measured below the floor
 
 
 def _choose_linear(x: torch.Tensor, linear: nn.Linear, spec: QSpec, reduce_range: bool,
@@ -110,7 +117,7 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: nn.Linear, x: Any,
     scheme, smooth, measured = ("int8", None, math.inf) if not isinstance(x, torch.Tensor) else \
         _choose_linear(x.float(), layer, spec, backend.reduce_range, floor)
     if scheme == "fp32":
-        return _Choice(f"fp32 (int8 {measured:.1f} dB, smoothed too, below {floor:.0f} dB)", measured)
+        return _Choice(f"fp32 (int8 {measured:.1f} dB, smoothed too, below {floor:.0f} dB)", measured, True)
     source = node.args[0]
     with gm.graph.inserting_before(node):
         if smooth is not None:
@@ -138,17 +145,78 @@ def _rnn_schemes(rnn: nn.RNNBase, args: tuple, spec: QSpec, reduce_range: bool, 
     return tuple("int8" if db >= floor else "fp16" for db in measured), measured
 
 
+def _sub_rnn(rnn: nn.RNNBase, layers: range) -> nn.RNNBase:
+    """An RNN of the same kind running ``layers`` of ``rnn`` (their weights copied, renumbered from 0)."""
+    first_input = rnn.input_size if layers.start == 0 else rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    part = type(rnn)(first_input, rnn.hidden_size, len(layers), rnn.bias, rnn.batch_first, 0.0, rnn.bidirectional)
+    with torch.no_grad():
+        for name, param in part.named_parameters():
+            prefix, layer = name.split("_l")[0], int(name.split("_l")[1].split("_")[0])
+            param.copy_(getattr(rnn, name.replace(f"{prefix}_l{layer}", f"{prefix}_l{layer + layers.start}")))
+    return part.to(next(rnn.parameters()).device).train(rnn.training)
+
+
+def _segments(schemes: tuple[str, ...]) -> list[tuple[str, range]]:
+    """Runs of consecutive layers with the same scheme: [("fp32", range(0, 1)), ("int8", range(1, 3))]."""
+    runs: list[tuple[str, range]] = []
+    for layer, scheme in enumerate(schemes):
+        if runs and runs[-1][0] == scheme:
+            runs[-1] = (scheme, range(runs[-1][1].start, layer + 1))
+        else:
+            runs.append((scheme, range(layer, layer + 1)))
+    return runs
+
+
+def join_rnn_results(*results: Any) -> tuple[Any, Any]:
+    """(output, state) of a stack run as consecutive parts: the last part's output, the parts' final states
+    concatenated along the layer dim (an LSTM's state is the pair (h, c))."""
+    states = [r[1] for r in results]
+    if isinstance(states[0], tuple):
+        return results[-1][0], tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+    return results[-1][0], torch.cat(states)
+
+
+def _split_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, schemes: tuple[str, ...], spec: QSpec,
+               reduce_range: bool) -> fx.Node:
+    """Run the stack as consecutive parts: fp32 layers as the RNN they were (torch's fp32 kernels), int8
+    layers as one dynamic int8 module each run; returns the node that joins their results."""
+    parts = nn.ModuleList()
+    for scheme, layers in _segments(schemes):
+        part = _sub_rnn(rnn, layers)
+        parts.append(part if scheme == "fp32" else _RNNS[type(rnn)].from_float(part, spec, reduce_range))
+    replace_submodule(gm, str(node.target), parts)
+    results, x = [], node.args[0]
+    with gm.graph.inserting_before(node):
+        for i in range(len(parts)):
+            results.append(gm.graph.call_module(f"{node.target}.{i}", (x,)))
+            x = gm.graph.call_function(operator.getitem, (results[-1], 0))
+        joined = gm.graph.call_function(join_rnn_results, tuple(results))
+    record_rewrite(joined, "quantize-dynamic", node)
+    node.replace_all_uses_with(joined)
+    gm.graph.erase_node(node)
+    return joined
+
+
 def _rewrite_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, args: tuple | None, spec: QSpec,
-                 backend: BackendQuant, floor: float) -> _Choice:
+                 backend: BackendQuant, floor: float) -> tuple[fx.Node, _Choice]:
+    """The RNN's layers int8 where they hold ``floor``; the others fp32 (the stack split into parts) when the
+    RNN starts from zero state, else fp16 weights inside the one dynamic module."""
     layers = rnn.num_layers
     schemes, measured = _rnn_schemes(rnn, args, spec, backend.reduce_range, floor) if args is not None else \
         (("int8",) * layers, [math.inf] * layers)
-    replace_submodule(gm, str(node.target), _RNNS[type(rnn)].from_float(rnn, spec, backend.reduce_range, schemes))
+    splittable = "fp16" in schemes and len(node.args) == 1 and not node.kwargs
+    if splittable:
+        schemes = tuple("fp32" if s == "fp16" else s for s in schemes)
+        node = _split_rnn(gm, node, rnn, schemes, spec, backend.reduce_range)
+    else:
+        replace_submodule(gm, str(node.target), _RNNS[type(rnn)].from_float(rnn, spec, backend.reduce_range,
+                                                                            schemes))
     rows = " per gate row" if spec.axis is not None else ""
     per_layer = ", ".join(f"l{i} {s} ({db:.0f} dB)" if math.isfinite(db) else f"l{i} {s}"
                           for i, (s, db) in enumerate(zip(schemes, measured, strict=True)))
     kept = [db for s, db in zip(schemes, measured, strict=True) if s == "int8"]  # the layers the int8 kernels run
-    return _Choice(f"{spec.describe()}{rows}; {per_layer}", min(kept, default=math.inf))
+    return node, _Choice(f"{spec.describe()}{rows}; {per_layer}", min(kept, default=math.inf),
+                         set(schemes) != {"int8"})
 
 
 def _call_args(node: fx.Node, values: dict[str, Any]) -> tuple | None:
@@ -165,19 +233,21 @@ def _quantizable(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions) -> nn.Mo
     return mod if type(mod) in _RNNS or _linear_of(mod) is not None else None
 
 
-def _records(gm: fx.GraphModule, before: fx.GraphModule, layers: dict[str, _Choice], ctx: PassContext
-             ) -> list[QuantLayerRecord]:
-    names = set(layers)
-    fp32, got = capture(before, ctx.fresh_inputs(), names), capture(gm, ctx.fresh_inputs(), names)
+def _records(gm: fx.GraphModule, before: fx.GraphModule, layers: dict[str, tuple[fx.Node, _Choice]],
+             ctx: PassContext) -> list[QuantLayerRecord]:
+    """One record per rewritten layer (keyed by its node in ``before``; the node computing it now may differ)."""
+    fp32 = capture(before, ctx.fresh_inputs(), set(layers))
+    got = capture(gm, ctx.fresh_inputs(), {node.name for node, _ in layers.values()})
     records = []
-    for node in gm.graph.nodes:
-        if node.name in layers:
-            sqnr = outputs_sqnr_db(fp32[node.name], got[node.name]) if node.name in got else None
-            local = layers[node.name].sqnr_db
+    for name, (node, choice) in layers.items():
+        if node.name in got and name in fp32:
+            sqnr = outputs_sqnr_db(fp32[name], got[node.name]) if node.name in got else None
+            local = choice.sqnr_db
+            module = module_of(gm, node)
             records.append(QuantLayerRecord(
-                layer=layer_name(node), op=type(module_of(gm, node)).__name__, node=node.name,
+                layer=layer_name(node), op=type(module).__name__ if module is not None else "split RNN", node=name,
                 observer="none (per call)", scale=0.0, zero_point=0, activation="quint8 per-tensor, per call",
-                weight=layers[node.name].described, local_sqnr_db=local if math.isfinite(local) else None,
+                weight=choice.described, local_sqnr_db=local if math.isfinite(local) else None,
                 sqnr_db=None if sqnr is None else sqnr if math.isfinite(sqnr) else 999.0))
     return records
 
@@ -202,10 +272,11 @@ class QuantizeDynamic(Pass):
         values = capture(before, ctx.fresh_inputs(), inputs)
         layers = {n.name: self._rewrite(gm, n, m, _call_args(n, values), opts, backend) for n, m in targets.items()}
         gm.recompile()
+        ctx.shapes(gm, refresh=True)
         ctx.report.quantization = QuantSummary(mode="dynamic", backend=backend.name,
                                                reduce_range=backend.reduce_range,
                                                layers=_records(gm, before, layers, ctx), skipped=list(opts.skip))
-        kept = [name for name, c in layers.items() if c.described.startswith("fp32") or "fp16" in c.described]
+        kept = [name for name, (_, c) in layers.items() if c.higher_precision]
         notes = [f"{len(layers)} layers quantized (dynamic)"]
         if kept:
             notes.append(f"int8 measured below {self.min_layer_sqnr_db:.0f} dB, kept in higher precision: "
@@ -215,7 +286,8 @@ class QuantizeDynamic(Pass):
         return PassResult(gm, bool(layers), notes)
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, args: tuple | None,
-                 opts: QuantOptions, backend: BackendQuant) -> _Choice:
+                 opts: QuantOptions, backend: BackendQuant) -> tuple[fx.Node, _Choice]:
+        """(the node that now computes the layer's value, what the layer got)."""
         path = str(node.target)
         if type(mod) in _RNNS:
             spec = _weight_spec(opts, backend, path, mod)
@@ -225,4 +297,5 @@ class QuantizeDynamic(Pass):
         if linear is not mod and not isinstance(mod, FusedLinear):  # Conv1D: its Linear twin takes its place
             replace_submodule(gm, path, linear)
         spec = _weight_spec(opts, backend, path, linear)
-        return _rewrite_linear(gm, node, linear, args[0] if args else None, spec, backend, self.min_layer_sqnr_db)
+        return node, _rewrite_linear(gm, node, linear, args[0] if args else None, spec, backend,
+                                     self.min_layer_sqnr_db)

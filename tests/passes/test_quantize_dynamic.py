@@ -45,12 +45,34 @@ def test_default_dynamic_keeps_the_embedding(kind, speech_lstm, caplog):
         compiled = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
     cosine = min_cosine(model, compiled, frames)
     assert not (cosine < 0.98), cosine
-    rnn = compiled.graph_module.get_submodule("rnn")
-    assert isinstance(rnn, DynamicInt8RNN)
-    assert rnn.layer_schemes[0] == "fp16" and set(rnn.layer_schemes[1:]) == {"int8"}  # only the wide-range input
+    fp32, int8 = compiled.graph_module.get_submodule("rnn")  # the stack split where int8 did not hold
+    assert type(fp32) is type(model.rnn) and fp32.num_layers == 1  # only the layer reading the wide-range input
+    assert isinstance(int8, DynamicInt8RNN) and int8.num_layers == 2 and int8.layer_schemes == ("int8", "int8")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    (record,) = [r for r in compiled.report.quantization.layers if r.layer == "rnn"]
-    assert "l0 fp16" in record.weight and "l1 int8" in record.weight
+    (record,) = [r for r in compiled.report.quantization.layers if r.node == "rnn"]
+    assert record.layer == "rnn" and "l0 fp32" in record.weight and "l1 int8" in record.weight
+
+
+class WithState(nn.Module):
+    """The speech stack called with an explicit initial state: it cannot be split into parts."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.rnn, self.proj = embedder.rnn, embedder.proj
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        h0 = frames.new_zeros(self.rnn.num_layers, frames.shape[0], self.rnn.hidden_size)
+        out, _ = self.rnn(frames, (h0, h0))
+        return F.normalize(torch.relu(self.proj(out[:, -1])), dim=-1)
+
+
+def test_a_stack_called_with_a_state_keeps_fp16_layers(speech_lstm):
+    model, frames = WithState(speech_lstm[0]).eval(), speech_lstm[1]
+    compiled = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
+    rnn = compiled.graph_module.get_submodule("rnn")
+    assert isinstance(rnn, DynamicInt8RNN) and rnn.layer_schemes == ("fp16", "int8", "int8")
+    cosine = min_cosine(model, compiled, frames)
+    assert not (cosine < 0.98), cosine
 
 
 def test_lowered_mixed_stack_matches_its_reference(speech_lstm):
@@ -58,7 +80,7 @@ def test_lowered_mixed_stack_matches_its_reference(speech_lstm):
     reference = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic",
                                 pipeline=reference_pipeline("x86", "dynamic"))
     lowered = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
-    assert isinstance(reference.graph_module.get_submodule("rnn"), DynamicQuantLSTM)
+    assert isinstance(reference.graph_module.get_submodule("rnn.1"), DynamicQuantLSTM)
     assert not (sqnr(reference, lowered, frames) < 40)
 
 
