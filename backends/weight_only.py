@@ -2,15 +2,20 @@
 chosen by timing.
 
     WeightOnlyLinear (int8 rows)   -> Int8WeightLinear, kernel "int8pack": ``aten._weight_int8pack_mm``,
-                                      or "dequant": w = q * scale, then fp32 GEMM
+                                      "int8pack-bf16": the same on bf16 activations and scales, or
+                                      "dequant": w = q * scale, then fp32 GEMM
     WeightOnlyLinear (int4 groups) -> Int4WeightLinear, kernel "int4pack": ``aten._weight_int4pack_mm_for_cpu``
                                       on the weight packed by ``aten._convert_weight_to_int4pack_for_cpu``,
-                                      or "dequant": two nibbles per byte unpacked, (q - 8) * scale + zero, GEMM
+                                      "int4pack-bf16": the same on bf16 activations, scales and zeros, or
+                                      "dequant": two nibbles per byte unpacked, (q - 8) * scale + zero, GEMM
 Each layer's candidates are timed on its input shape (``fxforge.numerics.timing``; layers of one shape share
-the measurement) and the fastest is kept (``autotune=false``: the aten kernels). Why correct: every kernel
+the measurement) and the fastest is kept (``autotune=false``: the aten kernels on fp32 activations). Why correct: every kernel
 computes x @ dequantize(W).T from the integer values, scales and zero points the reference holds, up to fp32
-rounding. Only packed weights stay: a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus
-scales. int4 packing needs a multiple of 16 output rows: the rows are padded and the output sliced.
+rounding; the "-bf16" kernels round the activations to bf16 on the way in (8 significant bits, about
+50 dB: torch's CPU kernels have their fast paths there, measured several times faster than on fp32 inputs);
+the model output SQNR in the report is measured after lowering and includes it. Only packed weights stay:
+a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus scales. int4 packing needs a multiple
+of 16 output rows: the rows are padded and the output sliced.
 Preconditions: ``quantize-weight-only`` ran; the kernels are ATen CPU ops, whatever the quantized engine.
 """
 
@@ -39,6 +44,11 @@ _INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in bloc
 SCHEDULE = timing.Schedule(warmup=2, rounds=3)
 
 
+def _dtype(kernel: str) -> torch.dtype:
+    """The activation / scale dtype a kernel variant runs on."""
+    return torch.bfloat16 if kernel.endswith("-bf16") else torch.float32
+
+
 class _PackedLinear(nn.Module):
     """Flattens leading dims for a 2-D kernel and adds the bias after it; ``kernel`` names the GEMM used."""
 
@@ -62,16 +72,16 @@ class _PackedLinear(nn.Module):
 class Int8WeightLinear(_PackedLinear):
     """y = x @ (w_int8 * scale).T + b: ``aten._weight_int8pack_mm`` ("int8pack") or dequantize + GEMM."""
 
-    KERNELS = ("int8pack", "dequant")
+    KERNELS = ("int8pack", "int8pack-bf16", "dequant")
 
     def __init__(self, reference: WeightOnlyLinear, kernel: str = "int8pack") -> None:
         super().__init__(reference, kernel)
         self.register_buffer("qweight", reference.qweight.clone())
-        self.register_buffer("scales", reference.scales.clone())
+        self.register_buffer("scales", reference.scales.to(_dtype(kernel)))
 
     def matmul(self, x: Tensor) -> Tensor:
-        if self.kernel == "int8pack":
-            return _aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        if self.kernel.startswith("int8pack"):
+            return _aten._weight_int8pack_mm(x.to(self.scales.dtype), self.qweight, self.scales).float()
         return F.linear(x, self.qweight.float() * self.scales[:, None])
 
 
@@ -79,25 +89,27 @@ class Int4WeightLinear(_PackedLinear):
     """y = x @ ((q - 8) * scale + zero).T + b per group: ``aten._weight_int4pack_mm_for_cpu`` ("int4pack") on
     the weight packed once, or ("dequant") nibbles unpacked and dequantized, then GEMM."""
 
-    KERNELS = ("int4pack", "dequant")
+    KERNELS = ("int4pack", "int4pack-bf16", "dequant")
 
     def __init__(self, reference: WeightOnlyLinear, kernel: str = "int4pack") -> None:
         super().__init__(reference, kernel)
         self.group_size = reference.group_size
         q, scales, zeros = reference.qweight, reference.scales, reference.zeros
-        if kernel == "int4pack":
+        if kernel.startswith("int4pack"):
             pad = -self.out_features % _INT4_ROWS
             q, scales, zeros = F.pad(q, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
             self.register_buffer("packed", _aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
             # [in / group, padded out, (scale, zero)]: the kernel's layout
-            self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+            self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+                                 .to(_dtype(kernel)))
         else:
             self.register_buffer("packed", (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8))
             self.register_buffer("scales_and_zeros", torch.stack([scales, zeros]))  # [2, out, in / group]
 
     def matmul(self, x: Tensor) -> Tensor:
-        if self.kernel == "int4pack":
-            y = _aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        if self.kernel.startswith("int4pack"):
+            sz = self.scales_and_zeros
+            y = _aten._weight_int4pack_mm_for_cpu(x.to(sz.dtype), self.packed, self.group_size, sz).float()
             return y[:, :self.out_features] if y.shape[1] != self.out_features else y
         q = torch.stack([self.packed >> 4, self.packed & 15], -1).reshape(self.out_features, -1, self.group_size)
         scales, zeros = self.scales_and_zeros
