@@ -8,8 +8,9 @@ Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
     lstm / gru  -> DynamicQuantLSTM / DynamicQuantGRU: per layer of the stack, int8 weights with the layer's
                    input sequence quantized once and the hidden state at every step (torch's dynamic int8 RNN
                    kernels) where that holds the floor; a stack with layers below it runs as consecutive parts
-                   (an fp32 nn.LSTM for those layers, a dynamic int8 module for the others, their final states
-                   joined), or, when called with an initial state, keeps them at fp16 weights on fp32
+                   (an nn.LSTM for those layers, in fp32 or, where bf16 holds the floor and is timed faster
+                   (``fxforge.numerics.timing``), in bf16; a dynamic int8 module for the others; their final
+                   states joined), or, when called with an initial state, keeps them at fp16 weights on fp32
                    activations inside the one dynamic module
 ``dynamic_quantize`` picks a per-tensor scale from each call's own min/max, so no calibration is needed.
 Sensitivity: each candidate is run alone (the rest of the layer or stack unrounded) on the values the example inputs
@@ -36,6 +37,7 @@ from torch import fx, nn
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import call_count, module_of, replace_submodule
 from fxforge.graph.meta import record_rewrite
+from fxforge.numerics import timing
 from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
@@ -50,6 +52,7 @@ from .weight_only import as_linear
 log = logging.getLogger(__name__)
 
 _RNNS = {nn.LSTM: DynamicQuantLSTM, nn.GRU: DynamicQuantGRU}
+_RNN_SCHEDULE = timing.Schedule(warmup=1, rounds=3)  # whole RNN parts on the example input: a few calls each
 _SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: half the activation range moves into the weights
 
 
@@ -176,25 +179,57 @@ def join_rnn_results(*results: Any) -> tuple[Any, Any]:
     return results[-1][0], torch.cat(states)
 
 
+class Bf16RNN(nn.Module):
+    """An LSTM / GRU run on bf16 weights and activations (oneDNN's bf16 RNN kernels), fp32 in and out."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = copy.deepcopy(rnn).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        out, state = self.rnn(x.to(torch.bfloat16))
+        state = tuple(s.to(x.dtype) for s in state) if isinstance(state, tuple) else state.to(x.dtype)
+        return out.to(x.dtype), state
+
+
+def _higher_precision_part(part: nn.RNNBase, x: torch.Tensor | None, floor: float) -> nn.Module:
+    """``part`` in fp32, or in bf16 where bf16 holds ``floor`` on its input and is measured clearly faster
+    (bf16 RNNs are fast only where the CPU has native bf16: the timing decides, not a guess)."""
+    if x is None:
+        return part
+    bf16 = Bf16RNN(part)
+    with torch.inference_mode():
+        if not (outputs_sqnr_db(part(x), bf16(x)) >= floor):
+            return part
+        chosen, _ = timing.fastest({"fp32": lambda: part(x), "bf16": lambda: bf16(x)}, _RNN_SCHEDULE, margin=0.1)
+    return bf16 if chosen == "bf16" else part
+
+
 def _split_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, schemes: tuple[str, ...], spec: QSpec,
-               reduce_range: bool) -> fx.Node:
-    """Run the stack as consecutive parts: fp32 layers as the RNN they were (torch's fp32 kernels), int8
-    layers as one dynamic int8 module each run; returns the node that joins their results."""
-    parts = nn.ModuleList()
+               reduce_range: bool, x: torch.Tensor | None, floor: float) -> tuple[fx.Node, list[str]]:
+    """Run the stack as consecutive parts: the layers that cannot take int8 as the RNN they were (fp32, or
+    bf16 where that holds and is faster), the others as one dynamic int8 module per run; returns the node
+    that joins their results and each layer's scheme."""
+    parts, kept = nn.ModuleList(), []
     for scheme, layers in _segments(schemes):
         part = _sub_rnn(rnn, layers)
-        parts.append(part if scheme == "fp32" else _RNNS[type(rnn)].from_float(part, spec, reduce_range))
+        if scheme == "int8":
+            parts.append(_RNNS[type(rnn)].from_float(part, spec, reduce_range))
+        else:
+            parts.append(_higher_precision_part(part, x, floor))
+        kept += ["bf16" if isinstance(parts[-1], Bf16RNN) else scheme] * len(layers)
+        x = None if x is None else part(x)[0].detach()
     replace_submodule(gm, str(node.target), parts)
-    results, x = [], node.args[0]
+    results, value = [], node.args[0]
     with gm.graph.inserting_before(node):
         for i in range(len(parts)):
-            results.append(gm.graph.call_module(f"{node.target}.{i}", (x,)))
-            x = gm.graph.call_function(operator.getitem, (results[-1], 0))
+            results.append(gm.graph.call_module(f"{node.target}.{i}", (value,)))
+            value = gm.graph.call_function(operator.getitem, (results[-1], 0))
         joined = gm.graph.call_function(join_rnn_results, tuple(results))
     record_rewrite(joined, "quantize-dynamic", node)
     node.replace_all_uses_with(joined)
     gm.graph.erase_node(node)
-    return joined
+    return joined, kept
 
 
 def _rewrite_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, args: tuple | None, spec: QSpec,
@@ -207,7 +242,9 @@ def _rewrite_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, args: tuple
     splittable = "fp16" in schemes and len(node.args) == 1 and not node.kwargs
     if splittable:
         schemes = tuple("fp32" if s == "fp16" else s for s in schemes)
-        node = _split_rnn(gm, node, rnn, schemes, spec, backend.reduce_range)
+        x = args[0] if args is not None and isinstance(args[0], torch.Tensor) else None
+        node, kept = _split_rnn(gm, node, rnn, schemes, spec, backend.reduce_range, x, floor)
+        schemes = tuple(kept)
     else:
         replace_submodule(gm, str(node.target), _RNNS[type(rnn)].from_float(rnn, spec, backend.reduce_range,
                                                                             schemes))
