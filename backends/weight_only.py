@@ -10,12 +10,12 @@ chosen by timing.
                                       "dequant": two nibbles per byte unpacked, (q - 8) * scale + zero, GEMM
 Each layer's candidates are timed on its input shape (``fxforge.numerics.timing``; layers of one shape share
 the measurement) and the fastest is kept (``autotune=false``: the aten kernels on fp32 activations).
-Why correct: every kernel computes x @ dequantize(W).T from the integer values, scales and zero points the reference holds, up to fp32
-rounding; the "-bf16" kernels round the activations to bf16 on the way in (8 significant bits, about
-50 dB: torch's CPU kernels have their fast paths there, measured several times faster than on fp32 inputs);
-the model output SQNR in the report is measured after lowering and includes it. Only packed weights stay:
-a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus scales. int4 packing needs a multiple
-of 16 output rows: the rows are padded and the output sliced.
+Why correct: every kernel computes x @ dequantize(W).T from the integer values, scales and zero points the
+reference holds, up to fp32 rounding; the "-bf16" kernels round the activations to bf16 on the way in (8
+significant bits, about 50 dB: torch's CPU kernels have their fast paths there, measured several times faster
+than on fp32 inputs); the model output SQNR in the report is measured after lowering and includes it. Only
+packed weights stay: a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus scales. int4 packing
+needs a multiple of 16 output rows: the rows are padded and the output sliced.
 Preconditions: ``quantize-weight-only`` ran; the kernels are ATen CPU ops, whatever the quantized engine.
 """
 
