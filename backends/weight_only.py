@@ -15,7 +15,9 @@ reference holds, up to fp32 rounding; the "-bf16" kernels round the activations 
 significant bits, about 50 dB: torch's CPU kernels have their fast paths there, measured several times faster
 than on fp32 inputs); the model output SQNR in the report is measured after lowering and includes it. Only
 packed weights stay: a quarter (int8) or an eighth (int4) of the fp32 weight memory, plus scales. int4 packing
-needs a multiple of 16 output rows: the rows are padded and the output sliced.
+needs a multiple of 16 output rows: the rows are padded and the output sliced. The bf16 variants are offered
+only for input widths that are multiples of 64 (torch's bf16 int8 kernel returned inf for 8 inputs and crashed
+on such layers).
 Preconditions: ``quantize-weight-only`` ran; the kernels are ATen CPU ops, whatever the quantized engine.
 """
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 _aten = torch.ops.aten
 _KERNELS = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}
 _INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
+_BF16_BLOCK = 64  # input widths the bf16 kernel variants are offered for
 SCHEDULE = timing.Schedule(warmup=2, rounds=3)
 
 
@@ -131,6 +134,8 @@ def _check_kernel(bits: int, engine: str) -> None:
 def _candidates(reference: WeightOnlyLinear, autotune: bool) -> dict[str, _PackedLinear]:
     kind = Int8WeightLinear if reference.bits == 8 else Int4WeightLinear
     kernels = kind.KERNELS if autotune else kind.KERNELS[:1]
+    if reference.in_features % _BF16_BLOCK:  # torch's bf16 paths return inf / crash on narrow inputs (measured)
+        kernels = tuple(k for k in kernels if not k.endswith("-bf16"))
     return {kernel: kind(reference, kernel) for kernel in kernels}
 
 
