@@ -4,8 +4,9 @@ Each target applies its backend's qparam rules (``fxforge.quant.qspec.backend_qu
 int8 graph (``insert-qdq``: fp32 ops between quantize/dequantize nodes, which fixes the numerics and the
 report's SQNR), then lowers it onto the engine's kernels (``lower-<engine>``, backends/int8_lowering.py).
 
-Modes: ``static`` (default; needs calibration data), ``dynamic`` (Linear/LSTM/GRU weights int8,
-activations quantized per call) and ``weight-only`` (Linear/Embedding weights int8, fp32 activations).
+Modes: ``static`` (default; needs calibration data), ``dynamic`` (Linear/Conv1D/LSTM/GRU weights int8,
+activations quantized per call) and ``weight-only`` (Linear/Conv1D weights int8 or int4 on torch's weight-only
+kernels, Embedding rows int8, fp32 activations).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fxforge.pipeline.text import PassSpec
 
 # static int8: record value ranges, calibrate them, then the reference int8 graph (quantize/dequantize around ops)
 register_fragment("static-int8", "insert-observers,calibrate,insert-qdq")
+# weight-only int8/int4: round the weights, then pack them for torch's weight-only kernels (any engine)
+register_fragment("weight-only-int", "quantize-weight-only,lower-weight-only")
 
 
 def _fuse(engine: str) -> tuple[PassSpec, PassSpec]:
@@ -32,9 +35,9 @@ def _pipeline(engine: str) -> str:
 
 
 def _modes(engine: str) -> dict[str, str]:
-    """Pipelines of the other quantization modes (weight-only keeps fp32 kernels: nothing to lower)."""
+    """Pipelines of the other quantization modes."""
     return {"dynamic": compose("canonicalize", "fold-bn", "quantize-dynamic", f"lower-{engine}"),
-            "weight-only": compose("canonicalize", "fold-bn", "quantize-dynamic{weight_only=true}")}
+            "weight-only": compose("canonicalize", "fold-bn", "weight-only-int")}
 
 _DESCRIPTIONS = {
     "x86": "int8 on x86 CPUs through the 'x86' quantized engine (oneDNN/fbgemm kernels)",

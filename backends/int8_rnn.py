@@ -4,7 +4,8 @@ reference ``DynamicQuantLSTM`` / ``DynamicQuantGRU``.
 Each layer and direction's weights are prepacked once (``quantized.linear_prepack`` of the int8 grid values
 the reference module holds, so the weights are bit-identical) into dynamic cell parameters; ``forward`` runs
 ``torch.quantized_lstm`` / ``torch.quantized_gru`` with ``use_dynamic``: inputs and hidden state are
-quantized per call inside the kernels, which is what the reference module's numerics follow.
+quantized per call inside the kernels, which is what the reference module's numerics follow. A layer the
+reference keeps at fp16 (``layer_schemes``) gets torch's fp16 cell parameters: fp32 activations, fp16 weights.
 Packed parameters are opaque and engine-specific: copies and pickles rebuild them from the int8 weights.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxforge.errors import BackendUnavailableError
 from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM
@@ -32,14 +34,18 @@ class DynamicInt8RNN(nn.Module):
         for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional",
                      "dropout", "reduce_range"):
             setattr(self, attr, getattr(reference, attr))
+        self.layer_schemes = reference.layer_schemes
         directions = ("", "_reverse") if self.bidirectional else ("",)
-        self.cells = [(self._int8(reference, f"weight_ih_l{layer}{sfx}"),
-                       self._int8(reference, f"weight_hh_l{layer}{sfx}"), *self._biases(reference, layer, sfx))
+        self.cells = [(self._weight(reference, f"weight_ih_l{layer}{sfx}"),
+                       self._weight(reference, f"weight_hh_l{layer}{sfx}"), *self._biases(reference, layer, sfx))
                       for layer in range(self.num_layers) for sfx in directions]
         self._pack()
 
     @staticmethod
-    def _int8(reference: nn.Module, name: str) -> torch.Tensor:
+    def _weight(reference: DynamicQuantLSTM | DynamicQuantGRU, name: str) -> torch.Tensor:
+        """The int8 weight (a quantized tensor), or the fp32 values of an fp16 layer's weight."""
+        if reference.scheme_of(name) == "fp16":
+            return getattr(reference, name).clone()
         w, scale, zero_point = (getattr(reference, n) for n in (name, f"{name}_scale", f"{name}_zero_point"))
         with quantized_tensors_quietly():
             if scale.dim() == 0:
@@ -54,10 +60,19 @@ class DynamicInt8RNN(nn.Module):
 
     def _pack(self) -> None:
         with quantized_engine(self.engine):
-            self.packed = [
-                _q.make_quantized_cell_params_dynamic(_q.linear_prepack(w_ih, b_ih), _q.linear_prepack(w_hh, b_hh),
-                                                      b_ih, b_hh, self.reduce_range)
-                for w_ih, w_hh, b_ih, b_hh in self.cells]
+            self.packed = [self._cell_params(*cell) for cell in self.cells]
+
+    def _cell_params(self, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor) -> Any:
+        if not w_ih.is_quantized:  # an fp16 layer: only fbgemm has fp16 kernels (they run under any engine)
+            if "fbgemm" not in torch.backends.quantized.supported_engines:
+                raise BackendUnavailableError(
+                    f"a dynamic {self.mode} layer kept at fp16 needs fbgemm's fp16 kernels, which this torch build "
+                    f"lacks (engine '{self.engine}'): skip the {self.mode} (skip=[...]) to keep it fp32")
+            with quantized_engine("fbgemm"):
+                return _q.make_quantized_cell_params_fp16(_q.linear_prepack_fp16(w_ih, b_ih),
+                                                          _q.linear_prepack_fp16(w_hh, b_hh))
+        return _q.make_quantized_cell_params_dynamic(_q.linear_prepack(w_ih, b_ih), _q.linear_prepack(w_hh, b_hh),
+                                                     b_ih, b_hh, self.reduce_range)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

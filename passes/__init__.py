@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     remove_noops,
     search_observers,
     to_nhwc,
+    weight_only,
 )
 
 # one spelling per op: no-ops and dead code gone, in-place ops out of place, every relu one relu

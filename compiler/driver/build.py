@@ -40,6 +40,7 @@ from .compiled import CompiledModule
 from .inputs import check_inputs, check_model, copy_model, input_specs
 from .qat import convert_qat_layers
 
+
 VERIFY_MODES = ("none", "structure", "numeric")
 
 
@@ -84,8 +85,6 @@ def _reference_outputs(ctx: PassContext, gm: fx.GraphModule) -> Any:
 
 
 QUANT_MODES = ("static", "dynamic", "weight-only")
-
-
 def _has_trained_fake_quants(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantize) and m.batches_seen > 0 for m in model.modules())
 

@@ -7,6 +7,11 @@ return a new config, so one base config can be shared::
     cfg = QuantConfig(activation="histogram").for_type(nn.Linear, activation="percentile").for_name(
         "features.0", activation="entropy")
 
+Weight-only quantization reads ``weight_bits`` (8, per output channel; or 4, group-wise) and ``group_size``
+(int4: input channels sharing one scale and zero point) from the same rules::
+
+    QuantConfig(weight_bits=4, group_size=64).for_name("lm_head", weight_bits=8)
+
 A node's *layer name* is the module path it belongs to: the called submodule for a module call, else the
 innermost module whose forward produced it (``nn_module_stack`` recorded while tracing). Names match a
 module and everything inside it, so ``skip=["layer4"]`` keeps all of layer4 in fp32.
@@ -29,6 +34,18 @@ from .observers import OBSERVERS, Observer, make_observer
 ObserverChoice = str | Callable[[], Observer]
 
 
+WEIGHT_BITS = (4, 8)
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernels take
+DEFAULT_INT4_GROUP = 128
+
+
+def _check_weights(bits: int | None, group_size: int | None, what: str) -> None:
+    if bits is not None and bits not in WEIGHT_BITS:
+        raise ConfigError(f"{what}: weight_bits must be 8 or 4, got {bits!r}")
+    if group_size is not None and group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"{what}: group_size must be one of {INT4_GROUP_SIZES} (int4 weights), got {group_size!r}")
+
+
 def _check_observer(choice: ObserverChoice | None, what: str) -> None:
     if isinstance(choice, str) and choice not in OBSERVERS:
         raise ConfigError(f"{what}: unknown observer '{choice}'.{suggest(choice, OBSERVERS)} "
@@ -41,9 +58,12 @@ class LayerRule:
 
     activation: ObserverChoice | None = None
     per_channel: bool | None = None
+    weight_bits: int | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_observer(self.activation, "quant_config")
+        _check_weights(self.weight_bits, self.group_size, "quant_config rule")
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,12 @@ class LayerQuant:
 
     activation: ObserverChoice
     per_channel: bool
+    weight_bits: int = 8
+    group_size: int | None = None  # None: per output channel (int8), DEFAULT_INT4_GROUP (int4)
+
+    @property
+    def int4_group(self) -> int:
+        return self.group_size or DEFAULT_INT4_GROUP
 
     def make_observer(self) -> Observer:
         return make_observer(self.activation) if isinstance(self.activation, str) else self.activation()
@@ -59,10 +85,13 @@ class LayerQuant:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Global defaults (``activation`` observer, per-channel weights) plus per-type/name/regex rules."""
+    """Global defaults (``activation`` observer, per-channel weights, weight-only ``weight_bits`` and
+    ``group_size``) plus per-type/name/regex rules."""
 
     activation: ObserverChoice = "histogram"
     per_channel: bool = True
+    weight_bits: int = 8
+    group_size: int | None = None
     by_type: tuple[tuple[type | str, LayerRule], ...] = ()
     by_name: tuple[tuple[str, LayerRule], ...] = ()
     by_regex: tuple[tuple[str, LayerRule], ...] = ()
@@ -75,6 +104,7 @@ class QuantConfig:
                 or math.isnan(self.min_sqnr_db):
             raise ConfigError(f"quant_config min_sqnr_db={self.min_sqnr_db!r}: give a number of dB "
                               f"(-math.inf turns the check off)")
+        _check_weights(self.weight_bits, self.group_size, "quant_config")
         for pattern, _ in self.by_regex:
             try:
                 re.compile(pattern)
@@ -96,25 +126,27 @@ class QuantConfig:
         rules = [r for key, r in self.by_type if key in (op_type, op_kind)]
         rules += [r for pattern, r in self.by_regex if re.fullmatch(pattern, layer)]
         rules += [r for name, r in self.by_name if name_matches(name, layer)]
-        activation, per_channel = self.activation, self.per_channel
+        settings = {"activation": self.activation, "per_channel": self.per_channel,
+                    "weight_bits": self.weight_bits, "group_size": self.group_size}
         for rule in rules:  # least specific first: later rules override
-            activation = rule.activation if rule.activation is not None else activation
-            per_channel = rule.per_channel if rule.per_channel is not None else per_channel
-        return LayerQuant(activation, per_channel)
+            settings.update({k: v for k in settings if (v := getattr(rule, k)) is not None})
+        return LayerQuant(**settings)
 
     @classmethod
     def from_value(cls, value: QuantConfig | Mapping[str, Any] | str | None) -> QuantConfig:
         """Accept a QuantConfig, None, an observer name ("minmax"), or a dict ``{"activation": ...,
-        "per_channel": ..., "types": {nn.Linear: {...}}, "names": {"fc": {...}}, "regex": {"layer1\\..*": {...}}}``."""
+        "per_channel": ..., "weight_bits": 4, "group_size": 64, "types": {nn.Linear: {...}}, "names": {"fc": {...}},
+        "regex": {"layer1\\..*": {...}}}``."""
         if value is None or isinstance(value, QuantConfig):
             return value or cls()
         if isinstance(value, str):
             return cls(activation=value)
-        known = {"activation", "per_channel", "min_sqnr_db", "types", "names", "regex"}
+        settings = ("activation", "per_channel", "min_sqnr_db", "weight_bits", "group_size")
+        known = {*settings, "types", "names", "regex"}
         unknown = set(value) - known
         if unknown:
             raise ConfigError(f"quant_config has unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        cfg = cls(**{k: value[k] for k in ("activation", "per_channel", "min_sqnr_db") if k in value})
+        cfg = cls(**{k: value[k] for k in settings if k in value})
         for key, method in (("types", cfg.for_type), ("names", cfg.for_name), ("regex", cfg.for_regex)):
             for match, rule in value.get(key, {}).items():
                 cfg = getattr(cfg, method.__name__)(match, **rule)

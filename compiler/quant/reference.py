@@ -6,7 +6,9 @@ int8 values exactly. In dynamic mode each activation is rounded at run time onto
 that tensor's own min/max (``dynamic_quantize``: ATen's ``ChooseQuantizationParams``, 7 bits with
 ``reduce_range``), so no calibration is needed. ``DynamicQuantLSTM`` / ``DynamicQuantGRU`` run torch's gate
 equations in Python with int8 weights and fp32 biases, quantizing the layer input once per sequence and the
-hidden state at every step, as ATen's CPU kernels do.
+hidden state at every step, as ATen's CPU kernels do. A layer whose input cannot take int8 (a stack's first
+layer fed wide-range features, chosen by measured sensitivity) keeps fp32 activations and fp16 weights
+(``layer_schemes``), as torch's fp16 dynamic RNN cells compute it.
 Why: these modules *define* what a dynamically quantized model computes. The rewrites produce them, the
 report's SQNR measures them, and lowering swaps them for torch's dynamic int8 kernels
 (``quantized::linear_dynamic``, ``quantized_lstm`` / ``quantized_gru``), whose numerics they follow: an int32
@@ -25,7 +27,10 @@ from torch import Tensor, nn
 from .deprecation import quantized_tensors_quietly
 from .qspec import QSpec
 
-__all__ = ["DynamicQuantGRU", "DynamicQuantLSTM", "dynamic_quantize", "quantize_weight"]
+__all__ = ["RNN_SCHEMES", "DynamicQuantGRU", "DynamicQuantLSTM", "dynamic_quantize", "quantize_weight"]
+
+# what one layer of a dynamic RNN computes: int8 weights and per-call int8 activations, or fp16 weights on fp32
+RNN_SCHEMES = ("int8", "fp16")
 
 
 def quantize_weight(weight: Tensor, spec: QSpec) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,8 +80,13 @@ class _DynamicQuantRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 reduce_range: bool = True, weight_spec: QSpec | None = None) -> None:
+                 reduce_range: bool = True, weight_spec: QSpec | None = None,
+                 layer_schemes: tuple[str, ...] | None = None) -> None:
         super().__init__()
+        self.layer_schemes = tuple(layer_schemes) if layer_schemes is not None else ("int8",) * num_layers
+        if len(self.layer_schemes) != num_layers or not set(self.layer_schemes) <= set(RNN_SCHEMES):
+            raise ValueError(f"{type(self).__name__}: layer_schemes needs one of {RNN_SCHEMES} per layer "
+                             f"({num_layers}), got {self.layer_schemes}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -120,9 +130,11 @@ class _DynamicQuantRNN(nn.Module):
                 for kind in ("ih", "hh")]
 
     @classmethod
-    def from_float(cls, rnn: nn.RNNBase, weight_spec: QSpec, reduce_range: bool) -> Any:
+    def from_float(cls, rnn: nn.RNNBase, weight_spec: QSpec, reduce_range: bool,
+                   layer_schemes: tuple[str, ...] | None = None) -> Any:
         """The dynamic int8 version of ``rnn``: weights rounded with ``weight_spec``, per output row (gate unit)
-        when its axis is set (0), per tensor when it is None; ``reduce_range``: 7-bit activations."""
+        when its axis is set (0), per tensor when it is None; ``reduce_range``: 7-bit activations;
+        ``layer_schemes``: "int8" (default) or "fp16" per layer."""
         expected = nn.LSTM if cls.mode == "LSTM" else nn.GRU
         if not isinstance(rnn, expected):
             raise TypeError(f"{cls.__name__}.from_float expects an nn.{cls.mode}, got {type(rnn).__name__}")
@@ -130,9 +142,12 @@ class _DynamicQuantRNN(nn.Module):
             raise NotImplementedError(f"{cls.__name__}: LSTM with proj_size > 0 is not supported "
                                       f"(got proj_size={rnn.proj_size})")
         mod = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, rnn.dropout,
-                  rnn.bidirectional, reduce_range, weight_spec)
+                  rnn.bidirectional, reduce_range, weight_spec, layer_schemes)
         with torch.no_grad():
             for name, _ in mod._weight_names():
+                if mod.scheme_of(name) == "fp16":
+                    getattr(mod, name).copy_(getattr(rnn, name).detach().half().float())
+                    continue
                 w, scale, zero_point = quantize_weight(getattr(rnn, name), mod.weight_spec)
                 getattr(mod, name).copy_(w)
                 setattr(mod, f"{name}_scale", scale)
@@ -144,6 +159,10 @@ class _DynamicQuantRNN(nn.Module):
         if ref is not None:
             mod.to(ref.device)
         return mod.train(rnn.training)
+
+    def scheme_of(self, weight_name: str) -> str:
+        """The scheme of the layer that holds ``weight_name`` (``weight_ih_l2_reverse`` -> layer 2's)."""
+        return self.layer_schemes[int(weight_name.split("_l")[1].split("_")[0])]
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -157,10 +176,17 @@ class _DynamicQuantRNN(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        return s + f", reduce_range={self.reduce_range}, weight={self.weight_spec.describe()}"
+        schemes = "" if set(self.layer_schemes) == {"int8"} else f", layer_schemes={self.layer_schemes}"
+        return s + f", reduce_range={self.reduce_range}, weight={self.weight_spec.describe()}{schemes}"
 
     def _cell(self, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def _activation_rounding(self, layer: int) -> Any:
+        """Per-call int8 rounding of a layer's inputs, or none for an fp16 layer (fp32 activations)."""
+        if self.layer_schemes[layer] == "fp16":
+            return lambda t: t
+        return lambda t: dynamic_quantize(t, self.reduce_range)
 
     def _run(self, input: Tensor, h0: Tensor | None, c0: Tensor | None
              ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -197,7 +223,8 @@ class _DynamicQuantRNN(nn.Module):
         c_n: list[Tensor] = []
         for layer in range(self.num_layers):
             # one activation scale for the whole sequence: ATen's CPU path projects it in one dynamic linear call
-            xq = dynamic_quantize(x, self.reduce_range)
+            quantize = self._activation_rounding(layer)
+            xq = quantize(x)
             outputs = []
             for d, sfx in enumerate(self._suffixes()):
                 w_ih, w_hh = getattr(self, f"weight_ih_l{layer}{sfx}"), getattr(self, f"weight_hh_l{layer}{sfx}")
@@ -208,7 +235,7 @@ class _DynamicQuantRNN(nn.Module):
                 h, c = h0[idx], c0[idx] if c0 is not None else None
                 ys: list[Tensor] = [h] * steps
                 for t in reversed(range(steps)) if d == 1 else range(steps):
-                    gh = F.linear(dynamic_quantize(h, self.reduce_range), w_hh, b_hh)
+                    gh = F.linear(quantize(h), w_hh, b_hh)
                     h, c = self._cell(gi[t], gh, h, c)
                     ys[t] = h
                 outputs.append(torch.stack(ys) if steps else x.new_zeros(0, batch, self.hidden_size))

@@ -1,0 +1,136 @@
+"""quantize-dynamic keeps accuracy on trained recurrent models: each layer at the first scheme that holds."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quant_helpers import reference_pipeline, sqnr
+from torch import nn
+
+import fxforge
+from fxforge.backends.int8_rnn import DynamicInt8RNN
+from fxforge.passes.quantize_dynamic import Bf16RNN
+from fxforge.pipeline.fragments import with_options
+from fxforge.quant.reference import DynamicQuantLSTM, dynamic_quantize
+from fxforge.testing.speech import trained_speech_embedder
+
+PLAIN_INT8 = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=-1000)
+
+
+def min_cosine(model: nn.Module, compiled: nn.Module, frames: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return F.cosine_similarity(model(frames), compiled(frames)).min().item()
+
+
+@pytest.fixture(scope="module")
+def speech_lstm() -> tuple[nn.Module, torch.Tensor]:
+    return trained_speech_embedder(0)
+
+
+def test_the_trained_stand_in_breaks_under_plain_int8(speech_lstm, caplog):
+    model, frames = speech_lstm
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        compiled = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic",
+                                   pipeline=PLAIN_INT8)
+    assert min_cosine(model, compiled, frames) < 0.9  # what upstream dynamic int8 does to it
+    assert any("SQNR" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", [{}, {"rnn": "gru"}, {"bidirectional": True}], ids=["lstm", "gru", "bilstm"])
+def test_default_dynamic_keeps_the_embedding(kind, speech_lstm, caplog):
+    model, frames = speech_lstm if not kind else trained_speech_embedder(0, **kind)
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        compiled = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
+    cosine = min_cosine(model, compiled, frames)
+    assert not (cosine < 0.98), cosine
+    first, int8 = compiled.graph_module.get_submodule("rnn")  # the stack split where int8 did not hold
+    first = first.rnn if isinstance(first, Bf16RNN) else first  # bf16 where it held and was timed faster
+    assert type(first) is type(model.rnn) and first.num_layers == 1  # only the layer reading the wide-range input
+    assert isinstance(int8, DynamicInt8RNN) and int8.num_layers == 2 and int8.layer_schemes == ("int8", "int8")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (record,) = [r for r in compiled.report.quantization.layers if r.node == "rnn"]
+    assert record.layer == "rnn" and "l1 int8" in record.weight
+    assert ("l0 fp32" in record.weight) != ("l0 bf16" in record.weight)
+
+
+class WithState(nn.Module):
+    """The speech stack called with an explicit initial state: it cannot be split into parts."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.rnn, self.proj = embedder.rnn, embedder.proj
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        h0 = frames.new_zeros(self.rnn.num_layers, frames.shape[0], self.rnn.hidden_size)
+        out, _ = self.rnn(frames, (h0, h0))
+        return F.normalize(torch.relu(self.proj(out[:, -1])), dim=-1)
+
+
+def test_a_stack_called_with_a_state_keeps_fp16_layers(speech_lstm):
+    model, frames = WithState(speech_lstm[0]).eval(), speech_lstm[1]
+    compiled = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
+    rnn = compiled.graph_module.get_submodule("rnn")
+    assert isinstance(rnn, DynamicInt8RNN) and rnn.layer_schemes == ("fp16", "int8", "int8")
+    cosine = min_cosine(model, compiled, frames)
+    assert not (cosine < 0.98), cosine
+
+
+def test_lowered_mixed_stack_matches_its_reference(speech_lstm):
+    model, frames = speech_lstm
+    reference = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic",
+                                pipeline=reference_pipeline("x86", "dynamic"))
+    lowered = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic")
+    assert isinstance(reference.graph_module.get_submodule("rnn.1"), DynamicQuantLSTM)
+    assert not (sqnr(reference, lowered, frames) < 40)
+
+
+class Outliers(nn.Module):
+    """A linear whose inputs carry one channel a thousand times louder than the rest (read by small weights,
+    as trained layers learn: the quiet channels carry as much of the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        with torch.no_grad():
+            self.fc.weight[:, 0] *= 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * torch.tensor([1000.0] + [1.0] * 15))
+
+
+def test_linear_with_outlier_channels_is_equalized():
+    torch.manual_seed(0)
+    model, x = Outliers().eval(), torch.randn(32, 16)
+    plain = fxforge.compile(model, "x86", example_inputs=x, quantization="dynamic", pipeline=PLAIN_INT8)
+    smoothed = fxforge.compile(model, "x86", example_inputs=x, quantization="dynamic",
+                               pipeline=reference_pipeline("x86", "dynamic"))
+    (record,) = smoothed.report.quantization.layers
+    assert "int8+smooth" in record.weight
+    gm = smoothed.graph_module
+    (quantize,) = [n for n in gm.graph.nodes if n.target is dynamic_quantize]
+    assert quantize.args[0].target is torch.mul  # x / s before the per-call quantization
+    assert sqnr(model, smoothed, x) > sqnr(model, plain, x) + 6
+
+
+def test_layers_below_the_floor_even_when_smoothed_stay_fp32():
+    torch.manual_seed(0)
+    model, x = Outliers().eval(), torch.randn(32, 16)
+    strict = with_options(reference_pipeline("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=200)
+    compiled = fxforge.compile(model, "x86", example_inputs=x, quantization="dynamic", pipeline=strict)
+    assert not [n for n in compiled.graph_module.graph.nodes if n.target is dynamic_quantize]
+    assert compiled.report.quantization.layers[0].weight.startswith("fp32")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_transformers_conv1d_becomes_a_dynamic_linear():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(24, 16), nn.ReLU()).eval()
+    x = torch.randn(2, 5, 16)
+    compiled = fxforge.compile(model, "x86", example_inputs=x, quantization="dynamic", leaf_modules=[conv1d])
+    gm = compiled.graph_module
+    assert torch.ops.quantized.linear_dynamic in [n.target for n in gm.graph.nodes]
+    assert not (sqnr(model, compiled, x) < 30)

@@ -1,0 +1,137 @@
+"""quantize-weight-only + lower-weight-only: int8 / group-wise int4 weights on torch's weight-only kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_helpers import sqnr
+from torch import nn
+
+import fxforge
+from fxforge.backends.weight_only import Int4WeightLinear, Int8WeightLinear
+from fxforge.passes.weight_only import WeightOnlyLinear
+from fxforge.pipeline.fragments import with_options, without
+from fxforge.quant.sqnr import outputs_sqnr_db
+from helpers import assert_unchanged, state_snapshot
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(128, 256), nn.Linear(256, 128), nn.Linear(128, 96, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+X = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(1))
+
+
+def compile_mlp(target: str = "x86", reference: bool = False, **kwargs) -> tuple[nn.Module, fxforge.CompiledModule]:
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    if reference:
+        kwargs["pipeline"] = without(fxforge.pipeline_for(target, "weight-only"), "lower-weight-only")
+    return model, fxforge.compile(model, target, example_inputs=X, quantization="weight-only", **kwargs)
+
+
+def linears(compiled: fxforge.CompiledModule, kind: type) -> list[str]:
+    return [name for name, m in compiled.graph_module.named_modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
+def test_int8_weight_only_runs_the_int8pack_kernel(target):
+    model, compiled = compile_mlp(target)
+    assert linears(compiled, Int8WeightLinear) == ["up", "down", "head"]
+    assert not (sqnr(model, compiled, X) < 35)
+    _, reference = compile_mlp(target, reference=True)
+    assert linears(reference, WeightOnlyLinear) == ["up", "down", "head"]
+    assert not (sqnr(reference, compiled, X) < 40)  # the kernel chosen may round activations to bf16
+
+
+def test_without_autotune_the_exact_aten_kernels_run():
+    _, compiled = compile_mlp(pipeline=with_options(fxforge.pipeline_for("x86", "weight-only"), "lower-weight-only",
+                                                    autotune=False))
+    _, reference = compile_mlp(reference=True)
+    assert {compiled.graph_module.get_submodule(n).kernel for n in ("up", "down", "head")} == {"int8pack"}
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(X), reference(X), rtol=1e-4, atol=1e-4)
+
+
+def test_int4_groups_match_the_reference_and_shrink_the_weights():
+    model, compiled = compile_mlp(quant_config={"weight_bits": 4, "group_size": 32})
+    assert linears(compiled, Int4WeightLinear) == ["up", "down", "head"]
+    _, reference = compile_mlp(reference=True, quant_config={"weight_bits": 4, "group_size": 32})
+    assert not (sqnr(reference, compiled, X) < 40)  # the kernel chosen may round activations to bf16
+    assert not (sqnr(model, compiled, X) < 15)
+    (note,) = [n for p in compiled.report.passes if p.name == "lower-weight-only" for n in p.notes if "memory" in n]
+    units = {"KiB": 2**10, "MiB": 2**20}
+    before, after = (float(part.split()[0]) * units[part.split()[1]]
+                     for part in note.split("weight memory ")[1].split(" -> "))
+    assert after < before / 5  # 4-bit values plus one (scale, zero) pair per group of 32
+
+
+@pytest.mark.parametrize("kind", [Int8WeightLinear, Int4WeightLinear])
+def test_every_kernel_candidate_computes_the_reference(kind):
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 40), torch.randn(3, 5, 64)  # 40 rows: int4 packing pads them to 48
+    reference = WeightOnlyLinear(linear, 8 if kind is Int8WeightLinear else 4, 32)
+    with torch.inference_mode():
+        expected = reference(x)
+        for kernel in kind.KERNELS:
+            got = kind(reference, kernel)(x)
+            if kernel.endswith("-bf16"):  # activations rounded to bf16 on the way in: 8 significant bits
+                assert not (outputs_sqnr_db(expected, got) < 40)
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_bits_and_group_size_per_layer():
+    config = fxforge.QuantConfig(weight_bits=4).for_name("head", weight_bits=8).for_name("down", group_size=64)
+    _, compiled = compile_mlp(reference=True, quant_config=config)
+    gm = compiled.graph_module
+    assert (gm.get_submodule("up").bits, gm.get_submodule("up").group_size) == (4, 128)
+    assert (gm.get_submodule("down").bits, gm.get_submodule("down").group_size) == (4, 64)
+    assert gm.get_submodule("head").bits == 8
+    assert {r.layer: r.weight for r in compiled.report.quantization.layers}["head"] == "int8 per output channel"
+
+
+def test_int4_falls_back_to_int8_where_groups_do_not_divide_the_width():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(48, 16)).eval(), torch.randn(3, 48)
+    compiled = fxforge.compile(model, "x86", example_inputs=x, quantization="weight-only",
+                               quant_config={"weight_bits": 4, "group_size": 32})
+    assert linears(compiled, Int8WeightLinear) == ["0"]
+    assert "do not divide 48" in compiled.report.quantization.layers[0].weight
+
+
+def test_per_tensor_setting_gives_one_scale():
+    _, compiled = compile_mlp(reference=True, quant_config={"per_channel": False})
+    scales = compiled.graph_module.get_submodule("up").scales
+    assert torch.equal(scales, scales[0].expand_as(scales))
+
+
+@pytest.mark.parametrize("bad", [{"weight_bits": 3}, {"weight_bits": 4, "group_size": 48}])
+def test_bad_weight_settings_are_config_errors(bad):
+    with pytest.raises(fxforge.ConfigError, match="weight_bits|group_size"):
+        compile_mlp(quant_config=bad)
+
+
+def test_weight_only_does_not_touch_the_model():
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    snapshot = state_snapshot(model)
+    fxforge.compile(model, "x86", example_inputs=X, quantization="weight-only", quant_config={"weight_bits": 4})
+    assert_unchanged(model, snapshot)
+
+
+def test_transformers_conv1d_weights_are_transposed_into_the_kernel():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(96, 64), nn.GELU(), conv1d(64, 96)).eval()
+    x = torch.randn(1, 8, 64)
+    for bits, kind, floor in ((8, Int8WeightLinear, 35), (4, Int4WeightLinear, 15)):
+        compiled = fxforge.compile(model, "x86", example_inputs=x, quantization="weight-only", leaf_modules=[conv1d],
+                                   quant_config={"weight_bits": bits, "group_size": 32})
+        assert linears(compiled, kind) == ["0", "2"]
+        assert not (sqnr(model, compiled, x) < floor)
