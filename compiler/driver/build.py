@@ -40,7 +40,6 @@ from .compiled import CompiledModule
 from .inputs import check_inputs, check_model, copy_model, input_specs
 from .qat import convert_qat_layers
 
-
 VERIFY_MODES = ("none", "structure", "numeric")
 
 
