@@ -65,6 +65,12 @@ def _group_qparams(gm: fx.GraphModule, spec: QSpec) -> dict[int, nn.Module]:
     return observers
 
 
+# Direct ops whose int8 kernel needs an NCHW-contiguous input: qnnpack's int8 clamp misreads channels-last
+# tensors (errors of whole clamp ranges), which int8 cat and int8 kernels return. The reference graph runs
+# under the target's engine too, so it reads a contiguous copy; the lowered kernels then feed the same copy.
+_NCHW_ONLY = {"relu6", "hardtanh", "clamp"}
+
+
 class _Converter:
     """Walks the graph once, replacing observers by quantize nodes and adding dequantize where fp32 is read."""
 
@@ -93,6 +99,15 @@ class _Converter:
         node.args = fx.map_arg(node.args, lambda a: self.dequantize(a) if a in self.quantized else a)
         node.kwargs = fx.map_arg(node.kwargs, lambda a: self.dequantize(a) if a in self.quantized else a)
 
+    def read_nchw(self, node: fx.Node) -> None:
+        """``node`` reads an NCHW-contiguous copy of its int8 input (a no-op on one that already is)."""
+        source = node.args[0]
+        with self.graph.inserting_before(node):
+            contiguous = self.graph.call_method("contiguous", (source,))
+        fxmeta(contiguous)["quant"] = dict(stored(node), kind="contiguous", op_type=None)
+        self.quantized.add(contiguous)
+        node.replace_input_with(source, contiguous)
+
     def convert(self, node: fx.Node) -> None:
         plan = stored(node)
         if OBSERVER_KEY in fxmeta(node):
@@ -103,6 +118,8 @@ class _Converter:
         elif plan.get("role") == META or (plan.get("role") in (DIRECT, CAT) and plan.get("state") == "derived"):
             if plan["role"] != META:
                 self.quantized.add(node)  # runs on the quantized input, keeps its qparams
+            if plan.get("kind") in _NCHW_ONLY and isinstance(node.args[0], fx.Node):
+                self.read_nchw(node)
             if node.op == "call_method" and node.target == "view" and plan["role"] == DIRECT:
                 # int8 cat of 1-channel maps (and int8 kernels) can return channels-last tensors, which .view
                 # cannot reshape; int8 values are never changed in place, so reshape's copy is unobservable

@@ -42,12 +42,12 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, example, given, settings
 
 import fxforge
 from fxforge.pipeline.fragments import without
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.testing import FuzzGraph, FuzzModel, graphs
+from fxforge.testing import FuzzGraph, FuzzModel, Op, graphs
 from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
 
 RTOL = 1e-4
@@ -171,7 +171,29 @@ def test_fbgemm_int8_matches_eager(graph: FuzzGraph) -> None:
     _check_int8("fbgemm", graph)
 
 
+# Found by this fuzzer (qnnpack): int8 relu6 after an int8 cat (channels-last) in the reference graph; the
+# reduced case is tests/quant/test_quant_passes.py::test_reference_clamp_after_an_int8_cat_reads_nchw.
+QNNPACK_CAT_RELU6 = FuzzGraph(shape=(1, 1, 9), batch=1, ops=(
+    Op("cat", (0, 0), {"dim": 1}),
+    Op("pool", (0,), {"pool": "adaptive_avg", "spelling": "module", "args": (("output_size", 1),)}),
+    Op("act", (1,), {"fn": "relu", "spelling": "module"}), Op("cat", (3, 0), {"dim": 1}),
+    Op("act", (4,), {"fn": "relu6", "spelling": "module"}), Op("add", (0, 0), {"spelling": "op"}),
+    Op("conv_t", (2,), {"out_channels": 1, "kernel_size": 1, "stride": 1, "padding": 0, "output_padding": 0,
+                        "groups": 1, "bias": False, "dilation": 1}),
+    Op("conv", (0,), {"out_channels": 1, "kernel_size": (1, 1), "stride": 1, "padding": "same", "dilation": 1,
+                      "groups": 1, "bias": False, "padding_mode": "zeros"})), outputs=(8, 5, 6, 7), seed=0)
+
+
+@settings(phases=[Phase.explicit], deadline=None, database=None)
+@given(graph=graphs())
+@example(graph=QNNPACK_CAT_RELU6)
+def test_qnnpack_reference_graph_of_a_relu6_after_an_int8_cat(graph: FuzzGraph) -> None:
+    """Runs the finding alone (the fuzz targets are slow tests)."""
+    _check_int8("qnnpack", graph)
+
+
 @pytest.mark.slow
 @_fuzz("qnnpack")
+@example(graph=QNNPACK_CAT_RELU6)
 def test_qnnpack_int8_matches_eager(graph: FuzzGraph) -> None:
     _check_int8("qnnpack", graph)
