@@ -69,12 +69,10 @@ def _examples(target: str) -> int:
 
 
 def _fuzz(target: str):
-    """@given(graphs()) with the target's example count. The suite (and CI) draws the same examples every run
-    (derandomize): the SQNR floors are statistical, and a run must not fail on a graph no one has looked at.
-    ``make fuzz`` (FXFORGE_FUZZ_EXAMPLES set) explores new random graphs."""
-    explore = "FXFORGE_FUZZ_EXAMPLES" in os.environ
-    return lambda test: settings(max_examples=_examples(target), deadline=None, derandomize=not explore,
-                                 database=None if not explore else settings.default.database,
+    """@given(graphs()) with the target's example count. CI draws the same examples every run (the "ci"
+    hypothesis profile, tests/conftest.py: derandomized); ``make fuzz`` (the "fuzz" profile) draws new random
+    graphs on every run."""
+    return lambda test: settings(max_examples=_examples(target), deadline=None,
                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
         given(graph=graphs())(test))
 
