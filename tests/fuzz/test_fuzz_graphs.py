@@ -108,7 +108,7 @@ def _check_fp32(model: FuzzModel, compiled: fxforge.CompiledModule, x: torch.Ten
     _check_layout(actual, expected)
     # relative to the output's scale, with an absolute floor: a BN over a constant map gives eager ~1e-9 where
     # the folded conv gives 0 (cancellation at float eps of unit-scale inputs), which no relative bound admits
-    abs_err = max((a - e).abs().max().item() for a, e in zip(actual, expected, strict=True))
+    abs_err = max_errors(actual, expected)[0]  # inf on NaN (a max() over floats would skip a NaN)
     scale = max(e.abs().max().item() for e in expected)
     assert abs_err <= RTOL * scale + ATOL, f"error {abs_err:.3g} (max |eager| {scale:.3g}) at batch {len(x)}"
     assert rel_error(x_compiled, x_eager) <= RTOL, "the input was mutated differently than in eager"
@@ -128,6 +128,8 @@ EVAL_BATCH = 8
 
 
 def _bucket(db: float) -> str:
+    if not db > -math.inf:  # -inf or NaN
+        return "-inf dB"
     low = min(5 * math.floor(db / 5), 40) if math.isfinite(db) else 40
     return f">= {low} dB" if low == 40 else f"{low}-{low + 5} dB"
 
@@ -174,7 +176,8 @@ def _steps(actual: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...],
     for a, b, e in zip(actual, other, eager, strict=True):
         if e.numel():
             step = max((e.max() - e.min()).item(), 1e-6) / 255
-            worst = max(worst, max_errors(a, b)[0] / step)
+            ratio = max_errors(a, b)[0] / step
+            worst = math.inf if math.isnan(ratio) else max(worst, ratio)  # NaN: an eager output of NaN
     return worst
 
 
