@@ -72,6 +72,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "densenet121": lambda: tv_models.densenet121(),
 }
 CASES = [(name, "x86") for name in ZOO] + [("resnet18", "qnnpack"), ("mobilenet_v2", "qnnpack")]
+MEANINGFUL_DB = 3.0  # below this an int8 output is no useful approximation: no floor sits under it
 # (model, target) -> SQNR floor in dB, with 8-bit weights / with 7-bit weights (x86 without VNNI; the module
 # docstring has the measurements)
 SQNR_FLOOR_DB = {
@@ -162,6 +163,13 @@ def _sqnr(case: Int8Case, x: torch.Tensor) -> tuple[float, torch.Tensor]:
         expected, actual = case.model(x), case.compiled(x)
     assert expected.std() > 1e-2, "reference output vanishes: the comparison would be meaningless"
     return outputs_sqnr_db(expected, actual), actual
+
+
+def test_every_floor_could_fail_a_broken_model() -> None:
+    """A broken quantization point drives the SQNR to 0 dB or below: a floor under MEANINGFUL_DB passes it."""
+    assert min(f for pair in SQNR_FLOOR_DB.values() for f in pair) >= MEANINGFUL_DB
+    assert min(floor for floor, _ in LOWERED_VS_REFERENCE.values()) >= MEANINGFUL_DB
+    assert set(SQNR_FLOOR_DB) == set(LOWERED_VS_REFERENCE) == set(CASES)
 
 
 def test_sqnr_above_floor_on_fresh_input(case: Int8Case) -> None:
