@@ -53,7 +53,7 @@ from fxforge.numerics import max_errors
 from fxforge.pipeline.fragments import without
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.testing import FuzzGraph, FuzzModel, Op, graphs
-from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
+from helpers import assert_unchanged, one_intra_op_thread, output_steps, rel_error, state_snapshot
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -156,7 +156,7 @@ def _check_int8(target: str, graph: FuzzGraph) -> None:
     assert db >= SQNR_FLOOR_DB, f"{target}: SQNR {db:.1f} dB against eager"
     assert outputs_sqnr_db(x_eager, x_compiled) >= SQNR_FLOOR_DB, "the input was mutated differently than in eager"
     reference_out = _run(reference, data)[0]
-    steps_of = _output_steps(reference.graph_module, expected)
+    steps_of = output_steps(reference.graph_module, expected)
     kernels_db, kernel_steps = outputs_sqnr_db(reference_out, actual), _steps(actual, reference_out, steps_of)
     assert kernels_db >= KERNEL_FLOOR_DB, f"{target}: lowered graph {kernels_db:.1f} dB from its reference graph"
     assert kernel_steps <= MAX_KERNEL_STEPS, f"{target}: lowered graph {kernel_steps:.1f} steps from its reference"
@@ -172,21 +172,6 @@ def _check_int8(target: str, graph: FuzzGraph) -> None:
 def _steps(actual: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...], steps: tuple[float, ...]) -> float:
     """The largest difference between two int8 results, in quantization steps of each output; inf on NaN."""
     return max((max_errors(a, b)[0] / step for a, b, step in zip(actual, other, steps, strict=True)), default=0.0)
-
-
-def _output_steps(gm: torch.fx.GraphModule, eager: tuple[torch.Tensor, ...]) -> tuple[float, ...]:
-    """Each output's quantization step: the scale of the quantize node it comes from (through dequantize and
-    layout ops), else (an output computed in fp32) an 8-bit step of eager's range of it."""
-    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    steps = []
-    for node, e in zip(output if isinstance(output, (tuple, list)) else (output,), eager, strict=True):
-        while isinstance(node, torch.fx.Node) and node.target in ("dequantize", "contiguous", "to"):
-            node = node.args[0]
-        if isinstance(node, torch.fx.Node) and node.target is torch.quantize_per_tensor:
-            steps.append(float(getattr(gm, str(node.args[1].target))))
-        else:
-            steps.append(max((e.max() - e.min()).item() if e.numel() else 0.0, 1e-6) / 255)
-    return tuple(steps)
 
 
 @pytest.mark.slow

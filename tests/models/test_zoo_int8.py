@@ -52,7 +52,7 @@ from fxforge.pipeline.fragments import without
 from fxforge.quant.ops import weighted_layer
 from fxforge.quant.qspec import backend_quant
 from fxforge.quant.sqnr import outputs_sqnr_db
-from helpers import assert_unchanged, one_intra_op_thread, reestimate_bn, state_snapshot
+from helpers import assert_unchanged, one_intra_op_thread, output_steps, reestimate_bn, state_snapshot
 
 tv_models = pytest.importorskip("torchvision.models")
 
@@ -281,22 +281,14 @@ def test_lowered_model_agrees_with_its_reference_graph(case: Int8Case) -> None:
     """Kernels round inside (accumulation order, requantization): outputs stay within a few output quantization
     steps of the reference's (a deep random-init net amplifies one-step differences: see the module docstring)."""
     floor, max_steps = LOWERED_VS_REFERENCE[(case.name, case.target)]
-    step = _output_step(case.reference.graph_module)
     for batch in (1, 2, 3):
         x = _fresh(batch)
         with torch.inference_mode():
             reference, lowered = case.reference(x), case.compiled(x)
+        step = output_steps(case.reference.graph_module, (reference,))[0]
         db, steps = outputs_sqnr_db(reference, lowered), max_errors(lowered, reference)[0] / step
         assert db >= floor, f"{case.name}/{case.target}: lowered {db:.1f} dB from its reference at batch {batch}"
         assert steps <= max_steps, f"{case.name}/{case.target}: lowered {steps:.0f} steps from its reference"
-
-
-def _output_step(gm: fx.GraphModule) -> float:
-    """The quantization step (scale) of the graph's output: its last quantize node's."""
-    value = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    while not (value.op == "call_function" and value.target is torch.quantize_per_tensor):
-        value = value.all_input_nodes[0]
-    return float(getattr(gm, str(value.args[1].target)))
 
 
 def test_fp32_islands_are_the_expected_ones(case: Int8Case) -> None:
