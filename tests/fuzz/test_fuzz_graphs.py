@@ -8,9 +8,9 @@ and checks, on the model built from it:
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;
 - ``x86``, ``fbgemm``, ``qnnpack`` (static int8): calibrated on the very batch it is evaluated on (8 samples,
   the example's first, so the calibrated ranges cover the data): SQNR against eager >= SQNR_FLOOR_DB; the
-  lowered graph within KERNEL_FLOOR_DB and MAX_KERNEL_STEPS of its own reference int8 graph (kernels may only
-  round differently); batches of 1 and 3 give the rows of the batch of 8 within MAX_BATCH_STEPS (fp32 islands
-  may round one step apart); eager's layout and input mutation;
+  lowered graph within KERNEL_FLOOR_DB of its own reference int8 graph (kernels may only round differently);
+  batches of 1 and 3 give the rows of the batch of 8 within MAX_BATCH_STEPS (fp32 islands may round one step
+  apart); eager's layout and input mutation;
 - every target: the user's model is untouched (state_dict, training flags, submodules).
 
 SQNR floors. With b-bit activations over a calibrated range of about +-4 sigma, one quantization point of a
@@ -26,10 +26,14 @@ graphs (after the fixes the fuzzer led to): 7.3 dB against eager, 15.9 dB lowere
 bugs the fuzzer found gave -2.6 to 4.2 dB against eager (lowering bugs: -2.5 to 3.4 dB against the reference),
 so SQNR_FLOOR_DB = 5 catches outright broken quantization (wrong qparams or kernels, saturated or sign-flipped
 values). Lowered against reference, over 300 derandomized and 1,200 random graphs (x86, fbgemm, qnnpack, on an
-AVX-512 VNNI CPU): lowest 26.0 dB; in quantization steps of each output (its quantize node's scale), over 600
-random graphs: at most 6 (99% within 4). So KERNEL_FLOOR_DB = 20 and MAX_KERNEL_STEPS = 12 catch any kernel that
-computes something else than its reference region; batches of 1 and 3 gave the batch of 8's rows within 0.01
-step. Subtle precision losses against eager (the divisor_override bug: 15-19 dB) pass SQNR_FLOOR_DB: read the low
+AVX-512 VNNI CPU): lowest 26.0 dB, so KERNEL_FLOOR_DB = 20 catches any kernel that computes something else than its
+reference region (the 15.9 dB above was measured with 7-bit activations on a CPU without VNNI: a make fuzz run
+there may need a look at its low tail). No bound in output steps there: a kernel may round a value one step of
+*its* qparams away, and a later op with much finer qparams sees that as up to 118 of its own steps (a mean
+requantized with its input's qparams, then added to itself: found by ``make fuzz``). Batches of 1 and 3 gave
+the batch of 8's rows within 0.01 step of each output's qparams, hence MAX_BATCH_STEPS = 1 (fp32 islands may
+round one step apart).
+Subtle precision losses against eager (the divisor_override bug: 15-19 dB) pass SQNR_FLOOR_DB: read the low
 tail of a ``make fuzz`` run (its hypothesis statistics list the SQNR distribution).
 
 Examples: EXAMPLES per target (550 in all) in CI; ``FXFORGE_FUZZ_EXAMPLES=n`` runs n per target
@@ -59,8 +63,7 @@ RTOL = 1e-4
 ATOL = 1e-6
 SQNR_FLOOR_DB = 5.0
 KERNEL_FLOOR_DB = 20.0
-MAX_KERNEL_STEPS = 12.0  # lowered against reference, in quantization steps of each output
-MAX_BATCH_STEPS = 1.0  # batch 1 or 3 against the same rows of batch 8 (measured: within 0.01)
+MAX_BATCH_STEPS = 1.0  # batch 1 or 3 against batch 8's rows, in steps of each output's qparams (measured: 0.00)
 CONDITION_DB = 15.0  # int8 checks skip graphs whose output keeps less than this under rounding noise (see _check_int8)
 INT8_TARGETS = ("x86", "fbgemm", "qnnpack")
 EXAMPLES = {"cpu": 250, "x86": 100, "fbgemm": 80, "qnnpack": 120}
@@ -157,9 +160,8 @@ def _check_int8(target: str, graph: FuzzGraph) -> None:
     assert outputs_sqnr_db(x_eager, x_compiled) >= SQNR_FLOOR_DB, "the input was mutated differently than in eager"
     reference_out = _run(reference, data)[0]
     steps_of = output_steps(reference.graph_module, expected)
-    kernels_db, kernel_steps = outputs_sqnr_db(reference_out, actual), _steps(actual, reference_out, steps_of)
+    kernels_db = outputs_sqnr_db(reference_out, actual)
     assert kernels_db >= KERNEL_FLOOR_DB, f"{target}: lowered graph {kernels_db:.1f} dB from its reference graph"
-    assert kernel_steps <= MAX_KERNEL_STEPS, f"{target}: lowered graph {kernel_steps:.1f} steps from its reference"
 
     for batch in (1, 3):  # the example's batch size and the other one: the same rows as at batch 8
         rows, _ = _run(compiled, data[:batch])
