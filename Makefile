@@ -89,9 +89,10 @@ gpu-wheels: $(STAMP)
 	$(BIN)/pip wheel -q --no-deps -w .gpu-wheels .
 	rm -rf build
 
-# Long fuzzing run of the graph fuzzer (tests/fuzz): FUZZ_EXAMPLES random graphs per target (CI runs a few
-# hundred in all), with hypothesis statistics. Failures print a FuzzGraph(...) to paste into a regression test.
+# Long fuzzing run of the graph fuzzer and property tests (tests/fuzz), new random graphs on every run (the
+# "fuzz" hypothesis profile; CI's is derandomized): FUZZ_EXAMPLES per fuzz target (CI runs a few hundred in
+# all), with hypothesis statistics. Failures print a FuzzGraph(...) to paste into a regression test.
 FUZZ_EXAMPLES ?= 2000
 .PHONY: fuzz
 fuzz: $(STAMP)
-	FXFORGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/fuzz/test_fuzz_graphs.py --hypothesis-show-statistics
+	FXFORGE_HYPOTHESIS_PROFILE=fuzz FXFORGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/fuzz --hypothesis-show-statistics

@@ -54,7 +54,6 @@ _CONV_OPS = {"conv1d", "conv2d", "conv3d"}  # convs with int8 kernels of the sam
 _BINARY = {"add", "mul"}  # ops with int8 kernels (quantized.add / mul, with or without a fused relu)
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
 _INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
-_CLAMPS = {"relu6", "hardtanh", "clamp"}
 _GATE_QPARAMS = (1.0 / 256, 0)  # the output qparams of torch's quint8 sigmoid-like kernels ([0, 1] in 256 steps)
 # int8 ops whose output qparams are fixed (quint8): lowered only where the reference quantizes with these
 _FIXED_OUTPUT = {"hardsigmoid": (torch.nn.functional.hardsigmoid, _GATE_QPARAMS)}
@@ -420,20 +419,6 @@ def _lower_dynamic_rnn(low: _Lowering, node: fx.Node) -> bool:
     return True
 
 
-def _clamp_on_nchw(gm: fx.GraphModule) -> int:
-    """qnnpack's int8 clamp (relu6, hardtanh, clamp) misreads channels-last tensors (measured: errors of
-    whole clamp ranges), and int8 kernels (conv, batch norm) return channels-last ones: clamp a contiguous
-    copy (``contiguous()`` is a no-op on a tensor that already is)."""
-    clamps = [n for n in gm.graph.nodes if stored(n).get("state") == "derived" and stored(n).get("kind") in _CLAMPS
-              and n.args and isinstance(n.args[0], fx.Node)]
-    for node in clamps:
-        with gm.graph.inserting_before(node):
-            contiguous = gm.graph.call_method("contiguous", (node.args[0],))
-        record_rewrite(contiguous, "lower-qnnpack", node.args[0])
-        node.replace_input_with(node.args[0], contiguous)
-    return len(clamps)
-
-
 def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines: tuple[str, ...] = ()) -> PassResult:
     quantize_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
     low = _Lowering(gm, engine, kernel_engines)
@@ -446,8 +431,6 @@ def lower_int8(gm: fx.GraphModule, ctx: PassContext, engine: str, kernel_engines
         if not q.users:
             gm.graph.erase_node(q)
     _drop_private_in_place(gm, low.private_in_place)
-    if engine == "qnnpack" and lowered:
-        _clamp_on_nchw(gm)
     # int8 kernels (and cat of 1-channel maps) return channels-last tensors: eager's layout where observable
     restored = restore_eager_layout(gm, f"lower-{engine}", ctx.reference_outputs)
     remove_dead_code(gm)  # the reference nodes the kernels replaced (quantize, ops, dequantize, qparams)

@@ -84,10 +84,24 @@ CI_MODELS = (
 # the values depend on the CPU, e.g. VNNI gives x86/fbgemm 8-bit activations).
 _ROUNDING = ("fp32 rounding of a deep random-init net: relative error {} against eager, but the compiled model "
              "is {} from float64 eager and eager itself {}: as accurate, two roundings apart")
-_HETEROGENEOUS = ("SQNR {} dB: random-init squeeze-excitation gates make activations vary 3-30x between samples, so "
-                  "one calibration batch of 8 does not cover a fresh batch (efficientnet_v2_s's SE inputs: up to 21 "
-                  "in the calibration batch, 6 in the fresh one)")
+_HETEROGENEOUS = ("SQNR {} dB on ZOO.md's machine: random-init squeeze-excitation gates make activations vary "
+                  "3-30x between samples, so one calibration batch of 8 does not cover a fresh batch "
+                  "(efficientnet_v2_s's SE inputs: up to 21 in the calibration batch, 6 in the fresh one)")
 XFAIL: dict[tuple[str, str], str] = {
+    ("regnet_x_32gf", "cpu"): _ROUNDING.format("1.1e-04", "8.0e-05", "6.6e-05"),
+    ("resnet101", "cpu"): _ROUNDING.format("3.0e-04", "2.2e-04", "2.0e-04"),
+    ("resnet152", "cpu"): _ROUNDING.format("7.4e-04", "5.7e-04", "6.9e-04"),
+    ("resnext101_32x8d", "cpu"): _ROUNDING.format("1.9e-04", "1.4e-04", "1.5e-04"),
+    ("resnext101_64x4d", "cpu"): _ROUNDING.format("1.8e-04", "1.2e-04", "1.0e-04"),
+    ("wide_resnet101_2", "cpu"): _ROUNDING.format("3.3e-04", "2.1e-04", "2.5e-04"),
+}
+
+# (model, target) -> why its SQNR is no test of the compiler: random-init models whose int8 output is no useful
+# approximation under this sweep's calibration (one batch of 8), whatever the kernels do. Compiled and checked
+# like the rest; the number is reported, not asserted (a floor under MEANINGFUL_DB would pass a broken kernel).
+_DEEP = ("SQNR ~{} dB (ZOO.md): a deep random-init net adds the error of 50-300 quantization points, so its int8 "
+         "output keeps less than MEANINGFUL_DB on some CPUs: no floor could tell a broken kernel from it")
+UNSUPPORTED: dict[tuple[str, str], str] = {
     ("efficientnet_b1", "x86"): _HETEROGENEOUS.format(2.4),
     ("efficientnet_b1", "fbgemm"): _HETEROGENEOUS.format(2.4),
     ("efficientnet_b2", "x86"): _HETEROGENEOUS.format(-2.3),
@@ -110,12 +124,34 @@ XFAIL: dict[tuple[str, str], str] = {
     ("efficientnet_v2_s", "x86"): _HETEROGENEOUS.format(-0.5),
     ("efficientnet_v2_s", "fbgemm"): _HETEROGENEOUS.format(-0.5),
     ("efficientnet_v2_s", "qnnpack"): _HETEROGENEOUS.format(2.9),
-    ("regnet_x_32gf", "cpu"): _ROUNDING.format("1.1e-04", "8.0e-05", "6.6e-05"),
-    ("resnet101", "cpu"): _ROUNDING.format("3.0e-04", "2.2e-04", "2.0e-04"),
-    ("resnet152", "cpu"): _ROUNDING.format("7.4e-04", "5.7e-04", "6.9e-04"),
-    ("resnext101_32x8d", "cpu"): _ROUNDING.format("1.9e-04", "1.4e-04", "1.5e-04"),
-    ("resnext101_64x4d", "cpu"): _ROUNDING.format("1.8e-04", "1.2e-04", "1.0e-04"),
-    ("wide_resnet101_2", "cpu"): _ROUNDING.format("3.3e-04", "2.1e-04", "2.5e-04"),
+    ("inception_v3", "x86"): _DEEP.format(3.0),
+    ("inception_v3", "fbgemm"): _DEEP.format(3.0),
+    ("inception_v3", "qnnpack"): _DEEP.format(3.5),
+    ("regnet_x_16gf", "x86"): _DEEP.format(3.0),
+    ("regnet_x_16gf", "fbgemm"): _DEEP.format(3.0),
+    ("regnet_x_16gf", "qnnpack"): _DEEP.format(3.5),
+    ("regnet_x_32gf", "x86"): _DEEP.format(3.0),
+    ("regnet_x_32gf", "fbgemm"): _DEEP.format(3.0),
+    ("regnet_x_32gf", "qnnpack"): _DEEP.format(3.5),
+    ("regnet_x_8gf", "x86"): _DEEP.format(3.0),
+    ("regnet_x_8gf", "fbgemm"): _DEEP.format(3.0),
+    ("regnet_y_16gf", "x86"): _DEEP.format(4.0),
+    ("regnet_y_16gf", "fbgemm"): _DEEP.format(4.0),
+    ("regnet_y_1_6gf", "x86"): _DEEP.format(3.5),
+    ("regnet_y_1_6gf", "fbgemm"): _DEEP.format(3.5),
+    ("regnet_y_1_6gf", "qnnpack"): _DEEP.format(4.0),
+    ("regnet_y_32gf", "x86"): _DEEP.format(3.0),
+    ("regnet_y_32gf", "fbgemm"): _DEEP.format(3.0),
+    ("regnet_y_32gf", "qnnpack"): _DEEP.format(4.0),
+    ("regnet_y_3_2gf", "x86"): _DEEP.format(3.5),
+    ("regnet_y_3_2gf", "fbgemm"): _DEEP.format(3.5),
+    ("resnet152", "x86"): _DEEP.format(4.0),
+    ("resnet152", "fbgemm"): _DEEP.format(4.0),
+    ("resnet152", "qnnpack"): _DEEP.format(3.5),
+    ("resnext101_32x8d", "qnnpack"): _DEEP.format(4.0),
+    ("wide_resnet101_2", "x86"): _DEEP.format(4.0),
+    ("wide_resnet101_2", "fbgemm"): _DEEP.format(4.0),
+    ("wide_resnet101_2", "qnnpack"): _DEEP.format(4.0),
 }
 
 # model -> SQNR floors in dB for (x86, fbgemm, qnnpack), 1.5-2 dB under the values in ZOO.md (None: xfail).
@@ -138,7 +174,7 @@ SQNR_FLOOR_DB: dict[str, tuple[float | None, float | None, float | None]] = {
     "efficientnet_b4": (None, None, 3.5),
     "efficientnet_b5": (4.5, 4.5, 6.5),
     "googlenet": (4.0, 4.0, 6.5),
-    "inception_v3": (1.5, 1.5, 2.0),
+    "inception_v3": (None, None, None),
     "maxvit_t": (14.0, 14.0, 18.5),
     "mnasnet0_5": (4.5, 4.5, 4.0),
     "mnasnet0_75": (3.0, 3.0, 5.0),
@@ -147,26 +183,26 @@ SQNR_FLOOR_DB: dict[str, tuple[float | None, float | None, float | None]] = {
     "mobilenet_v2": (5.0, 5.0, 7.0),
     "mobilenet_v3_large": (3.0, 3.0, 7.5),
     "mobilenet_v3_small": (8.0, 8.0, 13.5),
-    "regnet_x_16gf": (1.5, 1.5, 2.0),
+    "regnet_x_16gf": (None, None, None),
     "regnet_x_1_6gf": (3.5, 3.5, 4.5),
-    "regnet_x_32gf": (1.5, 1.5, 2.0),
+    "regnet_x_32gf": (None, None, None),
     "regnet_x_3_2gf": (3.0, 3.0, 3.0),
     "regnet_x_400mf": (4.5, 4.5, 6.0),
     "regnet_x_800mf": (5.5, 5.5, 7.0),
-    "regnet_x_8gf": (1.5, 1.5, 3.0),
-    "regnet_y_16gf": (2.5, 2.5, 3.5),
-    "regnet_y_1_6gf": (2.0, 2.0, 2.5),
-    "regnet_y_32gf": (1.5, 1.5, 2.5),
-    "regnet_y_3_2gf": (2.0, 2.0, 3.0),
+    "regnet_x_8gf": (None, None, 3.0),
+    "regnet_y_16gf": (None, None, 3.5),
+    "regnet_y_1_6gf": (None, None, None),
+    "regnet_y_32gf": (None, None, None),
+    "regnet_y_3_2gf": (None, None, 3.0),
     "regnet_y_400mf": (5.0, 5.0, 6.0),
     "regnet_y_800mf": (5.5, 5.5, 7.0),
     "regnet_y_8gf": (3.0, 3.0, 4.5),
     "resnet101": (3.5, 3.5, 3.0),
-    "resnet152": (2.5, 2.5, 2.0),
+    "resnet152": (None, None, None),
     "resnet18": (16.5, 16.5, 20.0),
     "resnet34": (11.5, 11.5, 14.0),
     "resnet50": (3.5, 3.5, 4.0),
-    "resnext101_32x8d": (3.0, 3.0, 2.5),
+    "resnext101_32x8d": (3.0, 3.0, None),
     "resnext101_64x4d": (3.5, 3.5, 3.5),
     "resnext50_32x4d": (3.5, 3.5, 4.5),
     "shufflenet_v2_x0_5": (5.0, 5.0, 6.0),
@@ -195,12 +231,12 @@ SQNR_FLOOR_DB: dict[str, tuple[float | None, float | None, float | None]] = {
     "vit_b_32": (6.5, 6.5, 9.5),
     "vit_l_16": (6.0, 6.0, 11.5),
     "vit_l_32": (6.5, 6.5, 10.0),
-    "wide_resnet101_2": (2.5, 2.5, 2.5),
+    "wide_resnet101_2": (None, None, None),
     "wide_resnet50_2": (4.0, 4.0, 4.0),
 }
 
 
-MEANINGFUL_DB = 3.0  # below this the int8 output is no useful approximation: such (model, target) pairs are XFAIL
+MEANINGFUL_DB = 3.0  # below this the int8 output is no useful approximation: such pairs are UNSUPPORTED
 
 
 def sqnr_floor(model: str, target: str) -> float | None:
@@ -364,7 +400,9 @@ def render(cases: list[Case], targets: tuple[str, ...], info: list[str]) -> str:
         lines.append(f"| {name} | {input_size(name)} | {traced} | " + " | ".join(cells) + " |")
     lines += ["", "Not swept: " + "; ".join(f"{m} ({why})" for m, why in SKIPPED.items()) + ".", "",
               "Expected failures (zoo_sweep.XFAIL; xfail in tests/models/test_zoo_sweep.py for its CI models):",
-              *(f"- {m} / {t}: {why}" for (m, t), why in XFAIL.items())]
+              *(f"- {m} / {t}: {why}" for (m, t), why in XFAIL.items()), "",
+              "SQNR not asserted (zoo_sweep.UNSUPPORTED: no meaningful int8 approximation of the random-init model):",
+              *(f"- {m} / {t}: {why}" for (m, t), why in UNSUPPORTED.items())]
     return "\n".join(lines) + "\n"
 
 

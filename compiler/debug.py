@@ -180,7 +180,7 @@ class _Tolerance:
         return BisectStage(index, spec, "SQNR dB >=", sqnr, limit, sqnr >= limit)
 
     def departs(self, err: ValueErrors, quantized: bool) -> bool:
-        return err.sqnr_db < self.min_sqnr_db if quantized else err.max_rel_error > self.rtol
+        return not (err.sqnr_db >= self.min_sqnr_db if quantized else err.max_rel_error <= self.rtol)  # NaN departs
 
 
 def _localize(before: fx.GraphModule, keys: dict[str, str], after: fx.GraphModule, inputs: tuple,

@@ -66,11 +66,18 @@ def _group_qparams(gm: fx.GraphModule, spec: QSpec) -> dict[int, nn.Module]:
     return observers
 
 
+# Direct ops whose qnnpack int8 kernel needs an NCHW-contiguous input: qnnpack's int8 clamp misreads channels-last
+# tensors (errors of whole clamp ranges), which int8 cat and int8 kernels return. The reference graph runs
+# under the target's engine too, so it reads a contiguous copy; the lowered kernels then feed the same copy.
+_QNNPACK_NCHW_ONLY = {"relu6", "hardtanh", "clamp"}
+
+
 class _Converter:
     """Walks the graph once, replacing observers by quantize nodes and adding dequantize where fp32 is read."""
 
-    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype, nchw_only: frozenset[str] = frozenset()) -> None:
         self.gm, self.graph, self.dtype = gm, gm.graph, dtype
+        self.nchw_only = nchw_only  # kinds of direct ops that read an NCHW-contiguous copy of their input
         self.quantized: set[fx.Node] = set()
         self.dq: dict[fx.Node, fx.Node] = {}
         self.q_of_root: dict[fx.Node, fx.Node] = {}  # root value -> its quantize node
@@ -94,6 +101,15 @@ class _Converter:
         node.args = fx.map_arg(node.args, lambda a: self.dequantize(a) if a in self.quantized else a)
         node.kwargs = fx.map_arg(node.kwargs, lambda a: self.dequantize(a) if a in self.quantized else a)
 
+    def read_nchw(self, node: fx.Node) -> None:
+        """``node`` reads an NCHW-contiguous copy of its int8 input (a no-op on one that already is)."""
+        source = node.args[0]
+        with self.graph.inserting_before(node):
+            contiguous = self.graph.call_method("contiguous", (source,))
+        fxmeta(contiguous)["quant"] = dict(stored(node), kind="contiguous", op_type=None)
+        self.quantized.add(contiguous)
+        node.replace_input_with(source, contiguous)
+
     def convert(self, node: fx.Node) -> None:
         plan = stored(node)
         if OBSERVER_KEY in fxmeta(node):
@@ -104,6 +120,8 @@ class _Converter:
         elif plan.get("role") == META or (plan.get("role") in (DIRECT, CAT) and plan.get("state") == "derived"):
             if plan["role"] != META:
                 self.quantized.add(node)  # runs on the quantized input, keeps its qparams
+            if plan.get("kind") in self.nchw_only and node.args and isinstance(node.args[0], fx.Node):
+                self.read_nchw(node)
             if node.op == "call_method" and node.target == "view" and plan["role"] == DIRECT:
                 # int8 cat of 1-channel maps (and int8 kernels) can return channels-last tensors, which .view
                 # cannot reshape; int8 values are never changed in place, so reshape's copy is unobservable
@@ -245,7 +263,8 @@ class InsertQdq(Pass):
         per_channel = {n.name: fxmeta(n).get(WEIGHT_SCHEME_KEY, configured_per_channel(opts, n))
                        for n in gm.graph.nodes if stored(n).get("role") == "compute"}
         weights = _quantize_weights(gm, backend, per_channel)
-        converter = _Converter(gm, backend.activation.dtype)
+        converter = _Converter(gm, backend.activation.dtype,
+                               frozenset(_QNNPACK_NCHW_ONLY) if backend.name == "qnnpack" else frozenset())
         for node in list(gm.graph.nodes):
             converter.convert(node)
         gm.delete_all_unused_submodules()

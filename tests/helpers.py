@@ -23,6 +23,21 @@ def rel_error(actual, expected) -> float:
     return max_errors(actual, expected)[1]
 
 
+def output_steps(gm: fx.GraphModule, eager: tuple[torch.Tensor, ...]) -> tuple[float, ...]:
+    """The quantization step of each output of an int8 graph: the scale of the quantize node it comes from
+    (through dequantize and layout ops), else (an output computed in fp32) an 8-bit step of eager's range of it."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    steps = []
+    for node, e in zip(output if isinstance(output, (tuple, list)) else (output,), eager, strict=True):
+        while isinstance(node, fx.Node) and node.target in ("dequantize", "contiguous", "to"):
+            node = node.args[0]
+        if isinstance(node, fx.Node) and node.target is torch.quantize_per_tensor:
+            steps.append(float(getattr(gm, str(node.args[1].target))))
+        else:
+            steps.append(max((e.max() - e.min()).item() if e.numel() else 0.0, 1e-6) / 255)
+    return tuple(steps)
+
+
 def state_snapshot(model: nn.Module) -> dict:
     """Everything compile must not touch: tensors, training flags and the submodule tree."""
     return {

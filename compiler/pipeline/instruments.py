@@ -116,7 +116,7 @@ class NumericCheck(Instrument):
         # int8 and fp16/bf16 graphs ("reduced-precision") are compared by SQNR, not a relative tolerance
         if {"quantized", "reduced-precision"} & (ctx.properties | p.provides):
             self._check_sqnr(p, result, ctx, ran_before)
-        elif rel_err > self.rtol:
+        elif not rel_err <= self.rtol:  # NaN fails
             raise NumericMismatchError(
                 f"pass '{p.spec()}' changed the model output: max abs error {abs_err:.3g}, relative {rel_err:.3g} "
                 f"(tolerance {self.rtol:g}). Passes before it: {', '.join(ran_before) or 'none'}. "
@@ -126,7 +126,7 @@ class NumericCheck(Instrument):
 
     def _check_sqnr(self, p: Pass, result: PassResult, ctx: PassContext, ran_before: list[str]) -> None:
         sqnr = outputs_sqnr_db(ctx.reference_outputs, self._outputs)
-        if sqnr < self.min_sqnr_db:
+        if not sqnr >= self.min_sqnr_db:  # NaN fails
             raise NumericMismatchError(
                 f"after pass '{p.spec()}' the int8 / reduced-precision model's output SQNR against fp32 is "
                 f"{sqnr:.1f} dB (minimum "

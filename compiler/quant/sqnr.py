@@ -27,15 +27,32 @@ def apply_op(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> An
     return node.target(*args, **kwargs)
 
 
+def same_values(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Elementwise: equal, or NaN on both sides (infinities of one sign are equal)."""
+    return (actual == expected) | (actual.isnan() & expected.isnan())
+
+
 def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
-    """10*log10(|ref|^2 / |ref - value|^2); inf when equal."""
+    """10*log10(|ref|^2 / |ref - value|^2); inf when equal.
+
+    Non-finite values are never hidden: a NaN or infinity on one side only (or infinities of opposite signs)
+    gives -inf, which fails every floor check; elements holding the same non-finite value on both sides
+    agree and are left out of signal and noise."""
     reference, value = reference.detach().double(), value.detach().double()
     if reference.is_quantized or value.is_quantized:
         raise TypeError("dequantize before computing SQNR")
-    noise = (reference - value).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
+    if reference.shape != value.shape:
+        raise ValueError(f"SQNR of values of different shapes: {tuple(reference.shape)}, {tuple(value.shape)}")
+    differ = ~same_values(reference, value)
+    if not (reference[differ].isfinite().all() and value[differ].isfinite().all()):
+        return -math.inf
+    finite = reference.isfinite()
+    noise = (reference[differ] - value[differ]).pow(2).sum().item()
+    signal = reference[finite].pow(2).sum().item()
     if noise == 0:
         return math.inf
+    if not math.isfinite(noise):  # finite values whose squares overflow double: as wrong as it gets
+        return -math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
@@ -50,7 +67,9 @@ def outputs_sqnr_db(reference: Any, value: Any) -> float:
     fx.node.map_aggregate(value, lambda v: vals.append(_as_float(v)) if isinstance(v, torch.Tensor) else None)
     if not refs or len(refs) != len(vals):
         return -math.inf
-    return sqnr_db(torch.cat([r.flatten().float() for r in refs]), torch.cat([v.flatten().float() for v in vals]))
+    if any(r.shape != v.shape for r, v in zip(refs, vals, strict=True)):
+        return -math.inf
+    return sqnr_db(torch.cat([r.flatten().double() for r in refs]), torch.cat([v.flatten().double() for v in vals]))
 
 
 class _Capture(fx.Interpreter):

@@ -72,8 +72,8 @@ class BnPoolRelu6(nn.Module):
 
 def test_qnnpack_relu6_reads_an_nchw_int8_tensor():
     """qnnpack's int8 clamp (relu6, hardtanh, clamp) misreads channels-last tensors, which int8 kernels
-    return (here batch norm, then a max-pool in fp32 that keeps the layout): SQNR 1.2 dB. Fix: lower-qnnpack
-    gives every int8 clamp an NCHW-contiguous input."""
+    return (here batch norm, then a max-pool in fp32 that keeps the layout): SQNR 1.2 dB. Fix: insert-qdq
+    gives every int8 clamp an NCHW-contiguous input, which the lowered kernels then feed."""
     compiled, db = compile_calibrated_on(BnPoolRelu6().eval(), "qnnpack", torch.randn(3, 8, 1, 5))
     assert db >= SQNR_FLOOR_DB
     assert "batch_norm2d" in _targets_of(compiled.graph_module)

@@ -8,8 +8,9 @@ and checks, on the model built from it:
   eager's layout (contiguous where eager's is), the input mutated exactly as eager mutates it;
 - ``x86``, ``fbgemm``, ``qnnpack`` (static int8): calibrated on the very batch it is evaluated on (8 samples,
   the example's first, so the calibrated ranges cover the data): SQNR against eager >= SQNR_FLOOR_DB; the
-  lowered graph >= KERNEL_FLOOR_DB from its own reference int8 graph (kernels may only round differently);
-  batches of 1 and 3 give the same rows as the batch of 8; eager's layout and input mutation;
+  lowered graph within KERNEL_FLOOR_DB of its own reference int8 graph (kernels may only round differently);
+  batches of 1 and 3 give the rows of the batch of 8 within MAX_BATCH_STEPS (fp32 islands may round one step
+  apart); eager's layout and input mutation;
 - every target: the user's model is untouched (state_dict, training flags, submodules).
 
 SQNR floors. With b-bit activations over a calibrated range of about +-4 sigma, one quantization point of a
@@ -24,9 +25,16 @@ quantized input, errors adding up over up to 8 quantization points. The lowest b
 graphs (after the fixes the fuzzer led to): 7.3 dB against eager, 15.9 dB lowered against reference. The
 bugs the fuzzer found gave -2.6 to 4.2 dB against eager (lowering bugs: -2.5 to 3.4 dB against the reference),
 so SQNR_FLOOR_DB = 5 catches outright broken quantization (wrong qparams or kernels, saturated or sign-flipped
-values) and KERNEL_FLOOR_DB = 10 any kernel that computes something else than its reference region. Subtle
-precision losses (the divisor_override bug: 15-19 dB) pass both: read the low tail of a ``make fuzz`` run (its
-hypothesis statistics list the SQNR distribution).
+values). Lowered against reference, over 300 derandomized and 1,200 random graphs (x86, fbgemm, qnnpack, on an
+AVX-512 VNNI CPU): lowest 26.0 dB, so KERNEL_FLOOR_DB = 20 catches any kernel that computes something else than its
+reference region (the 15.9 dB above was measured with 7-bit activations on a CPU without VNNI: a make fuzz run
+there may need a look at its low tail). No bound in output steps there: a kernel may round a value one step of
+*its* qparams away, and a later op with much finer qparams sees that as up to 118 of its own steps (a mean
+requantized with its input's qparams, then added to itself: found by ``make fuzz``). Batches of 1 and 3 gave
+the batch of 8's rows within 0.01 step of each output's qparams, hence MAX_BATCH_STEPS = 1 (fp32 islands may
+round one step apart).
+Subtle precision losses against eager (the divisor_override bug: 15-19 dB) pass SQNR_FLOOR_DB: read the low
+tail of a ``make fuzz`` run (its hypothesis statistics list the SQNR distribution).
 
 Examples: EXAMPLES per target (550 in all) in CI; ``FXFORGE_FUZZ_EXAMPLES=n`` runs n per target
 (``make fuzz``). Every failure found is a named test, reduced to a minimal model, in the test file of the
@@ -42,18 +50,20 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, example, given, settings
 
 import fxforge
+from fxforge.numerics import max_errors
 from fxforge.pipeline.fragments import without
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.testing import FuzzGraph, FuzzModel, graphs
-from helpers import assert_unchanged, one_intra_op_thread, rel_error, state_snapshot
+from fxforge.testing import FuzzGraph, FuzzModel, Op, graphs
+from helpers import assert_unchanged, one_intra_op_thread, output_steps, rel_error, state_snapshot
 
 RTOL = 1e-4
 ATOL = 1e-6
 SQNR_FLOOR_DB = 5.0
-KERNEL_FLOOR_DB = 10.0
+KERNEL_FLOOR_DB = 20.0
+MAX_BATCH_STEPS = 1.0  # batch 1 or 3 against batch 8's rows, in steps of each output's qparams (measured: 0.00)
 CONDITION_DB = 15.0  # int8 checks skip graphs whose output keeps less than this under rounding noise (see _check_int8)
 INT8_TARGETS = ("x86", "fbgemm", "qnnpack")
 EXAMPLES = {"cpu": 250, "x86": 100, "fbgemm": 80, "qnnpack": 120}
@@ -69,12 +79,10 @@ def _examples(target: str) -> int:
 
 
 def _fuzz(target: str):
-    """@given(graphs()) with the target's example count. The suite (and CI) draws the same examples every run
-    (derandomize): the SQNR floors are statistical, and a run must not fail on a graph no one has looked at.
-    ``make fuzz`` (FXFORGE_FUZZ_EXAMPLES set) explores new random graphs."""
-    explore = "FXFORGE_FUZZ_EXAMPLES" in os.environ
-    return lambda test: settings(max_examples=_examples(target), deadline=None, derandomize=not explore,
-                                 database=None if not explore else settings.default.database,
+    """@given(graphs()) with the target's example count. CI draws the same examples every run (the "ci"
+    hypothesis profile, tests/conftest.py: derandomized); ``make fuzz`` (the "fuzz" profile) draws new random
+    graphs on every run."""
+    return lambda test: settings(max_examples=_examples(target), deadline=None,
                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
         given(graph=graphs())(test))
 
@@ -103,7 +111,7 @@ def _check_fp32(model: FuzzModel, compiled: fxforge.CompiledModule, x: torch.Ten
     _check_layout(actual, expected)
     # relative to the output's scale, with an absolute floor: a BN over a constant map gives eager ~1e-9 where
     # the folded conv gives 0 (cancellation at float eps of unit-scale inputs), which no relative bound admits
-    abs_err = max((a - e).abs().max().item() for a, e in zip(actual, expected, strict=True))
+    abs_err = max_errors(actual, expected)[0]  # inf on NaN (a max() over floats would skip a NaN)
     scale = max(e.abs().max().item() for e in expected)
     assert abs_err <= RTOL * scale + ATOL, f"error {abs_err:.3g} (max |eager| {scale:.3g}) at batch {len(x)}"
     assert rel_error(x_compiled, x_eager) <= RTOL, "the input was mutated differently than in eager"
@@ -123,6 +131,8 @@ EVAL_BATCH = 8
 
 
 def _bucket(db: float) -> str:
+    if not db > -math.inf:  # -inf or NaN
+        return "-inf dB"
     low = min(5 * math.floor(db / 5), 40) if math.isfinite(db) else 40
     return f">= {low} dB" if low == 40 else f"{low}-{low + 5} dB"
 
@@ -148,15 +158,22 @@ def _check_int8(target: str, graph: FuzzGraph) -> None:
     event(f"SQNR against eager: {_bucket(db)}")  # --hypothesis-show-statistics lists the distribution
     assert db >= SQNR_FLOOR_DB, f"{target}: SQNR {db:.1f} dB against eager"
     assert outputs_sqnr_db(x_eager, x_compiled) >= SQNR_FLOOR_DB, "the input was mutated differently than in eager"
-    kernels_db = outputs_sqnr_db(_run(reference, data)[0], actual)
+    reference_out = _run(reference, data)[0]
+    steps_of = output_steps(reference.graph_module, expected)
+    kernels_db = outputs_sqnr_db(reference_out, actual)
     assert kernels_db >= KERNEL_FLOOR_DB, f"{target}: lowered graph {kernels_db:.1f} dB from its reference graph"
 
     for batch in (1, 3):  # the example's batch size and the other one: the same rows as at batch 8
         rows, _ = _run(compiled, data[:batch])
         _check_layout(rows, _run(model, data[:batch])[0])
-        rows_db = outputs_sqnr_db(tuple(a[:batch] for a in actual), rows)
-        assert rows_db >= KERNEL_FLOOR_DB, f"{target}: batch {batch} gives other values ({rows_db:.1f} dB)"
+        steps = _steps(rows, tuple(a[:batch] for a in actual), steps_of)
+        assert steps <= MAX_BATCH_STEPS, f"{target}: batch {batch} gives other values ({steps:.2f} steps off)"
     assert_unchanged(model, snapshot)
+
+
+def _steps(actual: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...], steps: tuple[float, ...]) -> float:
+    """The largest difference between two int8 results, in quantization steps of each output; inf on NaN."""
+    return max((max_errors(a, b)[0] / step for a, b, step in zip(actual, other, steps, strict=True)), default=0.0)
 
 
 @pytest.mark.slow
@@ -171,7 +188,29 @@ def test_fbgemm_int8_matches_eager(graph: FuzzGraph) -> None:
     _check_int8("fbgemm", graph)
 
 
+# Found by this fuzzer (qnnpack): int8 relu6 after an int8 cat (channels-last) in the reference graph; the
+# reduced case is tests/quant/test_quant_passes.py::test_reference_clamp_after_an_int8_cat_reads_nchw.
+QNNPACK_CAT_RELU6 = FuzzGraph(shape=(1, 1, 9), batch=1, ops=(
+    Op("cat", (0, 0), {"dim": 1}),
+    Op("pool", (0,), {"pool": "adaptive_avg", "spelling": "module", "args": (("output_size", 1),)}),
+    Op("act", (1,), {"fn": "relu", "spelling": "module"}), Op("cat", (3, 0), {"dim": 1}),
+    Op("act", (4,), {"fn": "relu6", "spelling": "module"}), Op("add", (0, 0), {"spelling": "op"}),
+    Op("conv_t", (2,), {"out_channels": 1, "kernel_size": 1, "stride": 1, "padding": 0, "output_padding": 0,
+                        "groups": 1, "bias": False, "dilation": 1}),
+    Op("conv", (0,), {"out_channels": 1, "kernel_size": (1, 1), "stride": 1, "padding": "same", "dilation": 1,
+                      "groups": 1, "bias": False, "padding_mode": "zeros"})), outputs=(8, 5, 6, 7), seed=0)
+
+
+@settings(phases=[Phase.explicit], deadline=None, database=None)
+@given(graph=graphs())
+@example(graph=QNNPACK_CAT_RELU6)
+def test_qnnpack_reference_graph_of_a_relu6_after_an_int8_cat(graph: FuzzGraph) -> None:
+    """Runs the finding alone (the fuzz targets are slow tests)."""
+    _check_int8("qnnpack", graph)
+
+
 @pytest.mark.slow
 @_fuzz("qnnpack")
+@example(graph=QNNPACK_CAT_RELU6)
 def test_qnnpack_int8_matches_eager(graph: FuzzGraph) -> None:
     _check_int8("qnnpack", graph)

@@ -15,6 +15,7 @@ Bugs this file found are named tests with minimal models in the test files of th
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -135,3 +136,18 @@ def test_generated_graphs_exercise_every_spelling_and_rewrite() -> None:
                 "fuse-conv changed", "lower-cpu changed", "fused conv+add+relu", "fused conv+add", "fused conv+relu",
                 "bn kept"}
     assert expected <= seen, f"never seen: {sorted(expected - seen)}"
+
+
+@pytest.mark.skipif(os.environ.get("FXFORGE_HYPOTHESIS_PROFILE") == "fuzz", reason="make fuzz draws new graphs")
+def test_ci_draws_the_same_graphs_on_every_run() -> None:
+    """The "ci" hypothesis profile (tests/conftest.py) derandomizes every property test that does not say
+    otherwise: two runs of one test draw the same graphs, so CI never fails on a graph nobody has seen."""
+    runs: list[list[FuzzGraph]] = [[], []]
+    for drawn in runs:
+        @settings(max_examples=10, phases=[Phase.generate])
+        @given(property_graphs())
+        def collect(graph: FuzzGraph) -> None:
+            drawn.append(graph)  # noqa: B023  (each run appends to its own list, within the loop iteration)
+
+        collect()
+    assert runs[0] == runs[1] and len(set(map(repr, runs[0]))) > 1

@@ -12,8 +12,9 @@ drawn graph:
   (c) its SQNR against the fp32 model on a fresh input is at least ``SQNR_FLOOR_DB``;
   (d) compiling twice gives identical qparams, weights and code (calibration is deterministic), and identical
       outputs where lower-x86 packed each layer for the same engine both times (its choice is timed).
-(a), (b), (d) explore new graphs on every run (hypothesis' defaults, as in test_properties.py); (c) is
-a statistical bound and runs a fixed (derandomized) set of graphs. Together ~7 s on a 2-core machine: slow.
+(a), (b), (d) draw a fixed set of graphs in CI and new ones under ``make fuzz`` (the hypothesis profiles of
+tests/conftest.py); (c) is a statistical bound and always runs a fixed (derandomized) set of graphs.
+Together ~7 s on a 2-core machine: slow.
 Graphs with in-place ops on values read elsewhere are included: the quantization plan keeps those values
 fp32 (a cat reading one is a reported fp32 island); before it did, their int8 graphs lost the change.
 """

@@ -4,9 +4,11 @@ the same thing).
 
 Per (model, target): the compile succeeds and the model runs; ``cpu`` is within 1e-4 relative of eager on a
 fresh batch; int8 targets reach the model's SQNR floor (zoo_sweep.SQNR_FLOOR_DB, ~1.5 dB under the value in
-ZOO.md; MEANINGFUL_DB where a model has none: an xfail); the whole model traced (no leaf fallback); the
-user's model is untouched. Expected failures are zoo_sweep.XFAIL, each with its reason (not strict: the
-numbers depend on the CPU, VNNI gives x86 / fbgemm 8-bit activations).
+ZOO.md, never under MEANINGFUL_DB: pairs that cannot keep that much are zoo_sweep.UNSUPPORTED, compiled and
+checked but their number not asserted); the whole model traced (no leaf fallback); the
+user's model is untouched. Expected failures are zoo_sweep.XFAIL, each with its reason: only the number is
+expected to miss (the compile and the other checks must pass), and strictly (a pair that reaches its floor
+fails, to be removed from XFAIL).
 
 Budget: small inputs (64x64 unless a model needs more), one calibration batch; CI_MODELS (22 models, one or
 two per family) is the subset of the 78 swept models that fits: ~3.5 min on the 2-core machine of ZOO.md,
@@ -46,22 +48,27 @@ def zoo_model(request: pytest.FixtureRequest):
 
 def test_every_ci_model_has_a_floor_for_every_int8_target():
     missing = [(m, t) for m in zoo.CI_MODELS for t in zoo.INT8_TARGETS
-               if zoo.sqnr_floor(m, t) is None and (m, t) not in zoo.XFAIL]
+               if zoo.sqnr_floor(m, t) is None and (m, t) not in zoo.XFAIL and (m, t) not in zoo.UNSUPPORTED]
+    assert all(f is None or f >= zoo.MEANINGFUL_DB for floors in zoo.SQNR_FLOOR_DB.values() for f in floors)
     assert not missing, f"no SQNR floor recorded for {missing[:5]}"
 
 
 @pytest.mark.parametrize("target", zoo.TARGETS)
-def test_model_compiles_for_target_and_matches_eager(zoo_model, target: str, request: pytest.FixtureRequest):
+def test_model_compiles_for_target_and_matches_eager(zoo_model, target: str):
     name, model, snapshot, reference = zoo_model
-    if (name, target) in zoo.XFAIL:
-        request.applymarker(pytest.mark.xfail(reason=zoo.XFAIL[(name, target)]))
     case, _ = zoo.sweep_case(name, target, model, reference)
     assert case.error is None, f"{name}/{target}: {case.error}"
     assert case.traced == "yes", f"{name}: {case.traced}"
-    if target == "cpu":
-        assert case.rel_error <= zoo.RTOL, f"{name}: relative error {case.rel_error:.2g}"
-    else:
-        floor = zoo.sqnr_floor(name, target) or zoo.MEANINGFUL_DB
-        assert case.sqnr_db >= floor, f"{name}/{target}: SQNR {case.sqnr_db:.1f} dB < floor {floor} dB"
     assert_unchanged(model, snapshot)
     assert not torch.is_inference_mode_enabled()
+    if target == "cpu":
+        ok, measured = case.rel_error <= zoo.RTOL, f"relative error {case.rel_error:.2g} (tolerance {zoo.RTOL:g})"
+    elif (name, target) in zoo.UNSUPPORTED:
+        pytest.skip(f"SQNR {case.sqnr_db:.1f} dB, not asserted: {zoo.UNSUPPORTED[(name, target)]}")
+    else:
+        floor = zoo.sqnr_floor(name, target) or zoo.MEANINGFUL_DB
+        ok, measured = case.sqnr_db >= floor, f"SQNR {case.sqnr_db:.1f} dB (floor {floor} dB)"
+    if (name, target) in zoo.XFAIL:  # strict, and only the number: the compile and the checks above must pass
+        assert not ok, f"{name}/{target} now reaches {measured}: remove it from zoo_sweep.XFAIL"
+        pytest.xfail(f"{measured}: {zoo.XFAIL[(name, target)]}")
+    assert ok, f"{name}/{target}: {measured}"
