@@ -114,6 +114,9 @@ class SearchResult:
 
 
 def _db(signal: float, noise: float) -> float:
+    """SQNR in dB; a NaN/inf noise (a candidate that overflowed) scores -inf, never above a finite one."""
+    if not math.isfinite(noise) or not math.isfinite(signal):
+        return -math.inf
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -8,6 +8,8 @@ outliers and leaves the other channels a handful; per-channel weights and a clip
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -229,3 +231,11 @@ def test_a_qat_model_keeps_its_trained_qparams_and_weight_scheme():
     assert ": 0 of " in searched.report.quantization.search  # nothing to choose: every point was trained
     with torch.no_grad():
         assert torch.equal(plain(held_out), searched(held_out))
+
+
+@pytest.mark.parametrize("noise", [math.nan, math.inf])
+def test_a_non_finite_candidate_scores_below_every_finite_one(noise):
+    from fxforge.quant.search import _db
+
+    assert _db(1.0, noise) == -math.inf
+    assert _db(1.0, noise) < _db(1.0, 1e6)
