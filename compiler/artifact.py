@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fxforge.capture.signature import graph_inputs
 from fxforge.driver.compiled import CompiledModule
 from fxforge.driver.inputs import InputSpec
 from fxforge.graph.meta import fxmeta
@@ -148,8 +149,7 @@ def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]
 
 def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[bytes, dict[str, Any]]:
     gm = compiled.graph_module
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        (example_inputs,) if example_inputs is not None else synthetic_inputs(gm))
+    inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
     if recalibratable and compiled.observed_graph is None:
         raise ArtifactError("recalibratable=True keeps the observers of a static int8 model: this one has none "
                             "(fp32, dynamic or weight-only); save it without recalibratable")

@@ -112,3 +112,12 @@ def test_a_fixed_argument_that_is_not_plain_data_is_refused_at_save(saved_bert, 
     finally:
         compiled.__dict__["signature"] = signature
     assert not (tmp_path / "refused.fxf").exists()
+
+
+def test_keyword_example_inputs_reach_save_and_torchscript_as_the_graph_inputs(saved_bert, tmp_path):
+    compiled, _, inputs = saved_bert
+    loaded = fxforge.load(fxforge.save(compiled, tmp_path / "with_inputs.fxf", example_inputs=inputs))
+    assert torch.equal(loaded(**inputs).pooler_output, compiled(**inputs).pooler_output)
+    scripted = compiled.to_torchscript(inputs)
+    flat = scripted(inputs["input_ids"], inputs["attention_mask"])
+    assert torch.equal(flat[0], compiled(**inputs).last_hidden_state)
