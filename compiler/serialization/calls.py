@@ -6,8 +6,10 @@ stored: forward's parameter names and kinds, the pytree specs of the call and of
 non-tensor arguments and each input's contract. Nothing is unpickled: a pytree node type is stored as
 ``module`` + ``qualname`` and rebuilt only when it is a builtin container (tuple, list, dict, OrderedDict)
 or a dataclass (``ModelOutput`` subclasses are dataclasses) or namedtuple class found under that name in
-that module (imported like any installed library). Any other type, a context or a fixed argument that is
-not plain data, makes ``save`` refuse with ``ArtifactError`` rather than write a file that loads otherwise.
+that module. That module is imported only when its top-level package already is (``import transformers``
+before loading a model that returns its outputs): a file cannot make load import a library. Any other
+type, a context or a fixed argument that is not plain data makes ``save`` refuse with ``ArtifactError``
+rather than write a file that loads otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import sys
 from typing import Any
 
 import torch
@@ -112,11 +115,15 @@ def node_type(name: str) -> type:
     module_name, _, qualname = name.partition(":")
     if not qualname or any(part.startswith("_") for part in qualname.split(".")):
         raise ArtifactError(f"the saved call signature names the type {name!r}, which fxforge.load does not rebuild")
+    root = module_name.partition(".")[0]
+    if root not in sys.modules:
+        raise ArtifactError(f"the model returns {qualname} from {module_name}, and {root} is not imported: "
+                            f"import {root} before fxforge.load (load imports no library a file names)")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ArtifactError(f"the model returns {qualname} from {module_name}, which cannot be imported here "
-                            f"({exc}): install the library that defines it, then load again") from None
+                            f"({exc})") from None
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     if not isinstance(obj, type) or not (dataclasses.is_dataclass(obj) or _is_namedtuple(obj)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import zipfile
 
 import pytest
@@ -66,10 +67,17 @@ def _rewrite_metadata(path, edit) -> None:
 
 
 @pytest.mark.parametrize("name", ["os:system", "builtins:eval", "subprocess:Popen", "torch:_C",
-                                  "fxforge.no_such_module:Thing"])
+                                  "fxforge.no_such_module:Thing", "antigravity:Fly"])
 def test_only_containers_dataclasses_and_namedtuples_are_rebuilt(name):
     with pytest.raises(ArtifactError):
         node_type(name)
+    assert "antigravity" not in sys.modules  # a library the file names is never imported
+
+
+def test_output_classes_are_rebuilt_from_already_imported_libraries():
+    pytest.importorskip("transformers")
+    assert node_type("transformers.modeling_outputs:BaseModelOutput").__name__ == "BaseModelOutput"
+    assert node_type("builtins:dict") is dict
 
 
 def test_a_tampered_output_type_is_refused_not_imported(saved_bert, tmp_path):
