@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 import zipfile
 
@@ -129,3 +130,32 @@ def test_keyword_example_inputs_reach_save_and_torchscript_as_the_graph_inputs(s
     scripted = compiled.to_torchscript(inputs)
     flat = scripted(inputs["input_ids"], inputs["attention_mask"])
     assert torch.equal(flat[0], compiled(**inputs).last_hidden_state)
+
+
+FRESH_LOADER = """
+import sys
+import torch
+import fxforge
+from fxforge.errors import ArtifactError
+path, inputs_path = sys.argv[1:]
+try:
+    fxforge.load(path)
+except ArtifactError as exc:
+    print("refused:", exc)
+assert "transformers" not in sys.modules
+import transformers
+inputs, expected = torch.load(inputs_path)
+got = fxforge.load(path)(**inputs)
+print(type(got).__name__, all(torch.equal(got[k], expected[k]) for k in expected))
+"""
+
+
+def test_a_fresh_process_loads_the_output_class_once_its_library_is_imported(saved_bert, tmp_path):
+    compiled, path, inputs = saved_bert
+    torch.save((inputs, dict(compiled(**inputs))), tmp_path / "io.pt")
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", FRESH_LOADER, str(path), str(tmp_path / "io.pt")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused:" in done.stdout and "import transformers before fxforge.load" in done.stdout
+    assert "BaseModelOutputWithPoolingAndCrossAttentions True" in done.stdout
