@@ -373,7 +373,6 @@ def _bench_line(row: dict[str, Any], width: int) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     model, example = load_model(args.model, args.input_shape)
-    inputs = example
     if args.threads:
         torch.set_num_threads(args.threads)
     head = {"model": args.model, "input_shape": list(args.input_shape), "repeats": args.repeats,
@@ -382,7 +381,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{args.model}, input {'x'.join(map(str, args.input_shape))}, median of {args.repeats} runs after "
               f"{args.warmup} warm-up, {head['threads']} threads, torch {torch.__version__}")
-    eager = _median_ms(lambda: call_with(model, inputs), args.repeats, args.warmup, "eager")
+    eager = _median_ms(lambda: call_with(model, example), args.repeats, args.warmup, "eager")
     rows = [{"target": "eager", "ms": eager}]
     if not args.json:
         print(_bench_line(rows[0], width))
@@ -392,8 +391,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             calibration = "random:8"
             _note(args, f"note: {target} is int8: calibrating on random:8 (give --calibration to change it)")
         compiled = _compile(args, target, model, example, calibration_data(calibration, example))
-        ms = _median_ms(lambda c=compiled: call_with(c, inputs), args.repeats, args.warmup, target)
-        kind, value = _accuracy(compiled, model, inputs)
+        ms = _median_ms(lambda c=compiled: call_with(c, example), args.repeats, args.warmup, target)
+        kind, value = _accuracy(compiled, model, example)
         rows.append({"target": compiled.target, "ms": ms, "speedup": eager / ms, kind: value})
         if not args.json:
             print(_bench_line(rows[-1], width))
