@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
+from fxforge.capture.signature import graph_inputs
 from fxforge.driver.compiled import CompiledModule
+from fxforge.driver.inputs import InputSpec
 from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
@@ -42,6 +44,7 @@ from fxforge.quant.config import QuantOptions
 from fxforge.quant.deprecation import MESSAGE as QUANTIZED_TENSORS_DEPRECATED
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.allowlist import needed, savable_classes
+from fxforge.serialization.calls import signature_from_data, signature_to_data
 from fxforge.serialization.codec import (
     SAFE_FUNCTIONS,
     check_records,
@@ -109,7 +112,32 @@ def metadata(compiled: Any, leaves: dict[str, Any]) -> dict[str, Any]:
             "target": compiled.target, "engine": _engine(compiled), "pipeline": compiled.pipeline,
             "quantization": _quant_meta(compiled), "inputs": _inputs_meta(compiled.graph_module),
             "portable_submodules": {path: m.kind for path, m in leaves.items()},
-            "isa": isa_facts(compiled)}
+            "isa": isa_facts(compiled), **_call_meta(compiled)}
+
+
+def _call_meta(compiled: Any) -> dict[str, Any]:
+    """How the model is called (``serialization.calls``) and the inputs it was compiled for (to explain a
+    failed call): plain data, read back by ``_calling``."""
+    signature, specs = compiled.signature, compiled.__dict__.get("input_specs")
+    return {"signature": None if signature is None else signature_to_data(signature),
+            "input_specs": None if specs is None else [
+                {"index": s.index, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
+                 "device": str(s.device)} for s in specs]}
+
+
+def _calling(path: str | Path, meta: dict[str, Any]) -> tuple[Any, tuple[InputSpec, ...] | None]:
+    """The call signature and input specs ``_call_meta`` stored (absent in files saved without them: None)."""
+    signature = meta.get("signature")
+    specs = meta.get("input_specs")
+    try:
+        specs = None if specs is None else tuple(
+            InputSpec(int(s["index"]), getattr(torch, s["dtype"]), tuple(map(int, s["shape"])),
+                      torch.device(s["device"])) for s in specs)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: the metadata's input_specs are damaged ({exc}): save the model again") from None
+    if specs is not None and not all(isinstance(s.dtype, torch.dtype) for s in specs):
+        raise ArtifactError(f"{path}: the metadata's input_specs name an unknown dtype: save the model again")
+    return (None if signature is None else signature_from_data(signature)), specs
 
 
 def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,8 +149,7 @@ def _graph_state(gm: Any, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]
 
 def _payload(compiled: Any, example_inputs: Any, recalibratable: bool) -> tuple[bytes, dict[str, Any]]:
     gm = compiled.graph_module
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        (example_inputs,) if example_inputs is not None else synthetic_inputs(gm))
+    inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
     if recalibratable and compiled.observed_graph is None:
         raise ArtifactError("recalibratable=True keeps the observers of a static int8 model: this one has none "
                             "(fp32, dynamic or weight-only); save it without recalibratable")
@@ -326,4 +353,7 @@ def load(path: str | Path, *, check_version: bool = True, trusted: bool = False)
     options = None if quant is None else QuantOptions(mode=quant["mode"], backend=quant["backend"],
                                                       skip=tuple(quant["skip"]), reduce_range=quant["reduce_range"],
                                                       engine=quant.get("engine"))
-    return CompiledModule(gm, meta["target"], meta["pipeline"], state["report"], observed, options)
+    signature, specs = _calling(path, meta)
+    compiled = CompiledModule(gm, meta["target"], meta["pipeline"], state["report"], observed, options, signature)
+    compiled.__dict__["input_specs"] = specs
+    return compiled

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import progress, viz
 from .artifact import save
+from .capture.signature import call_with
 from .compile import compile as compile_model
 from .errors import CalibrationError, CompileError, ConfigError, suggest
 from .numerics.metrics import max_errors
@@ -352,10 +353,10 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, label: str) -> 
     return statistics.median(times) * 1e3
 
 
-def _accuracy(compiled: nn.Module, model: nn.Module, inputs: tuple) -> tuple[str, float]:
+def _accuracy(compiled: nn.Module, model: nn.Module, inputs: Any) -> tuple[str, float]:
     """("output_sqnr_db", dB) for int8 models, else ("max_rel_error", error): against eager on ``inputs``."""
     with torch.inference_mode():
-        got, want = compiled(*inputs), model(*inputs)
+        got, want = call_with(compiled, inputs), call_with(model, inputs)
     if compiled.report.quantization is not None:
         return "output_sqnr_db", outputs_sqnr_db(want, got)
     return "max_rel_error", max_errors(got, want)[1]
@@ -372,7 +373,6 @@ def _bench_line(row: dict[str, Any], width: int) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     model, example = load_model(args.model, args.input_shape)
-    inputs = example if isinstance(example, tuple) else (example,)
     if args.threads:
         torch.set_num_threads(args.threads)
     head = {"model": args.model, "input_shape": list(args.input_shape), "repeats": args.repeats,
@@ -381,7 +381,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{args.model}, input {'x'.join(map(str, args.input_shape))}, median of {args.repeats} runs after "
               f"{args.warmup} warm-up, {head['threads']} threads, torch {torch.__version__}")
-    eager = _median_ms(lambda: model(*inputs), args.repeats, args.warmup, "eager")
+    eager = _median_ms(lambda: call_with(model, example), args.repeats, args.warmup, "eager")
     rows = [{"target": "eager", "ms": eager}]
     if not args.json:
         print(_bench_line(rows[0], width))
@@ -391,8 +391,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             calibration = "random:8"
             _note(args, f"note: {target} is int8: calibrating on random:8 (give --calibration to change it)")
         compiled = _compile(args, target, model, example, calibration_data(calibration, example))
-        ms = _median_ms(lambda c=compiled: c(*inputs), args.repeats, args.warmup, target)
-        kind, value = _accuracy(compiled, model, inputs)
+        ms = _median_ms(lambda c=compiled: call_with(c, example), args.repeats, args.warmup, target)
+        kind, value = _accuracy(compiled, model, example)
         rows.append({"target": compiled.target, "ms": ms, "speedup": eager / ms, kind: value})
         if not args.json:
             print(_bench_line(rows[-1], width))

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxforge.capture.tracing import trace
-from fxforge.driver.build import as_input_tuple, check_eval, prepare
+from fxforge.capture.front_end import capture as capture_model
+from fxforge.capture.signature import graph_inputs
+from fxforge.driver.build import check_eval, prepare
 from fxforge.driver.compiled import CompiledModule
 from fxforge.driver.qat import convert_qat_layers
 from fxforge.graph.meta import fxmeta
@@ -62,13 +63,14 @@ def _engine(compiled: CompiledModule) -> str | None:
     return compiled.quant_options.runtime_engine if compiled.quant_options is not None else None
 
 
-def reference_graph(model: nn.Module, compiled: CompiledModule, inputs: tuple) -> fx.GraphModule:
-    """The fp32 model traced as compile traced it (same node names)."""
+def reference_graph(model: nn.Module, compiled: CompiledModule, inputs: Any) -> fx.GraphModule:
+    """The fp32 model captured as compile captured it (same front end, same node names); ``inputs`` in any
+    form compile accepts."""
     options = getattr(compiled, "trace_options", None) or {}
     work = copy.deepcopy(model)
     convert_qat_layers(work)
-    return trace(work, inputs, leaf_modules=options.get("leaf_modules", ()),
-                 concrete_args=options.get("concrete_args")).gm
+    return capture_model(work, inputs, mode=compiled.report.front_end, leaf_modules=options.get("leaf_modules", ()),
+                         concrete_args=options.get("concrete_args")).gm
 
 
 def _row(gm: fx.GraphModule, by_name: dict[str, fx.Node], key: str, compiled_node: fx.Node, total: ValueErrors,
@@ -89,14 +91,14 @@ def _damage(row: LayerError) -> tuple:
 
 
 def compare(model: nn.Module, compiled: CompiledModule, inputs: Any, *, attach: bool = True) -> LayerComparison:
-    """Per-value error of ``compiled`` against ``model`` (fp32) on ``inputs`` (a tensor or a tuple of forward
-    arguments; a few samples suffice), most damaging first. ``attach``: also store it as
-    ``compiled.report.comparison``, printed with the report."""
+    """Per-value error of ``compiled`` against ``model`` (fp32) on ``inputs`` (a tensor, a tuple of forward
+    arguments or a dict of keyword arguments, as compile takes; a few samples suffice), most damaging first.
+    ``attach``: also store it as ``compiled.report.comparison``, printed with the report."""
     check_eval(model)
     if not isinstance(compiled, CompiledModule):
         raise ConfigError(f"compare takes the module fxforge.compile returned, got {type(compiled).__name__}")
-    inputs = as_input_tuple(inputs)
     ref_gm = reference_graph(model, compiled, inputs)
+    inputs = graph_inputs(compiled.signature, inputs)
     with quantized_engine(_engine(compiled)), torch.no_grad():
         values, nodes = capture(compiled.graph_module, inputs)
         total = accumulated_errors(ref_gm, inputs, values)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from quant_helpers import batches, toy_model
+from tiny_bert import tiny_bert
 from torch import fx
 
 import fxforge
 from fxforge.pipeline.fragments import with_options
+from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import one_intra_op_thread
 
 _fixture = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -180,3 +182,29 @@ def test_bisect_names_a_pass_after_which_the_model_no_longer_runs():
     result = fxforge.debug.bisect(toy_model(), "cpu", X, pipeline=pipeline)
     assert result.pass_name == "break-the-graph" and result.stages[-1].check == "failed"
     assert "Error" in result.detail
+
+
+@needs_int8
+def test_compare_takes_keyword_inputs_of_an_exported_bert():
+    model, inputs = tiny_bert()
+    compiled = fxforge.compile(model, INT8, example_inputs=inputs, quantization="dynamic")
+    assert compiled.report.front_end == "export"
+    table = fxforge.debug.compare(model, compiled, inputs, attach=False)
+    layers = {row.layer for row in table.rows}
+    assert "encoder.layer.1.output.dense" in layers and "pooler.dense" in layers
+    quantized = [row for row in table.rows if row.layer.endswith(".query") and row.local_sqnr_db is not None]
+    assert quantized and all(10.0 < row.local_sqnr_db < 999.0 for row in quantized)  # int8 rounding, not exact
+    whole = outputs_sqnr_db(model(**inputs), compiled(**inputs))
+    assert table.output_sqnr_db == pytest.approx(whole, abs=0.5)
+
+
+def test_bisect_takes_keyword_inputs_and_names_the_planted_pass_in_bert():
+    model, inputs = tiny_bert()
+    layer = "encoder.layer.1.output.dense"
+    pipeline = with_defect(fxforge.pipeline_for("cpu"), "fold-bn", layer)
+    result = fxforge.debug.bisect(model, "cpu", inputs, pipeline=pipeline)
+    assert result.pass_spec == f"corrupt-conv-weights{{layer={layer}}}"
+    assert result.layer == layer
+    assert [s.ok for s in result.stages] == [True] * result.pass_index + [False]
+    clean = fxforge.debug.bisect(model, "cpu", inputs)
+    assert not clean.found and len(clean.stages) == len(fxforge.pipeline_for("cpu").split(","))

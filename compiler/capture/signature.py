@@ -160,3 +160,30 @@ def static_contract(name: str, example: torch.Tensor, dynamic_axes: dict[int, st
     dims = tuple(Dimension(symbol=dynamic_axes[a], low=0) if a in dynamic_axes else Dimension(size=s)
                  for a, s in enumerate(example.shape))
     return TensorContract(name, None, dims)
+
+
+def example_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of a call with example inputs in any form compile accepts: a dict is keyword
+    arguments, a tuple or list positional ones, anything else (a tensor) the one argument."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def call_with(model: Any, example_inputs: Any) -> Any:
+    """``model`` (eager or compiled) called with example inputs in any accepted form (``example_args``)."""
+    args, kwargs = example_args(example_inputs)
+    return model(*args, **kwargs)
+
+
+def graph_inputs(signature: CallSignature | None, example_inputs: Any) -> tuple[Any, ...]:
+    """The captured graph's flat inputs for a call with ``example_inputs``, checked against the contract;
+    without a signature (a graph that takes the arguments as they are) the positional arguments."""
+    args, kwargs = example_args(example_inputs)
+    if signature is None:
+        if kwargs:
+            raise InputShapeError("this compiled model has no call signature: give its inputs positionally")
+        return args
+    return tuple(signature.flatten(args, kwargs))

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from .observers import observers_paused
 
@@ -61,10 +62,10 @@ def _as_float(value: Any) -> Any:
 
 
 def outputs_sqnr_db(reference: Any, value: Any) -> float:
-    """SQNR over all tensor outputs (a tensor, or tuples/lists/dicts of tensors) taken together."""
-    refs, vals = [], []
-    fx.node.map_aggregate(reference, lambda r: refs.append(r) if isinstance(r, torch.Tensor) else None)
-    fx.node.map_aggregate(value, lambda v: vals.append(_as_float(v)) if isinstance(v, torch.Tensor) else None)
+    """SQNR over all tensor outputs taken together: the tensor leaves of any pytree (a tensor; tuples, lists,
+    dicts, ModelOutputs or registered dataclasses of them)."""
+    refs = [r for r in tree_leaves(reference) if isinstance(r, torch.Tensor)]
+    vals = [_as_float(v) for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
     if not refs or len(refs) != len(vals):
         return -math.inf
     if any(r.shape != v.shape for r, v in zip(refs, vals, strict=True)):

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxforge.driver.build import as_input_tuple, build
+from fxforge.capture.signature import call_with
+from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import AccuracyBudgetError, ConfigError
 from fxforge.pipeline.report import AccuracyRecord, LayerSensitivity
@@ -42,9 +43,10 @@ class AccuracyBudget:
     """What the int8 model must keep: ``min_sqnr_db`` (output SQNR vs fp32) and/or ``metric`` + ``max_drop``.
 
     ``metric(module) -> float`` (higher is better, e.g. top-1 accuracy on held-out data) is called on the
-    fp32 model once and on each candidate compiled model. ``inputs`` (a tensor or tuple of forward
-    arguments) are what the SQNR is measured on (default: the example inputs). ``candidates`` restricts
-    the layers that may move to fp32 (module paths; default: every quantized layer).
+    fp32 model once and on each candidate compiled model. ``inputs`` (a tensor, a tuple of forward
+    arguments or a dict of keyword arguments) are what the SQNR is measured on (default: the example
+    inputs). ``candidates`` restricts the layers that may move to fp32 (module paths; default: every
+    quantized layer).
     """
 
     min_sqnr_db: float | None = None
@@ -73,10 +75,10 @@ class AccuracyBudget:
 class _Judge:
     """Scores a compiled model against the budget; ``score`` is the metric when given, else the SQNR."""
 
-    def __init__(self, budget: AccuracyBudget, model: nn.Module, inputs: tuple) -> None:
+    def __init__(self, budget: AccuracyBudget, model: nn.Module, inputs: Any) -> None:
         self.budget, self.inputs = budget, inputs
         with torch.no_grad():
-            self.reference = model(*inputs)
+            self.reference = call_with(model, inputs)
         self.baseline = float(budget.metric(model)) if budget.metric is not None else None
         self.measure = (f"{getattr(budget.metric, '__name__', 'metric')} (fp32: {self.baseline:.4g})"
                         if budget.metric is not None else "output SQNR dB")
@@ -86,7 +88,7 @@ class _Judge:
         ok, score = True, None
         if self.budget.min_sqnr_db is not None:
             with torch.no_grad():
-                score = outputs_sqnr_db(self.reference, compiled(*self.inputs))
+                score = outputs_sqnr_db(self.reference, call_with(compiled, self.inputs))
             ok = score >= self.budget.min_sqnr_db
         if self.budget.metric is not None:
             score = float(self.budget.metric(compiled))
@@ -112,13 +114,13 @@ def _candidates(compiled: nn.Module, model: nn.Module, budget: AccuracyBudget, s
     return [name for name in layers if not any(other.startswith(name + ".") for other in layers)]
 
 
-def _latency_ms(module: nn.Module, inputs: tuple, runs: int = 10) -> float:
+def _latency_ms(module: nn.Module, inputs: Any, runs: int = 10) -> float:
     with torch.inference_mode():
-        module(*inputs)  # warm-up
+        call_with(module, inputs)  # warm-up
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            module(*inputs)
+            call_with(module, inputs)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -177,7 +179,7 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
     if not isinstance(budget, AccuracyBudget):
         raise ConfigError(f"accuracy= takes an fxforge.AccuracyBudget, got {type(budget).__name__}")
     options = materialize_calibration(options)
-    inputs = as_input_tuple(budget.inputs if budget.inputs is not None else options["example_inputs"])
+    inputs = budget.inputs if budget.inputs is not None else options["example_inputs"]
     search = _Search(model, target, options, _Judge(budget, model, inputs))
     first, before, ok = search.compile([])
     if first.quant_options is None:

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
+from torch.utils._pytree import tree_map
 
-from fxforge.driver.build import as_input_tuple, build
+from fxforge.capture.signature import call_with
+from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import BackendUnavailableError, CompileError
 from fxforge.numerics import timing
@@ -70,13 +72,13 @@ def candidates(int8: bool) -> list[Target]:
 
 
 def _on_device(value: Any, device: str) -> Any:
-    return fx.node.map_aggregate(value, lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+    return tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
 
 
-def _call(compiled: CompiledModule, inputs: tuple, device: str) -> Callable[[], Any]:
+def _call(compiled: CompiledModule, inputs: Any, device: str) -> Callable[[], Any]:
     if device == "cuda":
-        return lambda: (compiled(*inputs), torch.cuda.synchronize())
-    return lambda: compiled(*inputs)
+        return lambda: (call_with(compiled, inputs), torch.cuda.synchronize())
+    return lambda: call_with(compiled, inputs)
 
 
 def run_trials(model: nn.Module, targets: list[Target], options: dict[str, Any]) -> list[Trial]:
@@ -94,13 +96,13 @@ def run_trials(model: nn.Module, targets: list[Target], options: dict[str, Any])
             trial.error = f"{type(exc).__name__}: {exc}"
             log.warning("target auto: %s failed to compile and is skipped: %s", target.name, trial.error)
         if trial.compiled is not None:
-            inputs = as_input_tuple(options["example_inputs"])
+            inputs = options["example_inputs"]
             if reference is None:
                 with torch.inference_mode():
-                    reference = model(*inputs)
-            here = tuple(_on_device(x, target.device) for x in inputs)
+                    reference = call_with(model, inputs)
+            here = _on_device(inputs, target.device)
             with torch.inference_mode():
-                trial.sqnr_db = outputs_sqnr_db(reference, _on_device(trial.compiled(*here), "cpu"))
+                trial.sqnr_db = outputs_sqnr_db(reference, _on_device(call_with(trial.compiled, here), "cpu"))
             calls[target.name] = _call(trial.compiled, here, target.device)
         trials.append(trial)
     seconds = timing.measure(calls, SCHEDULE) if calls else {}

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxforge.driver.build import as_input_tuple, build
+from fxforge.capture.signature import call_with, graph_inputs
+from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import ConfigError
 from fxforge.graph.meta import fxmeta
@@ -66,12 +67,13 @@ class _KernelArgs(fx.Interpreter):
         return super().run_node(n)
 
 
-def layer_timings(compiled: CompiledModule, inputs: tuple, timer: Timer = median_seconds) -> list[LayerTiming]:
-    """int8 kernel vs fp32 island time of every int8 conv/linear of a static int8 compiled model."""
+def layer_timings(compiled: CompiledModule, inputs: Any, timer: Timer = median_seconds) -> list[LayerTiming]:
+    """int8 kernel vs fp32 island time of every int8 conv/linear of a static int8 compiled model, on example
+    ``inputs`` in any form compile accepts."""
     gm, observed = compiled.graph_module, compiled.observed_graph
     interp = _KernelArgs(gm)
     with quantized_engine(compiled.quant_options.runtime_engine), torch.inference_mode(), quantized_tensors_quietly():
-        interp.run(*inputs)
+        interp.run(*graph_inputs(compiled.signature, inputs))
         timings = []
         kernels = [n for n in gm.graph.nodes if n.name in interp.args]
         for node in (layers := bar(kernels, desc="profitability: timing int8 vs fp32", unit="layer")):
@@ -102,15 +104,15 @@ def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, opt
     if compiled.observed_graph is None:
         raise ConfigError("profitability=True measures static int8 kernels: use an int8 target with "
                           "quantization='static' (and calibration data)")
-    inputs, timer = as_input_tuple(options["example_inputs"]), timer or median_seconds
+    inputs, timer = options["example_inputs"], timer or median_seconds
     timings = layer_timings(compiled, inputs, timer)
     slower = [t.layer for t in timings if timing.clearly_faster(t.fp32_ms, t.int8_ms, MARGIN)]
-    record = ProfitabilityRecord(timings=timings, model_ms_before=timer(lambda: compiled(*inputs)) * 1e3,
+    record = ProfitabilityRecord(timings=timings, model_ms_before=timer(lambda: call_with(compiled, inputs)) * 1e3,
                                  margin=MARGIN)
     result = compiled
     if slower:
         candidate = build(model, target, **{**options, "skip": (*compiled.quant_options.skip, *slower)})
-        record.model_ms_after = timer(lambda: candidate(*inputs)) * 1e3
+        record.model_ms_after = timer(lambda: call_with(candidate, inputs)) * 1e3
         if record.model_ms_after < record.model_ms_before:
             result, record.fp32_layers = candidate, slower
         log.info("profitability: %d layer(s) slower in int8; with them in fp32 the model runs %.3f ms (was %.3f): %s",

@@ -18,6 +18,7 @@ the functions of fxforge's compute packages (graph, quant, backends, passes).
 
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
 import functools
 import inspect
@@ -66,13 +67,18 @@ _COMPUTE_PACKAGES = ("fxforge.graph.", "fxforge.quant.", "fxforge.backends.", "f
 
 def needed(candidates: list[Any], referenced: set[str]) -> list[Any]:
     """The ``candidates`` a pickle references by name ('module.qualname', as ``codec.stored_globals`` lists
-    them): torch's weights-only unpickler scans its allowlist on every lookup, so it is kept to these."""
-    out = []
-    for obj in candidates:
-        module, name = str(obj.__module__), obj.__qualname__
-        if f"{module}.{name}" in referenced or (module == "builtins" and f"__builtin__.{name}" in referenced):
-            out.append(obj)
-    return out
+    them): torch's weights-only unpickler scans its allowlist on every lookup, so it is kept to these.
+    Protocol-2 pickles spell builtins the Python 2 way (``int`` is '__builtin__.long'): mapped back here."""
+    names = {_python3_name(ref) for ref in referenced}
+    return [obj for obj in candidates if f"{obj.__module__}.{obj.__qualname__}" in names]
+
+
+def _python3_name(ref: str) -> str:
+    module, _, name = ref.rpartition(".")
+    if module != "__builtin__":
+        return ref
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), ("builtins", name))
+    return f"{module}.{name}"
 
 
 @functools.cache

@@ -10,7 +10,9 @@ with ``torch.jit.trace`` (it is straight-line code), after swapping the modules 
   control flow to the example's path).
 torch.export would be the maintained route, but it rejects the int8 kernels' prepacked weights and the
 oneDNN binary post-op (no fake implementations), so it does not cover the targets here.
-The traced module is checked against the compiled one on the example inputs (bit-identical outputs).
+The traced module is checked against the compiled one on the example inputs (bit-identical outputs). It takes
+the graph's flat tensor inputs and returns its flat outputs: example inputs given as keyword arguments are
+flattened by the compiled model's call signature, and the model's output structure is not kept.
 Engines: a serving process sets ``torch.backends.quantized.engine`` to the engine the graph runs under
 (``compiled.quant_options.runtime_engine``: "onednn" for x86, else the target's name) *before*
 ``torch.jit.load``, since prepacked weights are re-packed for the engine current while loading, and keeps it
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxforge.capture.signature import graph_inputs
 from fxforge.errors import ArtifactError, UnsupportedOpError
 from fxforge.numerics.metrics import flat_tensors
 from fxforge.quant.qspec import quantized_engine
@@ -88,10 +91,7 @@ def _trace(traceable: fx.GraphModule, inputs: tuple) -> torch.jit.ScriptModule:
 def to_torchscript(compiled: Any, example_inputs: Any = None) -> torch.jit.ScriptModule:
     """Trace ``compiled``'s graph into TorchScript (see the module docstring); save it with ``torch.jit.save``."""
     gm = compiled.graph_module
-    if example_inputs is None:
-        inputs = synthetic_inputs(gm)
-    else:
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
     traceable = copy_graph_module(gm, _replacements(gm))
     engine = compiled.quant_options.runtime_engine if compiled.quant_options is not None else None
     with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from tiny_bert import tiny_bert
 from torch import nn
 
 import fxforge
@@ -117,3 +118,21 @@ def test_an_unreachable_budget_and_bad_budgets_fail_clearly():
         fxforge.AccuracyBudget(metric=lambda m: 1.0)
     with pytest.raises(fxforge.ConfigError, match="needs an int8 target"):
         fxforge.compile(model, "cpu", example_inputs=X, accuracy=fxforge.AccuracyBudget(min_sqnr_db=20))
+
+
+def test_budgets_take_keyword_inputs_and_model_outputs_of_an_exported_bert():
+    model, inputs = tiny_bert()
+    calibration = [inputs, {k: v.flip(0) for k, v in inputs.items()}]
+    compiled = fxforge.compile(model, INT8, example_inputs=inputs, calibration=calibration,
+                               accuracy=fxforge.AccuracyBudget(min_sqnr_db=10.0))
+    record = compiled.report.accuracy
+    assert compiled.report.front_end == "export" and record.met and record.fp32_layers == []
+    with torch.no_grad():
+        expected, got = model(**inputs), compiled(**inputs)
+    assert type(got) is type(expected)
+    assert record.after == pytest.approx(fxforge.quant.sqnr.outputs_sqnr_db(expected, got))
+    layers = ["pooler.dense", "encoder.layer.1.output.dense"]
+    with pytest.raises(fxforge.AccuracyBudgetError, match="most sensitive") as raised:
+        fxforge.compile(model, INT8, example_inputs=inputs, calibration=calibration,
+                        accuracy=fxforge.AccuracyBudget(min_sqnr_db=record.after + 200.0, candidates=layers))
+    assert all(layer in str(raised.value) for layer in layers)

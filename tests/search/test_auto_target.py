@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_bert import tiny_bert
 from torch import nn
 
 import fxforge
@@ -89,3 +90,17 @@ def test_auto_without_an_accepted_target_says_what_each_one_lacked(stubbed_gpu):
     failed = auto.Trial(stubbed_gpu["cpu"], error="UnsupportedOpError: no kernel")
     with pytest.raises(fxforge.BackendUnavailableError, match="cpu: compile failed.*cuda: output SQNR 20.0 dB"):
         auto.choose([failed, _trial(stubbed_gpu["cuda"], 1.0, 20.0, True)])
+
+
+def test_auto_takes_keyword_inputs_and_model_outputs_of_an_exported_bert():
+    model, inputs = tiny_bert()
+    compiled = fxforge.compile(model, "auto", example_inputs=inputs)
+    record = compiled.report.auto
+    assert [c.target for c in record.candidates] == [t.name for t in auto.candidates(int8=False)]
+    assert all(c.ms > 0 and c.output_sqnr_db is not None for c in record.candidates)
+    chosen = next(c for c in record.candidates if c.target == compiled.target)
+    assert chosen.accepted
+    with torch.no_grad():
+        expected, got = model(**inputs), compiled(**inputs)
+    assert type(got) is type(expected)
+    assert chosen.output_sqnr_db == pytest.approx(fxforge.quant.sqnr.outputs_sqnr_db(expected, got))

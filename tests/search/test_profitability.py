@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 from quant_helpers import batches, sqnr, toy_model
+from tiny_bert import tiny_bert
 
 import fxforge
 from fxforge.pipeline.report import LayerTiming
@@ -70,3 +71,14 @@ def test_profitability_needs_static_int8():
         fxforge.compile(toy_model(), INT8, example_inputs=X, quantization="dynamic", profitability=True)
     with pytest.raises(fxforge.ConfigError, match="static int8"):
         fxforge.compile(toy_model(), "cpu", example_inputs=X, profitability=True)
+
+
+def test_real_measurement_takes_keyword_inputs_of_an_exported_bert():
+    model, inputs = tiny_bert()
+    compiled = fxforge.compile(model, INT8, example_inputs=inputs, calibration=[inputs], profitability=True)
+    timings = compiled.report.profitability.timings
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert {t.layer for t in timings} <= set(linears) and "pooler.dense" in {t.layer for t in timings}
+    assert all(t.int8_ms > 0 and t.fp32_ms > 0 for t in timings)
+    assert compiled.report.profitability.model_ms_before > 0
+    assert type(compiled(**inputs)) is type(model(**inputs))
