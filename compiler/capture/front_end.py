@@ -22,7 +22,7 @@ from torch import fx, nn
 from fxforge.errors import ConfigError, InputShapeError, TraceError
 
 from .export import DynamicSpec, default_axes, export_model
-from .signature import CallSignature, bind_call, static_contract
+from .signature import CallSignature, bind_call, example_args, static_contract
 from .tracing import bind_default_arguments, trace, user_frame
 
 CAPTURE_MODES = ("auto", "symbolic", "export")
@@ -48,8 +48,7 @@ def example_call(model: nn.Module, example_inputs: Any) -> tuple[inspect.Signatu
     if example_inputs is None:
         raise ConfigError("compile needs example_inputs=: a tensor, or a tuple with one value per forward argument, "
                           "or a dict of keyword arguments (model(**batch))")
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else \
-        (tuple(example_inputs), {}) if isinstance(example_inputs, (tuple, list)) else ((example_inputs,), {})
+    args, kwargs = example_args(example_inputs)
     parameters = inspect.signature(model.forward)
     try:
         return parameters, bind_call(parameters, args, kwargs)

@@ -43,13 +43,6 @@ from .qat import convert_qat_layers
 VERIFY_MODES = ("none", "structure", "numeric")
 
 
-def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """Example inputs as a tuple of forward arguments (a lone tensor is the one argument)."""
-    if example_inputs is None:
-        raise ConfigError("compile needs example_inputs=: a tensor, or a tuple with one value per forward argument")
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
 def check_eval(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile expects an nn.Module, got {type(model).__name__}")
