@@ -1,5 +1,6 @@
 """lower-cpu / lower-cpu-bf16 on transformer layers: Linear + GELU / residual add fused into one oneDNN matmul,
-transformers' Conv1D lowered as a Linear, plain many-row linears on prepacked oneDNN; numerics against eager."""
+transformers' Conv1D lowered as a Linear, GPT-2's spelled-out GELU as one, plain many-row linears on prepacked
+oneDNN; numerics against eager."""
 
 import copy
 
@@ -107,12 +108,15 @@ def test_bert_layers_fuse_their_gelu_and_residual_adds():
     assert rel_error(compiled(**inputs).last_hidden_state, model(**inputs).last_hidden_state) <= 1e-4
 
 
-def test_gpt2_conv1d_runs_as_a_onednn_linear():
+def test_gpt2_conv1d_runs_as_a_onednn_linear_with_its_gelu():
     model, inputs = _gpt2()
     compiled = fxforge.compile(copy.deepcopy(model), "cpu", example_inputs=inputs)
     kinds = {type(m).__name__ for m in compiled.graph_module.modules()}
     assert "Conv1D" not in kinds
-    assert len(_fused(compiled)) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per layer
+    post_ops = list(_fused(compiled).values())
+    assert len(post_ops) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per layer
+    assert post_ops.count("gelu_tanh") == 2  # mlp.c_fc takes the spelled-out tanh GELU (gelu_new)
+    assert not any("tanh" in str(n.target) for n in compiled.graph_module.graph.nodes if n.op == "call_function")
     assert "Conv1D" in {type(m).__name__ for m in model.modules()}  # the user's model is untouched
     assert rel_error(compiled(**inputs).last_hidden_state, model(**inputs).last_hidden_state) <= 1e-4
 
