@@ -6,7 +6,9 @@ lower-cpu rewrites:
     (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
     Conv2d 1x1 on 1x1 maps (squeeze-excitation)  =>  GemmConv1x1  (MKL GEMM on [N, C]: oneDNN's per-call cost
                                                                   is larger than such a product)
-Plain Linear stays on eager's MKL GEMM, faster at batch 1 (benchmarks/RESULTS.md, kernel choice).
+    Linear multiplying >= LINEAR_MIN_ROWS rows          =>  OneDnnLinear   (no post-op; fewer rows, e.g. batch-1
+                                                                          heads, stay on eager's MKL GEMM: faster there)
+    Conv1D; gelu(linear) / linear + residual  =>  Linear; OneDnnLinear with the post-op (transformer_lowering.py)
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order. A 1x1 stride-1 conv is a matrix product
 over the channels at every pixel (GemmConv1x1 computes it so for any input size, applying add and activation
