@@ -133,3 +133,10 @@ def test_cpu_bf16_fuses_the_same_epilogues(monkeypatch):
     assert actual.dtype == torch.float32
     cosine = F.cosine_similarity(actual.flatten(), expected.flatten(), dim=0).item()
     assert not (cosine < 0.999)  # NaN fails too
+
+
+def test_fused_linears_export_to_torchscript_with_their_post_ops():
+    model, x = FeedForward("tanh").eval(), torch.randn(2, 16, 32)
+    compiled = fxforge.compile(model, "cpu", example_inputs=(x,))
+    scripted = compiled.to_torchscript(x)  # raises when the trace's outputs differ from the compiled model's
+    assert rel_error(scripted(x), model(x)) <= 1e-4
