@@ -6,7 +6,9 @@ lower-cpu rewrites:
     (act: relu, relu6 = hardtanh[0, 6], hardswish, silu = swish; all oneDNN eltwise post-ops)
     Conv2d 1x1 on 1x1 maps (squeeze-excitation)  =>  GemmConv1x1  (MKL GEMM on [N, C]: oneDNN's per-call cost
                                                                   is larger than such a product)
-Plain Linear stays on eager's MKL GEMM, faster at batch 1 (benchmarks/RESULTS.md, kernel choice).
+    Linear multiplying >= LINEAR_MIN_ROWS rows          =>  OneDnnLinear   (no post-op; fewer rows, e.g. batch-1
+                                                                          heads, stay on eager's MKL GEMM: faster there)
+    Conv1D; gelu(linear) / linear + residual  =>  Linear; OneDnnLinear with the post-op (transformer_lowering.py)
 Why correct: the oneDNN ops compute conv/linear with the same fp32 weights and apply the post-ops inside
 the kernel; results differ from eager only by float summation order. A 1x1 stride-1 conv is a matrix product
 over the channels at every pixel (GemmConv1x1 computes it so for any input size, applying add and activation
@@ -23,6 +25,7 @@ Before: ``y = fused_conv(x)``  (FusedConv[relu])   After: ``y = onednn_conv(x)``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,6 +40,8 @@ from fxforge.pipeline.context import PassContext
 from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
+
+from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues, rows_of, spelled_out_gelu_to_gelu
 
 _mkldnn = torch.ops.mkldnn
 _CHANNELS_LAST = torch.channels_last
@@ -149,20 +154,43 @@ class OneDnnConv2d(_Prepacked):
         return f"{list(self.weight.shape)}, stride={self.stride}, groups={self.groups}, post_ops={post!r}"
 
 
-class OneDnnLinear(_Prepacked):
-    """Linear + activation on oneDNN with a prepacked weight."""
+# linear epilogues oneDNN fuses besides ACTIVATIONS: name -> (attr, algorithm, eager reference)
+GELUS: dict[str, tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gelu": ("gelu", "none", F.gelu), "gelu_tanh": ("gelu", "tanh", functools.partial(F.gelu, approximate="tanh"))}
 
-    def __init__(self, linear: nn.Linear, activation: str = "relu", batch_size: int | None = None) -> None:
+
+def linear_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The eager function of a linear post-op activation (a key of ACTIVATIONS or GELUS)."""
+    return GELUS[name][2] if name in GELUS else ACTIVATIONS[name]
+
+
+class OneDnnLinear(_Prepacked):
+    """Linear (+ add) (+ activation) on oneDNN with a prepacked weight, for inputs of any rank.
+
+    ``add``: the call takes a second tensor of the output's shape, added inside the kernel (binary post-op);
+    activation: a key of ``_UNARY`` or ``GELUS`` (GELU: erf or tanh form); add and activation are exclusive."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "relu", batch_size: int | None = None,
+                 add: bool = False) -> None:
         super().__init__(linear)
-        self.activation, self.batch_size = activation, batch_size
-        self.unary, self.unary_scalars = _UNARY[activation]
+        if add and activation:
+            raise ValueError("OneDnnLinear fuses an add or an activation, not both")
+        self.activation, self.batch_size, self.binary = activation, batch_size, add
+        self.unary, self.unary_scalars = _UNARY[activation] if activation in _UNARY else (GELUS[activation][0], [])
+        self.algorithm = GELUS[activation][1] if activation in GELUS else ""
         self._pack()
 
     def _pack(self) -> None:
         self.packed_weight = _mkldnn._reorder_linear_weight(self.weight, self.batch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars, "")
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.binary:
+            return _mkldnn._linear_pointwise.binary(x, other, self.packed_weight, self.bias, "add")
+        return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars,
+                                         self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"{list(self.weight.shape)}, post_ops={('add' if self.binary else self.activation) or 'none'!r}"
 
 
 # in-place activations, for kernels that compute into a fresh tensor and apply the activation after it
@@ -240,8 +268,17 @@ def _cpu_conv_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return conv_lowering(gm, node)
 
 
+LINEAR_MIN_ROWS = 16  # a plain Linear multiplying at least this many rows goes to oneDNN (below: eager's GEMM)
+
+
 def _linear_lowering(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """FusedLinear -> OneDnnLinear; a plain fp32 Linear too when it multiplies ``LINEAR_MIN_ROWS`` rows or more
+    (oneDNN's prepacked GEMM: 1.1-2x eager's on transformer projections; batch-1 heads, one row, lose to eager:
+    benchmarks/RESULTS.md)."""
     mod = module_of(gm, node)
+    if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and node.args:
+        rows = rows_of(node.args[0])
+        return OneDnnLinear(mod, "", rows) if rows is not None and rows >= LINEAR_MIN_ROWS else None
     if not isinstance(mod, FusedLinear) or mod.linear.weight.dtype != torch.float32:
         return None
     shape = tensor_shape(node.args[0])
@@ -289,9 +326,15 @@ def _autotuner() -> Autotuner:
 def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> bool:
     """Fused conv/linear modules -> oneDNN modules with prepacked weights. autotune: per layer, an MKL GEMM
     instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
+    conv1d = conv1d_to_linear(gm)
     ctx.shapes(gm)
+    spelled_out_gelu_to_gelu(gm, "lower-cpu")
+    epilogues = fuse_linear_epilogues(gm, "lower-cpu", OneDnnLinear)
     counts = lower_modules(gm, "lower-cpu", _cpu_conv_lowering, _linear_lowering)
-    ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN")
+    counts["linear"] += sum(epilogues.values())
+    ctx.note(f"lowered {counts['conv']} conv(s) and {counts['linear']} linear(s) to oneDNN"
+             + "".join(f", {n} with {op} fused" for op, n in sorted(epilogues.items()))
+             + (f"; {conv1d} Conv1D(s) as Linear" if conv1d else ""))
     # --- hook: per-layer timed kernel choice (backends/fp32_kernel_choice.py), opt-in: lower-cpu{autotune=true}
     switched = False
     if autotune:

@@ -4,6 +4,7 @@ lower-cpu-bf16 rewrites (in place of lower-cpu at the end of the "cpu" target's 
     every floating parameter and buffer  =>  bfloat16
     FusedConv[Conv2d, add? act?] / Conv2d =>  OneDnnConv2dBf16  (cpu.OneDnnConv2d on a bf16 weight)
     FusedLinear[act] / Linear            =>  OneDnnLinearBf16  (cpu.OneDnnLinear on a bf16 weight)
+    Conv1D; Linear + GELU / residual add =>  Linear; OneDnnLinearBf16 with the post-op (transformer_lowering.py)
     SdpaSelfAttention's out_proj         =>  OneDnnLinearBf16
     floating graph inputs / outputs      =>  cast to bf16 / back to eager's dtype and layout (backends/edges.py)
 Users pass fp32 and get fp32 back; inside, every value is bf16. Plain Linear is lowered too: eager bf16
@@ -35,8 +36,9 @@ from fxforge.pipeline.fragments import compose
 from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
 
-from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, lower_modules
+from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, linear_activation, lower_modules
 from .edges import cast_inputs, restore_outputs
+from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues, spelled_out_gelu_to_gelu
 
 BF16 = torch.bfloat16
 EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
@@ -127,15 +129,17 @@ class OneDnnLinearBf16(OneDnnLinear):
         else:
             self.packed_weight = self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _as_bf16(x)
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        x, other = _as_bf16(x), _as_bf16(other)
         if self.native:
-            return super().forward(x)
+            return super().forward(x, other)
         y = F.linear(x, self.weight, self.bias)
-        return ACTIVATIONS[self.activation](y) if self.activation else y
+        if self.binary:
+            return y + other
+        return linear_activation(self.activation)(y) if self.activation else y
 
     def extra_repr(self) -> str:
-        post = self.activation or "none"
+        post = ("add" if self.binary else self.activation) or "none"
         return f"{list(self.weight.shape)}, post_ops={post!r}, bf16{'' if self.native else ' (emulated)'}"
 
 
@@ -166,15 +170,21 @@ def _lower_attention_projections(gm: fx.GraphModule) -> int:
 def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     """Everything to bf16; conv/linear onto oneDNN bf16 kernels with prepacked weights; casts at the edges."""
     ctx.shapes(gm)
+    conv1d = conv1d_to_linear(gm)
     gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
-    counts = lower_modules(gm, PASS_NAME, _conv_lowering, _linear_lowering)  # as lower-cpu
+    spelled_out_gelu_to_gelu(gm, PASS_NAME)
+    epilogues = fuse_linear_epilogues(gm, PASS_NAME, OneDnnLinearBf16, BF16)  # as lower-cpu
+    counts = lower_modules(gm, PASS_NAME, _conv_lowering, _linear_lowering)
+    counts["linear"] += sum(epilogues.values())
     counts["linear"] += _lower_attention_projections(gm)
     inputs = cast_inputs(gm, BF16, PASS_NAME)
     restore_outputs(gm, PASS_NAME)
     kernels = "oneDNN bf16" if native_bf16_kernels() else \
         f"eager bf16 ops (emulated: oneDNN has no bf16 path on this CPU; {EMULATE_ENV}=1)"
     ctx.note(f"weights and activations in bf16, {inputs} input(s) cast to bf16; lowered {counts['conv']} "
-             f"conv(s) and {counts['linear']} linear(s) to {kernels}")
+             f"conv(s) and {counts['linear']} linear(s) to {kernels}"
+             + "".join(f", {n} with {op} fused" for op, n in sorted(epilogues.items()))
+             + (f"; {conv1d} Conv1D(s) as Linear" if conv1d else ""))
     return True
 
 

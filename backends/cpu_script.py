@@ -73,15 +73,21 @@ class ScriptableOneDnnConv2d(nn.Module):
 class ScriptableOneDnnLinear(nn.Module):
     unary: str
     unary_scalars: Scalars
+    algorithm: str
+    binary: bool
 
     def __init__(self, linear: OneDnnLinear) -> None:
         super().__init__()
         self.register_buffer("weight", linear.weight)
         self.register_buffer("bias", linear.bias)
         self.unary, self.unary_scalars = linear.unary, [float(s) for s in linear.unary_scalars]
+        self.algorithm, self.binary = linear.algorithm, linear.binary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.unary, self.unary_scalars, "")
+    def forward(self, x: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+        if self.binary and other is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, other, self.weight, self.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.unary, self.unary_scalars,
+                                                  self.algorithm)
 
 
 @register_scripted_twin

@@ -95,7 +95,8 @@ def _alternatives(gm: fx.GraphModule, node: fx.Node) -> dict[str, tuple[nn.Modul
                 return None
             args = (x, _example(other_shape))
         return {"onednn": (module, args), "gemm": (GemmConv1x1.of(module), args)}
-    if isinstance(module, OneDnnLinear) and (module.activation == "" or module.activation in INPLACE_ACTIVATIONS):
+    if isinstance(module, OneDnnLinear) and not module.binary and (module.activation == ""
+                                                                   or module.activation in INPLACE_ACTIVATIONS):
         return {"onednn": (module, (x,)), "gemm": (GemmLinear(module, module.activation), (x,))}
     if type(module) is nn.Linear and module.weight.dtype == torch.float32 and len(shape) >= 2:
         rows = int(torch.Size(shape[:-1]).numel())
