@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections import Counter
 from collections.abc import Callable
 from numbers import Number
@@ -56,14 +55,6 @@ def conv1d_to_linear(gm: fx.GraphModule) -> int:
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-# the op table (fxforge.graph.ops) has no power op; its spellings here
-_POWS = (operator.pow, torch.pow, torch.ops.aten.pow.Tensor_Scalar)
-
-
-def _is_pow(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _POWS) or (node.op == "call_method" and node.target == "pow")
-
-
 def _scalar_operand(node: object, op: str, value: float) -> fx.Node | None:
     """t for ``t <op> value`` or ``value <op> t`` (op "mul" or "add", ``value`` to float32 precision), else None."""
     if not isinstance(node, fx.Node) or op_name(node) != op or len(node.args) != 2 or node.kwargs:
@@ -81,7 +72,7 @@ def _cubic_inner(node: object) -> fx.Node | None:
         return None
     for x, term in (node.args, node.args[::-1]):
         cube = _scalar_operand(term, "mul", 0.044715)
-        if isinstance(cube, fx.Node) and _is_pow(cube) and cube.args[0] is x \
+        if isinstance(cube, fx.Node) and op_name(cube) == "pow" and cube.args[0] is x \
                 and cube.args[1:] in ((3,), (3.0,)):
             return x
     return None
@@ -155,8 +146,6 @@ def _residual(add: fx.Node, linear: fx.Node) -> fx.Node | None:
     if op_name(add) != "add" or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1 \
             or set(add.kwargs) - {"alpha"}:
         return None
-    if add.target is operator.iadd or str(add.target).startswith("aten.add_"):
-        return None  # in place: the other operand's memory is the result
     other = add.args[1] if add.args[0] is linear else add.args[0]
     if not isinstance(other, fx.Node) or other is linear:
         return None
