@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__  # noqa: F401
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ below imports it
+    from . import debug, numerics, testing  # noqa: F401
     from .api import *  # noqa: F403
-    from .api import debug, numerics, patterns, testing  # noqa: F401
+    from .graph import patterns  # noqa: F401
 
 # A library stays quiet unless its user configures logging: records of the "fxforge" logger (one INFO line per
 # pass, WARNING when a compile degrades, DEBUG details) go nowhere until a handler is added (the CLI's -v does).
@@ -26,7 +27,6 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 # Public functions named like the module that defines them: importing that module (``fxforge.compile``) before
 # the API has loaded must not make the module the package's attribute of that name.
 SHADOWED = frozenset({"compile"})
-_state = {"loading": False}
 
 
 class _Package(types.ModuleType):
@@ -40,19 +40,15 @@ sys.modules[__name__].__class__ = _Package
 
 
 def _load() -> types.ModuleType:
-    """Import ``fxforge.api`` (and the plugins) once and copy its public names here."""
-    _state["loading"] = True
-    try:
-        api = importlib.import_module(".api", __name__)
-    finally:
-        _state["loading"] = False
-    globals().update({name: getattr(api, name) for name in (*api.__all__, *api.MODULES)}, __all__=api.__all__)
+    """Import ``fxforge.api`` (which imports the plugins) and copy its public names here; importing it also sets
+    the submodules ``debug``, ``numerics`` and ``testing`` here. ``fxforge.patterns`` is ``fxforge.graph.patterns``."""
+    api = importlib.import_module(".api", __name__)
+    globals().update({name: getattr(api, name) for name in api.__all__}, __all__=api.__all__, patterns=api.patterns)
     return api
 
 
 def __getattr__(name: str) -> Any:
-    # While the API loads, its ``from . import debug`` lands here: AttributeError makes Python import the submodule.
-    if _state["loading"] or (name.startswith("__") and name != "__all__"):
+    if name.startswith("__") and name != "__all__":  # dunder probes (copy, pickle, doctest) load nothing
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     _load()
     if name in globals():

@@ -7,7 +7,10 @@ backends and viz, which register themselves.
 
 from __future__ import annotations
 
-from . import debug, numerics, testing  # noqa: F401  (fxforge.debug / .numerics / .testing)
+import fxforge.debug  # noqa: F401  (the package's attributes fxforge.debug, .numerics, .testing)
+import fxforge.numerics  # noqa: F401
+import fxforge.testing  # noqa: F401
+
 from .artifact import load, read_metadata, save
 from .capture.tracing import trace
 from .compile import compile
@@ -40,9 +43,9 @@ from .quant.config import QuantConfig
 from .search.accuracy import AccuracyBudget
 
 # Built-in passes and backends register themselves by name on import; viz registers the report page and dumps.
-from . import passes as _passes  # noqa: F401  isort: skip
-from . import backends as _backends  # noqa: F401  isort: skip
-from . import viz as _viz  # noqa: F401  isort: skip
+import fxforge.passes  # noqa: F401  isort: skip
+import fxforge.backends  # noqa: F401  isort: skip
+import fxforge.viz  # noqa: F401  isort: skip
 
 __all__ = [
     "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",
@@ -53,4 +56,3 @@ __all__ = [
     "parse_pipeline", "pipeline_for", "prepare_qat", "recalibrate", "register_pass", "register_target",
     "registered_passes", "targets", "trace",
 ]
-MODULES = ("debug", "numerics", "patterns", "testing")  # fxforge.debug, ...: also on fxforge, not in __all__

@@ -139,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return int(exc.code or 0)
-    from . import commands  # imported here, not at the top: it loads torch, which --help must not wait for
+    from .commands import execute  # imported here, not at the top: it loads torch, which --help must not wait for
 
-    return commands.execute(parser, args)
+    return execute(parser, args)
 
 
 def run() -> None:

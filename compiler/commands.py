@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backends, passes, progress, viz  # noqa: F401  (built-in passes, targets and viz register themselves)
+import fxforge.api  # noqa: F401  (the public API: importing it registers the built-in passes, targets, viz)
+
+from . import progress, viz
 from .artifact import save
 from .compile import compile as compile_model
 from .errors import CalibrationError, CompileError, ConfigError, suggest
