@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import fxforge
-from fxforge.cli import load_model, main
+from fxforge.cli import main
+from fxforge.commands import load_model
 from fxforge.pipeline.targets import all_targets
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import one_intra_op_thread
@@ -55,6 +56,17 @@ def test_help_teaches_with_examples(capsys):
     assert code == 0 and "torchvision:NAME" in out and "fxforge show torchvision:resnet18 --after fold-bn" in out
     code, out, _ = run(capsys, "show", "--help")
     assert code == 0 and "--after PASS" in out and "examples:" in out
+
+
+def test_help_version_and_parse_errors_do_not_import_torch():
+    """The parser, --help, --version and the errors argparse catches answer before torch loads."""
+    code = ("import sys; from fxforge.cli import main; "
+            "codes = [main(['--help']), main(['show', '--help']), main(['--version']), main(['frobnicate']), "
+            "main(['compile', 'm.py:f', '--input-shape', '1,a'])]; "
+            "print(codes, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fxforge')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "invalid choice" in done.stderr and "is not a shape" in done.stderr
+    assert done.stdout.splitlines()[-1] == "[0, 0, 0, 2, 2] ['fxforge', 'fxforge.cli', 'fxforge.version']"
 
 
 def test_targets_and_pipeline(capsys):

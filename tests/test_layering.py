@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -41,7 +44,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("testing", "helpers for testing compiled models"),
     ("driver", "compiles once: trace, run the target's pipeline, wrap the result"),
     ("search", "searches that call the driver once per candidate"),
-    ("api", "the top-level modules: compile, save/load, debug, cli, fxforge/__init__"),
+    ("api", "the top-level modules: compile, save/load, debug, api, cli, commands, fxforge/__init__"),
 )
 RANK = {layer: rank for rank, (layer, _) in enumerate(LAYERS)}
 
@@ -52,7 +55,7 @@ PLUGINS: dict[str, frozenset[str]] = {
     "viz": frozenset({"viz"}),  # viz draws what the core produced
 }
 # The only core modules that import plugins: importing them registers the built-in passes, backends and viz.
-PLUGIN_IMPORTERS = frozenset({"fxforge", "fxforge.cli"})
+PLUGIN_IMPORTERS = frozenset({"fxforge.api", "fxforge.commands"})
 
 
 def modules() -> dict[str, tuple[Path, str, ast.Module]]:
@@ -174,7 +177,7 @@ def test_the_graph_holds_every_module_and_its_imports(graph):
     assert {"fxforge", "fxforge.errors", "fxforge.driver.build", "fxforge.passes.fold_bn", "fxforge.viz.html"} \
         <= set(graph)
     assert graph.has_edge("fxforge.pipeline.manager", "fxforge.pipeline.verify")  # a relative import
-    assert graph.has_edge("fxforge", "fxforge.passes")  # `from . import passes` in fxforge/__init__.py
+    assert graph.has_edge("fxforge.api", "fxforge.passes")  # `from . import passes` in fxforge/api.py
     assert graph.has_edge("fxforge.testing", "fxforge.testing.fuzz")  # imported inside a function
     assert graph.nodes["fxforge.quant.plan"]["layer"] == "quant" and graph.nodes["fxforge.cli"]["layer"] == "api"
 
@@ -220,6 +223,7 @@ def test_a_cycle_is_found_and_reported_once():
     (("passes.fuse", "backends.cpu"), "plugin 'passes' imports 'backends'"),
     (("backends.cpu", "viz.dot"), "plugin 'backends' imports 'viz'"),
     (("passes.fuse", "fxforge.compile"), "plugin 'passes' imports 'api'"),
+    (("fxforge.cli", "backends.cpu"), "core imports plugin 'backends' (register instead)"),  # --help stays light
 ])
 def test_an_upward_or_plugin_import_is_reported(edge, reason):
     assert bad_edges(synthetic(edge)) == [f"synthetic: {edge[0]} imports {edge[1]}: {reason}"]
@@ -228,7 +232,7 @@ def test_an_upward_or_plugin_import_is_reported(edge, reason):
 @pytest.mark.parametrize("edge", [
     ("pipeline.report", "quant.plan"), ("search.accuracy", "driver.build"), ("quant.plan", "quant.ops"),
     ("backends.cpu", "passes.fuse"), ("backends.cpu", "pipeline.pass_api"), ("viz.render", "driver.build"),
-    ("fxforge", "viz.html"), ("fxforge.cli", "backends.cpu"), ("fxforge.compile", "search.accuracy"),
+    ("fxforge.api", "viz.html"), ("fxforge.commands", "backends.cpu"), ("fxforge.compile", "search.accuracy"),
 ])
 def test_downward_and_registration_imports_are_allowed(edge):
     assert bad_edges(synthetic(edge)) == []
@@ -277,6 +281,35 @@ def test_without_the_kernel_choice_autotune_says_what_to_import(monkeypatch):
     tuned = with_options(fxforge.pipeline_for("cpu"), "lower-cpu", autotune=True)
     with pytest.raises(PluginUnavailableError, match="fp32_kernel_choice"):
         fxforge.compile(conv_relu(), "cpu", example_inputs=torch.randn(1, 3, 8, 8), pipeline=tuned)
+
+
+LAZY_API = """
+import json, sys
+import fxforge
+light = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "fxforge"))
+from fxforge.compile import compile as compile_fn  # the module named like the function, before the API loads
+got = {"light": light, "compile_is_the_function": fxforge.compile is compile_fn,
+       "passes": sorted(fxforge.registered_passes()), "targets": sorted(fxforge.pipeline.targets.all_targets()),
+       "viz": "fxforge.viz" in sys.modules, "missing": [n for n in fxforge.__all__ if not hasattr(fxforge, n)],
+       "modules": [type(getattr(fxforge, n)).__name__ for n in ("debug", "numerics", "patterns", "testing")]}
+print(json.dumps(got))
+"""
+
+
+def test_import_fxforge_is_light_and_the_first_name_used_loads_the_api_and_plugins():
+    done = subprocess.run([sys.executable, "-c", LAZY_API], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["light"] == ["fxforge", "fxforge.version"] and got["compile_is_the_function"]
+    assert {"fold-bn", "lower-cpu"} <= set(got["passes"]) and {"cpu", "x86"} <= set(got["targets"]) and got["viz"]
+    assert got["missing"] == [] and got["modules"] == ["module"] * 4
+
+
+def test_every_public_name_shadowing_a_module_is_declared():
+    """A public function named like a compiler/ module must stay the function once that module is imported."""
+    package = Path(fxforge.__path__[0])
+    clashes = {name for name in fxforge.__all__ if (package / f"{name}.py").exists() or (package / name).is_dir()}
+    assert clashes == fxforge.SHADOWED
 
 
 def test_pyproject_installs_every_package(found):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import fxforge
+import fxforge.api  # noqa: F401  (registers the built-in targets, parametrized over below)
 from fxforge.pipeline import fragments
 from fxforge.pipeline.targets import all_targets
 from fxforge.pipeline.text import PassSpec, format_pipeline, parse_pipeline
