@@ -8,8 +8,9 @@ width (768, 12 heads, 3072 FFN), ``--layers`` layers, batch 1, sequence ``--seq`
   ``ort_dynamic`` (onnxruntime ``quantize_dynamic``, QInt8 weights);
 - fxforge: ``fx_cpu``, ``fx_x86_dynamic`` (``quantization="dynamic"``), ``fx_bf16`` (``cpu-bf16``).
 Each is timed on the same input under ``torch.inference_mode`` (``fxforge.numerics.timing``: warm-up, then the
-median of ``--repeats`` interleaved samples); the table gives ms, the build time, and the cosine of the last
-hidden state against eager fp32. A peer that fails is recorded as ``failed: <reason>``.
+median of ``--repeats`` samples, one peer after another: onnxruntime's spinning threads slow whichever
+peer runs next when interleaved); the table gives ms, the build time, and the cosine of the last hidden state
+against eager fp32. A peer that fails is recorded as ``failed: <reason>``.
 
     .venv/bin/python benchmarks/bench_transformers.py               # writes the bench-transformers block
     .venv/bin/python benchmarks/bench_transformers.py --layers 1 --seq 32 --out /tmp/t.md   # a quick check
@@ -146,8 +147,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[str]:
         except Exception as exc:  # a peer that cannot build is reported, the others still run
             cells[peer] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             runners.pop(peer, None)
-    with torch.inference_mode():
-        times = samples(runners, Schedule(warmup=args.warmup, rounds=args.repeats, statistic=statistics.median))
+    schedule = Schedule(warmup=args.warmup, rounds=args.repeats, statistic=statistics.median)
+    with torch.inference_mode():  # one peer at a time: onnxruntime's spinning threads would slow the next peer
+        times = {p: samples({p: run}, schedule)[p] for p, run in runners.items()}
     row = [f"| {name} | " + " | ".join(
         f"{statistics.median(times[p]) * 1e3:.1f} {cells[p]}" if p in times else cells.get(p, "-")
         for p in args.peers) + " |"]
