@@ -142,10 +142,12 @@ def _check_tensor(value: Any, contract: TensorContract, symbols: dict[str, int])
                               f"for {contract.describe()}")
     for axis, (size, dim) in enumerate(zip(shape, contract.dims, strict=True)):
         if dim.symbol is None and size != dim.size:
+            fix = f"compile with dynamic={{'{contract.name}': {{{axis}: 'name'}}}} to let it vary"
+            if dim.size == 1:
+                fix += " and an example of size 2 or more there (torch.export fixes a size-1 example dimension)"
             raise InputShapeError(
                 f"input '{contract.name}' has size {size} in dimension {axis}, compiled for exactly {dim.size} "
-                f"({contract.describe()}): compile with dynamic={{'{contract.name}': {{{axis}: 'name'}}}} to let "
-                f"it vary, or pass inputs of the compiled size")
+                f"({contract.describe()}): {fix}, or pass inputs of the compiled size")
         if dim.symbol is not None and (size < dim.low or (dim.high is not None and size > dim.high)):
             raise InputShapeError(f"input '{contract.name}' has size {size} in dimension {axis}, outside the "
                                   f"compiled range {dim} ({contract.describe()})")

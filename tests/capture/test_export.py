@@ -173,5 +173,5 @@ def test_export_compiles_a_size_1_example_dim_as_exactly_1():
     single = {"tokens": torch.randn(1, 5, 8), "mask": torch.ones(1, 5)}
     compiled = fxforge.compile(model, "cpu", example_inputs=single, capture="export")
     assert compiled.report.input_shapes[0].startswith("tokens: (1, ")
-    with pytest.raises(fxforge.InputShapeError, match="compiled for exactly 1"):
+    with pytest.raises(fxforge.InputShapeError, match="compiled for exactly 1.*an example of size 2 or more there"):
         compiled(tokens=torch.randn(2, 5, 8), mask=torch.ones(2, 5))
