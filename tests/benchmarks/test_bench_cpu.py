@@ -1,23 +1,12 @@
 """benchmarks/bench_cpu.py: the fxforge_bf16 peer is skipped (not failed, not timed emulated) without bf16 hardware,
 and runs the cpu-bf16 target where the CPU has it."""
 
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from fxforge.backends.cpu_bf16 import EMULATE_ENV, hardware_unavailable_reason
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def bench_cpu(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
-    import bench_cpu
-
-    return bench_cpu
 
 
 def _tiny():

@@ -1,19 +1,8 @@
 """benchmarks/bench_cuda.py runs on a GPU machine; its dry run checks the script's logic here: every peer built
 and measured on the CPU (torch.compile skipped), the tables rendered and written between the markers."""
 
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def bench_cuda(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
-    import bench_cuda
-
-    return bench_cuda
 
 
 def test_dry_run_measures_every_peer_and_writes_its_block(bench_cuda, tmp_path, capsys):

@@ -2,21 +2,10 @@
 skipped, not failed, without nncf."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def bench_int8(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
-    import bench_int8
-
-    return bench_int8
 
 
 def _tiny():

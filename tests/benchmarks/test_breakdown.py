@@ -1,21 +1,10 @@
 """benchmarks/breakdown.py: each engine's time split into categories, with call counts that match the model."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def breakdown(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
-    import breakdown
-
-    return breakdown
 
 
 class Tiny(nn.Module):

@@ -1,19 +1,8 @@
 """benchmarks/int8_profile.py: both peers profiled on the same input, one table of ops per forward."""
 
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def int8_profile(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as top-level modules
-    import int8_profile
-
-    return int8_profile
 
 
 @pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="needs the x86 engine")
