@@ -41,7 +41,7 @@ from fxforge.pipeline.fragments import compose, register_fragment
 from fxforge.pipeline.pass_api import graph_pass
 from fxforge.pipeline.targets import Target, register_target
 
-from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues, rows_of, spelled_out_gelu_to_gelu
+from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues, rows_of
 
 _mkldnn = torch.ops.mkldnn
 _CHANNELS_LAST = torch.channels_last
@@ -328,7 +328,6 @@ def lower_cpu(gm: fx.GraphModule, ctx: PassContext, autotune: bool = False) -> b
     instead where it timed faster (1x1 convs, linears; see fp32_kernel_choice.py)."""
     conv1d = conv1d_to_linear(gm)
     ctx.shapes(gm)
-    spelled_out_gelu_to_gelu(gm, "lower-cpu")
     epilogues = fuse_linear_epilogues(gm, "lower-cpu", OneDnnLinear)
     counts = lower_modules(gm, "lower-cpu", _cpu_conv_lowering, _linear_lowering)
     counts["linear"] += sum(epilogues.values())

@@ -38,7 +38,7 @@ from fxforge.pipeline.targets import Target, register_target
 
 from .cpu import OneDnnConv2d, OneDnnLinear, conv_lowering, linear_activation, lower_modules
 from .edges import cast_inputs, restore_outputs
-from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues, spelled_out_gelu_to_gelu
+from .transformer_lowering import conv1d_to_linear, fuse_linear_epilogues
 
 BF16 = torch.bfloat16
 EMULATE_ENV = "FXFORGE_CPU_BF16_EMULATE"
@@ -172,7 +172,6 @@ def lower_cpu_bf16(gm: fx.GraphModule, ctx: PassContext) -> bool:
     ctx.shapes(gm)
     conv1d = conv1d_to_linear(gm)
     gm.to(BF16)  # every floating parameter and buffer, before lowering: the new modules take bf16 weights
-    spelled_out_gelu_to_gelu(gm, PASS_NAME)
     epilogues = fuse_linear_epilogues(gm, PASS_NAME, OneDnnLinearBf16, BF16)  # as lower-cpu
     counts = lower_modules(gm, PASS_NAME, _conv_lowering, _linear_lowering)
     counts["linear"] += sum(epilogues.values())

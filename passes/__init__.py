@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     fuse,
     insert_observers,
     insert_qdq,
+    normalize_gelu,
     normalize_inplace,
     normalize_relu,
     prepare_qat,
@@ -24,4 +25,4 @@ from . import (  # noqa: F401
 )
 
 # one spelling per op: no-ops and dead code gone, in-place ops out of place, every relu one relu
-register_fragment("canonicalize", "remove-noops,dce,normalize-inplace,normalize-relu")
+register_fragment("canonicalize", "remove-noops,dce,normalize-inplace,normalize-relu,normalize-gelu")

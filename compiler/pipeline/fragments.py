@@ -1,7 +1,8 @@
 """Named pipeline fragments: pass sequences registered once and composed into target pipelines.
 
 As MLIR registers named pass pipelines, a fragment names a sequence of passes that several pipelines share
-(``canonicalize``: remove-noops,dce,normalize-inplace,normalize-relu), and targets are written as compositions:
+(``canonicalize``: remove-noops,dce,normalize-inplace,normalize-relu,normalize-gelu), and targets are written
+as compositions:
     compose("canonicalize", "fold-bn,fuse-conv", "to-nhwc", "lower-cpu")
 A part is pipeline text whose elements are passes or, written bare (no options), registered fragments; or a
 ``PassSpec``. Variants of a pipeline set a pass's options on its specs (``with_options(text, "lower-cpu",

@@ -1,5 +1,6 @@
-"""remove-noops, normalize-inplace, normalize-relu, dce: each must fire where it should and nowhere else."""
+"""remove-noops, normalize-inplace, normalize-relu, normalize-gelu, dce: each fires where it should, nowhere else."""
 
+import math
 import operator
 
 import pytest
@@ -262,3 +263,26 @@ def test_remove_noops_after_fold_bn_invalidates_bn_folded():
     with pytest.raises(fxforge.PassError, match="requires \\['bn-folded'\\]"):
         fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="fold-bn,remove-noops,fuse-conv")
     fxforge.compile(DropoutBetween().eval(), "cpu", example_inputs=x, pipeline="remove-noops,fold-bn,fuse-conv")
+
+
+class GeluNew(nn.Module):
+    """transformers' gelu_new, spelled out in two operand orders, and a near miss (0.05 for 0.044715) that must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        x = self.fc(x)
+        a = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        b = (1.0 + torch.tanh((x + x**3 * 0.044715) * math.sqrt(2.0 / math.pi))) * (x * 0.5)
+        miss = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.05 * torch.pow(x, 3.0))))
+        return a + b + miss
+
+
+def test_normalize_gelu_makes_the_spelled_out_tanh_gelu_one_node():
+    compiled, expected, actual = run_pipeline(GeluNew().eval(), "normalize-gelu", torch.randn(2, 4))
+    gelus = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
+    assert len(gelus) == 2 and all(n.kwargs == {"approximate": "tanh"} for n in gelus)
+    assert function_targets(compiled.graph_module).count(torch.tanh) == 1  # the near miss is left alone
+    assert rel_error(actual, expected) <= 1e-6
