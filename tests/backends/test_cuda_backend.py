@@ -59,7 +59,7 @@ def convs(gm: torch.fx.GraphModule) -> dict[str, CudaConv2d]:
 @pytest.mark.parametrize("target", CUDA_TARGETS)
 def test_cuda_pipeline_text_is_available_without_a_gpu(target):
     text = fxforge.pipeline_for(target)
-    graph_passes = "remove-noops,dce,normalize-inplace,normalize-relu,fold-bn,fuse-conv,to-nhwc"
+    graph_passes = "remove-noops,dce,normalize-inplace,normalize-relu,normalize-gelu,fold-bn,fuse-conv,to-nhwc"
     assert text == f"{graph_passes},{LOWERING[target]},cuda-runtime"
     assert fxforge.PassManager.from_text(text).pipeline == text  # canonical: the compiled module reports it so
 
