@@ -41,7 +41,7 @@ from fxforge.graph.meta import fxmeta
 from fxforge.pipeline.report import CompileReport
 from fxforge.pipeline.targets import all_targets, targets
 from fxforge.quant.config import QuantOptions
-from fxforge.quant.deprecation import MESSAGE as QUANTIZED_TENSORS_DEPRECATED
+from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 from fxforge.serialization.allowlist import needed, savable_classes
 from fxforge.serialization.calls import signature_from_data, signature_to_data
@@ -297,9 +297,8 @@ def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
                             f"torch.save archive: {type(exc).__name__})") from None
     try:
         with quantized_engine(engine), torch.serialization.safe_globals(allowed), \
-                payload_trust(trusted), warnings.catch_warnings():
+                payload_trust(trusted), quantized_tensors_quietly(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch's own unpickling of qtensors
-            warnings.filterwarnings("ignore", message=QUANTIZED_TENSORS_DEPRECATED, category=UserWarning)
             state = torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
