@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxforge.capture.signature import example_args
 from fxforge.capture.tracing import trace
 from fxforge.errors import ConfigError
 from fxforge.pipeline.context import PassContext
@@ -39,7 +40,10 @@ def prepare_qat(model: nn.Module, target: str, example_inputs: Any, *, quant_con
     tgt = resolve_target(target)
     if tgt.quant_backend is None:
         raise ConfigError(f"prepare_qat needs an int8 target (x86, fbgemm, qnnpack), not '{tgt.name}'")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs, keywords = example_args(example_inputs)
+    if keywords:
+        raise ConfigError(f"prepare_qat traces positional inputs; got keyword example inputs {sorted(keywords)}: "
+                          "pass them as a tuple in forward's order")
     config = QuantConfig.from_value(quant_config if quant_config is not None else QuantConfig("moving-average"))
     skip = check_skip_names(model, skip)
     work = copy.deepcopy(model).eval()  # eval while preparing: shape propagation must not move BN statistics

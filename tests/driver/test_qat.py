@@ -3,6 +3,7 @@ settings, no VNNI, requantization after pooling)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from quant_helpers import reference_pipeline
@@ -82,3 +83,11 @@ def test_qat_simulates_the_requantization_after_average_pooling():
                                pipeline=reference_pipeline("qnnpack"))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), qat(x), rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_qat_takes_positional_example_inputs_in_any_accepted_form_and_refuses_keywords():
+    as_tensor = fxforge.prepare_qat(QatNet(), "x86", example_inputs=X)
+    as_list = fxforge.prepare_qat(QatNet(), "x86", example_inputs=[X])
+    assert [n.op for n in as_tensor.graph.nodes] == [n.op for n in as_list.graph.nodes]
+    with pytest.raises(fxforge.ConfigError, match=r"\['x'\].*as a tuple"):
+        fxforge.prepare_qat(QatNet(), "x86", example_inputs={"x": X})
