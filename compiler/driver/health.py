@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import fx, nn
@@ -36,10 +38,35 @@ log = logging.getLogger(__name__)
 SHOWN = 5  # names listed per warning
 
 
+# True while a search compiles candidates: their findings are kept in each candidate's report, and only the
+# chosen one's are logged (``announce``), not one copy per candidate.
+_DEFERRED: ContextVar[bool] = ContextVar("fxforge_health_deferred", default=False)
+
+
 def warn(report: CompileReport, message: str) -> None:
-    """Log ``message`` as a warning and keep it in the report."""
-    log.warning("%s", message)
+    """Log ``message`` as a warning (unless ``deferred``) and keep it in the report."""
+    if not _DEFERRED.get():
+        log.warning("%s", message)
     report.warnings.append(message)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Compiles inside keep their warnings in their reports without logging them (a search's candidates)."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def announce(report: CompileReport, already: Iterable[str] = ()) -> None:
+    """Log the warnings of a compile built under ``deferred`` (the one a search chose), except ``already``
+    logged ones."""
+    seen = set(already)
+    for message in report.warnings:
+        if message not in seen:
+            log.warning("%s", message)
 
 
 def _listed(names: Iterable[str]) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fxforge.capture.signature import call_with
+from fxforge.driver import health
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import AccuracyBudgetError, ConfigError
@@ -136,7 +137,7 @@ class _Search:
 
     def compile(self, fp32: Sequence[str]) -> tuple[CompiledModule, float, bool]:
         self.compiles += 1
-        with enabled(False):  # the search's own bar says where it is; no bars of each compile under it
+        with enabled(False), health.deferred():  # the search's own bar says where it is; its warnings come once
             compiled = build(self.model, self.target, **{**self.options, "skip": (*self.skip, *fp32)})
         return (compiled, *self.judge.measure_model(compiled))
 
@@ -201,6 +202,8 @@ def compile_within_budget(model: nn.Module, target: str, budget: AccuracyBudget,
              ", ".join(chosen) or "none")
     plain = not options["dump_dir"] and not options["instruments"] and options["verify"] == "structure"
     final = first if plain and not chosen else build(model, target, **{**options, "skip": (*search.skip, *chosen)})
+    if final is first:
+        health.announce(final.report)
     after, met = search.judge.measure_model(final)
     final.report.accuracy = AccuracyRecord(
         requirement=budget.describe(), measure=search.judge.measure, before=before, after=after, met=met,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from fxforge.capture.signature import call_with
+from fxforge.driver import health
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import BackendUnavailableError, CompileError
@@ -88,7 +89,8 @@ def run_trials(model: nn.Module, targets: list[Target], options: dict[str, Any])
         shown.set_postfix_str(target.name, refresh=False)
         trial = Trial(target)
         try:
-            with enabled(False):  # auto's bar says which target it compiles; no bars of each compile under it
+            # auto's bar says which target it compiles; the chosen one's warnings are logged once it is chosen
+            with enabled(False), health.deferred():
                 trial.compiled = build(model, target.name, **options)
         except CompileError as exc:
             if not trials:  # the first candidate checks the user's arguments: its errors are theirs to see
@@ -158,4 +160,5 @@ def compile_auto(model: nn.Module, options: dict[str, Any], int8: bool) -> tuple
                                       f"{kind} target, and none is usable here")
     best, record = choose(run_trials(model, targets, options))
     best.compiled.report.auto = record
+    health.announce(best.compiled.report)
     return best.target.name, best.compiled

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from fxforge.capture.signature import call_with, graph_inputs
+from fxforge.driver import health
 from fxforge.driver.build import build
 from fxforge.driver.compiled import CompiledModule
 from fxforge.errors import ConfigError
@@ -111,10 +112,12 @@ def keep_profitable(model: nn.Module, target: str, compiled: CompiledModule, opt
                                  margin=MARGIN)
     result = compiled
     if slower:
-        candidate = build(model, target, **{**options, "skip": (*compiled.quant_options.skip, *slower)})
+        with health.deferred():
+            candidate = build(model, target, **{**options, "skip": (*compiled.quant_options.skip, *slower)})
         record.model_ms_after = timer(lambda: call_with(candidate, inputs)) * 1e3
         if record.model_ms_after < record.model_ms_before:
             result, record.fp32_layers = candidate, slower
+            health.announce(candidate.report, already=compiled.report.warnings)
         log.info("profitability: %d layer(s) slower in int8; with them in fp32 the model runs %.3f ms (was %.3f): %s",
                  len(slower), record.model_ms_after, record.model_ms_before,
                  "kept" if result is candidate else "not kept")

@@ -132,3 +132,12 @@ def test_fp32_islands_are_one_warning(caplog):
     islands = compiled.report.quantization.islands
     logged = _warnings(caplog, "fp32 islands")
     assert islands and len(logged) == 1 and f"{len(islands)} op(s)" in logged[0]
+
+
+def test_a_search_logs_the_chosen_compiles_warnings_once_not_once_per_candidate(caplog):
+    with caplog.at_level(logging.WARNING, logger="fxforge"):
+        compiled = fxforge.compile(Structure().eval(), "auto", example_inputs=X)
+    candidates = [c for c in compiled.report.auto.candidates if c.ms is not None]
+    assert len(candidates) >= 2  # otherwise this would not tell one log per search from one per candidate
+    (norms,) = _warnings(caplog, "BatchNorm")
+    assert norms in compiled.report.warnings
