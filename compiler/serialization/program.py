@@ -1,0 +1,136 @@
+"""The compiled model as a ``torch.export`` program: what ``.pt2`` files and AOTInductor packages hold.
+
+``export_program`` runs ``torch.export.export`` (non-strict) on the lowered graph module. Export traces through
+the runtime modules into the ops they call; a backend module holding something a program cannot keep gives
+itself an export form under ``torch.compiler.is_exporting()`` (the cpu backend's oneDNN modules call the same
+ops with their dense weight instead of the opaque prepacked one) and registers fake kernels for ops torch ships
+without one. The program needs neither fxforge nor the model's code to run: ``torch.export.load(path).module()``.
+Why the result is the compiled model: it is a trace of the same modules on the same ops and weights; it is
+checked on the example inputs (``torch.equal`` on every output) before it is returned.
+
+Calls: the program takes the graph's tensor inputs positionally, in the order of the model's arguments
+(``torch.export`` programs take their arguments as they were exported), and returns the graph's outputs: the
+model's tensor (or tuple) as it is, or the leaves of a structured output (``ModelOutput``, dict) in order, so
+that loading needs no model code. Dynamic dims: the compiled model's call signature names the dims that may vary
+and their ranges; the program keeps those symbolic (``torch.export.Dim``), the others fixed. Bit-identical at the
+compiled shapes; at other sizes oneDNN may pick another kernel for the dense weight than for the weight prepacked
+for the example's size (a linear layer at batch 1), which agrees within float rounding.
+Preconditions: the graph holds plain tensors: quantized tensors and packed parameters (the torch.ao int8 kernels
+of the static and dynamic int8 targets) have no export form, and ``ExportError`` names the node (ONNX is the
+int8 deploy format for now).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+
+from fxforge.capture.signature import CallSignature, Dimension, graph_inputs
+from fxforge.errors import ExportError
+from fxforge.numerics.metrics import flat_tensors
+
+from .codec import synthetic_inputs
+
+log = logging.getLogger(__name__)
+
+_QUANTIZED_DTYPES = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+INT8_ADVICE = ("int8 targets deploy as ONNX for now: compiled.export('model.onnx'); fxforge.save keeps every "
+               "target (with fxforge to load it)")
+
+
+def _held_values(module: nn.Module) -> list[Any]:
+    """The tensors and script objects a module (and its submodules) holds, registered or plain attributes."""
+    values: list[Any] = []
+    for sub in module.modules():
+        values.extend(sub.__dict__.values())
+        values.extend(sub._parameters.values())
+        values.extend(sub._buffers.values())
+    return values
+
+
+def _unkeepable(value: Any) -> str | None:
+    """What a program cannot hold about ``value``, else None."""
+    if isinstance(value, torch.ScriptObject):
+        return "packed parameters (a torch.ao script object)"
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        return f"a quantized tensor ({value.dtype})"
+    return None
+
+
+def _node_problem(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op == "call_module":
+        found = (_unkeepable(v) for v in _held_values(gm.get_submodule(str(node.target))))
+        return next((f"{type(gm.get_submodule(str(node.target))).__name__} holds {w}" for w in found if w), None)
+    if node.op == "get_attr":
+        return _unkeepable(getattr(gm, str(node.target), None))
+    meta = node.meta.get("tensor_meta")
+    if node.op == "call_function" and getattr(meta, "dtype", None) in _QUANTIZED_DTYPES:
+        return f"{node.target} returns a quantized tensor ({meta.dtype})"
+    return None
+
+
+def check_exportable(gm: fx.GraphModule) -> None:
+    """ExportError for the first node holding or producing what a program cannot keep (see the docstring)."""
+    for node in gm.graph.nodes:
+        problem = _node_problem(gm, node)
+        if problem is not None:
+            raise ExportError(f"node '{node.name}' ({node.op} {node.target}): {problem}, which torch.export cannot "
+                              f"save. {INT8_ADVICE}")
+
+
+def _dim(dimension: Dimension, dims: dict[str, Any]) -> Any:
+    """One ``Dim`` per symbol (inputs sharing a symbol share the Dim, so export keeps them equal)."""
+    if dimension.symbol not in dims:
+        name = re.sub(r"\W", "_", dimension.symbol)
+        dims[dimension.symbol] = Dim(name if name.isidentifier() else f"d_{name}", min=dimension.low,
+                                     max=dimension.high)
+    return dims[dimension.symbol]
+
+
+def dynamic_shapes(signature: CallSignature | None, count: int) -> tuple[Any, ...] | None:
+    """export's ``dynamic_shapes`` for ``count`` positional graph inputs from the signature's shape contract."""
+    if signature is None:
+        return None
+    dims: dict[str, Any] = {}
+    shapes = []
+    for contract in (signature.contracts + [None] * count)[:count]:
+        axes = {} if contract is None else {
+            axis: _dim(d, dims) for axis, d in enumerate(contract.dims) if d.symbol is not None}
+        shapes.append(axes or None)
+    return tuple(shapes) if dims else None
+
+
+def _check_identical(program: ExportedProgram, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    with torch.no_grad():
+        expected, got = flat_tensors(gm(*inputs)), flat_tensors(program.module()(*inputs))
+    if len(got) != len(expected) or not all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)):
+        raise ExportError("the exported program does not reproduce the compiled model's outputs bit for bit on the "
+                          "example inputs: use fxforge.save / fxforge.load, and report this with the model")
+
+
+def _failing_node(exc: Exception) -> str:
+    match = re.search(r"While executing %(\w+)", str(exc))
+    return f" at node '{match.group(1)}'" if match else ""
+
+
+def export_program(compiled: Any, example_inputs: Any = None, *, dynamic: bool = True) -> ExportedProgram:
+    """``compiled``'s lowered graph as an ExportedProgram, checked bit for bit on the example inputs (default:
+    random inputs of the compiled shapes). ``dynamic=False`` fixes every dim at the example's size."""
+    gm = compiled.graph_module
+    check_exportable(gm)
+    inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
+    shapes = dynamic_shapes(compiled.signature, len(inputs)) if dynamic else None
+    try:
+        program = torch.export.export(gm, tuple(inputs), strict=False, dynamic_shapes=shapes)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"torch.export failed on the compiled graph{_failing_node(exc)} ({type(exc).__name__}: "
+                          f"{first}). dynamic=False exports fixed shapes; fxforge.save keeps every target") from exc
+    _check_identical(program, gm, inputs)
+    log.debug("exported %d input(s), dynamic dims: %s", len(inputs), shapes)
+    return program
