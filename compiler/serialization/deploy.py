@@ -48,8 +48,7 @@ def program_metadata(compiled: Any, program: torch.export.ExportedProgram, kind:
               for spec, node in zip(program.graph_signature.input_specs,
                                     program.graph.find_nodes(op="placeholder"), strict=True)
               if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-    ranges = {str(s): [int(r.lower), None if r.upper > 2**62 else int(r.upper)]
-              for s, r in program.range_constraints.items()}
+    ranges = {str(s): f"{r.lower}..{r.upper}" for s, r in program.range_constraints.items()}
     return {"format": kind, "fxforge_version": __version__, "torch_version": torch.__version__,
             "target": compiled.target, "pipeline": compiled.pipeline, "inputs": inputs, "dynamic_dims": ranges,
             "isa": isa_facts(compiled)}
