@@ -22,6 +22,7 @@ int8 deploy format for now).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any
@@ -67,11 +68,16 @@ def _node_problem(gm: fx.GraphModule, node: fx.Node) -> str | None:
         found = (_unkeepable(v) for v in _held_values(gm.get_submodule(str(node.target))))
         return next((f"{type(gm.get_submodule(str(node.target))).__name__} holds {w}" for w in found if w), None)
     if node.op == "get_attr":
-        return _unkeepable(getattr(gm, str(node.target), None))
+        return _unkeepable(functools.reduce(getattr, str(node.target).split("."), gm))
     meta = node.meta.get("tensor_meta")
     if node.op == "call_function" and getattr(meta, "dtype", None) in _QUANTIZED_DTYPES:
-        return f"{node.target} returns a quantized tensor ({meta.dtype})"
+        return f"it returns a quantized tensor ({meta.dtype})"
     return None
+
+
+def _target_name(node: fx.Node) -> str:
+    return str(node.target) if isinstance(node.target, (str, torch._ops.OpOverload)) else \
+        getattr(node.target, "__name__", str(node.target))
 
 
 def check_exportable(gm: fx.GraphModule) -> None:
@@ -79,8 +85,8 @@ def check_exportable(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         problem = _node_problem(gm, node)
         if problem is not None:
-            raise ExportError(f"node '{node.name}' ({node.op} {node.target}): {problem}, which torch.export cannot "
-                              f"save. {INT8_ADVICE}")
+            raise ExportError(f"node '{node.name}' ({node.op} {_target_name(node)}): {problem}, which torch.export "
+                              f"cannot save. {INT8_ADVICE}")
 
 
 def _dim(dimension: Dimension, dims: dict[str, Any]) -> Any:
