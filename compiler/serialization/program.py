@@ -98,16 +98,17 @@ def _dim(dimension: Dimension, dims: dict[str, Any]) -> Any:
     return dims[dimension.symbol]
 
 
-def dynamic_shapes(signature: CallSignature | None, count: int) -> tuple[Any, ...] | None:
-    """export's ``dynamic_shapes`` for ``count`` positional graph inputs from the signature's shape contract."""
+def dynamic_shapes(signature: CallSignature | None, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """export's ``dynamic_shapes`` for the positional graph ``inputs`` from the signature's shape contract. A dim
+    of size 0 or 1 in the example stays fixed: export specializes such sizes (its 0/1 rule)."""
     if signature is None:
         return None
     dims: dict[str, Any] = {}
     shapes = []
-    for contract in (signature.contracts + [None] * count)[:count]:
-        axes = {} if contract is None else {
-            axis: _dim(d, dims) for axis, d in enumerate(contract.dims) if d.symbol is not None}
-        shapes.append(axes or None)
+    for value, contract in zip(inputs, (signature.contracts + [None] * len(inputs))[:len(inputs)], strict=True):
+        free = [] if contract is None or not isinstance(value, torch.Tensor) else [
+            (axis, d) for axis, d in enumerate(contract.dims) if d.symbol is not None and value.shape[axis] > 1]
+        shapes.append({axis: _dim(d, dims) for axis, d in free} or None)
     return tuple(shapes) if dims else None
 
 
@@ -130,7 +131,7 @@ def export_program(compiled: Any, example_inputs: Any = None, *, dynamic: bool =
     gm = compiled.graph_module
     check_exportable(gm)
     inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
-    shapes = dynamic_shapes(compiled.signature, len(inputs)) if dynamic else None
+    shapes = dynamic_shapes(compiled.signature, inputs) if dynamic else None
     try:
         program = torch.export.export(gm, tuple(inputs), strict=False, dynamic_shapes=shapes)
     except Exception as exc:
