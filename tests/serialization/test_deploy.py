@@ -125,6 +125,17 @@ def test_static_shapes_fix_the_batch(tmp_path):
         module(torch.randn(3, 3, 32, 32))
 
 
+def test_weight_only_int8_exports_as_plain_tensors(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(4, 64)
+    compiled = fxforge.compile(model, "x86", example_inputs=(x,), quantization="weight-only")
+    program = torch.export.load(compiled.export(tmp_path / "wo.pt2"))
+    assert torch.ops.aten._weight_int8pack_mm.default in {n.target for n in program.graph.nodes}
+    with torch.inference_mode():
+        assert torch.equal(program.module()(x), compiled(x))
+
+
 @pytest.mark.parametrize("quantization", ["static", "dynamic"])
 def test_int8_targets_refuse_with_the_onnx_advice(tmp_path, quantization):
     x = torch.randn(2, 3, 32, 32)
