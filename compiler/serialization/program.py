@@ -39,18 +39,15 @@ from .codec import synthetic_inputs
 
 log = logging.getLogger(__name__)
 
-_QUANTIZED_DTYPES = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
-INT8_ADVICE = ("int8 targets deploy as ONNX for now: compiled.export('model.onnx'); fxforge.save keeps every "
-               "target (with fxforge to load it)")
+INT8_ADVICE = ("Static and dynamic int8 deploy as ONNX for now: compiled.export('model.onnx'); fxforge.save keeps "
+               "every target (with fxforge to load it)")
 
 
 def _held_values(module: nn.Module) -> list[Any]:
     """The tensors and script objects a module (and its submodules) holds, registered or plain attributes."""
-    values: list[Any] = []
+    values: list[Any] = [*module.parameters(), *module.buffers()]
     for sub in module.modules():
         values.extend(sub.__dict__.values())
-        values.extend(sub._parameters.values())
-        values.extend(sub._buffers.values())
     return values
 
 
@@ -70,7 +67,7 @@ def _node_problem(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "get_attr":
         return _unkeepable(functools.reduce(getattr, str(node.target).split("."), gm))
     meta = node.meta.get("tensor_meta")
-    if node.op == "call_function" and getattr(meta, "dtype", None) in _QUANTIZED_DTYPES:
+    if node.op == "call_function" and getattr(meta, "is_quantized", False):
         return f"it returns a quantized tensor ({meta.dtype})"
     return None
 
