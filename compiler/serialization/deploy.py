@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from fxforge.version import __version__
 
 from .isa import isa_facts
 from .program import export_program
+
+log = logging.getLogger(__name__)
 
 METADATA = "fxforge.json"  # the member (pt2: extra file; aoti: package metadata key) fxforge info reads
 
@@ -107,5 +110,7 @@ def format_for(path: Path, format: str | None) -> DeployFormat:
 
 def export(compiled: Any, path: str | Path, format: str | None = None, **options: Any) -> Path:
     """Write ``compiled`` to ``path`` in a deploy format (module docstring); returns the path."""
-    path = Path(path)
-    return format_for(path, format).write(compiled, path, **options)
+    path, chosen = Path(path), format_for(Path(path), format)
+    written = chosen.write(compiled, path, **options)
+    log.info("exported the %s model to %s (%s)", compiled.target, written, chosen.name)
+    return written
