@@ -62,8 +62,9 @@ def _unkeepable(value: Any) -> str | None:
 
 def _node_problem(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
-        found = (_unkeepable(v) for v in _held_values(gm.get_submodule(str(node.target))))
-        return next((f"{type(gm.get_submodule(str(node.target))).__name__} holds {w}" for w in found if w), None)
+        module = gm.get_submodule(str(node.target))
+        found = next((w for w in map(_unkeepable, _held_values(module)) if w), None)
+        return None if found is None else f"{type(module).__name__} holds {found}"
     if node.op == "get_attr":
         return _unkeepable(functools.reduce(getattr, str(node.target).split("."), gm))
     meta = node.meta.get("tensor_meta")
