@@ -69,8 +69,13 @@ def save_aoti(compiled: Any, path: Path, *, example_inputs: Any = None, dynamic:
     """The ``aoti`` format (module docstring): compiling takes tens of seconds to minutes."""
     program = export_program(compiled, example_inputs, dynamic=dynamic)
     meta = {METADATA: json.dumps(program_metadata(compiled, program, "aoti"))}
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                             inductor_configs={"aot_inductor.metadata": meta})
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"aot_inductor.metadata": meta})
+    except Exception as exc:  # Inductor's failures come from many layers (codegen, the C++ compiler, the linker)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"AOTInductor could not compile the exported program ({type(exc).__name__}: {first}); it "
+                          f"needs a working C++ compiler. The .pt2 program (format='pt2') needs none") from exc
     return path
 
 
