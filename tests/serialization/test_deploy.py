@@ -131,7 +131,7 @@ def test_weight_only_int8_exports_as_plain_tensors(tmp_path):
     x = torch.randn(4, 64)
     compiled = fxforge.compile(model, "x86", example_inputs=(x,), quantization="weight-only")
     program = torch.export.load(compiled.export(tmp_path / "wo.pt2"))
-    assert torch.ops.aten._weight_int8pack_mm.default in {n.target for n in program.graph.nodes}
+    assert any(t.dtype == torch.int8 for t in program.state_dict.values())  # the weights stay int8 (either kernel)
     with torch.inference_mode():
         assert torch.equal(program.module()(x), compiled(x))
 
