@@ -307,7 +307,7 @@ def test_info_on_an_onnx_model(capsys, tmp_path):
     code, printed, _ = run(capsys, "info", str(path), "--json")
     info = json.loads(printed)
     assert code == 0 and info["kind"] == "onnx" and info["qdq"] is True and info["opset"] == {"ai.onnx": 17}
-    assert info["inputs"][0]["shape"] == ["batch", "4"]
+    assert info["inputs"] == [{"name": "x", "shape": ["batch", "4"], "dtype": "float"}]
 
 
 def test_info_on_an_unknown_file_is_a_typed_error(capsys, tmp_path):

@@ -88,9 +88,11 @@ def _package_info(path: Path) -> dict[str, Any]:
             "fxforge": _recorded(fxforge_meta)}
 
 
-def _onnx_value(value: Any) -> dict[str, Any]:
+def _onnx_value(value: Any, data_type: Any) -> dict[str, Any]:
+    """An ONNX graph input or output: name, dims (symbolic names or sizes), element type (``data_type``:
+    onnx's ``TensorProto.DataType`` enum)."""
     dims = [d.dim_param or str(d.dim_value) for d in value.type.tensor_type.shape.dim]
-    return {"name": value.name, "shape": dims, "elem_type": int(value.type.tensor_type.elem_type)}
+    return {"name": value.name, "shape": dims, "dtype": data_type.Name(value.type.tensor_type.elem_type).lower()}
 
 
 def _onnx_info(path: Path) -> dict[str, Any]:
@@ -106,8 +108,8 @@ def _onnx_info(path: Path) -> dict[str, Any]:
     return {"kind": "onnx", "description": "ONNX model (onnxruntime, OpenVINO)",
             "opset": {o.domain or "ai.onnx": int(o.version) for o in model.opset_import},
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
-            "inputs": [_onnx_value(v) for v in model.graph.input],
-            "outputs": [_onnx_value(v) for v in model.graph.output],
+            "inputs": [_onnx_value(v, onnx.TensorProto.DataType) for v in model.graph.input],
+            "outputs": [_onnx_value(v, onnx.TensorProto.DataType) for v in model.graph.output],
             "qdq": bool(ops & _QDQ), "nodes": len(model.graph.node)}
 
 
