@@ -9,9 +9,10 @@ Why the result is the compiled model: it is a trace of the same modules on the s
 checked on the example inputs (``torch.equal`` on every output) before it is returned.
 
 Calls: the program takes the graph's tensor inputs positionally, in the order of the model's arguments
-(``torch.export`` programs take their arguments as they were exported), and returns the graph's outputs: the
-model's tensor (or tuple) as it is, or the leaves of a structured output (``ModelOutput``, dict) in order, so
-that loading needs no model code. Dynamic dims: the compiled model's call signature names the dims that may vary
+(``torch.export`` programs take their arguments as they were exported), and returns what the lowered graph
+returns: a symbolically traced model's own structure of tensors, tuples and dicts; for a model captured with
+torch.export (transformers' models) the leaves of its output (a ``ModelOutput``) in order, so that loading
+needs no model code. Dynamic dims: the compiled model's call signature names the dims that may vary
 and their ranges; the program keeps those symbolic (``torch.export.Dim``), the others fixed. Bit-identical at the
 compiled shapes; at other sizes oneDNN may pick another kernel for the dense weight than for the weight prepacked
 for the example's size (a linear layer at batch 1), which agrees within float rounding.
