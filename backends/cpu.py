@@ -50,6 +50,25 @@ _UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.
           "hardswish": ("hardswish", []), "silu": ("swish", [])}
 
 
+def _export_scalars(scalars: list[float]) -> list[float]:
+    """The post-op scalars as ``torch.export`` can save them: its serializer cannot write an empty ``Scalar?[]``
+    (the element type is unknown), and the post-ops fused without scalars (relu, swish, hardswish, gelu) ignore
+    the list, so a placeholder scalar changes nothing."""
+    return scalars or [0.0]
+
+
+# torch ships the oneDNN binary (fused add) ops without fake kernels, which torch.export needs to trace them
+# (CompiledModule.export); the output has the shape of the added tensor, channels-last for the conv.
+@torch.library.register_fake("mkldnn::_convolution_pointwise.binary")
+def _conv_binary_fake(x: torch.Tensor, other: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(other, memory_format=_CHANNELS_LAST)
+
+
+@torch.library.register_fake("mkldnn::_linear_pointwise.binary")
+def _linear_binary_fake(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, *args: object) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class _Prepacked(nn.Module):
     """A module holding an opaque oneDNN weight (``packed_weight``) built by ``_pack`` from ``weight``.
 
@@ -133,21 +152,29 @@ class OneDnnConv2d(_Prepacked):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous(memory_format=_CHANNELS_LAST)
-        weight = self._weight_for(x)
+        weight, scalars = self._operands(x)
         if not self.binary:
             return _mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                self.unary, self.unary_scalars, "")
+                self.unary, scalars, "")
         if other.size(1) == 1 or other.size(2) * other.size(3) == 1:
             # One channel or 1x1 maps: NCHW and NHWC strides coincide, and oneDNN's fused sum fails on these
             # in some torch builds (2.11: "could not create a memory"). Add outside the kernel instead.
             y = _mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "none", [], "") + other
+                "none", _export_scalars([]) if torch.compiler.is_exporting() else [], "") + other
             return ACTIVATIONS[self.activation](y) if self.activation else y
         return _mkldnn._convolution_pointwise.binary(
             x, other, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "add", None, self.binary_unary, self.unary_scalars, "")
+            "add", None, self.binary_unary, scalars, "")
+
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """The weight and post-op scalars of a call: under ``torch.export``, the dense weight (an opaque prepacked
+        tensor cannot be saved; oneDNN reorders the dense one per call, with bit-identical results) and
+        scalars export can write."""
+        if torch.compiler.is_exporting():
+            return self.weight, _export_scalars(self.unary_scalars)
+        return self._weight_for(x), self.unary_scalars
 
     def extra_repr(self) -> str:
         post = "+".join(filter(None, ("add" if self.binary else "", self.activation))) or "none"
@@ -184,10 +211,12 @@ class OneDnnLinear(_Prepacked):
         self.packed_weight = _mkldnn._reorder_linear_weight(self.weight, self.batch_size)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        exporting = torch.compiler.is_exporting()  # dense weight, savable scalars: see OneDnnConv2d._operands
+        weight = self.weight if exporting else self.packed_weight
         if self.binary:
-            return _mkldnn._linear_pointwise.binary(x, other, self.packed_weight, self.bias, "add")
-        return _mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.unary, self.unary_scalars,
-                                         self.algorithm)
+            return _mkldnn._linear_pointwise.binary(x, other, weight, self.bias, "add")
+        scalars = _export_scalars(self.unary_scalars) if exporting else self.unary_scalars
+        return _mkldnn._linear_pointwise(x, weight, self.bias, self.unary, scalars, self.algorithm)
 
     def extra_repr(self) -> str:
         return f"{list(self.weight.shape)}, post_ops={('add' if self.binary else self.activation) or 'none'!r}"

@@ -288,6 +288,41 @@ def check_loadable(meta: dict[str, Any], check_version: bool = True) -> None:
             f"the original model for one of the targets usable here: {', '.join(targets())}")
 
 
+def _check_members(path: str | Path, meta: dict[str, Any], members: dict[str, bytes]) -> None:
+    """ArtifactError unless the checksums in the metadata cover and match every other member."""
+    checksums = meta["members"]
+    if not isinstance(checksums, dict) or set(checksums) != set(_MEMBERS) - {"fxforge.json"}:
+        raise ArtifactError(f"{path}: the metadata's checksums do not cover the members {', '.join(_MEMBERS[1:])}: "
+                            f"the file was edited or damaged; save the model again")
+    for name, digest in checksums.items():
+        if _digest(members[name]) != digest:
+            raise ArtifactError(f"{path}: member {name} does not match the checksum saved with it: the file was "
+                                f"modified or damaged; save the model again")
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a saved model holds, for ``fxforge info``: target, versions, engine, inputs and their dims, ISA
+    needs, and whether the members match their checksums (hashed, not unpickled: no weights are built)."""
+    members = _read_members(path, _MEMBERS)
+    meta = _parse_metadata(path, members["fxforge.json"])
+    _require(path, meta, _PAYLOAD)
+    try:
+        _check_members(path, meta, members)
+        checksums = "ok"
+    except ArtifactError as exc:
+        checksums = f"failed: {exc}"
+    signature, _ = _calling(path, meta)
+    inputs = [c.describe() for c in signature.contracts if c is not None] if signature is not None else \
+        [f"{i['name']}: ({', '.join(map(str, i['shape'] or []))}) {i['dtype']}" for i in meta["inputs"]]
+    quant = meta["quantization"]
+    return {"kind": "fxf", "description": "fxforge.save file: fxforge.load(path), with the same torch minor version",
+            "target": meta["target"], "fxforge_version": meta["fxforge_version"],
+            "torch_version": meta["torch_version"], "engine": meta["engine"], "pipeline": meta["pipeline"],
+            "quantization": None if quant is None else {k: quant.get(k) for k in ("mode", "backend", "engine")},
+            "inputs": inputs, "checksums": checksums, "isa": meta["isa"],
+            "portable_submodules": meta.get("portable_submodules", {})}
+
+
 def _unpickle(data: bytes, engine: str | None, trusted: bool) -> dict[str, Any]:
     """The payload, unpickled without running code from it (``fxforge.serialization.allowlist``)."""
     try:
@@ -337,14 +372,7 @@ def load(path: str | Path, *, check_version: bool = True, trusted: bool = False)
     _require(path, meta["isa"], ("requires_vnni", "engine"), "isa.")
     _require(path, quant or {}, ("mode", "backend", "skip", "reduce_range") if quant else (), "quantization.")
     check_isa(meta["isa"])
-    checksums = meta["members"]
-    if not isinstance(checksums, dict) or set(checksums) != set(_MEMBERS) - {"fxforge.json"}:
-        raise ArtifactError(f"{path}: the metadata's checksums do not cover the members {', '.join(_MEMBERS[1:])}: "
-                            f"the file was edited or damaged; save the model again")
-    for name, digest in checksums.items():
-        if _digest(members[name]) != digest:
-            raise ArtifactError(f"{path}: member {name} does not match the checksum saved with it: the file was "
-                                f"modified or damaged; save the model again")
+    _check_members(path, meta, members)
     engine = quant.get("engine", quant["backend"]) if quant else None
     state = _unpickle(members["model.pt"], engine, trusted)
     gm = _graph(state)

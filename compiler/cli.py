@@ -20,6 +20,7 @@ MODEL is either
   torchvision:NAME          a torchvision model with random weights (nothing is downloaded); its BatchNorm
                             statistics are re-estimated on 2 random batches so the numbers mean something
   path/to/file.py:FACTORY   FACTORY() returns an nn.Module, or (module, example_inputs)
+  path/to/model.fxf         (export only) a model saved by fxforge.save or fxforge compile --save
 
 examples:
   fxforge targets
@@ -29,6 +30,8 @@ examples:
   fxforge show torchvision:resnet18 --after fold-bn -o fold-bn.svg
   fxforge show torchvision:resnet18 --after fold-bn --diff -o fold-bn-diff.svg
   fxforge bench torchvision:resnet18 --target cpu x86
+  fxforge export torchvision:resnet18 resnet18.pt2 --input-shape 2,3,224,224
+  fxforge info resnet18.pt2
 
 Exit status: 0 ok, 2 bad command line (checked before any work), 1 the compile failed (the message says what to do).
 """
@@ -129,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    _json_argument(p)
+
+    p = sub.add_parser("export", help="compile MODEL (or load a .fxf) and write it to run without fxforge",
+                       formatter_class=raw,
+                       description="Write a compiled model as a torch.export program (.pt2), an AOTInductor package "
+                                   "(.aoti.pt2) or ONNX (.onnx); the suffix of OUT picks the format.",
+                       epilog="examples:\n  fxforge export torchvision:resnet18 r18.pt2 --input-shape 2,3,224,224\n"
+                              "  fxforge export torchvision:resnet18 r18.aoti.pt2\n  fxforge export r18.fxf r18.pt2\n"
+                              "A dynamic batch needs an example batch of 2 or more (--input-shape).")
+    _model_arguments(p, "target to compile for (default cpu; ignored for a .fxf)")
+    p.add_argument("output", type=Path, metavar="OUT", help="the file to write: .pt2, .aoti.pt2 or .onnx")
+    p.add_argument("--format", choices=("pt2", "aoti", "onnx"), help="the format, when OUT's suffix does not say it")
+    p.add_argument("--static", action="store_true", help="fix every dimension at the example's size")
+
+    p = sub.add_parser("info", help="print what a saved or exported model file holds", formatter_class=raw,
+                       description="Print what PATH holds: a .fxf (fxforge.save), a torch.export program (.pt2), "
+                                   "an AOTInductor package or an ONNX model. Nothing in the file is run.",
+                       epilog="examples:\n  fxforge info model.fxf\n  fxforge info model.pt2 --json")
+    p.add_argument("path", type=Path, metavar="PATH", help="the file to describe")
     _json_argument(p)
     return parser
 

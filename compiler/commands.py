@@ -27,16 +27,18 @@ from torch import nn
 import fxforge.api  # noqa: F401  (the public API: importing it registers the built-in passes, targets, viz)
 
 from . import progress, viz
-from .artifact import save
+from .artifact import describe, load, save
 from .capture.signature import call_with
 from .compile import compile as compile_model
-from .errors import CalibrationError, CompileError, ConfigError, suggest
+from .errors import ArtifactError, CalibrationError, CompileError, ConfigError, suggest
 from .numerics.metrics import max_errors
 from .pipeline.manager import PassManager
 from .pipeline.pass_api import pass_class
 from .pipeline.targets import all_targets, pipeline_for, resolve_target
 from .pipeline.text import parse_pipeline
 from .quant.sqnr import outputs_sqnr_db
+from .serialization.deploy import format_for
+from .serialization.describe import deployed_kind, describe_deployed
 from .testing.helpers import reestimate_bn
 from .viz import GraphvizNotFoundWarning
 from .viz.render import DOT_SUFFIXES, FORMATS
@@ -189,14 +191,25 @@ def _check_calibration(text: str | None) -> None:
                          f"example input); for real data call fxforge.compile(..., calibration=loader) from Python")
 
 
+def _check_export(args: argparse.Namespace) -> None:
+    try:
+        format_for(args.output, args.format)
+    except ConfigError as exc:
+        raise UsageError(f"OUT {args.output}: {exc}") from None
+    if _is_saved_model(args.model) and not Path(args.model).is_file():
+        raise UsageError(f"MODEL file '{args.model}' does not exist")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Raise UsageError for a command line that cannot work, before any model is loaded."""
     if args.command == "pipeline":
         _check_target(args.target, "TARGET")
         _pipeline_text(args)
         return
-    if args.command == "targets":
+    if args.command in ("targets", "info"):
         return
+    if args.command == "export":
+        _check_export(args)
     for target in [args.target] if isinstance(args.target, str) else args.target:
         _check_target(target, "--target")
     _check_calibration(args.calibration)
@@ -375,8 +388,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_saved_model(spec: str) -> bool:
+    """MODEL names a file from fxforge.save (not torchvision:NAME or file.py:FACTORY)."""
+    return spec.lower().endswith(".fxf")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if _is_saved_model(args.model):
+        compiled, example = load(args.model), None  # the compiled shapes: random inputs of them
+    else:
+        model, example = load_model(args.model, args.input_shape)
+        compiled = _compile(args, args.target, model, example, calibration_data(args.calibration, example))
+    path = compiled.export(args.output, args.format, example_inputs=example, dynamic=not args.static)
+    print(f"wrote {path} ({format_for(path, args.format).description}); fxforge info {path} shows what it holds")
+    return 0
+
+
+def _described(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    kind = deployed_kind(path)
+    if kind is not None:
+        return describe_deployed(path, kind)
+    try:
+        return describe(path)
+    except ArtifactError:
+        raise ArtifactError(f"{path} is none of the files fxforge info reads: a .fxf from fxforge.save, a "
+                            f"torch.export program or AOTInductor package (.pt2), an ONNX model (.onnx)") from None
+
+
+def _info_lines(info: dict[str, Any], indent: str = "") -> list[str]:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict) and value:
+            lines += [f"{indent}{key}:", *_info_lines(value, indent + "  ")]
+        elif isinstance(value, list) and value:
+            lines += [f"{indent}{key}:", *(f"{indent}  {v if not isinstance(v, dict) else _flat(v)}" for v in value)]
+        else:
+            lines.append(f"{indent}{key}: {value if value not in ({}, []) else '-'}")
+    return lines
+
+
+def _flat(item: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in item.items())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _described(args.path)
+    if args.json:
+        _print_json({"path": str(args.path), **info})
+        return 0
+    print("\n".join([f"{args.path}", *_info_lines(info, "  ")]))
+    return 0
+
+
 _COMMANDS = {"targets": cmd_targets, "pipeline": cmd_pipeline, "compile": cmd_compile, "show": cmd_show,
-             "bench": cmd_bench}
+             "bench": cmd_bench, "export": cmd_export, "info": cmd_info}
 
 
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -65,6 +65,12 @@ class ArtifactError(CompileError):
     version, or a submodule that cannot be stored without its class."""
 
 
+class ExportError(CompileError):
+    """A compiled model cannot be written in a deploy format (``compiled.export``): a node holds something
+    the format cannot keep (quantized tensors, packed parameters), export failed on an op, the format is
+    not available, or the exported program does not reproduce the compiled model."""
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,79 @@ def test_int8_compile_prints_no_torch_deprecation_warning(model_file):
                            "--calibration", "random:2"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and "quantization: static int8 for fbgemm" in done.stdout
     assert "deprecated" not in done.stderr and "quantize_per_tensor" not in done.stderr
+
+
+# ---- export and info --------------------------------------------------------------------------------------
+
+def test_export_writes_a_program_that_info_describes(capsys, model_file, tmp_path):
+    out = tmp_path / "tiny.pt2"
+    code, printed, err = run(capsys, "export", f"{model_file}:make", str(out))
+    assert code == 0, err
+    assert "torch.export" in printed and out.is_file()
+    code, printed, _ = run(capsys, "info", str(out), "--json")
+    info = json.loads(printed)
+    assert code == 0 and info["kind"] == "pt2" and info["fxforge"]["target"] == "cpu"
+    assert info["inputs"] == [{"name": "input", "shape": ["1", "3", "16", "16"], "dtype": "float32"}]
+    assert info["outputs"][0]["shape"] == ["1", "4"]
+    assert any(op.startswith("mkldnn._convolution_pointwise") for op in info["ops"])
+    code, printed, _ = run(capsys, "info", str(out))
+    assert code == 0 and "kind: pt2" in printed and "target: cpu" in printed
+
+
+def test_export_from_a_saved_model(capsys, model_file, tmp_path):
+    saved, out = tmp_path / "tiny.fxf", tmp_path / "tiny.pt2"
+    assert run(capsys, "compile", f"{model_file}:make", "--save", str(saved))[0] == 0
+    code, _, err = run(capsys, "export", str(saved), str(out))
+    assert code == 0, err
+    loaded = torch.export.load(out).module()
+    with torch.inference_mode():
+        expected = fxforge.load(saved)(torch.ones(1, 3, 16, 16))
+    assert torch.equal(loaded(torch.ones(1, 3, 16, 16)), expected)
+
+
+def test_export_refuses_an_unknown_suffix_before_loading(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "torchvision:not_a_model", str(tmp_path / "m.bin"))
+    assert code == 2 and ".pt2 (pt2)" in err and "not_a_model" not in err
+
+
+def test_info_on_a_saved_model_checks_its_members(capsys, model_file, tmp_path):
+    saved = tmp_path / "tiny.fxf"
+    assert run(capsys, "compile", f"{model_file}:make", "--save", str(saved))[0] == 0
+    code, printed, _ = run(capsys, "info", str(saved), "--json")
+    info = json.loads(printed)
+    assert code == 0 and info["kind"] == "fxf" and info["target"] == "cpu" and info["checksums"] == "ok"
+    assert info["torch_version"] == torch.__version__ and "requires_vnni" in info["isa"]
+    assert info["inputs"] == ["input: (input.batch[0..], 3, 16, 16)"]  # the batch dim is dynamic
+    damaged = tmp_path / "damaged.fxf"
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data + b"edited" if item.filename == "report.txt" else data)
+    info = json.loads(run(capsys, "info", str(damaged), "--json")[1])
+    assert info["checksums"].startswith("failed") and "report.txt" in info["checksums"]
+
+
+def test_info_on_an_onnx_model(capsys, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
+    scale = helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [0.1])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [x], [y], initializer=[scale])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    code, printed, _ = run(capsys, "info", str(path), "--json")
+    info = json.loads(printed)
+    assert code == 0 and info["kind"] == "onnx" and info["qdq"] is True and info["opset"] == {"ai.onnx": 17}
+    assert info["inputs"] == [{"name": "x", "shape": ["batch", "4"], "dtype": "float"}]
+
+
+def test_info_on_an_unknown_file_is_a_typed_error(capsys, tmp_path):
+    path = tmp_path / "notes.pt2"
+    path.write_text("not a model")
+    code, _, err = run(capsys, "info", str(path))
+    assert code == 1 and "ArtifactError" in err and "none of the files fxforge info reads" in err
+    code, _, err = run(capsys, "info", str(tmp_path / "missing.fxf"))
+    assert code == 1 and "does not exist" in err

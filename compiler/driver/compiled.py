@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from fxforge.capture.signature import CallSignature
 from fxforge.pipeline.report import CompileReport
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.qspec import quantized_engine
+from fxforge.serialization.deploy import export
 from fxforge.serialization.torchscript import to_torchscript
 
 from .inputs import explain_call_failure
@@ -62,3 +64,10 @@ class CompiledModule(nn.Module):
         """The lowered graph as TorchScript for serving stacks (``fxforge.serialization.torchscript``);
         ``example_inputs`` default to random tensors of the compiled shapes."""
         return to_torchscript(self, example_inputs)
+
+    def export(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
+        """Write the compiled model to run without fxforge (``fxforge.serialization.deploy``): ``"pt2"`` (``.pt2``,
+        a torch.export program, bit-identical), ``"aoti"`` (``.aoti.pt2``, an AOTInductor package) or ``"onnx"``
+        (``.onnx``); the format comes from ``format`` or else the file name. Options: ``example_inputs``,
+        ``dynamic`` (pt2, aoti); ``opset``, ``dynamic`` (onnx)."""
+        return export(self, path, format, **options)
