@@ -213,6 +213,7 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
             or not all(_is_dq(a) for a in op.args):
         return None
     relu = getattr(module, "activation", "") == "relu" or _relu_only(act)
+    origin = [op] + ([act] if act is not None else [])  # the kernel computes act's value, absorbed or not
     if act is not None and not relu:
         if _saturation_is_the_activation(low, q, act):
             relu, act = True, None
@@ -231,7 +232,6 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
     packed = low.prepack(target, prepack, q, op.args[0], engines=engines)
     with low.gm.graph.inserting_before(q):
         packed = low.pack(packed)
-    origin = [op] + ([act] if act is not None else [])
     inputs = tuple(a.args[0] for a in op.args)  # x (and the residual when add): the int8 tensors dequantized
     if add:
         inputs = (inputs[0], _writable_accumulator(low, op, inputs[1], before=q))
