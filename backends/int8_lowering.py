@@ -18,8 +18,8 @@ on few elements, measured in the tests). The kernels return channels-last; eager
 Preconditions: ``quantized``; conv+add fused only in the x86 pipeline (fbgemm and qnnpack have no such kernel).
 lower-x86 packs each conv/linear for fbgemm or oneDNN, whichever ran faster on the layer's shape
 (``int8_kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does), except depthwise
-convs with 8-bit weights, which fbgemm's kernel may saturate (``_fbgemm_depthwise_saturates``): oneDNN's
-packing on x86, the reference form on fbgemm.
+convs with 8-bit weights, which fbgemm's kernel may saturate (``_fbgemm_depthwise_saturates``): lower-x86 and
+lower-fbgemm pack those for oneDNN (the reference form where torch has no oneDNN engine).
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
     # conv2d_add reads two int8 tensors: not timed, and only oneDNN packs for it
     engines = ("onednn",) if add else None
     if low.engine in ("fbgemm", "x86") and _fbgemm_depthwise_saturates(layer):
-        if low.engine == "fbgemm" or "onednn" not in torch.backends.quantized.supported_engines:
-            return None
+        if "onednn" not in torch.backends.quantized.supported_engines:
+            return None  # the reference form
         engines = ("onednn",)
     packed = low.prepack(target, prepack, q, op.args[0], engines=engines)
     with low.gm.graph.inserting_before(q):

@@ -170,8 +170,8 @@ def test_depthwise_conv_with_8_bit_weights_never_runs_on_fbgemms_saturating_kern
     """Found by comparing mobilenet_v2's lowered graph with its reference layer by layer (x86): fbgemm's
     depthwise conv kernel sums pairs of u8 x s8 products into int16 with saturation even on VNNI CPUs, so with
     8-bit weights a few outputs came back up to 88 int8 steps off, on the layers where lower-x86's autotune
-    picked fbgemm's packing (the lowered model 9 dB from its reference). Fix: lower-x86 packs such layers for
-    oneDNN (int32 accumulation), lower-fbgemm leaves them in their reference form."""
+    picked fbgemm's packing (the lowered model 9 dB from its reference). Fix: lower-x86 and lower-fbgemm pack
+    such layers for oneDNN (int32 accumulation)."""
     monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: True)  # 8-bit weights on any CPU
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32)).eval()
@@ -183,4 +183,4 @@ def test_depthwise_conv_with_8_bit_weights_never_runs_on_fbgemms_saturating_kern
     assert steps <= 1.0, f"{target}: the depthwise conv's output {steps:.0f} int8 steps from its reference"
     depthwise = [m.engine for m in lowered.graph_module.modules()
                  if isinstance(m, PackedWeight) and m.geometry.get("groups", 1) > 1]
-    assert depthwise == (["onednn"] if target == "x86" else [])
+    assert depthwise == ["onednn"]
