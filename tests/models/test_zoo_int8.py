@@ -111,6 +111,7 @@ WORTH_A_KERNEL_DB = 20.0  # an end-to-end floor that would catch a broken kernel
 # a kernel's rounding flips (measured <= 0.22%, qnnpack), and poolings, whose exact ties (a quarter of a 2x2
 # window's means) the fp32 reference breaks either way (measured <= 10%, ~12.5% expected at 2x2)
 DIFFERING_KERNEL, DIFFERING_POOL = 0.01, 0.15
+_KERNELS = ("quantized.", "onednn.")  # how lowered int8 kernel calls print (torch.ops.quantized.*, onednn.*)
 # Models that legitimately differ from the rest (shown with their failures).
 _AMPLIFIED = ("lowered vs reference under 20 dB end to end: the net amplifies kernels' rare one-step rounding "
               "flips (checked layer by layer instead, test_every_lowered_value_rounds_as_its_reference_op)")
@@ -339,12 +340,12 @@ def test_every_lowered_value_rounds_as_its_reference_op(case: Int8Case) -> None:
         local = local_errors(reference, (x,), values, rounded=True)
     steps = _steps_by_value(reference)
     keys = value_keys(lowered)
-    kernels = {keys[n.name] for n in lowered.graph.nodes if str(n.target).startswith("quantized.")}
+    kernels = {keys[n.name] for n in lowered.graph.nodes if str(n.target).startswith(_KERNELS)}
     assert kernels and kernels <= set(local) & set(steps), f"{case.name}: not compared {kernels - set(local)}"
     for key, err in local.items():
         if key not in steps:
             continue
-        kernel = str(nodes[key].target).startswith("quantized.")
+        kernel = str(nodes[key].target).startswith(_KERNELS)
         assert err.max_abs_error <= steps[key] * (1 + 1e-4), \
             f"{case.name}/{case.target}: {key} ({nodes[key].target}) {err.max_abs_error / steps[key]:.0f} steps off"
         assert err.differing <= (DIFFERING_KERNEL if kernel else DIFFERING_POOL), \
