@@ -17,7 +17,9 @@ on few elements, measured in the tests). The kernels return channels-last; eager
 (backends/eager_layout.py) before ``.view``, before reshapes mutated in place, and at the outputs.
 Preconditions: ``quantized``; conv+add fused only in the x86 pipeline (fbgemm and qnnpack have no such kernel).
 lower-x86 packs each conv/linear for fbgemm or oneDNN, whichever ran faster on the layer's shape
-(``int8_kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does).
+(``int8_kernel_choice.py``; ``autotune=false``: the x86 engine's packing, as torch.ao does), except depthwise
+convs with 8-bit weights, which fbgemm's kernel may saturate (``_fbgemm_depthwise_saturates``): lower-x86 and
+lower-fbgemm pack those for oneDNN (the reference form where torch has no oneDNN engine).
 """
 
 from __future__ import annotations
@@ -189,6 +191,20 @@ def _kernel(layer: nn.Module, relu: bool) -> tuple[Callable, Callable[[str], Pac
     return getattr(_q, name + ("_relu" if relu else "")), _packer(layer, name), name
 
 
+def _fbgemm_depthwise_saturates(layer: nn.Module) -> bool:
+    """Whether fbgemm's depthwise kernel may saturate on this layer: it sums pairs of u8 x s8 products into int16
+    with saturation even on VNNI CPUs, so weights beyond 7 bits (|w| > 64: 255 * (|a| + |b|) > 32767) can clip
+    a sum, off by up to ~30 output steps on a few elements (measured: square 3x3 to 7x7 conv2d and 3x3x3 conv3d
+    kernels, depthwise with or without a channel multiplier, dilation 1; other shapes take exact paths).
+    oneDNN's kernel accumulates in int32 and agrees with the reference."""
+    if not isinstance(layer, (nn.Conv2d, nn.Conv3d)) or layer.groups == 1 or layer.groups != layer.in_channels:
+        return False
+    kernel = tuple(layer.kernel_size)
+    if len(set(kernel)) != 1 or kernel[0] == 1 or any(d != 1 for d in layer.dilation):
+        return False
+    return 2 * 255 * int(_quantized_weight(layer).int_repr().abs().max()) > torch.iinfo(torch.int16).max
+
+
 def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None) -> fx.Node | None:
     module = module_of(low.gm, op)
     layer = _inner_layer(module)
@@ -197,6 +213,7 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
             or not all(_is_dq(a) for a in op.args):
         return None
     relu = getattr(module, "activation", "") == "relu" or _relu_only(act)
+    origin = [op] + ([act] if act is not None else [])  # the kernel computes act's value, absorbed or not
     if act is not None and not relu:
         if _saturation_is_the_activation(low, q, act):
             relu, act = True, None
@@ -207,10 +224,14 @@ def _lower_weighted(low: _Lowering, q: fx.Node, op: fx.Node, act: fx.Node | None
         return None
     target, prepack, kind = kernel
     # conv2d_add reads two int8 tensors: not timed, and only oneDNN packs for it
-    packed = low.prepack(target, prepack, q, op.args[0], engines=("onednn",) if add else None)
+    engines = ("onednn",) if add else None
+    if low.engine in ("fbgemm", "x86") and _fbgemm_depthwise_saturates(layer):
+        if "onednn" not in torch.backends.quantized.supported_engines:
+            return None  # the reference form
+        engines = ("onednn",)
+    packed = low.prepack(target, prepack, q, op.args[0], engines=engines)
     with low.gm.graph.inserting_before(q):
         packed = low.pack(packed)
-    origin = [op] + ([act] if act is not None else [])
     inputs = tuple(a.args[0] for a in op.args)  # x (and the residual when add): the int8 tensors dequantized
     if add:
         inputs = (inputs[0], _writable_accumulator(low, op, inputs[1], before=q))

@@ -10,6 +10,8 @@ Two graphs derived from the same trace can then be compared value by value:
 - the *accumulated* error of a value: graph B's value against graph A's, each run on the same inputs;
 - the *local* error: B's value against A's op run on B's own values of its inputs (``local_errors``), i.e.
   what this op adds. A region fused into one node in B is run from A's nodes between matched values.
+  ``rounded=True`` compares each value in its final form instead (A's last node computing it: after its
+  quantize / dequantize), where an int8 kernel must reproduce the reference graph's rounding.
 """
 
 from __future__ import annotations
@@ -100,13 +102,16 @@ class ValueErrors:
     sqnr_db: float
     max_abs_error: float
     max_rel_error: float  # max abs error / max |A's value|
+    differing: float = 0.0  # the fraction of elements that differ at all
 
 
 def errors(reference: torch.Tensor, value: torch.Tensor) -> ValueErrors:
     ref, val = reference.detach().double(), value.detach().double()
     diff = (ref - val).abs().max().item() if ref.numel() else 0.0
     scale = ref.abs().max().item() if ref.numel() else 0.0
-    return ValueErrors(sqnr_db(ref, val), diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+    differing = (ref != val).double().mean().item() if ref.numel() else 0.0
+    return ValueErrors(sqnr_db(ref, val), diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf),
+                       differing)
 
 
 def accumulated_errors(reference: fx.GraphModule, inputs: tuple, values: dict[str, torch.Tensor]
@@ -121,15 +126,20 @@ def accumulated_errors(reference: fx.GraphModule, inputs: tuple, values: dict[st
 
 class _Substitute(fx.Interpreter):
     """Runs graph A; wherever graph B has the same value, records A's op result against B's and continues
-    with B's value (so each op of A sees B's inputs)."""
+    with B's value (so each op of A sees B's inputs). ``rounded``: only at the last node computing each value."""
 
-    def __init__(self, gm: fx.GraphModule, keys: dict[str, str], values: dict[str, torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, keys: dict[str, str], values: dict[str, torch.Tensor],
+                 rounded: bool = False) -> None:
         super().__init__(gm)
         self.keys, self.values, self.local = keys, values, {}
+        last = {keys[n.name]: n for n in gm.graph.nodes if n.name in keys}
+        self.at = set(last.values()) if rounded else None
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         key = self.keys.get(n.name)
+        if self.at is not None and n not in self.at:
+            return out
         other = self.values.get(key) if key is not None else None
         if other is None or not isinstance(out, torch.Tensor) or out.shape != other.shape:
             return out
@@ -140,9 +150,10 @@ class _Substitute(fx.Interpreter):
 
 
 def local_errors(reference: fx.GraphModule, inputs: tuple, values: dict[str, torch.Tensor],
-                 keys: dict[str, str] | None = None) -> dict[str, ValueErrors]:
-    """key -> the error graph B adds at that value (``values`` are B's, from ``capture``)."""
-    interp = _Substitute(reference, value_keys(reference) if keys is None else keys, values)
+                 keys: dict[str, str] | None = None, *, rounded: bool = False) -> dict[str, ValueErrors]:
+    """key -> the error graph B adds at that value (``values`` are B's, from ``capture``); ``rounded``: at
+    the value's final form in ``reference`` (see the module docstring)."""
+    interp = _Substitute(reference, value_keys(reference) if keys is None else keys, values, rounded)
     with torch.no_grad(), observers_paused():
         interp.run(*inputs)
     return interp.local

@@ -8,9 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import compile_calibrated_on
+from quant_helpers import compile_calibrated_on, compile_reference
 from torch import fx, nn
 
+import fxforge
+from fxforge.backends.int8_packed import PackedWeight
+from fxforge.quant import qspec
 from helpers import one_intra_op_thread, randomize_bn
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -159,3 +162,25 @@ def test_qnnpack_sigmoid_with_calibrated_qparams_stays_in_reference_form(cat: bo
         assert db >= SQNR_FLOOR_DB
         on_int8 = any(n.target is torch.ops.quantized.sigmoid for n in compiled.graph_module.graph.nodes)
         assert on_int8 == (target == "x86" or not cat)
+
+
+@pytest.mark.parametrize("target", ["x86", "fbgemm"])
+def test_depthwise_conv_with_8_bit_weights_never_runs_on_fbgemms_saturating_kernel(
+        target: str, monkeypatch: pytest.MonkeyPatch):
+    """Found by comparing mobilenet_v2's lowered graph with its reference layer by layer (x86): fbgemm's
+    depthwise conv kernel sums pairs of u8 x s8 products into int16 with saturation even on VNNI CPUs, so with
+    8-bit weights a few outputs came back up to 88 int8 steps off, on the layers where lower-x86's autotune
+    picked fbgemm's packing (the lowered model 9 dB from its reference). Fix: lower-x86 and lower-fbgemm pack
+    such layers for oneDNN (int32 accumulation)."""
+    monkeypatch.setattr(qspec, "cpu_has_vnni", lambda: True)  # 8-bit weights on any CPU
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    lowered = fxforge.compile(model, target, example_inputs=x, calibration=[x])
+    reference = compile_reference(model, x, target, calibration=[x])
+    with torch.inference_mode():
+        steps = (lowered(x) - reference(x)).abs().max().item() / reference.report.quantization.layers[-1].scale
+    assert steps <= 1.0, f"{target}: the depthwise conv's output {steps:.0f} int8 steps from its reference"
+    depthwise = [m.engine for m in lowered.graph_module.modules()
+                 if isinstance(m, PackedWeight) and m.geometry.get("groups", 1) > 1]
+    assert depthwise == ["onednn"]
