@@ -84,7 +84,8 @@ def min_cosine(reference: Tensor, value: Tensor) -> float:
 
 
 def lstm_peers(model: nn.Module, example: Tensor) -> dict[str, Runner]:
-    plain = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=-1000)
+    plain = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=-1000,
+                         time_rnn_layers=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.LSTM, nn.Linear})
