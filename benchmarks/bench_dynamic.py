@@ -29,6 +29,7 @@ import argparse
 import copy
 import os
 import statistics
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -83,15 +84,61 @@ def min_cosine(reference: Tensor, value: Tensor) -> float:
     return F.cosine_similarity(reference.flatten(1).double(), value.flatten(1).double()).min().item()
 
 
-def lstm_peers(model: nn.Module, example: Tensor) -> dict[str, Runner]:
+def export_onnx(model: nn.Module, example: Tensor, directory: str) -> str:
+    """The fp32 model as ONNX (torch.onnx's dynamo exporter, batch dimension dynamic), folded by onnxruntime's
+    pre-processing so that each LSTM's weights are initializers (what its ``quantize_dynamic`` needs)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # optional: onnxruntime
+
+    raw, path = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.pre.onnx")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), dynamo=True, verbose=False).save(raw)
+    quant_pre_process(raw, path, skip_symbolic_shape=True)  # symbolic shape inference fails on the export
+    return path
+
+
+def ort_runner(path: str, threads: int) -> Runner:
+    import onnxruntime as ort  # optional: onnxruntime
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning would slow the others
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def ort_dynamic(path: str, threads: int, keep_first_lstm: bool = False) -> Runner:
+    """onnxruntime ``quantize_dynamic`` (QInt8 weights) of the exported model; ``keep_first_lstm``: its first
+    LSTM node (the stack's layer 0, the one plain int8 breaks) excluded, as fxforge's per-layer choice does."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional: onnxruntime
+
+    lstms = [n.name for n in onnx.load(path).graph.node if n.op_type == "LSTM"]
+    quantized = path.replace(".onnx", f".int8{'-l0' if keep_first_lstm else ''}.onnx")
+    quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, nodes_to_exclude=lstms[:1] if keep_first_lstm
+                     else [])
+    return ort_runner(quantized, threads)
+
+
+def lstm_peers(model: nn.Module, example: Tensor, onnx_path: str | None, threads: int
+               ) -> dict[str, Callable[[], Runner]]:
     plain = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=-1000,
                          time_rnn_layers=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.LSTM, nn.Linear})
-    return {"eager": model, "ao_dynamic": ao,
-            "fx_plain": fxforge.compile(model, "x86", example_inputs=example, quantization="dynamic", pipeline=plain),
-            "fx_dynamic": fxforge.compile(model, "x86", example_inputs=example, quantization="dynamic")}
+
+    def ao() -> Runner:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.LSTM, nn.Linear})
+
+    def fx(**options: object) -> Callable[[], Runner]:
+        return lambda: fxforge.compile(model, "x86", example_inputs=example, quantization="dynamic", **options)
+
+    peers = {"eager": lambda: model, "ao_dynamic": ao, "fx_plain": fx(pipeline=plain), "fx_dynamic": fx()}
+    if onnx_path is None:  # the export failed: lstm_table says why
+        return peers
+    return {**peers, "ort": lambda: ort_runner(onnx_path, threads),
+            "ort_dynamic": lambda: ort_dynamic(onnx_path, threads),
+            "ort_dynamic_l0_fp32": lambda: ort_dynamic(onnx_path, threads, keep_first_lstm=True)}
 
 
 def torchao_peer(model: nn.Module, bits: int) -> nn.Module:
@@ -135,28 +182,49 @@ def timed(runners: dict[str, Runner], x: Tensor, schedule: Schedule, failures: d
 
 
 def lstm_table(args: argparse.Namespace, schedule: Schedule) -> list[str]:
+    """Each peer built and timed at each thread count (fxforge's timed choices are made at that count, ORT's
+    ``intra_op_num_threads`` is set to it); speed-ups against eager at the same thread count."""
     model, held_out = trained_speech_embedder(0, hidden=args.hidden, steps=args.steps)
     failures: dict[str, str] = {}
-    runners = build({k: (lambda v=v: v) for k, v in lstm_peers(model, held_out[:8]).items()}, failures)
+    onnx_path = None
+    try:
+        onnx_path = export_onnx(model, held_out[:8], tempfile.mkdtemp())
+    except Exception as exc:
+        failures.update(dict.fromkeys(("ort", "ort_dynamic", "ort_dynamic_l0_fp32"), f"failed: {short(exc)}"))
     with torch.inference_mode():
         reference = model(held_out)
-        cosines = {name: min_cosine(reference, run(held_out)) for name, run in runners.items()}
+    cosines: dict[str, float] = {}
+    times: dict[tuple[int, int], dict[str, float]] = {}
+    reports: dict[int, list[str]] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        runners = build(lstm_peers(model, held_out[:8], onnx_path, threads), failures)
+        with torch.inference_mode():
+            cosines.update({name: min_cosine(reference, run(held_out)) for name, run in runners.items()})
+        for bs in (1, 8):
+            times[threads, bs] = timed(runners, held_out[:bs].contiguous(), schedule, failures)
+        compiled = runners.get("fx_dynamic")
+        if isinstance(compiled, fxforge.CompiledModule):
+            reports[threads] = compiled.report.quantization.lines()
+    header = " | ".join(f"{t} thr bs 1 ms | {t} thr bs 8 ms | {t} thr vs eager (bs 1 / 8)" for t in args.threads)
     lines = [f"LSTM: 3 layers, {args.hidden} hidden, 40 bands, {args.steps} frames; min embedding cosine on 32 "
-             "held-out utterances; median ms", "", "| peer | min cosine | bs 1 ms | bs 8 ms | bs 8 vs eager |",
-             "|---|---|---|---|---|"]
-    times = {bs: timed(runners, held_out[:bs].contiguous(), schedule, failures) for bs in (1, 8)}
-    for name in runners:
+             "held-out utterances; median ms at each intra-op thread count", "",
+             f"| peer | min cosine | {header} |", "|---|---|" + "---|---|---|" * len(args.threads)]
+    for name in cosines:
         if name in failures:
-            lines.append(f"| {name} | {failures[name]} | | | |")
+            lines.append(f"| {name} | {failures[name]} |" + " | | |" * len(args.threads))
             continue
-        speed = times[8]["eager"] / times[8][name]
-        lines.append(f"| {name} | {cosines[name]:.4f} | {times[1][name] * 1e3:.2f} | {times[8][name] * 1e3:.2f} "
-                     f"| {speed:.2f}x |")
-    lines += [f"| {name} | {why} | | | |" for name, why in failures.items() if name not in runners]
-    compiled = runners.get("fx_dynamic")
-    if isinstance(compiled, fxforge.CompiledModule):
-        lines += ["", "fx_dynamic per layer (what each layer got and why):", "```",
-                  *compiled.report.quantization.lines(), "```"]
+        cells = []
+        for t in args.threads:
+            ms = {bs: times[t, bs][name] * 1e3 for bs in (1, 8)}
+            speed = {bs: times[t, bs]["eager"] / times[t, bs][name] for bs in (1, 8)}
+            cells.append(f"{ms[1]:.2f} | {ms[8]:.2f} | {speed[1]:.2f}x / {speed[8]:.2f}x")
+        lines.append(f"| {name} | {cosines[name]:.4f} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | {why} |" + " | | |" * len(args.threads) for name, why in failures.items()
+              if name not in cosines]
+    for threads, report in reports.items():
+        lines += ["", f"fx_dynamic per layer at {threads} thread(s) (what each layer got and why):", "```", *report,
+                  "```"]
     return lines
 
 
@@ -196,6 +264,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--seq", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=lambda text: [int(t) for t in text.split(",")], default=[1, 2],
+                        help="intra-op thread counts of the LSTM table, comma-separated")
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds (a dry run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()

@@ -12,6 +12,7 @@ Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
                    ``fxforge.numerics.timing``); a stack whose layers differ runs as consecutive parts (their
                    final states joined). A stack called with an initial state cannot be split: its layers below
                    the floor keep fp16 weights on fp32 activations inside the one dynamic module
+Sibling linears that read one tensor are then merged into one (``share_dynamic_quantize``: one quantize, one GEMM).
 ``dynamic_quantize`` picks a per-tensor scale from each call's own min/max, so no calibration is needed.
 Sensitivity: each candidate is run alone (the rest of the layer or stack unrounded) on the values the example inputs
 produce at that layer, and its output SQNR against fp32 decides; the report gives each layer's choice and dB.
@@ -48,6 +49,7 @@ from fxforge.quant.runtime import runtime_for
 from fxforge.quant.sqnr import capture, outputs_sqnr_db, sqnr_db
 
 from .insert_observers import quant_options
+from .share_dynamic_quantize import share_dynamic_quantize
 from .weight_only import as_linear
 
 log = logging.getLogger(__name__)
@@ -337,6 +339,7 @@ class QuantizeDynamic(Pass):
     min_layer_sqnr_db: float = 25.0
     # RNN layers that hold the floor in int8 are timed against bf16 and fp32 (false: int8 wherever it holds)
     time_rnn_layers: bool = True
+    share_quantize: bool = True  # sibling linears reading one tensor: one quantize, one GEMM (share_dynamic_quantize)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = quant_options(ctx, self.name)
@@ -354,6 +357,10 @@ class QuantizeDynamic(Pass):
                                                layers=_records(gm, before, layers, ctx), skipped=list(opts.skip))
         kept = [name for name, (_, c) in layers.items() if c.higher_precision]
         notes = [f"{len(layers)} layers quantized (dynamic)"]
+        merged = share_dynamic_quantize(gm) if self.share_quantize else 0
+        if merged:  # after the records: the merge computes the same (passes/share_dynamic_quantize.py)
+            ctx.shapes(gm, refresh=True)
+            notes.append(f"{merged} linears merged into siblings that read the same input (one quantize, one GEMM)")
         if kept:
             notes.append(f"int8 measured below {self.min_layer_sqnr_db:.0f} dB, kept in higher precision: "
                          + ", ".join(kept))
