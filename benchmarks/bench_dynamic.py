@@ -1,20 +1,26 @@
-"""Dynamic and weight-only quantization benchmark: a trained speech LSTM and a GPT-2-sized decoder, against peers.
+"""Dynamic and weight-only quantization benchmark: a trained speech LSTM and GPT-2-sized decoders, against peers.
 
 LSTM table: ``fxforge.testing.speech.trained_speech_embedder`` (3 layers, ``--hidden`` units, 40 power-mel bands,
-trained for a few seconds inside the script, seeded), ``--steps`` frames per utterance, batch sizes 1 and 8.
+trained for a few seconds inside the script, seeded), ``--steps`` frames per utterance, batch sizes 1 and 8, each
+peer built and timed at each of ``--threads`` intra-op thread counts (speed-ups against eager at the same count).
 Peers: ``eager`` fp32; ``ao_dynamic`` (``torch.ao.quantization.quantize_dynamic`` on LSTM + Linear: the
 deprecated upstream path, default qconfig); ``fx_plain`` (fxforge dynamic int8 with every layer forced to int8,
-``min_layer_sqnr_db=-1000``: what fxforge did before it measured layers); ``fx_dynamic`` (``fxforge.compile(m,
-"x86", quantization="dynamic")``). Accuracy: the minimum embedding cosine against eager on 32 held-out utterances.
+``min_layer_sqnr_db=-1000, time_rnn_layers=False``: what fxforge did before it measured layers); ``fx_dynamic``
+(``fxforge.compile(m, "x86", quantization="dynamic")``: each LSTM layer int8, bf16 or fp32 by accuracy and time);
+onnxruntime on the model exported by ``torch.onnx.export`` (dynamo): ``ort`` fp32, ``ort_dynamic``
+(``onnxruntime.quantization.quantize_dynamic``, QInt8 weights: its DynamicQuantizeLSTM on every layer) and
+``ort_dynamic_l0_fp32`` (the same with the first LSTM node excluded), ``intra_op_num_threads`` pinned to the same
+count, spinning off. Accuracy: the minimum embedding cosine against eager on 32 held-out utterances.
 
-Decoder table: GPT-2's shape (12 layers, 768 wide, 12 heads, 50257-token LM head, random init, seeded), bs 1,
-seq ``--seq``: memory-bound, where weight-only quantization pays. fxforge's symbolic trace cannot capture
-transformers' GPT2LMHeadModel, so the compiled rows use a torch-native decoder of the same shape
-(``Decoder``: nn.Linear projections, ``F.scaled_dot_product_attention``, tied embedding / LM head weights
-untied as a separate Linear, as GPT-2's LM head is a matmul with the embedding). Peers: ``eager`` fp32;
+Decoder tables: GPT-2's shape (12 layers, 768 wide, 12 heads, 50257-token LM head, random init, seeded), bs 1,
+seq ``--seq``: memory-bound, where weight-only quantization pays. Twice: a torch-native decoder of the same shape
+(``Decoder``: nn.Linear projections, ``F.scaled_dot_product_attention``, LM head a separate Linear), and
+transformers' ``GPT2LMHeadModel`` itself (captured through torch.export; its LM head shares the token embedding's
+weight: fxforge quantizes the head and keeps an fp32 copy for the embedding lookup). Peers: ``eager`` fp32;
 ``fx_int8`` / ``fx_int4`` (``quantization="weight-only"``, ``weight_bits`` 8 / 4, ``group_size`` 128);
 ``torchao_int8`` / ``torchao_int4`` (``torchao.quantization.quantize_`` with ``Int8WeightOnlyConfig`` /
-``Int4WeightOnlyConfig(group_size=128)`` on the same decoder). Accuracy: the cosine of the logits against eager.
+``Int4WeightOnlyConfig(group_size=128)``: nn.Linear only, so on GPT2LMHeadModel only the LM head, its
+projections being transformers' Conv1D). Accuracy: the cosine of the logits against eager.
 
 Timing: ``fxforge.numerics.timing.measure`` (warm-up, interleaved rounds, median). A peer that fails is
 recorded as ``failed: <reason>``. Run:
@@ -33,6 +39,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +156,21 @@ def torchao_peer(model: nn.Module, bits: int) -> nn.Module:
     return peer
 
 
-def decoder_peers(model: nn.Module, example: Tensor) -> dict[str, Callable[[], Runner]]:
-    def fx(bits: int) -> Callable[[], Runner]:
+def decoder_peers(model: nn.Module, example: Tensor | dict[str, Any]) -> dict[str, Callable[[], nn.Module]]:
+    def fx(bits: int) -> Callable[[], nn.Module]:
         return lambda: fxforge.compile(model, "x86", example_inputs=example, quantization="weight-only",
                                        quant_config={"weight_bits": bits, "group_size": 128})
 
     return {"eager": lambda: model, "fx_int8": fx(8), "fx_int4": fx(4),
             "torchao_int8": lambda: torchao_peer(model, 8), "torchao_int4": lambda: torchao_peer(model, 4)}
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a decoder's output: the tensor itself, a transformers output's ``logits``, or its first item."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output[0]
 
 
 def build(builders: dict[str, Callable[[], Runner]], failures: dict[str, str]) -> dict[str, Runner]:
@@ -168,7 +183,7 @@ def build(builders: dict[str, Callable[[], Runner]], failures: dict[str, str]) -
     return built
 
 
-def timed(runners: dict[str, Runner], x: Tensor, schedule: Schedule, failures: dict[str, str]) -> dict[str, float]:
+def timed(runners: dict[str, Runner], x: Any, schedule: Schedule, failures: dict[str, str]) -> dict[str, float]:
     ok = {}
     for name, run in runners.items():
         try:
@@ -232,26 +247,45 @@ def decoder_table(args: argparse.Namespace, schedule: Schedule) -> list[str]:
     torch.manual_seed(0)
     model = Decoder(args.layers, args.width, heads=args.width // 64, vocab=args.vocab).eval()
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    return ["", f"Decoder (GPT-2 shape as a torch-native stand-in): {args.layers} layers, {args.width} wide, "
+            f"vocab {args.vocab}, bs 1, seq {args.seq}; logits cosine (min over positions); median ms", "",
+            *weight_only_rows(model, ids, schedule)]
+
+
+def gpt2_table(args: argparse.Namespace, schedule: Schedule) -> list[str]:
+    """transformers' GPT2LMHeadModel itself (captured through torch.export), random init, seeded."""
+    import transformers  # optional: transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
+                                     vocab_size=args.vocab)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    return ["", f"transformers GPT2LMHeadModel (GPT2Config, random init; tied LM head): {args.layers} layers, "
+            f"{args.width} wide, vocab {args.vocab}, bs 1, seq {args.seq}, use_cache=False; logits cosine (min over "
+            "positions); median ms", "", *weight_only_rows(model, {"input_ids": ids, "use_cache": False}, schedule)]
+
+
+def weight_only_rows(model: nn.Module, example: Tensor | dict[str, Any], schedule: Schedule) -> list[str]:
     failures: dict[str, str] = {}
-    runners = build(decoder_peers(model, ids), failures)
-    times = timed(runners, ids, schedule, failures)
+    modules = build(decoder_peers(model, example), failures)
+    runners = {name: (lambda x, m=m: logits_of(m(**x) if isinstance(x, dict) else m(x))) for name, m in modules.items()}
+    times = timed(runners, example, schedule, failures)
     with torch.inference_mode():
-        reference = model(ids)
-        cosines = {n: min_cosine(reference[0], r(ids)[0]) for n, r in runners.items() if n not in failures}
-    lines = ["", f"Decoder (GPT-2 shape as a torch-native stand-in): {args.layers} layers, {args.width} wide, "
-             f"vocab {args.vocab}, bs 1, seq {args.seq}; logits cosine (min over positions); median ms", "",
-             "| peer | logits cosine | ms | vs eager | weight memory |", "|---|---|---|---|---|"]
-    for name, run in runners.items():
+        reference = runners["eager"](example)
+        cosines = {n: min_cosine(reference[0], r(example)[0]) for n, r in runners.items() if n not in failures}
+    lines = ["| peer | logits cosine | ms | vs eager | weight memory |", "|---|---|---|---|---|"]
+    for name, module in modules.items():
         if name in failures:
             lines.append(f"| {name} | {failures[name]} | | | |")
             continue
         memory = ""
-        if isinstance(run, fxforge.CompiledModule):
-            memory = next((n.split("weight memory ")[1] for p in run.report.passes for n in p.notes
+        if isinstance(module, fxforge.CompiledModule):
+            memory = next((n.split("weight memory ")[1] for p in module.report.passes for n in p.notes
                            if "weight memory" in n), "")
         lines.append(f"| {name} | {cosines[name]:.4f} | {times[name] * 1e3:.2f} | "
                      f"{times['eager'] / times[name]:.2f}x | {memory} |")
-    lines += [f"| {name} | {why} | | | |" for name, why in failures.items() if name not in runners]
+    lines += [f"| {name} | {why} | | | |" for name, why in failures.items() if name not in modules]
     return lines
 
 
@@ -273,7 +307,8 @@ def main() -> None:
         args.hidden, args.steps, args.layers, args.width, args.vocab, args.rounds = 64, 10, 2, 128, 1000, 3
     load = os.getloadavg()[0]
     schedule = Schedule(warmup=3, rounds=args.rounds, statistic=statistics.median)
-    body = "\n".join([*lstm_table(args, schedule), *decoder_table(args, schedule), "", *machine_info(load)])
+    tables = [*lstm_table(args, schedule), *decoder_table(args, schedule), *gpt2_table(args, schedule)]
+    body = "\n".join([*tables, "", *machine_info(load)])
     print(body)
     if not args.quick:
         write_results(args.out, "## Dynamic and weight-only int8/int4 (`benchmarks/bench_dynamic.py`)\n\n" + body,

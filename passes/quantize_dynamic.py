@@ -7,11 +7,12 @@ Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
                    measured below ``min_layer_sqnr_db``; transformers' Conv1D becomes the equivalent Linear
     lstm / gru  -> per layer of the stack: int8 weights with the layer's input sequence quantized once and the
                    hidden state at every step (DynamicQuantLSTM / DynamicQuantGRU: torch's dynamic int8 RNN
-                   kernels), bf16 (oneDNN's bf16 RNN) or fp32, among those that hold the floor the one timed
-                   fastest (the int8 candidate timed as the backend will run it, ``fxforge.quant.runtime``;
-                   ``fxforge.numerics.timing``); a stack whose layers differ runs as consecutive parts (their
-                   final states joined). A stack called with an initial state cannot be split: its layers below
-                   the floor keep fp16 weights on fp32 activations inside the one dynamic module
+                   kernels) where int8 holds the floor, else fp32; either replaced by bf16 (oneDNN's bf16 RNN)
+                   where bf16 holds the floor and is timed faster (int8 timed as the backend will run it,
+                   ``fxforge.quant.runtime``; ``fxforge.numerics.timing``); a stack whose layers differ runs as
+                   consecutive parts (their final states joined). A stack called with an initial state
+                   cannot be split: its layers below the floor keep fp16 weights on fp32 activations inside the
+                   one dynamic module
 Sibling linears that read one tensor are then merged into one (``share_dynamic_quantize``: one quantize, one GEMM).
 ``dynamic_quantize`` picks a per-tensor scale from each call's own min/max, so no calibration is needed.
 Sensitivity: each candidate is run alone (the rest of the layer or stack unrounded) on the values the example inputs
@@ -215,8 +216,8 @@ class _LayerPick:
 
 def _pick_layer(part: nn.RNNBase, x: torch.Tensor, int8_db: float, spec: QSpec, backend: BackendQuant,
                 floor: float, timed: bool) -> _LayerPick:
-    """A one-layer ``part``: int8 (the incumbent, where it holds ``floor``) or, where int8 does not hold or
-    ``timed``, fp32 or bf16 (where bf16 holds ``floor``): the fastest by timing the kernels that will run
+    """A one-layer ``part``: int8 where it holds ``floor`` (the incumbent), else fp32; or, ``timed``, bf16 where
+    bf16 holds ``floor`` and is timed faster than the incumbent, timing the kernels that will run
     (bf16 RNNs are fast only where the CPU has native bf16, int8 ones where torch's dynamic kernels beat
     oneDNN's: the timing decides, not a guess)."""
     candidates: dict[str, nn.Module] = {}
@@ -226,7 +227,8 @@ def _pick_layer(part: nn.RNNBase, x: torch.Tensor, int8_db: float, spec: QSpec, 
         if runtime is None or not timed:  # no backend to time, or nothing else allowed: the floor decides
             return _LayerPick("int8", int8_db)
         candidates["int8"] = runtime
-    candidates["fp32"] = part
+    else:  # fp32 only where int8 does not hold: quantization="dynamic" keeps every layer it can in reduced precision
+        candidates["fp32"] = part
     bf16 = Bf16RNN(part)
     with torch.inference_mode():
         bf16_db = outputs_sqnr_db(part(x), bf16(x))
@@ -337,7 +339,7 @@ class QuantizeDynamic(Pass):
     name = "quantize-dynamic"
     provides = frozenset({"quantized"})
     min_layer_sqnr_db: float = 25.0
-    # RNN layers that hold the floor in int8 are timed against bf16 and fp32 (false: int8 wherever it holds)
+    # RNN layers that hold the floor in bf16 take it where it is timed faster (false: int8 wherever it holds)
     time_rnn_layers: bool = True
     share_quantize: bool = True  # sibling linears reading one tensor: one quantize, one GEMM (share_dynamic_quantize)
 
