@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -21,6 +22,7 @@ from fxforge.testing.speech import trained_speech_embedder
 
 PLAIN_INT8 = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", min_layer_sqnr_db=-1000,
                           time_rnn_layers=False)
+KINDS = pytest.mark.parametrize("kind", [{}, {"rnn": "gru"}, {"bidirectional": True}], ids=["lstm", "gru", "bilstm"])
 
 
 def min_cosine(model: nn.Module, compiled: nn.Module, frames: torch.Tensor) -> float:
@@ -42,7 +44,7 @@ def test_the_trained_stand_in_breaks_under_plain_int8(speech_lstm, caplog):
     assert any("SQNR" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-@pytest.mark.parametrize("kind", [{}, {"rnn": "gru"}, {"bidirectional": True}], ids=["lstm", "gru", "bilstm"])
+@KINDS
 def test_default_dynamic_keeps_the_embedding(kind, speech_lstm, caplog):
     model, frames = speech_lstm if not kind else trained_speech_embedder(0, **kind)
     with caplog.at_level(logging.WARNING, logger="fxforge"):
@@ -55,6 +57,21 @@ def test_default_dynamic_keeps_the_embedding(kind, speech_lstm, caplog):
     (record,) = [r for r in compiled.report.quantization.layers if r.node == "rnn"]
     assert record.layer == "rnn"
     assert all(f"l{i} {scheme} (" in record.weight for i, scheme in enumerate(schemes)), record.weight
+
+
+@KINDS
+def test_each_scheme_alone_holds_the_floor_on_the_stand_ins(kind):
+    model, frames = trained_speech_embedder(0, **kind)
+    bf16 = copy.deepcopy(model)
+    bf16.rnn = Bf16RNN(model.rnn)  # every layer in bf16
+    cosine = min_cosine(model, bf16, frames)
+    assert not (cosine < 0.98), cosine
+    untimed = with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", time_rnn_layers=False)
+    int8 = fxforge.compile(model, "x86", example_inputs=frames[:8], quantization="dynamic", pipeline=untimed)
+    schemes = split_schemes(int8.graph_module.get_submodule("rnn"), type(model.rnn))
+    assert schemes[1:] == ["int8", "int8"]  # int8 wherever it holds (not the layer reading the power frames)
+    cosine = min_cosine(model, int8, frames)
+    assert not (cosine < 0.98), cosine
 
 
 def split_schemes(parts: nn.Module, fp32: type[nn.Module]) -> list[str]:
