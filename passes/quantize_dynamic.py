@@ -206,34 +206,31 @@ class _LayerPick:
     seconds: dict[str, float] | None = None
 
     def describe(self, layer: int) -> str:
-        measured = f"int8 {self.int8_db:.0f} dB" if math.isfinite(self.int8_db) else ""
-        if self.bf16_db is not None:
-            measured += f", bf16 {self.bf16_db:.0f} dB"
-        if self.seconds and len(self.seconds) > 1:
-            measured += "; " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.seconds.items())
-        return f"l{layer} {self.scheme}" + (f" ({measured.lstrip(', ')})" if measured else "")
+        measured = [f"int8 {self.int8_db:.0f} dB"] if math.isfinite(self.int8_db) else []
+        measured += [f"bf16 {self.bf16_db:.0f} dB"] if self.bf16_db is not None else []
+        timed = "; " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.seconds.items()) if self.seconds else ""
+        return f"l{layer} {self.scheme}" + (f" ({', '.join(measured)}{timed})" if measured else "")
 
 
 def _pick_layer(part: nn.RNNBase, x: torch.Tensor, int8_db: float, spec: QSpec, backend: BackendQuant,
                 floor: float, timed: bool) -> _LayerPick:
     """A one-layer ``part``: int8 where it holds ``floor`` (the incumbent), else fp32; or, ``timed``, bf16 where
-    bf16 holds ``floor`` and is timed faster than the incumbent, timing the kernels that will run
-    (bf16 RNNs are fast only where the CPU has native bf16, int8 ones where torch's dynamic kernels beat
-    oneDNN's: the timing decides, not a guess)."""
-    candidates: dict[str, nn.Module] = {}
+    bf16 holds ``floor`` and is timed faster than the incumbent, timing the kernels that will run (bf16 RNNs
+    are fast only where the CPU has native bf16, int8 ones where torch's dynamic kernels beat oneDNN's: the
+    timing decides, not a guess). fp32 is a candidate only where int8 does not hold: quantization="dynamic"
+    keeps every layer it can in reduced precision."""
     int8_holds = int8_db >= floor
-    if int8_holds:
-        runtime = runtime_for(_RNNS[type(part)].from_float(part, spec, backend.reduce_range), backend.name)
-        if runtime is None or not timed:  # no backend to time, or nothing else allowed: the floor decides
-            return _LayerPick("int8", int8_db)
-        candidates["int8"] = runtime
-    else:  # fp32 only where int8 does not hold: quantization="dynamic" keeps every layer it can in reduced precision
-        candidates["fp32"] = part
+    if int8_holds and not timed:
+        return _LayerPick("int8", int8_db)
     bf16 = Bf16RNN(part)
     with torch.inference_mode():
         bf16_db = outputs_sqnr_db(part(x), bf16(x))
-        if bf16_db >= floor:
-            candidates["bf16"] = bf16
+    incumbent = ("int8", runtime_for(_RNNS[type(part)].from_float(part, spec, backend.reduce_range),
+                                     backend.name)) if int8_holds else ("fp32", part)
+    if not (bf16_db >= floor) or incumbent[1] is None:  # nothing to time against (no backend runs int8 here)
+        return _LayerPick(incumbent[0], int8_db, bf16_db)
+    candidates = {incumbent[0]: incumbent[1], "bf16": bf16}
+    with torch.inference_mode():
         chosen, seconds = timing.fastest({k: (lambda m=m: m(x)) for k, m in candidates.items()}, _RNN_SCHEDULE,
                                          margin=0.1)
     return _LayerPick(chosen, int8_db, bf16_db, seconds)
@@ -275,9 +272,10 @@ def _split_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, schemes: tupl
 
 def _rewrite_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, args: tuple | None, spec: QSpec,
                  backend: BackendQuant, floor: float, timed: bool) -> tuple[fx.Node, _Choice]:
-    """An RNN called from zero state, with example inputs: each layer of the stack int8, bf16 or fp32 (those
-    that hold ``floor``, the fastest by timing), the stack split into parts where the picks differ. Otherwise
-    its layers int8 where they hold ``floor`` and fp16 weights (inside the one dynamic module) elsewhere."""
+    """An RNN called from zero state, with example inputs: each layer of the stack int8 where it holds ``floor``,
+    else fp32, either replaced by bf16 where that holds and is timed faster (``_pick_layer``), the stack split
+    into parts where the picks differ. Otherwise its layers int8 where they hold ``floor`` and fp16 weights
+    (inside the one dynamic module) elsewhere."""
     layers = rnn.num_layers
     schemes, measured = _rnn_schemes(rnn, args, spec, backend.reduce_range, floor) if args is not None else \
         (("int8",) * layers, [math.inf] * layers)
