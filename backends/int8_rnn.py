@@ -20,6 +20,7 @@ from fxforge.errors import BackendUnavailableError
 from fxforge.quant.deprecation import quantized_tensors_quietly
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM
+from fxforge.quant.runtime import register_runtime
 
 _q = torch.ops.quantized
 
@@ -111,3 +112,7 @@ class DynamicInt8RNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, engine={self.engine}"
+
+
+for _reference in (DynamicQuantLSTM, DynamicQuantGRU):  # quantize-dynamic times the kernels that will run
+    register_runtime(_reference, DynamicInt8RNN)

@@ -6,7 +6,8 @@ width (768, 12 heads, 3072 FFN), ``--layers`` layers, batch 1, sequence ``--seq`
   (onnxruntime on the dynamo ONNX export; ORT_ENABLE_ALL, ``intra_op_num_threads`` = ``--threads``);
 - int8: ``ao_dynamic`` (torch.ao ``quantize_dynamic`` on ``nn.Linear``: GPT-2's ``Conv1D`` stays fp32);
   ``ort_dynamic`` (onnxruntime ``quantize_dynamic``, QInt8 weights);
-- fxforge: ``fx_cpu``, ``fx_x86_dynamic`` (``quantization="dynamic"``), ``fx_bf16`` (``cpu-bf16``).
+- fxforge: ``fx_cpu``, ``fx_x86_dynamic`` (``quantization="dynamic"``), ``fx_x86_dynamic_apart`` (the same with
+  ``share_quantize=false``: Q, K and V each quantize their common input, one GEMM each), ``fx_bf16`` (``cpu-bf16``).
 Each is timed on the same input under ``torch.inference_mode`` (``fxforge.numerics.timing``: warm-up, then the
 median of ``--repeats`` samples, one peer after another: onnxruntime's spinning threads slow whichever
 peer runs next when interleaved); the table gives ms, the build time, and the cosine of the last hidden state
@@ -34,6 +35,7 @@ from torch import nn
 
 import fxforge
 from fxforge.numerics.timing import Schedule, samples
+from fxforge.pipeline.fragments import with_options
 
 BEGIN, END = "<!-- bench-transformers:begin -->", "<!-- bench-transformers:end -->"
 Runner = Callable[[], torch.Tensor]  # returns the last hidden state
@@ -123,6 +125,8 @@ def peers(threads: int) -> dict[str, Builder]:
     return {"eager": build_eager, "compile": build_compile, "ort": ort_builder(False, threads),
             "ao_dynamic": build_ao_dynamic, "ort_dynamic": ort_builder(True, threads),
             "fx_cpu": fx_builder("cpu"), "fx_x86_dynamic": fx_builder("x86", quantization="dynamic"),
+            "fx_x86_dynamic_apart": fx_builder("x86", quantization="dynamic", pipeline=with_options(
+                fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", share_quantize=False)),
             "fx_bf16": fx_builder("cpu-bf16")}
 
 

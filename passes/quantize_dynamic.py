@@ -5,13 +5,15 @@ Rewrites (reference numerics; lowering maps them to dynamic int8 kernels):
                    where the layer's quant_config says per_channel=False, for every layer kind below);
                    SmoothQuant-equalized (x / s, w * s per input channel) or kept fp32 where plain int8 is
                    measured below ``min_layer_sqnr_db``; transformers' Conv1D becomes the equivalent Linear
-    lstm / gru  -> DynamicQuantLSTM / DynamicQuantGRU: per layer of the stack, int8 weights with the layer's
-                   input sequence quantized once and the hidden state at every step (torch's dynamic int8 RNN
-                   kernels) where that holds the floor; a stack with layers below it runs as consecutive parts
-                   (an nn.LSTM for those layers, in fp32 or, where bf16 holds the floor and is timed faster
-                   (``fxforge.numerics.timing``), in bf16; a dynamic int8 module for the others; their final
-                   states joined), or, when called with an initial state, keeps them at fp16 weights on fp32
-                   activations inside the one dynamic module
+    lstm / gru  -> per layer of the stack: int8 weights with the layer's input sequence quantized once and the
+                   hidden state at every step (DynamicQuantLSTM / DynamicQuantGRU: torch's dynamic int8 RNN
+                   kernels) where int8 holds the floor, else fp32; either replaced by bf16 (oneDNN's bf16 RNN)
+                   where bf16 holds the floor and is timed faster (int8 timed as the backend will run it,
+                   ``fxforge.quant.runtime``; ``fxforge.numerics.timing``); a stack whose layers differ runs as
+                   consecutive parts (their final states joined). A stack called with an initial state
+                   cannot be split: its layers below the floor keep fp16 weights on fp32 activations inside the
+                   one dynamic module
+Sibling linears that read one tensor are then merged into one (``share_dynamic_quantize``: one quantize, one GEMM).
 ``dynamic_quantize`` picks a per-tensor scale from each call's own min/max, so no calibration is needed.
 Sensitivity: each candidate is run alone (the rest of the layer or stack unrounded) on the values the example inputs
 produce at that layer, and its output SQNR against fp32 decides; the report gives each layer's choice and dB.
@@ -44,9 +46,11 @@ from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
 from fxforge.quant.config import QuantOptions, layer_name
 from fxforge.quant.qspec import BackendQuant, QSpec, backend_quant
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM, dynamic_quantize, quantize_weight
+from fxforge.quant.runtime import runtime_for
 from fxforge.quant.sqnr import capture, outputs_sqnr_db, sqnr_db
 
 from .insert_observers import quant_options
+from .share_dynamic_quantize import share_dynamic_quantize
 from .weight_only import as_linear
 
 log = logging.getLogger(__name__)
@@ -192,33 +196,67 @@ class Bf16RNN(nn.Module):
         return out.to(x.dtype), state
 
 
-def _higher_precision_part(part: nn.RNNBase, x: torch.Tensor | None, floor: float) -> nn.Module:
-    """``part`` in fp32, or in bf16 where bf16 holds ``floor`` on its input and is measured clearly faster
-    (bf16 RNNs are fast only where the CPU has native bf16: the timing decides, not a guess)."""
-    if x is None:
-        return part
+@dataclass
+class _LayerPick:
+    """One layer of a stack: its scheme, int8's and bf16's measured SQNR, and each candidate's time."""
+
+    scheme: str
+    int8_db: float
+    bf16_db: float | None = None
+    seconds: dict[str, float] | None = None
+
+    def describe(self, layer: int) -> str:
+        measured = [f"int8 {self.int8_db:.0f} dB"] if math.isfinite(self.int8_db) else []
+        measured += [f"bf16 {self.bf16_db:.0f} dB"] if self.bf16_db is not None else []
+        timed = "; " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.seconds.items()) if self.seconds else ""
+        return f"l{layer} {self.scheme}" + (f" ({', '.join(measured)}{timed})" if measured else "")
+
+
+def _pick_layer(part: nn.RNNBase, x: torch.Tensor, int8_db: float, spec: QSpec, backend: BackendQuant,
+                floor: float, timed: bool) -> _LayerPick:
+    """A one-layer ``part``: int8 where it holds ``floor`` (the incumbent), else fp32; or, ``timed``, bf16 where
+    bf16 holds ``floor`` and is timed faster than the incumbent, timing the kernels that will run (bf16 RNNs
+    are fast only where the CPU has native bf16, int8 ones where torch's dynamic kernels beat oneDNN's: the
+    timing decides, not a guess). fp32 is a candidate only where int8 does not hold: quantization="dynamic"
+    keeps every layer it can in reduced precision."""
+    int8_holds = int8_db >= floor
+    if int8_holds and not timed:
+        return _LayerPick("int8", int8_db)
     bf16 = Bf16RNN(part)
     with torch.inference_mode():
-        if not (outputs_sqnr_db(part(x), bf16(x)) >= floor):
-            return part
-        chosen, _ = timing.fastest({"fp32": lambda: part(x), "bf16": lambda: bf16(x)}, _RNN_SCHEDULE, margin=0.1)
-    return bf16 if chosen == "bf16" else part
+        bf16_db = outputs_sqnr_db(part(x), bf16(x))
+    incumbent = ("int8", runtime_for(_RNNS[type(part)].from_float(part, spec, backend.reduce_range),
+                                     backend.name)) if int8_holds else ("fp32", part)
+    if not (bf16_db >= floor) or incumbent[1] is None:  # nothing to time against (no backend runs int8 here)
+        return _LayerPick(incumbent[0], int8_db, bf16_db)
+    candidates = {incumbent[0]: incumbent[1], "bf16": bf16}
+    with torch.inference_mode():
+        chosen, seconds = timing.fastest({k: (lambda m=m: m(x)) for k, m in candidates.items()}, _RNN_SCHEDULE,
+                                         margin=0.1)
+    return _LayerPick(chosen, int8_db, bf16_db, seconds)
+
+
+def _pick_layers(rnn: nn.RNNBase, x: torch.Tensor, int8_dbs: list[float], spec: QSpec, backend: BackendQuant,
+                 floor: float, timed: bool) -> list[_LayerPick]:
+    """Each layer's pick, timed alone on the values the fp32 layers before it produce from ``x``."""
+    picks = []
+    with torch.inference_mode():
+        for layer, db in enumerate(int8_dbs):
+            part = _sub_rnn(rnn, range(layer, layer + 1))
+            picks.append(_pick_layer(part, x, db, spec, backend, floor, timed))
+            x = part(x)[0]
+    return picks
 
 
 def _split_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, schemes: tuple[str, ...], spec: QSpec,
-               reduce_range: bool, x: torch.Tensor | None, floor: float) -> tuple[fx.Node, list[str]]:
-    """Run the stack as consecutive parts: the layers that cannot take int8 as the RNN they were (fp32, or
-    bf16 where that holds and is faster), the others as one dynamic int8 module per run; returns the node
-    that joins their results and each layer's scheme."""
-    parts, kept = nn.ModuleList(), []
+               reduce_range: bool) -> fx.Node:
+    """Run the stack as consecutive parts, one per run of layers with the same scheme (fp32: the RNN they were;
+    bf16: ``Bf16RNN``; int8: one dynamic int8 module); returns the node that joins their results."""
+    parts = nn.ModuleList()
     for scheme, layers in _segments(schemes):
         part = _sub_rnn(rnn, layers)
-        if scheme == "int8":
-            parts.append(_RNNS[type(rnn)].from_float(part, spec, reduce_range))
-        else:
-            parts.append(_higher_precision_part(part, x, floor))
-        kept += ["bf16" if isinstance(parts[-1], Bf16RNN) else scheme] * len(layers)
-        x = None if x is None else part(x)[0].detach()
+        parts.append(_RNNS[type(rnn)].from_float(part, spec, reduce_range) if scheme == "int8" else
+                     Bf16RNN(part) if scheme == "bf16" else part)
     replace_submodule(gm, str(node.target), parts)
     results, value = [], node.args[0]
     with gm.graph.inserting_before(node):
@@ -229,31 +267,32 @@ def _split_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, schemes: tupl
     record_rewrite(joined, "quantize-dynamic", node)
     node.replace_all_uses_with(joined)
     gm.graph.erase_node(node)
-    return joined, kept
+    return joined
 
 
 def _rewrite_rnn(gm: fx.GraphModule, node: fx.Node, rnn: nn.RNNBase, args: tuple | None, spec: QSpec,
-                 backend: BackendQuant, floor: float) -> tuple[fx.Node, _Choice]:
-    """The RNN's layers int8 where they hold ``floor``; the others fp32 (the stack split into parts) when the
-    RNN starts from zero state, else fp16 weights inside the one dynamic module."""
+                 backend: BackendQuant, floor: float, timed: bool) -> tuple[fx.Node, _Choice]:
+    """An RNN called from zero state, with example inputs: each layer of the stack int8 where it holds ``floor``,
+    else fp32, either replaced by bf16 where that holds and is timed faster (``_pick_layer``), the stack split
+    into parts where the picks differ. Otherwise its layers int8 where they hold ``floor`` and fp16 weights
+    (inside the one dynamic module) elsewhere."""
     layers = rnn.num_layers
     schemes, measured = _rnn_schemes(rnn, args, spec, backend.reduce_range, floor) if args is not None else \
         (("int8",) * layers, [math.inf] * layers)
-    splittable = "fp16" in schemes and len(node.args) == 1 and not node.kwargs
-    if splittable:
-        schemes = tuple("fp32" if s == "fp16" else s for s in schemes)
-        x = args[0] if args is not None and isinstance(args[0], torch.Tensor) else None
-        node, kept = _split_rnn(gm, node, rnn, schemes, spec, backend.reduce_range, x, floor)
-        schemes = tuple(kept)
+    picks = [_LayerPick(s, db) for s, db in zip(schemes, measured, strict=True)]
+    if args is not None and isinstance(args[0], torch.Tensor) and len(node.args) == 1 and not node.kwargs:
+        picks = _pick_layers(rnn, args[0], measured, spec, backend, floor, timed)
+        schemes = tuple(p.scheme for p in picks)
+    if set(schemes) - {"int8", "fp16"}:
+        node = _split_rnn(gm, node, rnn, schemes, spec, backend.reduce_range)
     else:
         replace_submodule(gm, str(node.target), _RNNS[type(rnn)].from_float(rnn, spec, backend.reduce_range,
                                                                             schemes))
     rows = " per gate row" if spec.axis is not None else ""
-    per_layer = ", ".join(f"l{i} {s} ({db:.0f} dB)" if math.isfinite(db) else f"l{i} {s}"
-                          for i, (s, db) in enumerate(zip(schemes, measured, strict=True)))
-    kept = [db for s, db in zip(schemes, measured, strict=True) if s == "int8"]  # the layers the int8 kernels run
+    per_layer = ", ".join(p.describe(i) for i, p in enumerate(picks))
+    kept = [p.int8_db for p in picks if p.scheme == "int8"]  # the layers the int8 kernels run
     return node, _Choice(f"{spec.describe()}{rows}; {per_layer}", min(kept, default=math.inf),
-                         set(schemes) != {"int8"})
+                         any(not (db >= floor) for db in measured))
 
 
 def _call_args(node: fx.Node, values: dict[str, Any]) -> tuple | None:
@@ -298,6 +337,9 @@ class QuantizeDynamic(Pass):
     name = "quantize-dynamic"
     provides = frozenset({"quantized"})
     min_layer_sqnr_db: float = 25.0
+    # RNN layers that hold the floor in bf16 take it where it is timed faster (false: int8 wherever it holds)
+    time_rnn_layers: bool = True
+    share_quantize: bool = True  # sibling linears reading one tensor: one quantize, one GEMM (share_dynamic_quantize)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = quant_options(ctx, self.name)
@@ -315,6 +357,10 @@ class QuantizeDynamic(Pass):
                                                layers=_records(gm, before, layers, ctx), skipped=list(opts.skip))
         kept = [name for name, (_, c) in layers.items() if c.higher_precision]
         notes = [f"{len(layers)} layers quantized (dynamic)"]
+        merged = share_dynamic_quantize(gm) if self.share_quantize else 0
+        if merged:  # after the records: the merge computes the same (passes/share_dynamic_quantize.py)
+            ctx.shapes(gm, refresh=True)
+            notes.append(f"{merged} linears merged into siblings that read the same input (one quantize, one GEMM)")
         if kept:
             notes.append(f"int8 measured below {self.min_layer_sqnr_db:.0f} dB, kept in higher precision: "
                          + ", ".join(kept))
@@ -328,7 +374,7 @@ class QuantizeDynamic(Pass):
         path = str(node.target)
         if type(mod) in _RNNS:
             spec = _weight_spec(opts, backend, path, mod)
-            return _rewrite_rnn(gm, node, mod, args, spec, backend, self.min_layer_sqnr_db)
+            return _rewrite_rnn(gm, node, mod, args, spec, backend, self.min_layer_sqnr_db, self.time_rnn_layers)
         linear = _linear_of(mod)
         assert linear is not None
         if linear is not mod and not isinstance(mod, FusedLinear):  # Conv1D: its Linear twin takes its place

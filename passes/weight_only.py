@@ -125,6 +125,17 @@ def _quantize_embedding(embedding: nn.Embedding) -> str:
     return "int8 per row (fp32 lookup)"
 
 
+def _untie_weight(gm: fx.GraphModule, path: str, linear: nn.Linear) -> None:
+    """Graph reads of the layer's weight outside the layer (a tied weight: GPT-2's token embedding reads its LM
+    head's, as torch.export captures it) get their own fp32 copy, as the layer's weight is about to go."""
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{path}.weight"]
+    if readers:
+        name = f"{path}_weight_untied".replace(".", "_")
+        gm.register_buffer(name, linear.weight.detach().clone())
+        for reader in readers:
+            reader.target = name
+
+
 def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions) -> str | None:
     """Quantize one node's layer; returns what its weight got, or None when it has no weight to quantize."""
     path = str(node.target)
@@ -139,6 +150,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions) -> str | Non
     settings = opts.config.resolve(path, type(mod), type(mod).__name__.lower())
     bits, group, why = _bits_for(settings, linear)
     quantized = WeightOnlyLinear(linear, bits, group, settings.per_channel)
+    _untie_weight(gm, path, linear)
     if isinstance(mod, FusedLinear):
         mod.linear = quantized
     else:

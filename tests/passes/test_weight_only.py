@@ -135,3 +135,23 @@ def test_transformers_conv1d_weights_are_transposed_into_the_kernel():
                                    quant_config={"weight_bits": bits, "group_size": 32})
         assert linears(compiled, kind) == ["0", "2"]
         assert not (sqnr(model, compiled, x) < floor)
+
+
+def test_a_tied_lm_head_is_quantized_and_the_embedding_keeps_its_fp32_copy():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=96, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()  # the LM head shares the token embedding's weight
+    snapshot = state_snapshot(model)
+    inputs = {"input_ids": torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0)),
+              "use_cache": False}
+    compiled = fxforge.compile(model, "x86", example_inputs=inputs, quantization="weight-only")
+    assert isinstance(compiled.graph_module.get_submodule("lm_head"), Int8WeightLinear)
+    untied = [n for n in compiled.graph_module.graph.nodes if n.op == "get_attr" and "lm_head" in str(n.target)]
+    assert untied and all(torch.equal(getattr(compiled.graph_module, str(n.target)), model.lm_head.weight)
+                          for n in untied)
+    with torch.inference_mode():
+        got, want = compiled(**inputs), model(**inputs).logits
+    got = got if isinstance(got, torch.Tensor) else getattr(got, "logits", got[0])
+    assert not (outputs_sqnr_db(want, got) < 30)
+    assert_unchanged(model, snapshot)
