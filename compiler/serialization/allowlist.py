@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-# the types node.meta["type"] records for non-tensor values
-_BUILTIN_TYPES: tuple[type, ...] = (tuple, list, dict, int, float, bool, str, bytes)
+# the types node.meta["type"] records for non-tensor values, and slices (indexing arguments)
+_BUILTIN_TYPES: tuple[type, ...] = (tuple, list, dict, int, float, bool, str, bytes, slice)
 _TORCH_VALUE_TYPES: tuple[type, ...] = (fx.passes.shape_prop.TensorMetadata, fx.immutable_collections.immutable_dict,
                                         fx.immutable_collections.immutable_list, torch.torch_version.TorchVersion)
 

@@ -91,6 +91,14 @@ class FormatRef:
 
 
 @dataclass(frozen=True)
+class EllipsisRef:
+    """``...`` in an indexing argument (``x[:, ..., 0]``): Ellipsis pickles as a global no allowlist can name."""
+
+    def resolve(self) -> Any:
+        return Ellipsis
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     name: str
     op: str
@@ -120,7 +128,10 @@ def _walk(value: Any, leaf: Callable[[Any], Any]) -> Any:
 
 
 def _clean_leaf(value: Any) -> Any:
-    """Classes from outside torch/fxforge become their qualified name (text); memory formats a FormatRef."""
+    """Classes from outside torch/fxforge become their qualified name (text); memory formats a FormatRef,
+    ``...`` an EllipsisRef."""
+    if value is Ellipsis:
+        return EllipsisRef()
     if isinstance(value, type):
         return value if _from_allowed_module(value) else _qualified_name(value)
     return FormatRef(str(value).removeprefix("torch.")) if isinstance(value, torch.memory_format) else value
@@ -190,7 +201,7 @@ def _resolved_attrs(graph: fx.Graph, attrs: dict[str, Any]) -> dict[str, Any]:
 def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if isinstance(value, NodeRef):
         return env[value.name]
-    return value.resolve() if isinstance(value, (OpRef, FnRef, FormatRef)) else value
+    return value.resolve() if isinstance(value, (OpRef, FnRef, FormatRef, EllipsisRef)) else value
 
 
 def rebuild(records: list[NodeRecord], attrs: dict[str, Any], class_name: str = "CompiledGraph") -> fx.GraphModule:

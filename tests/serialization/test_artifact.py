@@ -265,6 +265,22 @@ def test_a_graph_calling_user_code_is_refused_at_save(tmp_path):
     assert not (tmp_path / "m.fxf").exists()
 
 
+class Indexes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)[:, 1:3, ...] * x[..., ::2, :].sum()
+
+
+def test_a_graph_indexing_with_slices_and_ellipsis_round_trips(tmp_path):
+    x = torch.randn(2, 4, 8)
+    compiled = fxforge.compile(Indexes().eval(), "cpu", example_inputs=x)
+    fxforge.save(compiled, tmp_path / "m.fxf")
+    assert torch.equal(fxforge.load(tmp_path / "m.fxf")(x), compiled(x))
+
+
 @pytest.mark.skipif(not INT8, reason="no int8 engine here")
 def test_a_recalibratable_file_can_be_recalibrated_after_loading(tmp_path):
     compiled, x = compiled_case(INT8[0], "static", {"calibration": batches(4, scale=0.2)})
