@@ -65,6 +65,15 @@ class ArtifactError(CompileError):
     version, or a submodule that cannot be stored without its class."""
 
 
+class ExportError(CompileError):
+    """A compiled model cannot be written in an exchange format (ONNX): an op or module the format cannot
+    hold; the message names the node, the op and what to do."""
+
+    def __init__(self, message: str, *, node: str | None = None, op: str | None = None) -> None:
+        super().__init__(message)
+        self.node, self.op = node, op
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
