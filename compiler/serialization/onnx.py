@@ -70,20 +70,26 @@ def _export_graph(compiled: Any) -> fx.GraphModule:
     if opts is None:
         return _fp32_graph(compiled.graph_module)
     if opts.mode != "static":
-        node = _first_dynamic_node(compiled.graph_module)
+        node, op = _first_runtime_module(compiled.graph_module)
         raise ExportError(f"{opts.mode} int8 (target {target!r}) quantizes activations per call, which the ONNX "
-                          f"export does not express{f' (node {node})' if node else ''}: compile with "
+                          f"export does not express{f' (node {node}: {op})' if node else ''}: compile with "
                           "quantization='static' and calibration data, or export the fp32 'cpu' compile and "
-                          "quantize it with onnxruntime.quantization.quantize_dynamic", node=node, op=opts.mode)
+                          "quantize it with onnxruntime.quantization.quantize_dynamic", node=node, op=op or opts.mode)
     return qdq_graph(compiled)
 
 
-def _first_dynamic_node(gm: fx.GraphModule) -> str | None:
-    """The first node running a module or op that is not torch's own (a dynamic int8 kernel), for the error."""
+def _runtime_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(node, class name) of the called modules that are not torch's nor fxforge's graph modules."""
+    out = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and not type(gm.get_submodule(str(node.target))).__module__.startswith("torch"):
-            return f"{node.name} ({type(gm.get_submodule(str(node.target))).__name__})"
-    return None
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if module is not None and not type(module).__module__.startswith(("torch.", "fxforge.graph")):
+            out.append((node.name, type(module).__name__))
+    return out
+
+
+def _first_runtime_module(gm: fx.GraphModule) -> tuple[str | None, str | None]:
+    return next(iter(_runtime_modules(gm)), (None, None))
 
 
 def _dynamic_shapes(compiled: Any, inputs: tuple) -> tuple[dict[int, Any], ...] | None:
@@ -141,9 +147,7 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dy
 
 
 def _export_failure(gm: fx.GraphModule, exc: Exception) -> ExportError:
-    foreign = [(n.name, type(gm.get_submodule(str(n.target))).__name__) for n in gm.graph.nodes
-               if n.op == "call_module"
-               and not type(gm.get_submodule(str(n.target))).__module__.startswith(("torch.", "fxforge.graph"))]
+    foreign = _runtime_modules(gm)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     node, op = foreign[0] if foreign else (None, None)
     where = f"; modules that are not torch's: {', '.join(f'{n} ({t})' for n, t in foreign)}" if foreign else ""
