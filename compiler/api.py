@@ -23,6 +23,7 @@ from .errors import (
     CalibrationError,
     CompileError,
     ConfigError,
+    ExportError,
     InputShapeError,
     NumericMismatchError,
     PassError,
@@ -50,7 +51,8 @@ import fxforge.viz  # noqa: F401  isort: skip
 __all__ = [
     "AccuracyBudget", "AccuracyBudgetError", "ArtifactError", "load", "read_metadata", "save",
     "BackendUnavailableError", "CalibrationError", "CompileError", "CompileReport", "CompiledModule",
-    "ConfigError", "DumpAfterChange", "InputShapeError", "Instrument", "NumericCheck", "NumericMismatchError", "Pass",
+    "ConfigError", "DumpAfterChange", "ExportError", "InputShapeError", "Instrument", "NumericCheck",
+    "NumericMismatchError", "Pass",
     "PassContext", "PassError", "PassManager", "PluginWarning", "PassResult", "PassSpec", "QuantConfig", "Target",
     "TimingInstrument", "TraceError", "UnsupportedOpError", "compile", "format_pipeline", "graph_pass",
     "parse_pipeline", "pipeline_for", "prepare_qat", "recalibrate", "register_pass", "register_target",
