@@ -4,7 +4,7 @@ What graph is written:
 - static int8 targets (x86, fbgemm, qnnpack): the QDQ graph (``onnx_qdq.qdq_graph``): fp32 ops between
   QuantizeLinear / DequantizeLinear with fxforge's activation qparams, int8 weights with per-channel (or
   per-tensor) DequantizeLinear as the compile chose, fp32 islands in fp32. Runtimes fuse ``DQ -> Conv -> Q``
-  into their int8 kernels (ORT: QLinearConv / QLinearMatMul).
+  into their int8 kernels (ORT: QLinearConv, QGemm).
 - fp32 targets: the lowered graph, each runtime module the exporter cannot record (oneDNN prepacked weights)
   swapped for its ONNX twin, an eager module on the same dense weights (backends register twins with
   ``register_onnx_twin``; this module never imports them). The twin computes the same function, so the ONNX
@@ -12,8 +12,9 @@ What graph is written:
 Both go through ``torch.onnx.export(dynamo=True)``. Dimensions the compiled model takes at any size (its
 signature's symbols: batch, sequence) stay dynamic with ``dynamic=True``. Inputs are the graph's flat
 tensors (keyword arguments flattened as the compiled model's signature does); outputs its flat outputs.
-What ONNX cannot hold is an ``ExportError`` naming the node and op: dynamic int8 and weight-only int8
-(activation ranges chosen per call), CUDA targets (CUDA graphs), modules the exporter cannot record.
+What is not exported is an ``ExportError`` naming the node and op: dynamic int8 (activation ranges chosen per
+call) and weight-only int8 (int8/int4 weight kernels on fp32 activations), CUDA targets (CUDA graphs), a
+compile with correct-bias (``onnx_qdq``), modules the exporter cannot record.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from fxforge.errors import ExportError
+from fxforge.graph.meta import fxmeta
 
 from .codec import copy_graph_module, synthetic_inputs
 from .onnx_qdq import DEQUANTIZE, FAKE_QUANTIZE, qdq_graph
@@ -71,8 +73,8 @@ def _export_graph(compiled: Any) -> fx.GraphModule:
         return _fp32_graph(compiled.graph_module)
     if opts.mode != "static":
         node, op = _first_runtime_module(compiled.graph_module)
-        raise ExportError(f"{opts.mode} int8 (target {target!r}) quantizes activations per call, which the ONNX "
-                          f"export does not express{f' (node {node}: {op})' if node else ''}: compile with "
+        raise ExportError(f"quantization={opts.mode!r} (target {target!r}) has no ONNX form here: the export "
+                          f"writes static int8 as QDQ{f' (node {node}: {op})' if node else ''}. Compile with "
                           "quantization='static' and calibration data, or export the fp32 'cpu' compile and "
                           "quantize it with onnxruntime.quantization.quantize_dynamic", node=node, op=op or opts.mode)
     return qdq_graph(compiled)
@@ -120,7 +122,8 @@ def _translations() -> dict[Any, Callable[..., Any]]:
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:
-    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    """The graph's inputs a call gives (arguments the tracer bound to constants are not inputs)."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and not fxmeta(n).get("bound")]
 
 
 def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dynamic: bool = True) -> Path:
@@ -138,7 +141,7 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dy
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
             program = torch.onnx.export(gm, inputs, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                         custom_translation_table=_translations(),
-                                        input_names=_input_names(gm)[:len(inputs)], verbose=False)
+                                        input_names=_input_names(gm), verbose=False)
     except Exception as exc:  # the exporter's own message: name the modules it could not record
         raise _export_failure(gm, exc) from exc
     program.save(str(path))
