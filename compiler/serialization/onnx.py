@@ -111,9 +111,8 @@ def _translations() -> dict[Any, Callable[..., Any]]:
     """fxforge's fake-quantize op as ONNX QuantizeLinear -> DequantizeLinear, its dequantize as DequantizeLinear."""
     from onnxscript import opset18 as op  # optional dependency ([export] extra), needed only to export
 
-    def onnx_fake_quantize(x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
-        q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
-        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+    def onnx_fake_quantize(x: Any, scale: Any, zero_point: Any) -> Any:
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
     def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)

@@ -1,19 +1,21 @@
-"""The QDQ graph of a static int8 model: fp32 ops between fake-quantize nodes, for ONNX export.
+"""The QDQ graph of a static int8 model: fp32 ops between quantize-dequantize pairs, for ONNX export.
 
 Built from the fp32 graph with observers that a static int8 compile keeps (``compiled.observed_graph``), on a
 copy; the compiled model is not changed:
-    observer_k(v)                  -> fake_quantize_per_tensor(v, scale_k, zero_point_k)
-    direct op on an int8 value     -> op, then fake-quantize with its input's qparams (exact: the op keeps them)
-    share op requantized (avgpool) -> op, then fake-quantize with its input's qparams
-    conv / linear of a compute op  -> weight on its int8 grid, read through fake_quantize_per_channel (or
-                                      per tensor), the scheme insert-qdq chose for the layer
-The activation qparams are read from the compiled graph's buffers (those ``fxforge.recalibrate`` refreshes),
-so they are what the compile chose after observer search and the accuracy budget; layers the compile left in
-fp32 have no observer around them and stay fp32. torch.onnx's torchlib writes each fake-quantize as
-QuantizeLinear -> DequantizeLinear.
-Why it equals the compiled model: insert-qdq rewrites the same observed graph into quantize / dequantize nodes
-with these qparams and weights, and fake-quantize is quantize followed by dequantize; the lowered kernels
-reproduce that reference within one int8 step on few elements.
+    observer_k(v)                  -> fake_quantize(v, scale_k, zero_point_k)          (uint8)
+    direct op on an int8 value     -> op, then fake_quantize with its input's qparams (exact: the op keeps them)
+    share op requantized (avgpool) -> op, then fake_quantize with its input's qparams
+    conv / linear of a compute op  -> its weight read as dequantize(int8 values, scales, zero points), per
+                                      channel or per tensor: the scheme insert-qdq chose for the layer
+``fake_quantize`` and ``dequantize`` are ops of this module (``fxforge::``), which ``onnx.py`` writes as
+QuantizeLinear -> DequantizeLinear and as DequantizeLinear of an int8 initializer. The activation qparams are
+read from the compiled graph's buffers (those ``fxforge.recalibrate`` refreshes), so they are what the compile
+chose after observer search and the accuracy budget; layers the compile left in fp32 have no observer around
+them and stay fp32.
+Why it equals the compiled model: insert-qdq rewrote the same observed graph into quantize / dequantize nodes
+with these qparams and the same int8 weights (``quantize_weight``, the same spec), and fake-quantize is a
+quantize followed by a dequantize; the lowered kernels reproduce that reference within one int8 step on few
+elements.
 Preconditions: a static int8 compile (``observed_graph`` kept) without ``correct-bias``, whose corrected
 biases live only in the lowered kernels (``ExportError`` says so).
 """
@@ -21,6 +23,7 @@ biases live only in the lowered kernels (``ExportError`` says so).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -41,20 +44,17 @@ _INT8 = (-128, 127)  # weights are exported as int8: any narrower grid (reduce_r
 __all__ = ["DEQUANTIZE", "FAKE_QUANTIZE", "dequantize", "fake_quantize", "qdq_graph"]
 
 
-
 @torch.library.custom_op("fxforge::fake_quantize", mutates_args=())
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    """Quantize then dequantize ``x``: per tensor (0-d ``scale``) or per channel along ``axis``, onto uint8
-    or int8 by ``zero_point``'s dtype. One op, so that export writes QuantizeLinear -> DequantizeLinear for it
-    (``onnx.py``) rather than torch's decomposition of fake-quantize."""
-    qmin, qmax = (0, 255) if zero_point.dtype == torch.uint8 else (-128, 127)
-    if scale.dim() == 0:
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.int(), qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point.int(), axis, qmin, qmax)
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Quantize then dequantize ``x`` per tensor (0-d ``scale`` and ``zero_point``), onto uint8 or int8 by
+    ``zero_point``'s dtype. One op, so that export writes QuantizeLinear -> DequantizeLinear for it rather than
+    torch's decomposition of fake-quantize."""
+    qmin, qmax = (0, 255) if zero_point.dtype == torch.uint8 else _INT8
+    return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.int(), qmin, qmax)
 
 
 @fake_quantize.register_fake
-def _fake_quantize_meta(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+def _fake_quantize_meta(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -104,7 +104,7 @@ def _fake_quantize(gm: fx.GraphModule, compiled_gm: fx.GraphModule, value: fx.No
         gm.register_buffer(names[1], getattr(compiled_gm, zp_name).detach().to(torch.uint8).reshape(()).clone())
     with gm.graph.inserting_before(before):
         scale, zero_point = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
-        return gm.graph.call_function(FAKE_QUANTIZE, (value, scale, zero_point, 0))
+        return gm.graph.call_function(FAKE_QUANTIZE, (value, scale, zero_point))
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -158,7 +158,7 @@ def _weights(gm: fx.GraphModule, opts: QuantOptions) -> None:
         layer.parametrizations.weight.original = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
-def qdq_graph(compiled: object) -> fx.GraphModule:
+def qdq_graph(compiled: Any) -> fx.GraphModule:
     """The QDQ graph of static int8 ``compiled`` (see the module docstring): a new GraphModule."""
     observed, opts = getattr(compiled, "observed_graph", None), getattr(compiled, "quant_options", None)
     if observed is None or opts is None or opts.mode != "static":
@@ -172,7 +172,7 @@ def qdq_graph(compiled: object) -> fx.GraphModule:
         raise ExportError(f"the QDQ export writes uint8 activations; backend {opts.backend!r} uses another type",
                           op=opts.backend)
     _weights(gm, opts)
-    _activations(gm, compiled.graph_module)  # type: ignore[attr-defined]
+    _activations(gm, compiled.graph_module)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm.eval()
