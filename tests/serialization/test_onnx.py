@@ -235,3 +235,12 @@ def test_dynamic_int8_lstm_is_a_typed_error(tmp_path: Path) -> None:
         export_onnx(compiled, tmp_path / "lstm.onnx")
     assert info.value.node == "lstm" and info.value.op == "DynamicInt8RNN"
     assert not (tmp_path / "lstm.onnx").exists()
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_dynamic_keeps_the_batch_dimension_symbolic(dynamic: bool, tmp_path: Path) -> None:
+    compiled = fxforge.compile(small_net(), "cpu", example_inputs=(rand(4, 3, 16, 16),))
+    model = onnx.load(str(export_onnx(compiled, tmp_path / "small.onnx", dynamic=dynamic)))
+    dims = [(d.dim_param or d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 16, 16]
+    assert isinstance(dims[0], str) if dynamic else dims[0] == 4
