@@ -269,7 +269,9 @@ def make_calibration(batches: int, image_size: int) -> Calibration:
 
 
 def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], calibration: Calibration, warmup: int,
-              repeats: int, bar: tqdm) -> Row:
+              repeats: int, bar: tqdm, builders: dict[str, Builder] | None = None) -> Row:
+    """One (model, batch size) row: each peer built from ``builders`` (default ``PEERS``), checked, timed."""
+    builders = PEERS if builders is None else builders
     size = calibration[0].shape[-1]
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(bs))
     row, runners = Row(name, bs), {}
@@ -278,7 +280,7 @@ def bench_row(base: nn.Module, name: str, bs: int, peers: list[str], calibration
     for peer in peers:
         bar.set_postfix_str(f"{name} bs{bs} build {peer}")
         model = copy.deepcopy(base)  # a fresh copy per peer: some builders convert the model in place
-        run, row.cells[peer] = build_peer(PEERS[peer], model, x, calibration, ref)
+        run, row.cells[peer] = build_peer(builders[peer], model, x, calibration, ref)
         if run is not None:
             runners[peer] = run
         bar.update()
@@ -343,15 +345,20 @@ def render(rows: list[Row], peers: list[str], batch_sizes: list[int], info: list
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argument_parser(PEERS)
-    p.set_defaults(models=DEFAULT_MODELS)  # the int8 table's five models (bench_cpu's default adds vit_b_16)
-    p.description = __doc__.split("\n\n")[0]
+def parse_args(argv: list[str] | None = None, peers: dict[str, Builder] | None = None,
+               description: str | None = None, **defaults: str) -> argparse.Namespace:
+    """The options (bench_cpu's plus calibration and image size) over ``peers`` (default ``PEERS``);
+    ``defaults``: other default values (scripts reusing these peers: their models, batch sizes)."""
+    peers = PEERS if peers is None else peers
+    p = argument_parser(peers)
+    # the int8 table's five models (bench_cpu's default adds vit_b_16)
+    p.set_defaults(**{"models": DEFAULT_MODELS, **defaults})
+    p.description = (description or __doc__).split("\n\n")[0]
     p.add_argument("--calibration-batches", type=int, default=8,
                    help=f"calibration batches of {CALIBRATION_BATCH} random-normal images (fixed seed)")
     p.add_argument("--image-size", type=int, default=224, help="input height and width (smoke runs: 64)")
     args = p.parse_args(argv)
-    check_peers(p, args, PEERS)
+    check_peers(p, args, peers)
     if args.calibration_batches < 1:
         p.error("--calibration-batches must be at least 1")
     return args

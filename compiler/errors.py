@@ -66,9 +66,14 @@ class ArtifactError(CompileError):
 
 
 class ExportError(CompileError):
-    """A compiled model cannot be written in a deploy format (``compiled.export``): a node holds something
-    the format cannot keep (quantized tensors, packed parameters), export failed on an op, the format is
-    not available, or the exported program does not reproduce the compiled model."""
+    """A compiled model cannot be written in a deploy format (``compiled.export``: ``.pt2``, AOTInductor,
+    ONNX): a node holds something the format cannot keep (quantized tensors, packed parameters), export failed
+    on an op, the format is not available, or the exported program does not reproduce the compiled model. The
+    message names the node, the op and what to do; ``node`` / ``op`` carry them when known."""
+
+    def __init__(self, message: str, *, node: str | None = None, op: str | None = None) -> None:
+        super().__init__(message)
+        self.node, self.op = node, op
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

@@ -18,6 +18,7 @@ import torch
 import fxforge
 from fxforge.cli import main
 from fxforge.commands import load_model
+from fxforge.numerics.metrics import max_errors
 from fxforge.pipeline.targets import all_targets
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import one_intra_op_thread
@@ -291,6 +292,21 @@ def test_info_on_a_saved_model_checks_its_members(capsys, model_file, tmp_path):
             dst.writestr(item, data + b"edited" if item.filename == "report.txt" else data)
     info = json.loads(run(capsys, "info", str(damaged), "--json")[1])
     assert info["checksums"].startswith("failed") and "report.txt" in info["checksums"]
+
+
+def test_export_writes_an_onnx_model_that_runs_as_the_compiled_one(capsys, model_file, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    saved, out = tmp_path / "tiny.fxf", tmp_path / "tiny.onnx"
+    assert run(capsys, "compile", f"{model_file}:make", "--save", str(saved))[0] == 0
+    code, _, err = run(capsys, "export", str(saved), str(out))
+    assert code == 0, err
+    info = json.loads(run(capsys, "info", str(out), "--json")[1])
+    assert info["kind"] == "onnx" and info["qdq"] is False
+    x = torch.randn(3, 3, 16, 16)  # another batch size: the batch dimension stays dynamic
+    (got,) = ort.InferenceSession(str(out)).run(None, {info["inputs"][0]["name"]: x.numpy()})
+    with torch.inference_mode():
+        expected = fxforge.load(saved)(x)
+    assert max_errors(expected, torch.from_numpy(got))[1] <= 1e-5
 
 
 def test_info_on_an_onnx_model(capsys, tmp_path):

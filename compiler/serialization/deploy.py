@@ -9,13 +9,13 @@ else from the file name: ``.aoti.pt2`` is an AOTInductor package, any other ``.p
 - ``aoti``: the same program compiled ahead of time by AOTInductor (``torch._inductor.aoti_compile_and_package``)
   into a shared library in a package; runs with ``torch._inductor.aoti_load_package(path)``. Inductor fuses and
   reorders: outputs agree within float rounding, not bit for bit. Same options.
-- ``onnx``: ``fxforge.serialization.onnx.export_onnx`` (QDQ for int8); options ``opset``, ``dynamic``.
+- ``onnx``: ``fxforge.serialization.onnx.export_onnx`` (QDQ for int8); options ``opset``, ``dynamic``,
+  ``example_inputs``.
 Both torch formats record what ``fxforge info`` shows (``fxforge.json``: target, versions, inputs, CPU facts).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -29,6 +29,7 @@ from fxforge.errors import ConfigError, ExportError, suggest
 from fxforge.version import __version__
 
 from .isa import isa_facts
+from .onnx import export_onnx
 from .program import export_program
 
 log = logging.getLogger(__name__)
@@ -79,22 +80,10 @@ def save_aoti(compiled: Any, path: Path, *, example_inputs: Any = None, dynamic:
     return path
 
 
-def save_onnx(compiled: Any, path: Path, **options: Any) -> Path:
-    """The ``onnx`` format, written by ``fxforge.serialization.onnx`` when this build has it."""
-    try:  # imported by name: the ONNX writer is optional (it needs the onnx / onnxscript extras)
-        onnx_module = importlib.import_module(f"{__package__}.onnx")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.onnx":
-            raise ExportError(f"the ONNX format needs {exc.name}: pip install 'fxforge[export]'") from exc
-        raise ExportError("the ONNX format is not available in this fxforge (fxforge.serialization.onnx is "
-                          "missing): write a .pt2 program instead, or use a build that has it") from None
-    return onnx_module.export_onnx(compiled, path, **options)
-
-
 FORMATS: dict[str, DeployFormat] = {f.name: f for f in (
     DeployFormat("pt2", ".pt2", "torch.export program (torch.export.load); bit-identical outputs", save_program),
     DeployFormat("aoti", ".aoti.pt2", "AOTInductor package (torch._inductor.aoti_load_package)", save_aoti),
-    DeployFormat("onnx", ".onnx", "ONNX model (onnxruntime, OpenVINO); int8 as QDQ", save_onnx),
+    DeployFormat("onnx", ".onnx", "ONNX model (onnxruntime, OpenVINO); int8 as QDQ", export_onnx),
 )}
 
 

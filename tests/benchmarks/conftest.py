@@ -28,6 +28,7 @@ def _script(name: str):
 bench_cpu = _script("bench_cpu")
 bench_cuda = _script("bench_cuda")
 bench_int8 = _script("bench_int8")
+bench_onnx_qdq = _script("bench_onnx_qdq")
 breakdown = _script("breakdown")
 int8_profile = _script("int8_profile")
 bench_aoti = _script("bench_aoti")
