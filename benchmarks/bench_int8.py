@@ -10,6 +10,11 @@ Peers (``--peers``, default all):
   QInt8, MinMax calibration; CPUExecutionProvider, ORT_ENABLE_ALL), ``openvino_int8`` (``nncf.quantize``
   with NNCF's defaults on the same calibration images, run by OpenVINO's CPU plugin as bench_cpu's
   ``openvino`` peer: fp32 inference precision for what stays float, torch's thread count);
+- ``pt2e_inductor``: torch's own x86 int8 route as torch documents it: ``torch.export``, torchao's PT2E
+  ``prepare_pt2e`` with ``X86InductorQuantizer`` (its default config: static, per-channel weights), calibrate,
+  ``convert_pt2e``, then ``torch.compile`` with Inductor's ``freezing`` (which lowers the q/dq pattern onto
+  oneDNN's int8 ops and fuses the rest into generated C++), calibrated like onnxruntime's (fixed batch size);
+  its build time includes Inductor's compile;
 - fxforge int8: ``fx_x86``, ``fx_fbgemm``, ``fx_qnnpack`` (``fxforge.compile(model, target, calibration=...)``).
 
 Models are random-init torchvision classifiers with BatchNorm statistics re-estimated on random batches
@@ -209,6 +214,28 @@ def build_openvino_int8(model: nn.Module, x: torch.Tensor, calibration: Calibrat
     return openvino_runner(openvino_compiled(openvino_int8_model(model, x, calibration)))
 
 
+def build_pt2e_inductor(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+    """torch's PT2E x86 int8 flow compiled by Inductor with freezing (see the module docstring)."""
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    for batch in regroup(calibration, x.shape[0]):  # the exported graph has x's (fixed) batch size
+        prepared(batch)
+    converted = move_exported_model_to_eval(convert_pt2e(prepared))
+    inductor_config.freezing = True  # process-wide: only this peer uses Inductor here
+    compiled = torch.compile(converted)
+    with torch.inference_mode():
+        compiled(x)  # Inductor compiles on the first call: part of the build time
+    return compiled
+
+
 def build_fx_cpu(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
     return fxforge.compile(model, "cpu", example_inputs=x)
 
@@ -228,12 +255,14 @@ PEERS: dict[str, Builder] = {
     "ort_int8": build_ort_int8,
     "openvino": build_openvino_fp32,
     "openvino_int8": build_openvino_int8,
+    "pt2e_inductor": build_pt2e_inductor,
     "fx_cpu": build_fx_cpu,
     "fx_x86": fx_builder("x86"),
     "fx_fbgemm": fx_builder("fbgemm"),
     "fx_qnnpack": fx_builder("qnnpack"),
 }
-INT8_PEERS = {"ao_x86", "ao_fbgemm", "ort_int8", "openvino_int8", "fx_x86", "fx_fbgemm", "fx_qnnpack"}
+INT8_PEERS = {"ao_x86", "ao_fbgemm", "ort_int8", "openvino_int8", "pt2e_inductor", "fx_x86", "fx_fbgemm",
+              "fx_qnnpack"}
 FX_INT8_PEERS = ("fx_x86", "fx_fbgemm", "fx_qnnpack")
 
 

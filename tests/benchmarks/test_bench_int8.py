@@ -1,5 +1,5 @@
 """benchmarks/bench_int8.py: the OpenVINO int8 peer quantizes with NNCF on the shared calibration batches, and is
-skipped, not failed, without nncf."""
+skipped, not failed, without nncf; torch's PT2E + Inductor peer builds and computes int8, not a broken model."""
 
 import importlib.util
 
@@ -39,3 +39,15 @@ def test_openvino_int8_peer_is_skipped_without_nncf(bench_int8, monkeypatch):
     run, cell = bench_int8.build_peer(bench_int8.PEERS["openvino_int8"], model, x, calibration, ref)
     assert run is None and cell.skipped == "nncf not installed" and cell.error is None
     assert bench_int8.fmt_cell(cell, lambda c: "timed") == "skipped: nncf not installed"
+
+
+def test_pt2e_inductor_peer_quantizes_on_the_calibration_batches(bench_int8):
+    pytest.importorskip("torchao")
+    model, x = _tiny(), torch.randn(2, 3, 8, 8)
+    calibration = bench_int8.make_calibration(2, 8)
+    with torch.no_grad():
+        ref = model(x)
+    run, cell = bench_int8.build_peer(bench_int8.PEERS["pt2e_inductor"], model, x, calibration, ref)
+    assert run is not None and cell.error is None and cell.skipped is None, cell.error
+    assert cell.sqnr_db > 15  # int8 noise, not a broken model (and fails on NaN)
+    assert "pt2e_inductor" in bench_int8.INT8_PEERS
