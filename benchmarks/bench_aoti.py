@@ -66,7 +66,7 @@ def bench(name: str, x: torch.Tensor, schedule: timing.Schedule, folder: Path) -
 
 
 def render(rows: list[dict[str, object]], info: list[str], batch: int) -> str:
-    lines = [f"### AOTInductor package vs the FX runtime (fp32 `cpu`, batch {batch}, 224x224)", "", *info, "",
+    lines = [f"## AOTInductor package vs the FX runtime (fp32 `cpu`, batch {batch}, 224x224)", "", *info, "",
              "| model | fxforge ms | pt2 ms | aoti ms | aoti speed-up vs fxforge | max rel err fxforge / pt2 / aoti "
              "| compile s | export s | aoti compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
