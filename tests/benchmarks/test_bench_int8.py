@@ -14,17 +14,19 @@ def _tiny():
                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
 
 
-def test_openvino_int8_peer_quantizes_on_the_calibration_batches(bench_int8):
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+@pytest.mark.parametrize(("peer", "needs"), [("openvino_int8", ("openvino", "nncf")), ("pt2e_inductor", ("torchao",))])
+def test_int8_peer_quantizes_on_the_calibration_batches(bench_int8, peer, needs):
+    for package in needs:
+        pytest.importorskip(package)
     model, x = _tiny(), torch.randn(2, 3, 8, 8)
     calibration = bench_int8.make_calibration(2, 8)
     with torch.no_grad():
         ref = model(x)
-    run, cell = bench_int8.build_peer(bench_int8.PEERS["openvino_int8"], model, x, calibration, ref)
-    assert run is not None and cell.error is None and cell.skipped is None
+    run, cell = bench_int8.build_peer(bench_int8.PEERS[peer], model, x, calibration, ref)
+    assert run is not None and cell.error is None and cell.skipped is None, cell.error
     assert cell.sqnr_db > 15  # int8 noise, not a broken model (and fails on NaN)
-    assert "openvino_int8" in bench_int8.INT8_PEERS and "openvino" not in bench_int8.INT8_PEERS
+    assert peer in bench_int8.INT8_PEERS
+    assert "openvino" not in bench_int8.INT8_PEERS
 
 
 def test_openvino_int8_peer_is_skipped_without_nncf(bench_int8, monkeypatch):
@@ -41,13 +43,3 @@ def test_openvino_int8_peer_is_skipped_without_nncf(bench_int8, monkeypatch):
     assert bench_int8.fmt_cell(cell, lambda c: "timed") == "skipped: nncf not installed"
 
 
-def test_pt2e_inductor_peer_quantizes_on_the_calibration_batches(bench_int8):
-    pytest.importorskip("torchao")
-    model, x = _tiny(), torch.randn(2, 3, 8, 8)
-    calibration = bench_int8.make_calibration(2, 8)
-    with torch.no_grad():
-        ref = model(x)
-    run, cell = bench_int8.build_peer(bench_int8.PEERS["pt2e_inductor"], model, x, calibration, ref)
-    assert run is not None and cell.error is None and cell.skipped is None, cell.error
-    assert cell.sqnr_db > 15  # int8 noise, not a broken model (and fails on NaN)
-    assert "pt2e_inductor" in bench_int8.INT8_PEERS
