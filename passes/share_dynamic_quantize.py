@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from fxforge.graph.matching import call_count, module_of
-from fxforge.graph.meta import record_rewrite
+from fxforge.graph.meta import fxmeta, record_rewrite
 from fxforge.quant.reference import dynamic_quantize
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
         merged = gm.graph.call_module(path, (quantize,))
         parts = gm.graph.call_function(torch.split, (merged, [m.out_features for m in linears], -1))
         outputs = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(group))]
-    record_rewrite(merged, "quantize-dynamic", *group)
+    fxmeta(merged)["rewritten_by"] = "quantize-dynamic"  # its value is no one linear's: the parts carry those
     for node, output in zip(group, outputs, strict=True):
+        record_rewrite(output, "quantize-dynamic", node)  # part i is sibling i's output (reports, debug.compare)
         node.replace_all_uses_with(output)
         own_quantize = node.args[0]
         gm.graph.erase_node(node)
