@@ -18,7 +18,7 @@ compiled shapes; at other sizes oneDNN may pick another kernel for the dense wei
 for the example's size (a linear layer at batch 1), which agrees within float rounding.
 Preconditions: the graph holds plain tensors: quantized tensors and packed parameters (the torch.ao int8 kernels
 of the static and dynamic int8 targets) have no export form, and ``ExportError`` names the node (ONNX is the
-int8 deploy format for now).
+static int8 deploy format for now; dynamic int8 has none).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from .codec import synthetic_inputs
 
 log = logging.getLogger(__name__)
 
-INT8_ADVICE = ("Static and dynamic int8 deploy as ONNX for now: compiled.export('model.onnx'); fxforge.save keeps "
-               "every target (with fxforge to load it)")
+INT8_ADVICE = ("Static int8 deploys as ONNX for now: compiled.export('model.onnx'). Dynamic int8 has no deploy "
+               "format yet: export the fp32 'cpu' compile (and quantize it in the serving runtime), or fxforge.save "
+               "it (with fxforge to load it)")
 
 
 def _held_values(module: nn.Module) -> list[Any]:
