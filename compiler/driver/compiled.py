@@ -69,5 +69,5 @@ class CompiledModule(nn.Module):
         """Write the compiled model to run without fxforge (``fxforge.serialization.deploy``): ``"pt2"`` (``.pt2``,
         a torch.export program, bit-identical), ``"aoti"`` (``.aoti.pt2``, an AOTInductor package) or ``"onnx"``
         (``.onnx``); the format comes from ``format`` or else the file name. Options: ``example_inputs``,
-        ``dynamic`` (pt2, aoti); ``opset``, ``dynamic`` (onnx)."""
+        ``dynamic`` (every format); ``opset`` (onnx)."""
         return export(self, path, format, **options)

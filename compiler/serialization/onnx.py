@@ -96,7 +96,10 @@ def _first_runtime_module(gm: fx.GraphModule) -> tuple[str | None, str | None]:
 
 
 def _dynamic_shapes(compiled: Any, inputs: tuple) -> tuple[dict[int, Any], ...] | None:
-    """Per graph input, its dimensions without a fixed size (``Dim.DYNAMIC``: torch.export finds the equal ones)."""
+    """Per graph input, its dimensions without a fixed size (``Dim.DYNAMIC``: torch.export finds the equal ones).
+    Not ``program.dynamic_shapes``: that one fixes dims of size 1 in the example (a ``.pt2`` program specializes
+    them), while the ONNX exporter keeps a ``Dim.DYNAMIC`` batch of 1 symbolic (a batch-1 compile exports a file
+    that runs at any batch, tested in tests/test_cli.py)."""
     signature = compiled.signature
     if signature is None:
         return None
