@@ -13,5 +13,6 @@ from . import (  # noqa: F401
     int8,
     int8_lowering,
     int8_rnn_script,
+    openvino,
     weight_only,
 )

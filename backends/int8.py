@@ -30,8 +30,20 @@ def _fuse(engine: str) -> tuple[PassSpec, PassSpec]:
     return PassSpec("fuse-conv", (("post_ops", conv_post_ops),)), PassSpec("fuse-linear", (("post_ops", "relu"),))
 
 
+def static_recipe(engine: str) -> str:
+    """The static int8 passes of ``engine`` up to its reference int8 graph (its qparam rules come with the target's
+    ``quant_backend``): what its own lowering starts from, and another executor's (openvino-int8)."""
+    return compose("canonicalize", "fold-bn", *_fuse(engine), "static-int8")
+
+
+def runtime_engine(engine: str) -> str | None:
+    """The process-wide quantized engine ``engine``'s target runs its kernels (and its reference graph) under."""
+    # conv2d_add runs only under the onednn engine; the x86 target's other kernels run the same under it
+    return "onednn" if engine == "x86" and _has_engine("onednn") else None
+
+
 def _pipeline(engine: str) -> str:
-    return compose("canonicalize", "fold-bn", *_fuse(engine), "static-int8", f"lower-{engine}")
+    return compose(static_recipe(engine), f"lower-{engine}")
 
 
 def _modes(engine: str) -> dict[str, str]:
@@ -67,7 +79,6 @@ for _name, _description in _DESCRIPTIONS.items():
         pipeline=_pipeline(_name),
         availability=_engine_check(_name),
         quant_backend=_name,
-        # conv2d_add runs only under the onednn engine; the x86 target's other kernels run the same under it
-        quantized_engine="onednn" if _name == "x86" and _has_engine("onednn") else None,
+        quantized_engine=runtime_engine(_name),
         mode_pipelines=_modes(_name),
     ))

@@ -154,7 +154,8 @@ def prepare(model: nn.Module, target: str, *, example_inputs: Any, pipeline: str
                            trace_seconds=time.perf_counter() - start, front_end=captured.front_end,
                            front_end_reason=captured.reason, input_shapes=captured.signature.specialized)
     inputs = captured.inputs
-    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant)
+    ctx = PassContext(inputs, report, target=tgt.name, properties={"eval"}, quant=quant,
+                      signature=captured.signature)
     ctx.reference_outputs = _reference_outputs(ctx, captured.gm)  # the eager reference, and shapes in node.meta
     return Session(tgt, quant, inputs, manager, captured.gm, ctx, report, captured.signature)
 

@@ -9,6 +9,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxforge.capture.signature import CallSignature
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.observers import observers_paused
 
@@ -31,6 +32,7 @@ class PassContext:
     quant: QuantOptions | None = None  # int8 targets: mode, backend, per-layer config, calibration data
     artifacts: dict[str, Any] = field(default_factory=dict)  # what passes hand to the CompiledModule
     current_pass: str = ""  # set by the PassManager: the name rewrites record as their author
+    signature: CallSignature | None = None  # the compiled call's shape contract (which input dims are dynamic)
     _notes: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:

@@ -32,7 +32,9 @@ class Target:
             raise ConfigError(f"target '{self.name}' runs in fp32: quantization={mode!r} needs an int8 target ({int8})")
         if mode not in self.mode_pipelines:
             modes = ", ".join(["static", *self.mode_pipelines])
-            raise ConfigError(f"quantization={mode!r} is not available on target '{self.name}': choose {modes}")
+            having = ", ".join(name for name, t in _TARGETS.items() if mode in t.mode_pipelines) or "none"
+            raise ConfigError(f"quantization={mode!r} is not available on target '{self.name}': choose {modes}, "
+                              f"or a target that has {mode!r} ({having})")
         return self.mode_pipelines[mode]
 
 

@@ -12,6 +12,9 @@ else from the file name: ``.aoti.pt2`` is an AOTInductor package, any other ``.p
 - ``onnx``: ``fxforge.serialization.onnx.export_onnx`` (QDQ for int8); options ``opset``, ``dynamic``,
   ``example_inputs``.
 Both torch formats record what ``fxforge info`` shows (``fxforge.json``: target, versions, inputs, CPU facts).
+A backend whose lowered graph runs in another runtime (OpenVINO) holds the model in that runtime's input format:
+it registers a writer (``register_deploy_writer``) that writes what it holds, or refuses a format with an
+``ExportError``, for the compiled models that are its own; the formats above serve every other model.
 """
 
 from __future__ import annotations
@@ -87,6 +90,18 @@ FORMATS: dict[str, DeployFormat] = {f.name: f for f in (
 )}
 
 
+# (compiled, format name, path, options) -> the written path, or None: not a model of the writer's backend
+DeployWriter = Callable[[Any, str, Path, dict[str, Any]], Path | None]
+_WRITERS: list[DeployWriter] = []  # filled by the backends on import
+
+
+def register_deploy_writer(writer: DeployWriter) -> DeployWriter:
+    """Let ``writer`` write (or refuse) the deploy formats of its backend's compiled models (a decorator)."""
+    if writer not in _WRITERS:
+        _WRITERS.append(writer)
+    return writer
+
+
 def format_for(path: Path, format: str | None) -> DeployFormat:
     """The format named by ``format``, else the one whose suffix ``path`` ends with (the longest match)."""
     if format is not None:
@@ -105,6 +120,7 @@ def format_for(path: Path, format: str | None) -> DeployFormat:
 def export(compiled: Any, path: str | Path, format: str | None = None, **options: Any) -> Path:
     """Write ``compiled`` to ``path`` in a deploy format (module docstring); returns the path."""
     path, chosen = Path(path), format_for(Path(path), format)
-    written = chosen.write(compiled, path, **options)
+    written = next((w for w in (write(compiled, chosen.name, path, options) for write in _WRITERS) if w), None)
+    written = written or chosen.write(compiled, path, **options)
     log.info("exported the %s model to %s (%s)", compiled.target, written, chosen.name)
     return written
