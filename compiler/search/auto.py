@@ -1,8 +1,9 @@
 """``compile(model, "auto", ...)``: the fastest target usable here that keeps the accuracy the user expects.
 
 Candidates are the targets usable on this machine. Without a request for quantization they are the float targets
-(``cpu``, ``cpu-bf16``, ``cuda``, ...); with one (calibration data, ``quantization=``, ``quant_config=``, ``skip=``
-or an accuracy budget) they are the int8 targets, since that is what the user asked for. Each candidate is
+(``cpu``, ``cpu-bf16``, ``cuda``, ``openvino``, ...); with one (calibration data, ``quantization=``, ``quant_config=``,
+``skip=`` or an accuracy budget) they are the int8 targets that have the asked mode, since that is what the user
+asked for. Each candidate is
 compiled and measured on the example inputs:
 - accuracy: the output SQNR against the eager model; a reduced-precision float target (fp16 ``cuda``,
   ``cpu-bf16``) is accepted only when it reaches ``MIN_SQNR_DB``, fp32 targets always are (their build already
@@ -67,9 +68,11 @@ def quantization_asked(options: dict[str, Any], accuracy: Any) -> bool:
     return accuracy is not None or bool(options.get("skip")) or any(options.get(k) is not None for k in QUANT_OPTIONS)
 
 
-def candidates(int8: bool) -> list[Target]:
-    """The usable targets of the asked kind: int8 ones when ``int8``, else the float ones."""
-    return [t for t in all_targets().values() if t.availability() is None and (t.quant_backend is not None) == int8]
+def candidates(int8: bool, mode: str | None = None) -> list[Target]:
+    """The usable targets of the asked kind: int8 ones when ``int8`` (those with quantization ``mode``: static
+    when None), else the float ones."""
+    return [t for t in all_targets().values() if t.availability() is None and (t.quant_backend is not None) == int8
+            and (mode in (None, "static") or mode in t.mode_pipelines)]
 
 
 def _on_device(value: Any, device: str) -> Any:
@@ -153,7 +156,7 @@ def choose(trials: list[Trial]) -> tuple[Trial, AutoChoice]:
 
 def compile_auto(model: nn.Module, options: dict[str, Any], int8: bool) -> tuple[str, CompiledModule]:
     """(target name, compiled model) for ``target="auto"``; ``report.auto`` says why."""
-    targets = candidates(int8)
+    targets = candidates(int8, options.get("quantization"))
     if not targets:
         kind = "int8" if int8 else "float"
         raise BackendUnavailableError(f"target='auto' with{'' if int8 else 'out'} quantization options needs an "

@@ -71,11 +71,18 @@ def test_auto_with_a_gpu_takes_fp16_only_above_the_floor(stubbed_gpu, fp16_sqnr,
     assert {"cuda", "cuda-bf16", "cuda-fp32", "cpu"} <= set(names)
     made_up = {"cpu": (5.0, 150.0, False), "cpu-bf16": (4.0, 30.0, True), "cuda": (1.0, fp16_sqnr, True),
                "cuda-bf16": (1.0, 30.0, True), "cuda-fp32": (2.0, 140.0, False)}
-    trials = [_trial(stubbed_gpu[n], *made_up[n]) for n in names]
+    trials = [_trial(stubbed_gpu[n], *made_up[n]) for n in names if n in made_up]  # others: not measured here
     best, record = auto.choose(trials)
     assert best.target.name == record.chosen == expected
     rejected = {c.target for c in record.candidates if not c.accepted}
     assert {"cpu-bf16", "cuda-bf16"} <= rejected and ("cuda" in rejected) == (fp16_sqnr < auto.MIN_SQNR_DB)
+
+
+def test_int8_candidates_are_the_targets_with_the_asked_mode():
+    static, dynamic = auto.candidates(int8=True), auto.candidates(int8=True, mode="dynamic")
+    assert {t.name for t in dynamic} == {t.name for t in static if "dynamic" in t.mode_pipelines}
+    if "openvino-int8" in fxforge.targets():  # static int8 only
+        assert "openvino-int8" in {t.name for t in static} - {t.name for t in dynamic}
 
 
 def test_auto_keeps_the_first_target_unless_another_is_clearly_faster(stubbed_gpu):
