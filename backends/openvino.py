@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxforge.capture.signature import CallSignature
 from fxforge.driver.health import warn
-from fxforge.errors import BackendUnavailableError, ConfigError, ExportError
+from fxforge.errors import BackendUnavailableError, ConfigError, ExportError, UnsupportedOpError
 from fxforge.graph.matching import module_of
 from fxforge.graph.meta import fxmeta, record_rewrite
 from fxforge.pipeline.context import PassContext
@@ -52,6 +52,7 @@ from fxforge.quant.ops import weighted_layer
 from fxforge.quant.plan import COMPUTE, stored
 from fxforge.serialization.deploy import register_deploy_writer
 from fxforge.serialization.onnx import export_onnx
+from fxforge.serialization.torchscript import register_scripted_twin
 
 from .int8 import runtime_engine, static_recipe
 
@@ -125,6 +126,9 @@ class OpenVinoModule(nn.Module):
         self._compile()
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch.compiler.is_exporting():  # a program cannot call OpenVINO (compiled.export refuses before this)
+            raise ExportError("OpenVINO's compiled model cannot be traced into a torch.export program: export the "
+                              "ONNX model it runs, or compile for 'cpu' / 'x86'", op=MODULE_NAME)
         arrays = [x.detach().contiguous().numpy() for x in inputs]
         with self.lock:
             results = self.request.infer(arrays, share_inputs=True, share_outputs=False)
@@ -269,6 +273,14 @@ def write_held_onnx(compiled: Any, format: str, path: Path, options: dict[str, A
                           f"{fallback!r} and export that")
     path.write_bytes(module.onnx)
     return path
+
+
+@register_scripted_twin
+def no_scripted_twin(module: nn.Module) -> None:
+    """TorchScript cannot call OpenVINO (tracing would record its outputs as constants): refused."""
+    if isinstance(module, OpenVinoModule):
+        raise UnsupportedOpError("a model running in OpenVINO has no TorchScript form: deploy the ONNX model it runs "
+                                 "(compiled.export('model.onnx')), or compile for 'cpu' / 'x86'")
 
 
 register_target(Target(

@@ -161,6 +161,10 @@ def recalibrate(compiled: Any, data: Iterable[Any], batches: int | None = None) 
                                "(quantization='static'); dynamic int8 picks its activation ranges per call. A model "
                                "from fxforge.load keeps its observers only when saved with recalibratable=True")
     modules = {fxmeta(n)[OBSERVER_KEY]: observed.get_submodule(str(n.target)) for n in observer_nodes(observed)}
+    if any(not hasattr(compiled.graph_module, group_buffers(gid)[0]) for gid in modules):
+        raise CalibrationError(f"target {getattr(compiled, 'target', '?')!r} holds its activation qparams inside "
+                               "the runtime it compiled the model for, which takes no new ones: compile again with "
+                               "the new calibration data")
     for module in modules.values():
         (module.observer if isinstance(module, FakeQuantize) else module).reset()
         module.train(isinstance(module, FakeQuantize))  # a trained fake-quant observes only in train mode

@@ -173,3 +173,12 @@ def test_unavailable_without_openvino_says_how_to_install(monkeypatch):
     assert "openvino" not in fxforge.targets() and "openvino-int8" not in fxforge.targets()
     with pytest.raises(BackendUnavailableError, match=r"fxforge\[openvino\]"):
         resolve_target("openvino-int8")
+
+
+@needs_openvino
+def test_torchscript_and_recalibration_are_refused(int8_pair):
+    _, compiled, _ = int8_pair
+    with pytest.raises(fxforge.UnsupportedOpError, match="no TorchScript form"):
+        compiled.to_torchscript()
+    with pytest.raises(fxforge.CalibrationError, match="compile again"):
+        fxforge.recalibrate(compiled, CALIBRATION)
