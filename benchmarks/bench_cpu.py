@@ -8,7 +8,8 @@ as ``skipped: openvino not installed`` without the package, which only the ``ben
 ``pip install -e ".[bench]"``), ``inductor`` (torch.compile with
 ``torch._inductor.config.freezing = True``), ``fxforge`` (``fxforge.compile(model, "cpu", ...)``) and
 ``fxforge_bf16`` (``"cpu-bf16"``: bf16 on oneDNN; only on CPUs with AMX or AVX512-BF16, elsewhere recorded as
-``skipped: no AMX/AVX512-BF16``, never timed emulated). vit_b_16 exercises the attention-to-sdpa rewrite.
+``skipped: no AMX/AVX512-BF16``, never timed emulated), ``fx_openvino`` (``"openvino"``: fxforge's graph passes,
+OpenVINO's CPU runtime; skipped without openvino). vit_b_16 exercises the attention-to-sdpa rewrite.
 
 Models are random-init torchvision classifiers (no weights are downloaded) with BatchNorm statistics
 re-estimated on random batches and random weights in heads torchvision zero-initializes (vit_b_16's), so outputs
@@ -205,6 +206,14 @@ def build_fxforge_bf16(model: nn.Module, x: torch.Tensor) -> Runner:
     return fxforge.compile(model, "cpu-bf16", example_inputs=x)
 
 
+def build_fx_openvino(model: nn.Module, x: torch.Tensor, target: str = "openvino", **options: object) -> Runner:
+    """fxforge's OpenVINO targets ("openvino"; bench_int8: "openvino-int8" with ``calibration=``): fxforge's graph
+    passes (and quantization), OpenVINO's CPU runtime. Raises PeerSkipped when openvino is not installed."""
+    if importlib.util.find_spec("openvino") is None:
+        raise PeerSkipped("openvino not installed")
+    return fxforge.compile(model, target, example_inputs=x, **options)
+
+
 PEERS: dict[str, Builder] = {
     "eager": build_eager,
     "eager_cl": build_eager_cl,
@@ -214,6 +223,7 @@ PEERS: dict[str, Builder] = {
     "inductor": build_inductor,
     "fxforge": build_fxforge,
     "fxforge_bf16": build_fxforge_bf16,
+    "fx_openvino": build_fx_openvino,
 }
 
 

@@ -15,7 +15,9 @@ Peers (``--peers``, default all):
   ``convert_pt2e``, then ``torch.compile`` with Inductor's ``freezing`` (which lowers the q/dq pattern onto
   oneDNN's int8 ops and fuses the rest into generated C++), calibrated like onnxruntime's (fixed batch size);
   its build time includes Inductor's compile;
-- fxforge int8: ``fx_x86``, ``fx_fbgemm``, ``fx_qnnpack`` (``fxforge.compile(model, target, calibration=...)``).
+- fxforge int8: ``fx_x86``, ``fx_fbgemm``, ``fx_qnnpack`` (``fxforge.compile(model, target, calibration=...)``),
+  ``fx_openvino_int8`` (target ``"openvino-int8"``: fxforge's x86 quantization run by OpenVINO; bench_cpu's
+  ``fx_openvino`` builder; skipped without openvino).
 
 Models are random-init torchvision classifiers with BatchNorm statistics re-estimated on random batches
 (``bench_cpu.make_model``). Every int8 peer calibrates on the same ``--calibration-batches`` batches of 8
@@ -65,6 +67,7 @@ from bench_cpu import (
     Runner,
     _export_onnx,
     argument_parser,
+    build_fx_openvino,
     build_openvino,
     build_ort,
     check_peers,
@@ -247,6 +250,10 @@ def fx_builder(target: str) -> Builder:
     return build
 
 
+def build_fx_openvino_int8(model: nn.Module, x: torch.Tensor, calibration: Calibration) -> Runner:
+    return build_fx_openvino(model, x, "openvino-int8", calibration=calibration)
+
+
 PEERS: dict[str, Builder] = {
     "eager": build_eager,
     "ort": build_ort_fp32,
@@ -260,10 +267,11 @@ PEERS: dict[str, Builder] = {
     "fx_x86": fx_builder("x86"),
     "fx_fbgemm": fx_builder("fbgemm"),
     "fx_qnnpack": fx_builder("qnnpack"),
+    "fx_openvino_int8": build_fx_openvino_int8,
 }
 INT8_PEERS = {"ao_x86", "ao_fbgemm", "ort_int8", "openvino_int8", "pt2e_inductor", "fx_x86", "fx_fbgemm",
-              "fx_qnnpack"}
-FX_INT8_PEERS = ("fx_x86", "fx_fbgemm", "fx_qnnpack")
+              "fx_qnnpack", "fx_openvino_int8"}
+FX_INT8_PEERS = ("fx_x86", "fx_fbgemm", "fx_qnnpack", "fx_openvino_int8")
 
 
 # ---------------------------------------------------------------------------------------------- measuring

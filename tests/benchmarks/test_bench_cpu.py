@@ -1,5 +1,5 @@
 """benchmarks/bench_cpu.py: the fxforge_bf16 peer is skipped (not failed, not timed emulated) without bf16 hardware,
-and runs the cpu-bf16 target where the CPU has it."""
+and runs the cpu-bf16 target where the CPU has it; the OpenVINO peers are skipped without openvino."""
 
 
 import pytest
@@ -40,13 +40,21 @@ def test_the_int8_benchmark_keeps_its_own_default_models(bench_cpu, monkeypatch)
     assert bench_int8.parse_args(["--models", "resnet18"]).models == "resnet18"
 
 
-def test_openvino_peer_is_skipped_when_openvino_is_not_installed(bench_cpu, monkeypatch):
+@pytest.mark.parametrize("peer", ["openvino", "fx_openvino"])
+def test_openvino_peers_are_skipped_when_openvino_is_not_installed(bench_cpu, monkeypatch, peer):
     real_find_spec = bench_cpu.importlib.util.find_spec
     monkeypatch.setattr(bench_cpu.importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
     x = torch.randn(1, 3, 8, 8)
-    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["openvino"], _tiny(), x, _tiny()(x))
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS[peer], _tiny(), x, _tiny()(x))
     assert run is None and cell.skipped == "openvino not installed" and cell.error is None
+
+
+def test_fx_openvino_peer_matches_eager(bench_cpu):
+    pytest.importorskip("openvino")
+    model, x = _tiny(), torch.randn(1, 3, 8, 8)
+    run, cell = bench_cpu.build_peer(bench_cpu.PEERS["fx_openvino"], model, x, model(x))
+    assert run is not None and cell.error is None and cell.rel_err < 1e-4
 
 
 def test_openvino_peer_runs_in_fp32_at_torchs_thread_count(bench_cpu):

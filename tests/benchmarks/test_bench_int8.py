@@ -1,5 +1,6 @@
 """benchmarks/bench_int8.py: the OpenVINO int8 peer quantizes with NNCF on the shared calibration batches, and is
-skipped, not failed, without nncf; torch's PT2E + Inductor peer builds and computes int8, not a broken model."""
+skipped, not failed, without nncf; torch's PT2E + Inductor peer and fxforge's openvino-int8 build and compute int8,
+not a broken model."""
 
 import importlib.util
 
@@ -14,7 +15,8 @@ def _tiny():
                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
 
 
-@pytest.mark.parametrize(("peer", "needs"), [("openvino_int8", ("openvino", "nncf")), ("pt2e_inductor", ("torchao",))])
+@pytest.mark.parametrize(("peer", "needs"), [("openvino_int8", ("openvino", "nncf")), ("pt2e_inductor", ("torchao",)),
+                                             ("fx_openvino_int8", ("openvino",))])
 def test_int8_peer_quantizes_on_the_calibration_batches(bench_int8, peer, needs):
     for package in needs:
         pytest.importorskip(package)
