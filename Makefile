@@ -16,7 +16,7 @@ OLDEST_STAMP := $(VENV_OLDEST)/.fxforge-installed
 
 .PHONY: demo test test-oldest-torch lint bench bench-int8 bench-cuda graphviz chromium clean gpu-wheels
 
-# the test extra only (pytest, hypothesis, torchvision, transformers, onnx...): the benchmark peers are not needed
+# the test extra only (pytest, hypothesis, torchvision, transformers, onnx, openvino...): the benchmark peers are not needed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
