@@ -200,3 +200,28 @@ def test_info_describes_an_aoti_package(aoti_package, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "aoti" and info["fxforge"]["target"] == "cpu" and info["libraries"] >= 1
     assert info["cpu_isa"]  # the ISA the package's code was compiled for
+
+
+def test_a_registered_deploy_writer_writes_its_backends_models_only(tmp_path, monkeypatch):
+    """A backend holding its model in another runtime's form writes it itself; other models take the table."""
+    from fxforge.serialization import deploy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    compiled = fxforge.compile(model, "cpu", example_inputs=torch.randn(1, 3, 8, 8))
+    calls = []
+
+    def writer(candidate, format, path, options):
+        calls.append((format, options))
+        if not getattr(candidate, "held", False):
+            return None  # not this backend's model
+        path.write_bytes(b"held")
+        return path
+
+    monkeypatch.setattr(deploy, "_WRITERS", [])
+    deploy.register_deploy_writer(writer)
+    deploy.register_deploy_writer(writer)  # once only
+    written = compiled.export(tmp_path / "plain.pt2")
+    assert torch.export.load(written) is not None and calls == [("pt2", {})]
+    compiled.__dict__["held"] = True
+    assert compiled.export(tmp_path / "held.onnx", opset=18).read_bytes() == b"held"
+    assert calls[-1] == ("onnx", {"opset": 18})
