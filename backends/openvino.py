@@ -181,9 +181,11 @@ def single_call(gm: fx.GraphModule, module: OpenVinoModule, pass_name: str) -> f
     call = graph.call_module(MODULE_NAME, tuple(inputs))
     leaves, spec = tree_flatten(gm.graph.output_node().args[0])
     values = [leaf for leaf in leaves if isinstance(leaf, fx.Node)]
-    if len(values) != len(module.compiled_model.outputs):
-        raise ExportError(f"the ONNX model has {len(module.compiled_model.outputs)} outputs for the graph's "
-                          f"{len(values)}: compile for 'cpu' or 'x86'", op=MODULE_NAME)
+    held = module.compiled_model
+    if (len(held.inputs), len(held.outputs)) != (len(inputs), len(values)):
+        raise ExportError(f"the ONNX model takes {len(held.inputs)} inputs and gives {len(held.outputs)} outputs "
+                          f"for the graph's {len(inputs)} and {len(values)}: compile for 'cpu' or 'x86'",
+                          op=MODULE_NAME)
     outputs = iter(range(len(values)))
     new_leaves = []
     for leaf in leaves:
