@@ -7,10 +7,12 @@ Each is compiled with bench_cpu's settings, and once more with ``PERF_COUNT``. P
 - *timing*: median wall time and process CPU time per call, the engines interleaved in blocks (``--rounds``
   blocks of ``--block`` calls each), plus the exported file as written (``fx_x86 dynamic batch``, its batch
   dimension left dynamic). CPU time is the steadier number on a shared machine;
-- *by kind*: the executed layers per (layer type, kernel), with count and summed median real time per call
-  (``get_profiling_info``): int8 kernels say ``I8`` / ``i8``, float ones ``f32``;
+- *by kind*: the executed layers per (layer type, kernel), with count and summed real time per call
+  (``get_profiling_info``; per layer the fastest of ``--forwards`` calls, which other jobs on the cores
+  inflate least): int8 kernels say ``I8`` / ``i8``, float ones ``f32``;
 - *compute layers*: convolutions and fully connected layers matched in execution order, those whose kernel or
-  output precision differs between the engines, with the ops OpenVINO fused into each;
+  output precision differs between the engines, with the kinds of the ops OpenVINO fused into each (the
+  source model's op types: FakeQuantize for a quantize-dequantize pair, Add, HSwish, ...);
 - *between compute layers*: where the layers that run between two matched compute layers differ (the
   runtime graph, ``compiled.get_runtime_model()``): extra Reorder / FakeQuantize / Convert / Eltwise nodes,
   fp32 islands around squeeze-excitation blocks, hardswish or the classifier.
@@ -53,8 +55,8 @@ class Layer:
     kernel: str  # its exec type: jit_avx512_I8, brgconv_avx512_1x1_I8, ref_any_f32, ...
     out: str  # output precision
     shape: str
-    fused: tuple[str, ...]  # the original ops OpenVINO merged into it
-    us: float  # median real time per call
+    fused: tuple[str, ...]  # the source model's op types OpenVINO merged into it (those it names)
+    us: float  # fastest real time of the profiled calls
 
     @property
     def compute(self) -> bool:
@@ -62,7 +64,9 @@ class Layer:
 
     @property
     def label(self) -> str:
-        return f"{self.type}[{self.kernel}]->{self.out}"
+        """Type, kernel, output precision and the fused op kinds (repeats collapsed)."""
+        kinds = [k for i, k in enumerate(self.fused) if i == 0 or k != self.fused[i - 1]]
+        return f"{self.type}[{self.kernel}]->{self.out}" + (f" ({'+'.join(kinds)})" if kinds else "")
 
 
 @dataclass
@@ -80,7 +84,8 @@ def _rt(op: object, key: str) -> str:
 
 
 def layers(ov_model: object, x: torch.Tensor, forwards: int) -> list[Layer]:
-    """The executed layers of ``ov_model`` compiled with PERF_COUNT, in execution order, median times."""
+    """The executed layers of ``ov_model`` compiled with PERF_COUNT, in execution order, fastest times."""
+    kinds_of = {op.get_friendly_name(): op.get_type_name() for op in ov_model.get_ordered_ops()}
     compiled = openvino_compiled(ov_model, perf_counters=True)
     request = compiled.create_infer_request()
     times: dict[str, list[float]] = defaultdict(list)
@@ -96,9 +101,9 @@ def layers(ov_model: object, x: torch.Tensor, forwards: int) -> list[Layer]:
     for name, op in ops.items():
         if name not in times:
             continue
-        fused = tuple(n for n in _rt(op, "originalLayersNames").split(",") if n and n != name)
+        fused = tuple(kinds_of[n] for n in _rt(op, "originalLayersNames").split(",") if n in kinds_of)
         out.append(Layer(name, *kinds[name], _rt(op, "outputPrecisions"), str(op.get_output_partial_shape(0)),
-                         fused, statistics.median(times[name])))
+                         fused, min(times[name])))
     return out
 
 
@@ -189,7 +194,7 @@ def _segments(p: Profile) -> tuple[list[Layer], list[list[Layer]]]:
 
 
 def _ops(layers_: list[Layer]) -> str:
-    return ", ".join(f"{x.type}[{x.kernel}]" for x in layers_) or "-"
+    return ", ".join(x.label for x in layers_) or "-"
 
 
 def diff_tables(a: Profile, b: Profile) -> list[str]:
@@ -197,9 +202,9 @@ def diff_tables(a: Profile, b: Profile) -> list[str]:
     (ca, ba), (cb, bb) = _segments(a), _segments(b)
     if [x.shape for x in ca] != [x.shape for x in cb]:
         return [f"compute layers do not match in order ({len(ca)} against {len(cb)}): see the kind table"]
-    rows = [[str(i), x.shape, f"{x.label} ({len(x.fused)} fused)", f"{y.label} ({len(y.fused)} fused)",
-             f"{x.us:.0f} / {y.us:.0f}"]
-            for i, (x, y) in enumerate(zip(ca, cb, strict=True)) if x.label != y.label]
+    rows = [[str(i), x.shape, x.label, y.label, f"{x.us:.0f} / {y.us:.0f}"]
+            for i, (x, y) in enumerate(zip(ca, cb, strict=True))
+            if (x.type, x.kernel, x.out) != (y.type, y.kernel, y.out)]
     out = [f"Compute layers that differ ({len(rows)} of {len(ca)}):", ""]
     out += _table(["#", "output", a.engine, b.engine, "us"], rows) if rows else ["(none)"]
     gaps = [[f"before #{i}" if i < len(ca) else "after the last", _ops(x), _ops(y),
@@ -213,8 +218,8 @@ def diff_tables(a: Profile, b: Profile) -> list[str]:
 
 def render(model: str, results: dict[str, Profile]) -> str:
     a, b = (results[e] for e in ENGINES)
-    parts = [f"## {model}", "", *timing_table(results), "", "Executed layers by kind (count / summed median us per "
-             "call, PERF_COUNT):", "", *kind_table(a, b), "", *diff_tables(a, b), ""]
+    parts = [f"## {model}", "", *timing_table(results), "", "Executed layers by kind (count / summed us per call, "
+             "PERF_COUNT, each layer's fastest call):", "", *kind_table(a, b), "", *diff_tables(a, b), ""]
     return "\n".join(parts)
 
 
