@@ -11,8 +11,10 @@ Each is compiled with bench_cpu's settings, and once more with ``PERF_COUNT``. P
   (``get_profiling_info``; per layer the fastest of ``--forwards`` calls, which other jobs on the cores
   inflate least): int8 kernels say ``I8`` / ``i8``, float ones ``f32``;
 - *compute layers*: convolutions and fully connected layers matched in execution order, those whose kernel or
-  output precision differs between the engines, with the kinds of the ops OpenVINO fused into each (the
-  source model's op types: FakeQuantize for a quantize-dequantize pair, Add, HSwish, ...);
+  output precision differs between the engines, with the ops OpenVINO fused into each, by the names they have
+  in the source model less path and numbering (the ONNX file's: QuantizeLinear, fake_quantize for fxforge's
+  dequantize, add, silu; NNCF's: fq_output for a FakeQuantize, Swish, Add; Multiply / Subtract for the
+  dequantization OpenVINO's low-precision passes move around);
 - *between compute layers*: where the layers that run between two matched compute layers differ (the
   runtime graph, ``compiled.get_runtime_model()``): extra Reorder / FakeQuantize / Convert / Eltwise nodes,
   fp32 islands around squeeze-excitation blocks, hardswish or the classifier.
@@ -28,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from bench_cpu import make_model, openvino_compiled
@@ -55,7 +58,7 @@ class Layer:
     kernel: str  # its exec type: jit_avx512_I8, brgconv_avx512_1x1_I8, ref_any_f32, ...
     out: str  # output precision
     shape: str
-    fused: tuple[str, ...]  # the source model's op types OpenVINO merged into it (those it names)
+    fused: tuple[str, ...]  # the source model's ops OpenVINO merged into it (``op_name``)
     us: float  # fastest real time of the profiled calls
 
     @property
@@ -71,11 +74,12 @@ class Layer:
 
 @dataclass
 class Profile:
+    """One engine: its executed layers (none for a timing-only engine) and its interleaved timings."""
+
     engine: str
     layers: list[Layer]
     wall_ms: float = float("nan")
     cpu_ms: float = float("nan")
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _rt(op: object, key: str) -> str:
@@ -83,9 +87,14 @@ def _rt(op: object, key: str) -> str:
     return info[key].astype(str) if key in info else ""
 
 
+def op_name(layer: str) -> str:
+    """A source layer's name without its path, exporter prefix and numbering: ``node_silu_3`` -> ``silu``,
+    ``__module.features.0.2/aten::silu_/Swish`` -> ``Swish``, ``x/fq_output_0`` -> ``fq_output``."""
+    return re.sub(r"(_\d+)+$", "", layer.rsplit("/", 1)[-1].removeprefix("node_"))
+
+
 def layers(ov_model: object, x: torch.Tensor, forwards: int) -> list[Layer]:
     """The executed layers of ``ov_model`` compiled with PERF_COUNT, in execution order, fastest times."""
-    kinds_of = {op.get_friendly_name(): op.get_type_name() for op in ov_model.get_ordered_ops()}
     compiled = openvino_compiled(ov_model, perf_counters=True)
     request = compiled.create_infer_request()
     times: dict[str, list[float]] = defaultdict(list)
@@ -101,7 +110,7 @@ def layers(ov_model: object, x: torch.Tensor, forwards: int) -> list[Layer]:
     for name, op in ops.items():
         if name not in times:
             continue
-        fused = tuple(kinds_of[n] for n in _rt(op, "originalLayersNames").split(",") if n in kinds_of)
+        fused = tuple(op_name(n) for n in _rt(op, "originalLayersNames").split(",") if n)
         out.append(Layer(name, *kinds[name], _rt(op, "outputPrecisions"), str(op.get_output_partial_shape(0)),
                          fused, min(times[name])))
     return out
@@ -140,8 +149,7 @@ def profiles(models: dict[str, object], x: torch.Tensor, forwards: int, rounds: 
     requests = {name: openvino_compiled(m).create_infer_request() for name, m in models.items()}
     inp = {0: x.numpy()}
     timing = interleaved({n: (lambda r=r: r.infer(inp)) for n, r in requests.items()}, rounds, block)
-    out = {n: Profile(n, layers(models[n], x, forwards) if n in ENGINES else [], *timing[n]) for n in models}
-    return out
+    return {n: Profile(n, layers(models[n], x, forwards) if n in ENGINES else [], *timing[n]) for n in models}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
