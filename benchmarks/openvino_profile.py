@@ -162,13 +162,14 @@ def timing_table(results: dict[str, Profile]) -> list[str]:
     for p in results.values():
         computes = [layer for layer in p.layers if layer.compute]
         fp32 = sum("f32" in layer.kernel.lower() for layer in computes)
-        counts = f"{len(p.layers)} | {len(computes) - fp32} / {fp32}" if p.layers else "- | -"
-        rows.append([p.engine, f"{p.wall_ms:.3f}", f"{p.cpu_ms:.3f}", *counts.split(" | ")])
+        counts = [str(len(p.layers)), f"{len(computes) - fp32} / {fp32}"] if p.layers else ["-", "-"]
+        rows.append([p.engine, f"{p.wall_ms:.3f}", f"{p.cpu_ms:.3f}", *counts])
     return _table(["engine", "wall ms", "CPU ms", "executed layers", "compute layers int8 / fp32"], rows)
 
 
 def kind_table(a: Profile, b: Profile) -> list[str]:
-    """Per (type, kernel): count and summed median us per call in each engine, largest difference first."""
+    """Per (type, kernel): count and summed us per call (each layer's fastest) in each engine, largest
+    difference first."""
     sums = {p.engine: defaultdict(lambda: [0, 0.0]) for p in (a, b)}
     for p in (a, b):
         for layer in p.layers:
