@@ -4,12 +4,15 @@ Peers (``--peers``, default all), built per model from a fresh deep copy, on the
 - ``eager``: the fp32 model (the reference for SQNR);
 - ``fx_x86``: ``fxforge.compile(model, "x86", calibration=...)`` run by fxforge;
 - ``fx_x86_ort`` / ``fx_x86_openvino``: that compiled model written by ``fxforge.serialization.onnx.export_onnx``
-  and run by onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL) / OpenVINO's CPU plugin (bench_cpu's settings);
+  and run by onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL) / OpenVINO's CPU plugin (bench_cpu's settings,
+  the file's batch dimension fixed to the input's: NNCF's model and bench_cpu's OpenVINO peer have static
+  shapes, and OpenVINO runs a dynamic batch with shape inference and allocation on every call:
+  ``benchmarks/openvino_profile.py`` times both);
 - ``fx_fbgemm_ort``: the fbgemm target exported the same way (its residual adds are int8 ops of their own, so ORT
   runs every conv as QLinearConv; x86 fuses conv + add into one int8 kernel, which ORT runs in fp32);
 - ``ort_int8`` / ``openvino_int8``: onnxruntime's ``quantize_static`` (QDQ) and NNCF, as in bench_int8.py.
 Timing, SQNR (against eager fp32, on the timed input) and the machine lines are bench_int8's and bench_cpu's.
-The ONNX peers run the exported file with a batch dimension left dynamic.
+ONNX Runtime runs the exported file with its batch dimension left dynamic.
 
 Run it:
     .venv/bin/python benchmarks/bench_onnx_qdq.py
@@ -85,8 +88,9 @@ def build_openvino_export(model: nn.Module, x: torch.Tensor, calibration: Calibr
         import openvino as ov
     except ImportError:
         raise PeerSkipped("openvino not installed") from None
-    onnx_bytes = exported("x86", model, x, calibration)
-    return openvino_runner(openvino_compiled(ov.Core().read_model(onnx_bytes, b"")))
+    ov_model = ov.Core().read_model(exported("x86", model, x, calibration), b"")
+    ov_model.reshape(list(x.shape))  # the batch fixed, as the NNCF peer's (see the module docstring)
+    return openvino_runner(openvino_compiled(ov_model))
 
 
 BUILDERS: dict[str, Builder] = {

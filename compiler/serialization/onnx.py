@@ -111,8 +111,11 @@ def _dynamic_shapes(compiled: Any, inputs: tuple) -> tuple[dict[int, Any], ...] 
     return tuple(shapes)
 
 
-def _translations() -> dict[Any, Callable[..., Any]]:
-    """fxforge's fake-quantize op as ONNX QuantizeLinear -> DequantizeLinear, its dequantize as DequantizeLinear."""
+def _translations(qdq: bool) -> dict[Any, Callable[..., Any]]:
+    """fxforge's fake-quantize op as ONNX QuantizeLinear -> DequantizeLinear, its dequantize as DequantizeLinear;
+    in a QDQ graph (``qdq``) hardsigmoid as Add -> Clip -> Div rather than HardSigmoid: OpenVINO reads that
+    pattern as its HSigmoid and fuses it with the quantize-dequantize pairs around it into one int8 node (its
+    ONNX HardSigmoid is a float reference kernel between them)."""
     try:  # optional dependencies ([export] extra), needed only to export
         import onnx  # noqa: F401  (torch.onnx writes the file with it)
         from onnxscript import opset18 as op
@@ -125,7 +128,14 @@ def _translations() -> dict[Any, Callable[..., Any]]:
     def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
-    return {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize}
+    def onnx_hardsigmoid(x: Any) -> Any:  # torch's formula, min(max(x + 3, 0), 6) / 6
+        three, six = op.CastLike(3.0, x), op.CastLike(6.0, x)
+        return op.Div(op.Clip(op.Add(x, three), op.CastLike(0.0, x), six), six)
+
+    table: dict[Any, Callable[..., Any]] = {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize}
+    if qdq:
+        table[torch.ops.aten.hardsigmoid.default] = onnx_hardsigmoid
+    return table
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:
@@ -146,7 +156,7 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dy
         graph_inputs(compiled.signature, example_inputs)
     shapes = _dynamic_shapes(compiled, inputs) if dynamic else None
     path = Path(path)
-    translations = _translations()  # a missing exporter package is said before anything is traced
+    translations = _translations(compiled.quant_options is not None)  # a missing package is said before tracing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))

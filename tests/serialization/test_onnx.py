@@ -244,3 +244,56 @@ def test_dynamic_keeps_the_batch_dimension_symbolic(dynamic: bool, tmp_path: Pat
     dims = [(d.dim_param or d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1:] == [3, 16, 16]
     assert isinstance(dims[0], str) if dynamic else dims[0] == 4
+
+
+class SqueezeExcite(nn.Module):
+    """conv-hardswish, then mobilenet_v3's squeeze-excitation gate: mean, conv-relu, conv-hardsigmoid, mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.hardswish(self.conv(x))
+        gate = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head(y * gate)
+
+
+@pytest.fixture(scope="module")
+def squeeze_excite_x86() -> tuple[nn.Module, fxforge.CompiledModule]:
+    torch.manual_seed(0)
+    model, data = SqueezeExcite().eval(), batches(4, (4, 3, 16, 16))
+    return model, fxforge.compile(model, "x86", example_inputs=(data[0],), calibration=data)
+
+
+def test_int8_hardsigmoid_is_written_as_add_clip_div(squeeze_excite_x86, tmp_path: Path) -> None:
+    model, compiled = squeeze_excite_x86
+    int8 = op_counts(export_onnx(compiled, tmp_path / "se_int8.onnx"))
+    assert int8["HardSigmoid"] == 0 and int8["Clip"] == int8["Div"] == 1, int8
+    fp32 = op_counts(export_onnx(fxforge.compile(model, "cpu", example_inputs=(rand(2, 3, 16, 16),)),
+                                 tmp_path / "se_fp32.onnx"))
+    assert fp32["HardSigmoid"] == 1 and fp32["Clip"] == 0, fp32  # the fp32 export keeps ONNX's op
+    x = rand(2, 3, 16, 16)
+    (got,), = run_standalone(tmp_path / "se_int8.onnx", [{"x": x}], tmp_path)
+    assert outputs_sqnr_db(compiled(x), got) >= 30.0  # fails on NaN
+
+
+def test_openvino_fuses_the_int8_squeeze_excitation_gate(squeeze_excite_x86, tmp_path: Path) -> None:
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (the [bench] extra)")
+    model, compiled = squeeze_excite_x86
+    path = export_onnx(compiled, tmp_path / "se_int8.onnx")
+    x = rand(1, 3, 16, 16)
+    (got,), = run_standalone(path, [{"x": x}], tmp_path, runtime="openvino")
+    with torch.no_grad():
+        reference = model(x)
+    assert outputs_sqnr_db(compiled(x), got) >= OPENVINO_FLOOR_DB  # fails on NaN
+    assert outputs_sqnr_db(reference, got) >= outputs_sqnr_db(reference, compiled(x)) - 1.0  # as accurate
+    ov_model = ov.Core().read_model(str(path))
+    ov_model.reshape([1, 3, 16, 16])
+    request = ov.Core().compile_model(ov_model, "CPU", {"PERF_COUNT": True}).create_infer_request()
+    request.infer({0: x.numpy()})
+    executed = [(p.node_type, p.exec_type) for p in request.get_profiling_info() if p.status == p.Status.EXECUTED]
+    # OpenVINO reads Add -> Clip -> Div as its HSigmoid and fuses it with the quantize-dequantize pairs around it;
+    # ONNX's HardSigmoid would run as a float reference kernel of its own between them
+    assert not [kind for kind in executed if kind[0] == "HardSigmoid" or kind[1].startswith("ref")], executed
