@@ -16,7 +16,10 @@ bf16) as for the other targets.
 Compile settings: PERFORMANCE_HINT LATENCY; INFERENCE_NUM_THREADS = ``torch.get_num_threads()`` when the OpenVINO
 model is compiled (at ``fxforge.compile``, and again where a copied, pickled or loaded module is rebuilt from its
 ONNX bytes); INFERENCE_PRECISION_HINT f32 (OpenVINO's CPU plugin runs bf16 on bf16-capable CPUs otherwise), bf16
-for ``openvino-bf16``. Dynamic dims are those of the compiled call's signature, all others static.
+for ``openvino-bf16``. Dynamic dims are those of the compiled call's signature, all others static; calls at the
+compiled example's shapes run a copy of the model with every dim fixed (OpenVINO infers shapes on every call of
+a dynamic model: 2-18% of a batch-1 call, ``benchmarks/openvino_profile.py``), other shapes the dynamic one,
+compiled on the first such call.
 Report: the convs / matmuls OpenVINO executes, per runtime precision (``get_runtime_model()``); fewer int8 ones
 than the compile quantized is degradation, warned about.
 Preconditions: the ``openvino`` package (``pip install 'fxforge[openvino]'``); int8: the reference graph of a
@@ -50,6 +53,7 @@ from fxforge.pipeline.targets import Target, register_target
 from fxforge.quant.config import QuantOptions
 from fxforge.quant.ops import weighted_layer
 from fxforge.quant.plan import COMPUTE, stored
+from fxforge.serialization.codec import synthetic_inputs
 from fxforge.serialization.deploy import register_deploy_writer
 from fxforge.serialization.onnx import export_onnx
 from fxforge.serialization.torchscript import register_scripted_twin
@@ -98,32 +102,49 @@ def compile_config(precision: str) -> dict[str, Any]:
 class OpenVinoModule(nn.Module):
     """A whole graph run by OpenVINO: the ONNX model (``onnx``, bytes) and OpenVINO's compiled model of it.
 
+    ``shapes``: the compiled example's input shapes; calls at those shapes run ``compiled_model``, the model with
+    every dim fixed to them; other shapes run the ONNX model's own (dynamic) dims, compiled on the first such call.
     Copies and pickles (``fxforge.save``) carry the bytes and compile them again (``__setstate__``): the compiled
-    model is not state. Tensors in and out: inputs are handed to OpenVINO without a copy (contiguous CPU tensors),
+    models are not state. Tensors in and out: inputs are handed to OpenVINO without a copy (contiguous CPU tensors),
     outputs are OpenVINO's copies of its result buffers, which the next call reuses. Calls are serialized (one
-    inference request).
+    inference request per compiled model).
     """
 
-    def __init__(self, onnx: bytes, precision: str = "f32") -> None:
+    def __init__(self, onnx: bytes, precision: str = "f32", shapes: tuple[tuple[int, ...], ...] | None = None) -> None:
         super().__init__()
-        self.onnx, self.precision = onnx, precision
+        self.onnx, self.precision, self.shapes = onnx, precision, shapes
         self._compile()
 
-    def _compile(self) -> None:
+    def _compiled(self, shapes: tuple[tuple[int, ...], ...] | None) -> Any:
         core = _openvino().Core()
-        compiled = core.compile_model(core.read_model(self.onnx), "CPU", compile_config(self.precision))
-        self.__dict__.update(compiled_model=compiled, request=compiled.create_infer_request(),
+        model = core.read_model(self.onnx)
+        if shapes is not None:
+            model.reshape({i: list(shape) for i, shape in enumerate(shapes)})
+        return core.compile_model(model, "CPU", compile_config(self.precision))
+
+    def _compile(self) -> None:
+        compiled = self._compiled(self.shapes)
+        self.__dict__.update(compiled_model=compiled, request=compiled.create_infer_request(), dynamic_request=None,
                              lock=threading.Lock())
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for derived in ("compiled_model", "request", "lock"):
+        for derived in ("compiled_model", "request", "dynamic_request", "lock"):
             state.pop(derived, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("shapes", None)
         super().__setstate__(state)
         self._compile()
+
+    def _request(self, arrays: list[Any]) -> Any:
+        """The inference request for these inputs' shapes (called under the lock)."""
+        if self.shapes is None or tuple(a.shape for a in arrays) == self.shapes:
+            return self.request
+        if self.dynamic_request is None:
+            self.__dict__["dynamic_request"] = self._compiled(None).create_infer_request()
+        return self.dynamic_request
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if torch.compiler.is_exporting():  # a program cannot call OpenVINO (compiled.export refuses before this)
@@ -131,7 +152,7 @@ class OpenVinoModule(nn.Module):
                               "ONNX model it runs, or compile for 'cpu' / 'x86'", op=MODULE_NAME)
         arrays = [x.detach().contiguous().numpy() for x in inputs]
         with self.lock:
-            results = self.request.infer(arrays, share_inputs=True, share_outputs=False)
+            results = self._request(arrays).infer(arrays, share_inputs=True, share_outputs=False)
         return tuple(torch.from_numpy(array) for array in results.to_tuple())
 
     def executed_layers(self) -> Counter[tuple[str, str]]:
@@ -228,7 +249,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext, precision: str, pass_name: str) 
     """The graph -> one OpenVinoModule call (module docstring)."""
     if ctx.quant is not None and "quantized" not in ctx.properties:
         raise ConfigError(f"{pass_name} on an int8 target runs the reference int8 graph: put it after insert-qdq")
-    module = OpenVinoModule(onnx_bytes(gm, ctx), precision).eval()
+    shapes = tuple(tuple(x.shape) for x in synthetic_inputs(gm))
+    module = OpenVinoModule(onnx_bytes(gm, ctx), precision, shapes).eval()
     lowered = single_call(gm, module, pass_name)
     ctx.shapes(lowered, refresh=True)
     return PassResult(lowered, True, [describe_execution(module, ctx)])

@@ -62,13 +62,17 @@ def test_fp32_matches_eager(make):
     compiled = fxforge.compile(model, "openvino", example_inputs=X)
     assert module_types(compiled.graph_module) == ["OpenVinoModule"]
     assert "fold-bn" in compiled.pipeline
-    held = compiled.graph_module.get_submodule(openvino.MODULE_NAME).compiled_model
+    module = compiled.graph_module.get_submodule(openvino.MODULE_NAME)
+    held = module.compiled_model
+    assert [tuple(i.get_partial_shape().to_shape()) for i in held.inputs] == [tuple(X.shape)]  # every dim fixed
     assert held.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
     assert str(held.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")  # not bf16
     with torch.inference_mode():
         torch.testing.assert_close(compiled(X), model(X), rtol=1e-4, atol=1e-5)
+        assert module.dynamic_request is None  # the example's shapes ran the fixed-shape model
         other = torch.randn(5, 3, 8, 8)  # the batch dimension stays dynamic
         torch.testing.assert_close(compiled(other), model(other), rtol=1e-4, atol=1e-5)
+        assert module.dynamic_request is not None
     assert_unchanged(model, snapshot)
 
 
