@@ -33,6 +33,9 @@ from fxforge.errors import ExportError
 from fxforge.graph.meta import fxmeta
 
 from .codec import copy_graph_module, synthetic_inputs
+from .dynamic_int8 import unpack_linears
+from .onnx_dynamic import DYNAMIC_LINEAR
+from .onnx_dynamic import translations as dynamic_translations
 from .onnx_qdq import DEQUANTIZE, FAKE_QUANTIZE, qdq_graph
 
 __all__ = ["export_onnx", "register_onnx_twin"]
@@ -58,7 +61,10 @@ def _fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """The lowered graph with its runtime modules swapped for their ONNX twins (a copy)."""
     replace: dict[str, Any] = {}
     for node in gm.graph.nodes:
-        twin = _twin(gm.get_submodule(str(node.target))) if node.op == "call_module" else None
+        try:
+            twin = _twin(gm.get_submodule(str(node.target))) if node.op == "call_module" else None
+        except ExportError as exc:  # a twin that refuses its module: name the node
+            raise ExportError(f"node '{node.name}': {exc}", node=node.name, op=exc.op) from exc
         if twin is not None:
             replace[str(node.target)] = twin
     return copy_graph_module(gm, replace)
@@ -72,6 +78,8 @@ def _export_graph(compiled: Any) -> fx.GraphModule:
                           "compile for 'cpu' (fp32) or an int8 CPU target and export that", op=target)
     if opts is None:
         return _fp32_graph(compiled.graph_module)
+    if opts.mode == "dynamic":
+        return _dynamic_graph(compiled.graph_module)
     if opts.mode != "static":
         node, op = _first_runtime_module(compiled.graph_module)
         raise ExportError(f"quantization={opts.mode!r} (target {target!r}) has no ONNX form here: the export "
@@ -79,6 +87,13 @@ def _export_graph(compiled: Any) -> fx.GraphModule:
                           "quantization='static' and calibration data, or export the fp32 'cpu' compile and "
                           "quantize it with onnxruntime.quantization.quantize_dynamic", node=node, op=op or opts.mode)
     return qdq_graph(compiled)
+
+
+def _dynamic_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A dynamic int8 graph for ONNX: its linears on plain int8 tensors (``fxforge::dynamic_linear``), its RNN
+    modules swapped for their twins (``fxforge::dynamic_lstm`` for int8 layers, ONNX LSTM for the others)."""
+    unpacked, _ = unpack_linears(gm, DYNAMIC_LINEAR)
+    return _fp32_graph(unpacked)
 
 
 def _runtime_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -125,7 +140,7 @@ def _translations() -> dict[Any, Callable[..., Any]]:
     def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
-    return {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize}
+    return {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize, **dynamic_translations(op)}
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:
