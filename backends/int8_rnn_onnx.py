@@ -113,8 +113,8 @@ class Fp32RNN(nn.Module):
     def __init__(self, bf16: Bf16RNN) -> None:
         super().__init__()
         self.rnn = copy.deepcopy(bf16.rnn).float()
-        self.export_note = (f"a {type(self.rnn).__name__} that the compiled model runs in bf16 (oneDNN) runs in fp32 "
-                            "in this file, on the bf16-rounded weights")
+        self.export_note = (f"the compiled model runs this {type(self.rnn).__name__} in bf16 (oneDNN's bf16 RNN); "
+                            "this file runs it in fp32, on the bf16-rounded weights")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Any]:
         return self.rnn(x)

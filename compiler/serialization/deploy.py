@@ -29,12 +29,12 @@ from fxforge.errors import ConfigError, ExportError, suggest
 from fxforge.version import __version__
 
 from .isa import isa_facts
-from .onnx import export_onnx
+from .onnx import METADATA, export_onnx
 from .program import export_program
 
 log = logging.getLogger(__name__)
 
-METADATA = "fxforge.json"  # the member (pt2: extra file; aoti: package metadata key) fxforge info reads
+# METADATA (onnx.py): the member fxforge info reads (pt2: extra file; aoti: package metadata key; onnx: metadata_props)
 
 
 @dataclass(frozen=True)
