@@ -22,27 +22,18 @@ from torch import Tensor, nn
 
 from fxforge.errors import ExportError
 from fxforge.passes.quantize_dynamic import Bf16RNN
+from fxforge.quant.dynamic_kernels import int8_parts
 from fxforge.serialization.onnx import register_onnx_twin
 from fxforge.serialization.onnx_dynamic import ONNX_GATES, dynamic_lstm_op, reorder_gates
 
 from .int8_rnn import DynamicInt8RNN
 
 
-def _int8_parts(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(int8 values (rows, in), float32 scale per row, int8 zero point per row) of a quantized weight."""
-    rows = w.shape[0]
-    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        scale, zero_point = w.q_per_channel_scales().float(), w.q_per_channel_zero_points()
-    else:
-        scale, zero_point = torch.full((rows,), w.q_scale()), torch.full((rows,), w.q_zero_point())
-    return w.int_repr(), scale, zero_point.to(torch.int8)
-
-
 def _onnx_weight(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One direction's projection in ONNX's layout: (int8 (in, 4 * hidden), scales, zero points), gates reordered."""
-    values, scale, zero_point = _int8_parts(w)
+    values, scale, zero_point = int8_parts(w)
     return (reorder_gates(values, ONNX_GATES).t().contiguous(), reorder_gates(scale, ONNX_GATES),
-            reorder_gates(zero_point, ONNX_GATES))
+            reorder_gates(zero_point.to(torch.int8), ONNX_GATES))
 
 
 class OnnxDynamicLSTM(nn.Module):

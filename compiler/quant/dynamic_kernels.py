@@ -3,9 +3,9 @@ packed weights (``torch.export`` programs, the eager side of the ONNX ops).
 
 ``dynamic_linear`` is ``quantized::linear_dynamic``: the input's per-tensor uint8 qparams from its min/max
 (``choose_qparams``: ATen's ``ChooseQuantizationParams``, 7 bits with ``reduce_range``), the input rounded as
-fbgemm's ``Quantize`` does (``round(fma(x, 1 / scale, zero_point))``), an exact integer GEMM (``torch._int_mm``
+fbgemm's ``Quantize`` does (``round(x * (1 / scale)) + zero_point`` in float32), an exact integer GEMM (``torch._int_mm``
 on the input shifted to int8, plus the shift times each weight row's sum), then fbgemm's float epilogue
-``fma(float(acc), x_scale * w_scale, bias)``. The fused multiply-adds are computed in float64 and rounded to
+``fma(float(acc), x_scale * w_scale, bias)``. The fused multiply-add is computed in float64 and rounded to
 float32 once, which equals the fused op except where that float64 value falls on a float32 tie (not met in the
 tests). ``dynamic_rnn_layer`` is one layer and direction of ``torch.quantized_lstm`` / ``quantized_gru`` with
 ``use_dynamic``: the whole input sequence projected in one dynamic linear call, then per step the hidden state's
@@ -20,9 +20,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["choose_qparams", "dynamic_linear", "dynamic_rnn_layer"]
+__all__ = ["choose_qparams", "dynamic_linear", "dynamic_rnn_layer", "int8_parts"]
 
 _SMALL_SCALE = 6.1e-5  # ATen's SMALL_SCALE_THRESHOLD: smaller scales are raised to it (range widened alike)
+
+
+def int8_parts(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(int8 values, float32 scale per row, int32 zero point per row) of a quantized weight (per row or per tensor:
+    a per-tensor scale repeated over the rows computes the same)."""
+    rows = weight.shape[0]
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scale, zero_point = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+    else:
+        scale, zero_point = torch.tensor([weight.q_scale()]), torch.tensor([weight.q_zero_point()])
+    return weight.int_repr(), scale.float().expand(rows).contiguous(), zero_point.int().expand(rows).contiguous()
 
 
 def choose_qparams(x: Tensor, reduce_range: bool) -> tuple[Tensor, Tensor]:
@@ -47,9 +58,8 @@ def choose_qparams(x: Tensor, reduce_range: bool) -> tuple[Tensor, Tensor]:
 
 
 def _quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
-    """uint8 codes (as int32) of ``x``: fbgemm's ``round(fma(x, 1 / scale, zero_point))``, clamped."""
-    inverse = (1.0 / scale).double()
-    return torch.round((x.double() * inverse + zero_point).float()).clamp(0, qmax).to(torch.int32)
+    """uint8 codes (as int32) of ``x``: fbgemm's ``round(x * (1 / scale)) + zero_point`` in float32, clamped."""
+    return (torch.round(x * (1.0 / scale)) + zero_point.float()).clamp(0, qmax).to(torch.int32)
 
 
 def _int_matmul(codes: Tensor, weight: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from fxforge.quant.dynamic_kernels import int8_parts
+
 from .codec import copy_graph_module
 
 __all__ = ["LINEAR_DYNAMIC", "unpack_linears", "unpacked_weight"]
@@ -31,14 +33,8 @@ def unpacked_weight(packed: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(int8 weight (out, in), float32 scale per row, int32 zero point per row, float32 bias (zeros if none)) of
     a packed linear weight."""
     weight, bias = torch.ops.quantized.linear_unpack(packed)
-    rows = weight.shape[0]
-    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        scale, zero_point = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
-    else:
-        scale, zero_point = torch.tensor([weight.q_scale()]), torch.tensor([weight.q_zero_point()])
-    bias = torch.zeros(rows) if bias is None else bias.detach()
-    return (weight.int_repr(), scale.float().expand(rows).contiguous(), zero_point.int().expand(rows).contiguous(),
-            bias.float())
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+    return (*int8_parts(weight), bias.float())
 
 
 def _packed_of(gm: fx.GraphModule, node: fx.Node) -> Any:
@@ -67,4 +63,5 @@ def unpack_linears(gm: fx.GraphModule, call: Callable[..., Tensor]) -> tuple[fx.
             new.graph.erase_node(packed)
     new.graph.lint()
     new.recompile()
+    new.delete_all_unused_submodules()  # the packed weights' owners (of the copy only): export lifts what it finds
     return new, len(found)

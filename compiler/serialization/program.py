@@ -35,8 +35,10 @@ from torch.export import Dim, ExportedProgram
 from fxforge.capture.signature import CallSignature, Dimension, graph_inputs
 from fxforge.errors import ExportError
 from fxforge.numerics.metrics import flat_tensors
+from fxforge.quant.dynamic_kernels import dynamic_linear
 
 from .codec import synthetic_inputs
+from .dynamic_int8 import unpack_linears
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +130,18 @@ def _failing_node(exc: Exception) -> str:
 def export_program(compiled: Any, example_inputs: Any = None, *, dynamic: bool = True) -> ExportedProgram:
     """``compiled``'s lowered graph as an ExportedProgram, checked bit for bit on the example inputs (default:
     random inputs of the compiled shapes). ``dynamic=False`` fixes every dim at the example's size."""
-    gm = compiled.graph_module
+    gm, _ = unpack_linears(compiled.graph_module, dynamic_linear)  # dynamic int8 linears on plain tensors
     check_exportable(gm)
     inputs = synthetic_inputs(gm) if example_inputs is None else graph_inputs(compiled.signature, example_inputs)
     shapes = dynamic_shapes(compiled.signature, inputs) if dynamic else None
     try:
         program = torch.export.export(gm, tuple(inputs), strict=False, dynamic_shapes=shapes)
+    except ExportError:  # a runtime module's export form refusing, with what to do
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(f"torch.export failed on the compiled graph{_failing_node(exc)} ({type(exc).__name__}: "
                           f"{first}). dynamic=False exports fixed shapes; fxforge.save keeps every target") from exc
-    _check_identical(program, gm, inputs)
+    _check_identical(program, compiled.graph_module, inputs)
     log.debug("exported %d input(s), dynamic dims: %s", len(inputs), shapes)
     return program
