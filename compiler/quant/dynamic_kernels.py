@@ -2,17 +2,18 @@
 packed weights (``torch.export`` programs, the eager side of the ONNX ops).
 
 ``dynamic_linear`` is ``quantized::linear_dynamic``: the input's per-tensor uint8 qparams from its min/max
-(``choose_qparams``: ATen's ``ChooseQuantizationParams``, 7 bits with ``reduce_range``), the input rounded as
-fbgemm's ``Quantize`` does (``round(x * (1 / scale)) + zero_point`` in float32), an exact integer GEMM (``torch._int_mm``
-on the input shifted to int8, plus the shift times each weight row's sum), then fbgemm's float epilogue
-``fma(float(acc), x_scale * w_scale, bias)``. The fused multiply-add is computed in float64 and rounded to
-float32 once, which equals the fused op except where that float64 value falls on a float32 tie (not met in the
-tests). ``dynamic_rnn_layer`` is one layer and direction of ``torch.quantized_lstm`` / ``quantized_gru`` with
+(``choose_qparams``: ATen's ``ChooseQuantizationParams``, 7 bits with ``reduce_range``); the input rounded as
+fbgemm's ``Quantize`` does, ``round(x * (1 / scale)) + zero_point`` in float32; an exact integer GEMM
+(``torch._int_mm`` on the input shifted to int8, plus the shift times each weight row's sum); then fbgemm's float
+epilogue ``fma(float(acc), x_scale * w_scale, bias)``, the fused multiply-add computed in float64 and rounded to
+float32 once (which equals it except where the float64 value falls on a float32 tie: not met in the tests).
+``dynamic_rnn_layer`` is one layer and direction of ``torch.quantized_lstm`` / ``quantized_gru`` with
 ``use_dynamic``: the whole input sequence projected in one dynamic linear call, then per step the hidden state's
-dynamic linear and ATen's cell arithmetic in the same order (``RNN.cpp``'s LSTMCell / GRUCell).
-Why bit-identical on fbgemm and x86 (tested against the kernels): the same integers, the same float operations
-in the same order. oneDNN and qnnpack engines round the input differently and agree within float rounding.
-Preconditions: weights are the int8 values (``int_repr``) with float32 per-row (or 0-d) scales.
+dynamic linear and ATen's cell arithmetic (``RNN.cpp``'s LSTMCell / GRUCell) in the same order, sigmoid and tanh
+on views of the same layout (their vectorized and scalar paths round differently).
+Why bit-identical on the fbgemm and x86 engines (tested against the kernels): the same integers, the same float
+operations in the same order. The oneDNN and qnnpack engines agree within float rounding.
+Preconditions: weights are the int8 values (``int_repr``) with float32 per-row scales (``int8_parts``).
 """
 
 from __future__ import annotations
@@ -86,16 +87,18 @@ def dynamic_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_
 
 
 def _lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    i, f, g, o = gates.chunk(4, 1)
+    i, f, g, o = gates.chunk(4, 1)  # views of one tensor, as ATen's cell applies sigmoid / tanh to (see _gru_cell)
     c = (f.sigmoid() * c) + (i.sigmoid() * g.tanh())
     return o.sigmoid() * c.tanh(), c
 
 
 def _gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
-    i_r, i_z, i_n = gi.chunk(3, 1)
-    h_r, h_z, h_n = gh.chunk(3, 1)
-    reset, update = (h_r + i_r).sigmoid(), (h_z + i_z).sigmoid()
-    new = (i_n + h_n * reset).tanh()
+    # sigmoid and tanh round their last elements (a row's tail) otherwise than the rest: each runs on a view of
+    # the same shape and strides as in ATen's cell (the gate rows of one tensor), so the same elements are tails
+    size = h.shape[1]
+    summed = gh[:, :2 * size] + gi[:, :2 * size]
+    reset, update = summed[:, :size].sigmoid(), summed[:, size:].sigmoid()
+    new = (gi[:, 2 * size:] + gh[:, 2 * size:] * reset).tanh()
     return (h - new) * update + new
 
 

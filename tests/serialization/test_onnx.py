@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from quant_helpers import batches
+from quant_helpers import batches, int8_where_it_holds, rnn_layers_timed_as
 from tiny_bert import tiny_bert
 from torch import nn
 
@@ -23,7 +21,6 @@ from fxforge.errors import ExportError
 from fxforge.graph.fused import FusedConv
 from fxforge.numerics.metrics import max_errors
 from fxforge.passes import quantize_dynamic
-from fxforge.pipeline.fragments import with_options
 from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.serialization.onnx import METADATA, export_onnx
 from fxforge.testing.speech import trained_speech_embedder
@@ -224,21 +221,6 @@ def test_tiny_bert_fp32_dynamic_batch_and_sequence(tmp_path: Path) -> None:
     for call, got in zip(calls, run_standalone(path, calls, tmp_path), strict=True):
         expected = compiled(**call)
         assert max_errors(got, [expected.last_hidden_state, expected.pooler_output])[1] <= 1e-6  # reached: 3e-7
-
-
-def int8_where_it_holds(**options: object) -> str:
-    """The x86 dynamic pipeline choosing each RNN layer int8 where it holds its floor (not timed)."""
-    return with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", time_rnn_layers=False, **options)
-
-
-@contextlib.contextmanager
-def rnn_layers_timed_as(pick: str | None) -> Iterator[None]:
-    """quantize-dynamic's timed choices as if ``pick`` ("bf16"; None: the incumbent, int8 or fp32) ran fastest:
-    which kernel is faster is the machine's business, the tests need one choice."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quantize_dynamic.timing, "fastest",
-                      lambda candidates, *_, **__: (pick or next(iter(candidates)), {}))
-        yield
 
 
 @pytest.fixture(scope="module")
