@@ -16,9 +16,13 @@ needs no model code. Dynamic dims: the compiled model's call signature names the
 and their ranges; the program keeps those symbolic (``torch.export.Dim``), the others fixed. Bit-identical at the
 compiled shapes; at other sizes oneDNN may pick another kernel for the dense weight than for the weight prepacked
 for the example's size (a linear layer at batch 1), which agrees within float rounding.
+Dynamic int8: each ``quantized.linear_dynamic`` call reads its weight unpacked onto plain tensors
+(``dynamic_int8.unpack_linears``) through ``quant.dynamic_kernels.dynamic_linear``, and ``DynamicInt8RNN``
+exports its plain-op form: bit-identical on the fbgemm and x86 engines (checked like every program), the
+sequence length fixed (an int8 RNN's steps are unrolled).
 Preconditions: the graph holds plain tensors: quantized tensors and packed parameters (the torch.ao int8 kernels
-of the static and dynamic int8 targets) have no export form, and ``ExportError`` names the node (ONNX is the
-static int8 deploy format for now; dynamic int8 has none).
+of the static int8 targets) have no export form, and ``ExportError`` names the node (ONNX is the static int8
+deploy format for now).
 """
 
 from __future__ import annotations
@@ -42,9 +46,8 @@ from .dynamic_int8 import unpack_linears
 
 log = logging.getLogger(__name__)
 
-INT8_ADVICE = ("Static int8 deploys as ONNX for now: compiled.export('model.onnx'). Dynamic int8 has no deploy "
-               "format yet: export the fp32 'cpu' compile (and quantize it in the serving runtime), or fxforge.save "
-               "it (with fxforge to load it)")
+INT8_ADVICE = ("Static int8 deploys as ONNX for now: compiled.export('model.onnx'), or fxforge.save it (with fxforge "
+               "to load it). Dynamic int8 exports here and as ONNX")
 
 
 def _held_values(module: nn.Module) -> list[Any]:

@@ -258,3 +258,24 @@ def test_info_describes_an_aoti_package(aoti_package, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "aoti" and info["fxforge"]["target"] == "cpu" and info["libraries"] >= 1
     assert info["cpu_isa"]  # the ISA the package's code was compiled for
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_dynamic_int8_aoti_package_runs_in_a_fresh_process(tmp_path):
+    # a short sequence: the package unrolls the int8 LSTM's steps, and compiling them takes about a minute
+    compiled = fxforge.compile(Tagger().eval(), "x86", example_inputs=(torch.randn(2, 3, 8),),
+                               quantization="dynamic", pipeline=int8_where_it_holds())
+    path = compiled.export(tmp_path / "tagger.aoti.pt2")
+    calls = [(torch.randn(2, 3, 8),), (torch.randn(5, 3, 8),)]
+    for got, expected in zip(run_fresh(LOAD_PACKAGE, path, calls, tmp_path), compiled_outputs(compiled, calls),
+                             strict=True):
+        torch.testing.assert_close(got, expected)  # inductor may fuse the float epilogue otherwise: close
