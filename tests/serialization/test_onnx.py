@@ -17,6 +17,7 @@ from tiny_bert import tiny_bert
 from torch import nn
 
 import fxforge
+from fxforge.cli import main
 from fxforge.errors import ExportError
 from fxforge.graph.fused import FusedConv
 from fxforge.numerics.metrics import max_errors
@@ -271,7 +272,7 @@ def test_openvino_runs_the_dynamic_int8_file(speech, speech_int8, tmp_path: Path
     assert db >= 48.0 and cosine >= 0.99998, (db, cosine)  # reached: 51.1 dB, 0.999988 (OpenVINO 2026.4)
 
 
-def test_bf16_layers_run_in_fp32_and_the_file_says_so(speech, tmp_path: Path) -> None:
+def test_bf16_layers_run_in_fp32_and_the_file_says_so(speech, tmp_path: Path, capsys) -> None:
     model, frames = speech
     with rnn_layers_timed_as("bf16"):  # every layer takes bf16 where bf16 holds the floor
         compiled = fxforge.compile(model, "x86", example_inputs=(frames[:8],), quantization="dynamic")
@@ -279,6 +280,9 @@ def test_bf16_layers_run_in_fp32_and_the_file_says_so(speech, tmp_path: Path) ->
     path = compiled.export(tmp_path / "bf16.onnx")
     notes = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA])["notes"]
     assert len(notes) == 1 and notes[0].startswith("rnn.0:") and "fp32" in notes[0], notes
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fxforge"]["quantization"] == "dynamic" and info["fxforge"]["notes"] == notes
     (got,), = run_standalone(path, [{"frames": frames}], tmp_path)
     with torch.inference_mode():
         db, cosine = embedding_agreement(compiled(frames), got)
