@@ -41,11 +41,18 @@ def _packed_of(gm: fx.GraphModule, node: fx.Node) -> Any:
     return functools.reduce(getattr, str(node.target).split("."), gm)
 
 
+def _is_packed_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_DYNAMIC and isinstance(node.args[1], fx.Node) \
+        and node.args[1].op == "get_attr"
+
+
 def unpack_linears(gm: fx.GraphModule, call: Callable[..., Tensor]) -> tuple[fx.GraphModule, int]:
-    """(a copy of ``gm`` with every dynamic int8 linear reading plain tensors through ``call``, how many)."""
+    """(a copy of ``gm`` with every dynamic int8 linear reading plain tensors through ``call``, how many);
+    ``gm`` itself where it has none."""
+    if not any(_is_packed_linear(n) for n in gm.graph.nodes):
+        return gm, 0
     new = copy_graph_module(gm)
-    found = [n for n in new.graph.nodes if n.op == "call_function" and n.target in LINEAR_DYNAMIC
-             and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"]
+    found = [n for n in new.graph.nodes if _is_packed_linear(n)]
     for k, node in enumerate(found):
         x, packed, reduce_range = node.args
         names = []
