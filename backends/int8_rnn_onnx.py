@@ -5,8 +5,8 @@ stack layer by layer on plain tensors: an int8 layer as ``fxforge::dynamic_lstm`
 ``DynamicQuantizeLSTM``: the same int8 weights, per-row scales, inputs and hidden state quantized per call), an
 fp16 layer as an fp32 ``nn.LSTM`` on the fp16-rounded weights (written as ONNX ``LSTM``). ``Bf16RNN`` (a layer
 quantize-dynamic put on oneDNN's bf16 RNN) becomes an fp32 ``nn.LSTM`` / ``nn.GRU`` on its bf16-rounded weights:
-the file runs it in fp32, and says so (``export_note``). A GRU with int8 layers has no twin: ONNX Runtime has no
-dynamic int8 GRU, and the export names the node.
+the file runs it in fp32, and says so (``export_note``). A dynamic GRU has no twin: ONNX Runtime has no dynamic
+int8 GRU, and the export names the node.
 Why the same function: the same weights and the same per-layer computation, in ONNX's layouts (gate order
 i, o, f, c; weights (directions, in, 4 * hidden)); activation qparams are ONNX Runtime's, within int8 rounding
 of torch's.
@@ -118,8 +118,8 @@ def onnx_twin(module: nn.Module) -> nn.Module | None:
         return Fp32RNN(module)
     if not isinstance(module, DynamicInt8RNN):
         return None
-    if module.mode == "GRU" and "int8" in module.layer_schemes:
-        raise ExportError("a dynamic int8 GRU layer has no ONNX form (ONNX Runtime has a dynamic int8 LSTM, no GRU): "
-                          "skip the GRU (skip=[...]) to keep it fp32, or fxforge.save the compiled model",
+    if module.mode == "GRU":
+        raise ExportError("a dynamic int8 GRU has no ONNX form (ONNX Runtime has a dynamic int8 LSTM, no GRU): skip "
+                          "the GRU (skip=[...]) to keep it fp32, export it as .pt2, or fxforge.save the compiled model",
                           op="DynamicInt8RNN")
-    return OnnxDynamicLSTM(module) if module.mode == "LSTM" else None
+    return OnnxDynamicLSTM(module)

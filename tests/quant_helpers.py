@@ -93,9 +93,10 @@ def compile_calibrated_on(model: nn.Module, target: str, x: torch.Tensor) -> tup
     return compiled, sqnr(model, compiled, x)
 
 
-def int8_where_it_holds(**options: object) -> str:
-    """The x86 dynamic pipeline choosing each RNN layer int8 where it holds its floor (not timed)."""
-    return with_options(fxforge.pipeline_for("x86", "dynamic"), "quantize-dynamic", time_rnn_layers=False, **options)
+def int8_where_it_holds(target: str = "x86", **options: object) -> str:
+    """The target's dynamic pipeline choosing each RNN layer int8 where it holds its floor (not timed)."""
+    return with_options(fxforge.pipeline_for(target, "dynamic"), "quantize-dynamic", time_rnn_layers=False,
+                        **options)
 
 
 @contextlib.contextmanager
