@@ -19,7 +19,7 @@ All go through ``torch.onnx.export(dynamo=True)``. Dimensions the compiled model
 signature's symbols: batch, sequence) stay dynamic with ``dynamic=True``. Inputs are the graph's flat
 tensors (keyword arguments flattened as the compiled model's signature does); outputs its flat outputs.
 What is not exported is an ``ExportError`` naming the node and op: weight-only int8 (int8/int4 weight kernels
-on fp32 activations), dynamic int8 GRU layers (ONNX Runtime has no such op), CUDA targets (CUDA graphs), a
+on fp32 activations), a dynamic int8 GRU (ONNX Runtime has no such op), CUDA targets (CUDA graphs), a
 compile with correct-bias (``onnx_qdq``), modules the exporter cannot record.
 """
 
