@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     fp32_kernel_choice,
     int8,
     int8_lowering,
+    int8_rnn_onnx,
     int8_rnn_script,
     openvino,
     weight_only,

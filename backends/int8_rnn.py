@@ -7,6 +7,11 @@ the reference module holds, so the weights are bit-identical) into dynamic cell 
 quantized per call inside the kernels, which is what the reference module's numerics follow. A layer the
 reference keeps at fp16 (``layer_schemes``) gets torch's fp16 cell parameters: fp32 activations, fp16 weights.
 Packed parameters are opaque and engine-specific: copies and pickles rebuild them from the int8 weights.
+Export form (``torch.compiler.is_exporting()``, what a ``.pt2`` program holds): each int8 layer as plain aten ops
+(``quant.dynamic_kernels.dynamic_rnn_layer``: the same int8 values and arithmetic, bit-identical on the fbgemm and
+x86 engines), its time steps unrolled, so the sequence length is fixed in the program (a dynamic one is an
+``ExportError``); an fp16 layer as ``torch.lstm`` / ``torch.gru`` on its fp16-rounded weights in fp32 (fbgemm's
+fp16 kernels agree with it within float rounding, not bit for bit).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxforge.errors import BackendUnavailableError
+from fxforge.errors import BackendUnavailableError, ExportError
 from fxforge.quant.deprecation import quantized_tensors_quietly
+from fxforge.quant.dynamic_kernels import dynamic_rnn_layer, int8_parts
 from fxforge.quant.qspec import quantized_engine
 from fxforge.quant.reference import DynamicQuantGRU, DynamicQuantLSTM
 from fxforge.quant.runtime import register_runtime
@@ -62,6 +68,9 @@ class DynamicInt8RNN(nn.Module):
     def _pack(self) -> None:
         with quantized_engine(self.engine):
             self.packed = [self._cell_params(*cell) for cell in self.cells]
+        # the export form's operands: (input, hidden) projections as (int8, scale, zero point, bias) per cell
+        self.plain = [None if not w_ih.is_quantized else ((*int8_parts(w_ih), b_ih), (*int8_parts(w_hh), b_hh))
+                      for w_ih, w_hh, b_ih, b_hh in self.cells]
 
     def _cell_params(self, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor) -> Any:
         if not w_ih.is_quantized:  # an fp16 layer: only fbgemm has fp16 kernels (they run under any engine)
@@ -78,6 +87,7 @@ class DynamicInt8RNN(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("packed", None)
+        state.pop("plain", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -91,7 +101,9 @@ class DynamicInt8RNN(nn.Module):
         hx = self._initial_state(x, hx, batched)
         args = (self.packed, True, self.num_layers, float(self.dropout), False, self.bidirectional,
                 self.batch_first)
-        if self.mode == "LSTM":
+        if torch.compiler.is_exporting():
+            out, state = self._plain_stack(x, hx)
+        elif self.mode == "LSTM":
             out, h, c = torch.quantized_lstm(x, hx, *args, dtype=torch.qint8, use_dynamic=True)
             state: Any = (h, c)
         else:
@@ -100,6 +112,42 @@ class DynamicInt8RNN(nn.Module):
             out = out.squeeze(0 if self.batch_first else 1)
             state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
         return out, state
+
+    def _plain_stack(self, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, Any]:
+        """The export form (module docstring): the stack layer by layer in plain ops, on batched ``x``."""
+        x = x.transpose(0, 1) if self.batch_first else x
+        if not isinstance(x.shape[0], int):
+            raise ExportError(f"a dynamic int8 {self.mode} runs its time steps one by one in a .pt2 program, so the "
+                              "sequence length cannot stay dynamic: export with dynamic=False, or compile with a "
+                              "fixed sequence length", op="DynamicInt8RNN")
+        h0, c0 = hx if self.mode == "LSTM" else (hx, None)
+        directions = 2 if self.bidirectional else 1
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            x, h, c = self._plain_layer(layer, x, h0[rows], None if c0 is None else c0[rows])
+            hs.append(h)
+            cs.append(c)
+        x = x.transpose(0, 1) if self.batch_first else x
+        return x, ((torch.cat(hs), torch.cat(cs)) if self.mode == "LSTM" else torch.cat(hs))
+
+    def _plain_layer(self, layer: int, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(output (T, N, directions * H), h, c) of one layer of the stack on time-major ``x``."""
+        directions = 2 if self.bidirectional else 1
+        cells = range(layer * directions, (layer + 1) * directions)
+        if self.plain[cells[0]] is None:  # fp16 weights on fp32 activations: the float op on the rounded weights
+            weights = [w for i in cells for w in self.cells[i]]
+            if self.mode == "LSTM":
+                out, h, c = torch.lstm(x, (h0, c0), weights, True, 1, 0.0, False, self.bidirectional, False)
+                return out, h, c
+            out, h = torch.gru(x, h0, weights, True, 1, 0.0, False, self.bidirectional, False)
+            return out, h, None
+        results = [dynamic_rnn_layer(self.mode, x, h0[d], None if c0 is None else c0[d], *self.plain[i],
+                                     self.reduce_range, reverse=d == 1) for d, i in enumerate(cells)]
+        out = torch.cat([r[0] for r in results], 2) if directions > 1 else results[0][0]
+        c = None if c0 is None else torch.stack([r[2] for r in results])
+        return out, torch.stack([r[1] for r in results]), c
 
     def _initial_state(self, x: torch.Tensor, hx: Any, batched: bool) -> Any:
         batch = x.size(0 if self.batch_first else 1)

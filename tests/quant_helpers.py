@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import fx, nn
 
 import fxforge
-from fxforge.pipeline.fragments import without
+from fxforge.passes import quantize_dynamic
+from fxforge.pipeline.fragments import with_options, without
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import randomize_bn
 
@@ -86,3 +91,19 @@ def compile_calibrated_on(model: nn.Module, target: str, x: torch.Tensor) -> tup
     ``x`` against eager)."""
     compiled = fxforge.compile(model, target, example_inputs=x, calibration=[x])
     return compiled, sqnr(model, compiled, x)
+
+
+def int8_where_it_holds(target: str = "x86", **options: object) -> str:
+    """The target's dynamic pipeline choosing each RNN layer int8 where it holds its floor (not timed)."""
+    return with_options(fxforge.pipeline_for(target, "dynamic"), "quantize-dynamic", time_rnn_layers=False,
+                        **options)
+
+
+@contextlib.contextmanager
+def rnn_layers_timed_as(pick: str | None) -> Iterator[None]:
+    """quantize-dynamic's timed choices as if ``pick`` ("bf16"; None: the incumbent, int8 or fp32) ran fastest:
+    which kernel is faster is the machine's business, the tests need one choice."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize_dynamic.timing, "fastest",
+                      lambda candidates, *_, **__: (pick or next(iter(candidates)), {}))
+        yield

@@ -272,6 +272,21 @@ def test_export_from_a_saved_model(capsys, model_file, tmp_path):
     assert torch.equal(loaded(torch.ones(1, 3, 16, 16)), expected)
 
 
+def test_export_writes_dynamic_int8_as_a_program_and_as_onnx(capsys, model_file, tmp_path):
+    for out in (tmp_path / "dyn.pt2", tmp_path / "dyn.onnx"):
+        code, _, err = run(capsys, "export", f"{model_file}:make", str(out), "--target", "x86",
+                           "--quantization", "dynamic")
+        assert code == 0, err
+        info = json.loads(run(capsys, "info", str(out), "--json")[1])
+        assert info["fxforge"]["target"] == "x86"
+    assert "aten._int_mm.default" in info_ops(capsys, tmp_path / "dyn.pt2")
+    assert "MatMulInteger" in info_ops(capsys, tmp_path / "dyn.onnx")
+
+
+def info_ops(capsys, path) -> list[str]:
+    return json.loads(run(capsys, "info", str(path), "--json")[1])["ops"]
+
+
 def test_export_refuses_an_unknown_suffix_before_loading(capsys, tmp_path):
     code, _, err = run(capsys, "export", "torchvision:not_a_model", str(tmp_path / "m.bin"))
     assert code == 2 and ".pt2 (pt2)" in err and "not_a_model" not in err

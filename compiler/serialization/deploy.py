@@ -4,14 +4,16 @@ The one table of deploy formats (``FORMATS``): name, file suffix, writer. The fo
 else from the file name: ``.aoti.pt2`` is an AOTInductor package, any other ``.pt2`` a ``torch.export`` program,
 ``.onnx`` an ONNX model. (AOTInductor packages are ``.pt2`` files too; the longer suffix tells them apart, and
 ``fxforge info`` tells them apart by content.)
-- ``pt2``: ``torch.export.save`` of the program (``program.export_program``), bit-identical to the compiled model;
-  runs with ``torch.export.load(path).module()``; options ``example_inputs``, ``dynamic``.
+- ``pt2``: ``torch.export.save`` of the program (``program.export_program``), bit-identical to the compiled model
+  (dynamic int8 included, in plain ops); runs with ``torch.export.load(path).module()``; options
+  ``example_inputs``, ``dynamic``.
 - ``aoti``: the same program compiled ahead of time by AOTInductor (``torch._inductor.aoti_compile_and_package``)
   into a shared library in a package; runs with ``torch._inductor.aoti_load_package(path)``. Inductor fuses and
   reorders: outputs agree within float rounding, not bit for bit. Same options.
-- ``onnx``: ``fxforge.serialization.onnx.export_onnx`` (QDQ for int8); options ``opset``, ``dynamic``,
-  ``example_inputs``.
-Both torch formats record what ``fxforge info`` shows (``fxforge.json``: target, versions, inputs, CPU facts).
+- ``onnx``: ``fxforge.serialization.onnx.export_onnx`` (QDQ for static int8, DynamicQuantizeLinear /
+  MatMulInteger and DynamicQuantizeLSTM for dynamic int8); options ``opset``, ``dynamic``, ``example_inputs``.
+Every format records what ``fxforge info`` shows (``fxforge.json``: target, versions, pipeline; the torch formats
+inputs and CPU facts, ONNX what the file runs otherwise than the compiled model).
 A backend whose lowered graph runs in another runtime (OpenVINO) holds the model in that runtime's input format:
 it registers a writer (``register_deploy_writer``) that writes what it holds, or refuses a format with an
 ``ExportError``, for the compiled models that are its own; the formats above serve every other model.
@@ -32,12 +34,12 @@ from fxforge.errors import ConfigError, ExportError, suggest
 from fxforge.version import __version__
 
 from .isa import isa_facts
-from .onnx import export_onnx
+from .onnx import METADATA, export_onnx
 from .program import export_program
 
 log = logging.getLogger(__name__)
 
-METADATA = "fxforge.json"  # the member (pt2: extra file; aoti: package metadata key) fxforge info reads
+# METADATA (onnx.py): the member fxforge info reads (pt2: extra file; aoti: package metadata key; onnx: metadata_props)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ def save_aoti(compiled: Any, path: Path, *, example_inputs: Any = None, dynamic:
 FORMATS: dict[str, DeployFormat] = {f.name: f for f in (
     DeployFormat("pt2", ".pt2", "torch.export program (torch.export.load); bit-identical outputs", save_program),
     DeployFormat("aoti", ".aoti.pt2", "AOTInductor package (torch._inductor.aoti_load_package)", save_aoti),
-    DeployFormat("onnx", ".onnx", "ONNX model (onnxruntime, OpenVINO); int8 as QDQ", export_onnx),
+    DeployFormat("onnx", ".onnx", "ONNX model (onnxruntime, OpenVINO); static int8 as QDQ, dynamic int8 as "
+                 "DynamicQuantizeLinear / MatMulInteger / DynamicQuantizeLSTM", export_onnx),
 )}
 
 

@@ -110,7 +110,8 @@ def _onnx_info(path: Path) -> dict[str, Any]:
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
             "inputs": [_onnx_value(v, onnx.TensorProto.DataType) for v in model.graph.input],
             "outputs": [_onnx_value(v, onnx.TensorProto.DataType) for v in model.graph.output],
-            "qdq": bool(ops & _QDQ), "nodes": len(model.graph.node)}
+            "qdq": bool(ops & _QDQ), "nodes": len(model.graph.node),
+            "ops": sorted(ops), "fxforge": _recorded({p.key: p.value for p in model.metadata_props}.get(METADATA))}
 
 
 _READERS = {"pt2": _program_info, "aoti": _package_info, "onnx": _onnx_info}

@@ -9,16 +9,23 @@ What graph is written:
   swapped for its ONNX twin, an eager module on the same dense weights (backends register twins with
   ``register_onnx_twin``; this module never imports them). The twin computes the same function, so the ONNX
   output equals the compiled model's up to float summation order.
-Both go through ``torch.onnx.export(dynamo=True)``. Dimensions the compiled model takes at any size (its
+- dynamic int8 targets: the lowered graph, its dynamic int8 linears on plain int8 tensors (``dynamic_int8``)
+  written as DynamicQuantizeLinear -> MatMulInteger -> scale and bias, its RNN modules swapped for their twins:
+  int8 LSTM layers as ONNX Runtime's DynamicQuantizeLSTM, fp16 / bf16 layers as ONNX LSTM in fp32
+  (``onnx_dynamic``; the file records what it runs otherwise than the compiled model, e.g. bf16 layers in fp32).
+  Activation qparams are chosen per call by the runtime: outputs agree within int8 rounding.
+Each file records the compile (target, versions, pipeline, those notes) as ``metadata_props[METADATA]``.
+All go through ``torch.onnx.export(dynamo=True)``. Dimensions the compiled model takes at any size (its
 signature's symbols: batch, sequence) stay dynamic with ``dynamic=True``. Inputs are the graph's flat
 tensors (keyword arguments flattened as the compiled model's signature does); outputs its flat outputs.
-What is not exported is an ``ExportError`` naming the node and op: dynamic int8 (activation ranges chosen per
-call) and weight-only int8 (int8/int4 weight kernels on fp32 activations), CUDA targets (CUDA graphs), a
+What is not exported is an ``ExportError`` naming the node and op: weight-only int8 (int8/int4 weight kernels
+on fp32 activations), a dynamic int8 GRU (ONNX Runtime has no such op), CUDA targets (CUDA graphs), a
 compile with correct-bias (``onnx_qdq``), modules the exporter cannot record.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -31,13 +38,20 @@ from torch import fx, nn
 from fxforge.capture.signature import graph_inputs
 from fxforge.errors import ExportError
 from fxforge.graph.meta import fxmeta
+from fxforge.quant.qspec import backend_quant
+from fxforge.version import __version__
 
 from .codec import copy_graph_module, synthetic_inputs
+from .dynamic_int8 import unpack_linears
+from .onnx_dynamic import DYNAMIC_LINEAR
+from .onnx_dynamic import translations as dynamic_translations
 from .onnx_qdq import DEQUANTIZE, FAKE_QUANTIZE, qdq_graph
 
-__all__ = ["export_onnx", "register_onnx_twin"]
+__all__ = ["METADATA", "export_onnx", "register_onnx_twin"]
 
 log = logging.getLogger(__name__)
+
+METADATA = "fxforge.json"  # what compiled.export records in a file for fxforge info (ONNX: a metadata_props key)
 
 OnnxTwin = Callable[[nn.Module], nn.Module | None]  # a runtime module's eager twin; None: not its kind
 _TWINS: list[OnnxTwin] = []  # filled by the backends on import
@@ -58,7 +72,10 @@ def _fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """The lowered graph with its runtime modules swapped for their ONNX twins (a copy)."""
     replace: dict[str, Any] = {}
     for node in gm.graph.nodes:
-        twin = _twin(gm.get_submodule(str(node.target))) if node.op == "call_module" else None
+        try:
+            twin = _twin(gm.get_submodule(str(node.target))) if node.op == "call_module" else None
+        except ExportError as exc:  # a twin that refuses its module: name the node
+            raise ExportError(f"node '{node.name}': {exc}", node=node.name, op=exc.op) from exc
         if twin is not None:
             replace[str(node.target)] = twin
     return copy_graph_module(gm, replace)
@@ -72,13 +89,22 @@ def _export_graph(compiled: Any) -> fx.GraphModule:
                           "compile for 'cpu' (fp32) or an int8 CPU target and export that", op=target)
     if opts is None:
         return _fp32_graph(compiled.graph_module)
+    if opts.mode == "dynamic":
+        return _dynamic_graph(compiled.graph_module)
     if opts.mode != "static":
         node, op = _first_runtime_module(compiled.graph_module)
         raise ExportError(f"quantization={opts.mode!r} (target {target!r}) has no ONNX form here: the export "
-                          f"writes static int8 as QDQ{f' (node {node}: {op})' if node else ''}. Compile with "
-                          "quantization='static' and calibration data, or export the fp32 'cpu' compile and "
-                          "quantize it with onnxruntime.quantization.quantize_dynamic", node=node, op=op or opts.mode)
+                          f"writes static and dynamic int8{f' (node {node}: {op})' if node else ''}. Compile with "
+                          "quantization='static' and calibration data or quantization='dynamic', or export the fp32 "
+                          "'cpu' compile", node=node, op=op or opts.mode)
     return qdq_graph(compiled)
+
+
+def _dynamic_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A dynamic int8 graph for ONNX: its linears on plain int8 tensors (``fxforge::dynamic_linear``), its RNN
+    modules swapped for their twins (``fxforge::dynamic_lstm`` for int8 layers, ONNX LSTM for the others)."""
+    unpacked, _ = unpack_linears(gm, DYNAMIC_LINEAR)
+    return _fp32_graph(unpacked)
 
 
 def _runtime_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -132,7 +158,8 @@ def _translations(qdq: bool) -> dict[Any, Callable[..., Any]]:
         three, six = op.CastLike(3.0, x), op.CastLike(6.0, x)
         return op.Div(op.Clip(op.Add(x, three), op.CastLike(0.0, x), six), six)
 
-    table: dict[Any, Callable[..., Any]] = {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize}
+    table: dict[Any, Callable[..., Any]] = {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize,
+                                          **dynamic_translations(op)}
     if qdq:
         table[torch.ops.aten.hardsigmoid.default] = onnx_hardsigmoid
     return table
@@ -165,9 +192,26 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dy
                                         input_names=_input_names(gm), verbose=False)
     except Exception as exc:  # the exporter's own message: name the modules it could not record
         raise _export_failure(gm, exc) from exc
+    meta = _metadata(compiled, gm)
+    program.model.metadata_props[METADATA] = json.dumps(meta)
     program.save(str(path))
+    for note in meta["notes"]:
+        log.info("ONNX export of target %s: %s", compiled.target, note)
     log.info("exported %s (target %s) to ONNX: %s", type(compiled).__name__, compiled.target, path)
     return path
+
+
+def _metadata(compiled: Any, gm: fx.GraphModule) -> dict[str, Any]:
+    """What the file records about the compile (plain JSON data), with what it runs otherwise than the compiled
+    model (``notes``: the twins' ``export_note``, dynamic int8's activation bits)."""
+    notes = [f"{name}: {note}" for name, m in gm.named_modules() if (note := getattr(m, "export_note", None))]
+    opts = compiled.quant_options
+    if opts is not None and opts.mode == "dynamic" and backend_quant(opts.backend, opts.reduce_range).reduce_range:
+        notes.append("activations are quantized per call to 8 bits (ONNX's DynamicQuantizeLinear); the compiled "
+                     "model uses 7 (reduce_range)")
+    return {"format": "onnx", "fxforge_version": __version__, "torch_version": torch.__version__,
+            "target": compiled.target, "pipeline": compiled.pipeline,
+            "quantization": None if opts is None else opts.mode, "notes": notes}
 
 
 def _export_failure(gm: fx.GraphModule, exc: Exception) -> ExportError:

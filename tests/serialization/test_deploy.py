@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from quant_helpers import int8_where_it_holds, rnn_layers_timed_as
 from tiny_bert import tiny_bert
 from torch import nn
 
 import fxforge
 from fxforge.cli import main
+from fxforge.numerics.metrics import flat_tensors
 from fxforge.pipeline.targets import all_targets
+from fxforge.quant.sqnr import outputs_sqnr_db
 from fxforge.serialization.deploy import FORMATS, format_for
+from fxforge.testing.speech import trained_speech_embedder
 from helpers import one_intra_op_thread, randomize_bn
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
@@ -136,17 +140,85 @@ def test_weight_only_int8_exports_as_plain_tensors(tmp_path):
         assert torch.equal(program.module()(x), compiled(x))
 
 
-@pytest.mark.parametrize(("quantization", "advice"), [("static", r"Static int8 deploys as ONNX.*\.onnx"),
-                                                     ("dynamic", r"Dynamic int8 has no deploy format yet.*'cpu'")])
-def test_int8_targets_refuse_with_what_to_do(tmp_path, quantization, advice):
+def test_static_int8_refuses_with_what_to_do(tmp_path):
     x = torch.randn(2, 3, 32, 32)
-    calibration = [torch.randn(2, 3, 32, 32) for _ in range(2)] if quantization == "static" else None
-    compiled = fxforge.compile(small_resnet(), "x86", example_inputs=(x,), calibration=calibration,
-                               quantization=quantization)
+    compiled = fxforge.compile(small_resnet(), "x86", example_inputs=(x,), calibration=[torch.randn(2, 3, 32, 32)])
     with pytest.raises(fxforge.ExportError, match=r"node '\w+'") as refused:
         compiled.export(tmp_path / "int8.pt2")
-    assert re.search(advice, str(refused.value))
+    assert re.search(r"Static int8 deploys as ONNX.*\.onnx", str(refused.value))
     assert not (tmp_path / "int8.pt2").exists()
+
+
+@pytest.fixture(scope="module")
+def speech_int8() -> tuple[nn.Module, torch.Tensor]:
+    """The speech LSTM with dynamic int8: layer 0 fp32 (int8 measures ~4 dB there), layers 1-2 and the linear int8."""
+    model, frames = trained_speech_embedder(0)
+    with rnn_layers_timed_as(None):
+        compiled = fxforge.compile(model, "x86", example_inputs=(frames[:8],), quantization="dynamic",
+                                   pipeline=int8_where_it_holds())
+    return compiled, frames
+
+
+def test_dynamic_int8_speech_lstm_program_runs_without_fxforge_bit_identical(speech_int8, tmp_path):
+    compiled, frames = speech_int8
+    assert "l1 int8" in compiled.report.quantization.layers[0].weight
+    path = compiled.export(tmp_path / "speech.pt2")
+    calls = [(frames,), (frames[:3],)]  # the batch stays dynamic; the sequence length is the compiled one
+    for got, expected in zip(run_fresh(LOAD_PROGRAM, path, calls, tmp_path), compiled_outputs(compiled, calls),
+                             strict=True):
+        assert torch.equal(got, expected)
+    ops = {str(n.target) for n in torch.export.load(path).graph.nodes if n.op == "call_function"}
+    assert "aten._int_mm.default" in ops and not any("quantized" in op for op in ops), ops
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_bidirectional_dynamic_int8_rnn_programs_are_bit_identical(rnn, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), rnn(16, 24, 2, batch_first=True, bidirectional=True)).eval()
+    compiled = fxforge.compile(model, "x86", example_inputs=(torch.randn(2, 6, 16),), quantization="dynamic",
+                               pipeline=int8_where_it_holds(min_layer_sqnr_db=-1000.0))
+    program = torch.export.load(compiled.export(tmp_path / "rnn.pt2")).module()
+    x = torch.randn(5, 6, 16)
+    with torch.inference_mode():
+        expected = compiled(x)
+    got = program(x)
+    assert all(torch.equal(a, b) for a, b in zip(flat_tensors(got), flat_tensors(expected), strict=True))
+
+
+@pytest.mark.skipif("qnnpack" not in fxforge.targets(), reason="no qnnpack engine in this torch build")
+def test_qnnpack_dynamic_int8_program_agrees_within_float_rounding(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LSTM(16, 24, 2, batch_first=True)).eval()
+    compiled = fxforge.compile(model, "qnnpack", example_inputs=(torch.randn(2, 6, 16),), quantization="dynamic",
+                               pipeline=int8_where_it_holds("qnnpack", min_layer_sqnr_db=-1000.0))
+    program = torch.export.load(compiled.export(tmp_path / "qnnpack.pt2")).module()
+    x = torch.randn(5, 6, 16)
+    with torch.inference_mode():
+        db = outputs_sqnr_db(compiled(x), program(x))
+    assert db >= 100.0, db  # reached: 144 dB (qnnpack rounds a few values otherwise: not bit for bit)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(16, 24, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def test_dynamic_int8_rnn_with_a_dynamic_sequence_length_is_a_typed_error(tmp_path):
+    compiled = fxforge.compile(Encoder().eval(), "x86", example_inputs=(torch.randn(2, 6, 16),),
+                               quantization="dynamic", pipeline=int8_where_it_holds(),
+                               dynamic={"x": {0: "batch", 1: "seq"}})
+    with pytest.raises(fxforge.ExportError, match="sequence length cannot stay dynamic: export with dynamic=False"):
+        compiled.export(tmp_path / "seq.pt2")
+    assert not (tmp_path / "seq.pt2").exists()
+    program = torch.export.load(compiled.export(tmp_path / "fixed.pt2", dynamic=False)).module()
+    x = torch.randn(2, 6, 16)
+    with torch.inference_mode():
+        assert torch.equal(program(x), compiled(x))
 
 
 def test_format_from_name_or_argument():
@@ -225,3 +297,24 @@ def test_a_registered_deploy_writer_writes_its_backends_models_only(tmp_path, mo
     compiled.__dict__["held"] = True
     assert compiled.export(tmp_path / "held.onnx", opset=18).read_bytes() == b"held"
     assert calls[-1] == ("onnx", {"opset": 18})
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_dynamic_int8_aoti_package_runs_in_a_fresh_process(tmp_path):
+    # a short sequence: the package unrolls the int8 LSTM's steps, and compiling them takes about a minute
+    compiled = fxforge.compile(Tagger().eval(), "x86", example_inputs=(torch.randn(2, 3, 8),),
+                               quantization="dynamic", pipeline=int8_where_it_holds())
+    path = compiled.export(tmp_path / "tagger.aoti.pt2")
+    calls = [(torch.randn(2, 3, 8),), (torch.randn(5, 3, 8),)]
+    for got, expected in zip(run_fresh(LOAD_PACKAGE, path, calls, tmp_path), compiled_outputs(compiled, calls),
+                             strict=True):
+        torch.testing.assert_close(got, expected)  # inductor may fuse the float epilogue otherwise: close

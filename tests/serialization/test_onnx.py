@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,16 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from quant_helpers import batches
+from quant_helpers import batches, int8_where_it_holds, rnn_layers_timed_as
 from tiny_bert import tiny_bert
 from torch import nn
 
 import fxforge
+from fxforge.cli import main
 from fxforge.errors import ExportError
 from fxforge.graph.fused import FusedConv
 from fxforge.numerics.metrics import max_errors
+from fxforge.passes import quantize_dynamic
 from fxforge.quant.sqnr import outputs_sqnr_db
-from fxforge.serialization.onnx import export_onnx
+from fxforge.serialization.onnx import METADATA, export_onnx
+from fxforge.testing.speech import trained_speech_embedder
 from helpers import one_intra_op_thread, reestimate_bn
 
 onnx = pytest.importorskip("onnx")
@@ -220,21 +224,103 @@ def test_tiny_bert_fp32_dynamic_batch_and_sequence(tmp_path: Path) -> None:
         assert max_errors(got, [expected.last_hidden_state, expected.pooler_output])[1] <= 1e-6  # reached: 3e-7
 
 
-def test_dynamic_int8_lstm_is_a_typed_error(tmp_path: Path) -> None:
-    class Tagger(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lstm, self.head = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 4)
+@pytest.fixture(scope="module")
+def speech() -> tuple[nn.Module, torch.Tensor]:
+    return trained_speech_embedder(0)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.lstm(x)[0])
 
-    compiled = fxforge.compile(Tagger().eval(), "x86", example_inputs=(torch.randn(2, 5, 16),),
-                               quantization="dynamic")
-    with pytest.raises(ExportError, match="quantization='dynamic'.*Compile with quantization='static'") as info:
-        export_onnx(compiled, tmp_path / "lstm.onnx")
-    assert info.value.node == "lstm" and info.value.op == "DynamicInt8RNN"
-    assert not (tmp_path / "lstm.onnx").exists()
+@pytest.fixture(scope="module")
+def speech_int8(speech: tuple[nn.Module, torch.Tensor], tmp_path_factory: pytest.TempPathFactory
+                ) -> tuple[fxforge.CompiledModule, Path]:
+    """The speech LSTM compiled with dynamic int8 (layer 0 fp32: int8 measures ~4 dB there; layers 1-2 int8) and
+    exported to ONNX."""
+    model, frames = speech
+    with rnn_layers_timed_as(None):
+        compiled = fxforge.compile(model, "x86", example_inputs=(frames[:8],), quantization="dynamic",
+                                   pipeline=int8_where_it_holds())
+    return compiled, compiled.export(tmp_path_factory.mktemp("speech") / "speech.onnx")
+
+
+def embedding_agreement(expected: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(SQNR dB, the minimum cosine per embedding) of ``got`` against ``expected``."""
+    return outputs_sqnr_db(expected, got), torch.nn.functional.cosine_similarity(expected, got, dim=-1).min().item()
+
+
+def test_dynamic_int8_speech_lstm_runs_in_ort_at_two_batch_sizes(speech, speech_int8, tmp_path: Path) -> None:
+    (_, frames), (compiled, path) = speech, speech_int8
+    schemes = compiled.report.quantization.layers[0].weight
+    assert "l0 fp32" in schemes and "l1 int8" in schemes and "l2 int8" in schemes, schemes
+    ops = op_counts(path)
+    assert ops["DynamicQuantizeLSTM"] == 2 and ops["LSTM"] == 1 and ops["MatMulInteger"] == 1, ops
+    model = onnx.load(str(path))
+    int8_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 3]
+    assert len(int8_weights) == 4  # W and R of each int8 layer: (directions, in, 4 * hidden)
+    calls = [frames, frames[:3]]
+    for x, (got,) in zip(calls, run_standalone(path, [{"frames": x} for x in calls], tmp_path), strict=True):
+        with torch.inference_mode():
+            db, cosine = embedding_agreement(compiled(x), got)
+        assert db >= 50.0 and cosine >= 0.99999, (db, cosine)  # reached: 55 / 59 dB, 0.999994 (onnxruntime 1.23)
+    assert "DynamicQuantizeMatMul" in op_counts(tmp_path / "optimized.onnx")  # ORT fuses the linear's chain
+
+
+def test_openvino_runs_the_dynamic_int8_file(speech, speech_int8, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the [bench] extra)")
+    (_, frames), (compiled, path) = speech, speech_int8
+    (got,), = run_standalone(path, [{"frames": frames}], tmp_path, runtime="openvino")
+    with torch.inference_mode():
+        db, cosine = embedding_agreement(compiled(frames), got)
+    assert db >= 48.0 and cosine >= 0.99998, (db, cosine)  # reached: 51.1 dB, 0.999988 (OpenVINO 2026.4)
+
+
+def test_bf16_layers_run_in_fp32_and_the_file_says_so(speech, tmp_path: Path, capsys) -> None:
+    model, frames = speech
+    with rnn_layers_timed_as("bf16"):  # every layer takes bf16 where bf16 holds the floor
+        compiled = fxforge.compile(model, "x86", example_inputs=(frames[:8],), quantization="dynamic")
+    assert isinstance(compiled.graph_module.get_submodule("rnn.0"), quantize_dynamic.Bf16RNN)
+    path = compiled.export(tmp_path / "bf16.onnx")
+    notes = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA])["notes"]
+    assert len(notes) == 1 and notes[0].startswith("rnn.0:") and "fp32" in notes[0], notes
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fxforge"]["quantization"] == "dynamic" and info["fxforge"]["notes"] == notes
+    (got,), = run_standalone(path, [{"frames": frames}], tmp_path)
+    with torch.inference_mode():
+        db, cosine = embedding_agreement(compiled(frames), got)
+    assert db >= 48.0 and cosine >= 0.99999, (db, cosine)  # reached: 52.8 dB (bf16 against fp32 arithmetic)
+
+
+class Tagger(nn.Module):
+    """A recurrent tagger: a linear on every step's output."""
+
+    def __init__(self, rnn: type[nn.RNNBase] = nn.LSTM, **options: object) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = rnn(16, 32, batch_first=True, **options), nn.Linear(64 if options else 32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_bidirectional_int8_lstm_round_trips(tmp_path: Path) -> None:
+    model = Tagger(num_layers=2, bidirectional=True).eval()
+    compiled = fxforge.compile(model, "x86", example_inputs=(rand(2, 5, 16),), quantization="dynamic",
+                               pipeline=int8_where_it_holds(min_layer_sqnr_db=-1000.0))
+    path = export_onnx(compiled, tmp_path / "tagger.onnx")
+    assert op_counts(path)["DynamicQuantizeLSTM"] == 2
+    x = rand(3, 5, 16)  # another batch (the sequence length is fixed at the compiled one)
+    (got,), = run_standalone(path, [{"x": x}], tmp_path)
+    with torch.inference_mode():
+        db = outputs_sqnr_db(compiled(x), got)
+    assert db >= 45.0, db  # reached: 49 dB
+
+
+def test_dynamic_int8_gru_is_a_typed_error(tmp_path: Path) -> None:
+    compiled = fxforge.compile(Tagger(nn.GRU).eval(), "x86", example_inputs=(rand(2, 5, 16),),
+                               quantization="dynamic", pipeline=int8_where_it_holds())
+    with pytest.raises(ExportError, match="node 'rnn'.*no ONNX form.*skip the GRU") as info:
+        export_onnx(compiled, tmp_path / "gru.onnx")
+    assert info.value.node == "rnn" and info.value.op == "DynamicInt8RNN"
+    assert not (tmp_path / "gru.onnx").exists()
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
