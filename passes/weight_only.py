@@ -214,9 +214,9 @@ def _choose_bits(gm: fx.GraphModule, before: fx.GraphModule, int4: list[Candidat
             return outputs_sqnr_db(reference, gm(*ctx.fresh_inputs()))
 
         all_int4 = measure()
-        final = hold_floor(int4, measure, floor_db)
-    if runs[0] == 1:
-        return [f"int4 output SQNR {all_int4:.1f} dB on the example inputs holds the {floor_db:.0f} dB floor"]
+        if all_int4 >= floor_db:
+            return [f"int4 output SQNR {all_int4:.1f} dB on the example inputs holds the {floor_db:.0f} dB floor"]
+        final = hold_floor(int4, measure, floor_db, all_int4)
     kept = [c for c in int4 if c.int8_kept]
     for c in int4:
         alone = f"int4 alone: output {c.alone_db:.1f} dB"

@@ -54,13 +54,12 @@ def _measure_alone(candidates: list[Candidate], measure: Callable[[], float]) ->
     return base
 
 
-def hold_floor(candidates: list[Candidate], measure: Callable[[], float], floor_db: float) -> float:
+def hold_floor(candidates: list[Candidate], measure: Callable[[], float], floor_db: float, all_int4_db: float
+               ) -> float:
     """Choose int4 / int8 per candidate (see the module docstring); ``measure`` gives the graph's output SQNR as
-    the candidates are currently placed (all int4 on entry). Marks ``int8_kept`` and returns the final SQNR."""
-    db = measure()
-    if not candidates or db >= floor_db or not math.isfinite(floor_db):
-        return db
-    all_int4 = _noise(db)
+    the candidates are currently placed (all int4 on entry, measured ``all_int4_db``, below ``floor_db``). Marks
+    ``int8_kept`` and returns the final SQNR."""
+    all_int4 = _noise(all_int4_db)
     base = _measure_alone(candidates, measure)
     cost = {c.name: max(_noise(c.alone_db) - base, 0.0) for c in candidates}
     scale = all_int4 / max(base + sum(cost.values()), 1e-30)  # non-additivity, measured
