@@ -104,6 +104,13 @@ class WeightOnlyLinear(nn.Module):
         q = self.qweight.float().reshape(self.out_features, -1, self.group_size)
         return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(self.out_features, -1)
 
+    def packed_bytes(self) -> int:
+        """The weight's size once packed: 8 or 4 bits a value, plus fp32 scales (and zeros, int4)."""
+        values = self.out_features * self.in_features
+        if self.bits == 8:
+            return values + 4 * self.out_features
+        return values // 2 + 8 * values // self.group_size
+
     def describe(self) -> str:
         if self.bits == 4:
             return f"int4 groups of {self.group_size}"
@@ -151,12 +158,6 @@ def _placer(gm: fx.GraphModule, path: str, mod: nn.Module) -> Callable[[nn.Modul
     return lambda quantized: replace_submodule(gm, path, quantized)
 
 
-def _int4_saving(linear: nn.Linear, group: int) -> int:
-    """Bytes int4 groups save over int8 rows on ``linear``: half the values, less a (scale, zero) per group."""
-    rows, cols = linear.out_features, linear.in_features
-    return rows * cols // 2 - 8 * rows * (cols // group) + 4 * rows
-
-
 def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions, int4: list[Candidate]) -> str | None:
     """Quantize one node's layer; returns what its weight got, or None when it has no weight to quantize.
     An int4 layer joins ``int4`` with its int8 twin (``hold_floor`` may choose that)."""
@@ -176,8 +177,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions, int4: list[C
     place = _placer(gm, path, mod)
     place(quantized)
     if bits == 4:
-        int4.append(Candidate(node.name, quantized, WeightOnlyLinear(linear, 8, 0, settings.per_channel), place,
-                              _int4_saving(linear, group)))
+        twin = WeightOnlyLinear(linear, 8, 0, settings.per_channel)
+        int4.append(Candidate(node.name, quantized, twin, place, twin.packed_bytes() - quantized.packed_bytes()))
     return quantized.describe() + why
 
 
@@ -219,9 +220,9 @@ def _choose_bits(gm: fx.GraphModule, before: fx.GraphModule, int4: list[Candidat
         final = hold_floor(int4, measure, floor_db, all_int4)
     kept = [c for c in int4 if c.int8_kept]
     for c in int4:
-        alone = f"int4 alone: output {c.alone_db:.1f} dB"
-        layers[c.name] = (f"{c.int8.describe()} ({alone}, among the costliest per byte for the {floor_db:.0f} dB "
-                          f"floor)" if c.int8_kept else f"{layers[c.name]} ({alone})")
+        got = c.int8 if c.int8_kept else c.int4
+        why = f"; int8 to hold the {floor_db:.0f} dB output floor" if c.int8_kept else ""
+        layers[c.name] = f"{got.describe()}, {_size(got.packed_bytes())} (int4 alone: output {c.alone_db:.1f} dB{why})"
     note = (f"int4 output SQNR {all_int4:.1f} dB is below the {floor_db:.0f} dB floor: {len(kept)} of {len(int4)} "
             f"int4 layers kept int8 (+{_size(sum(c.saved for c in kept))} weights), output {final:.1f} dB "
             f"({runs[0]} runs of the graph, {time.perf_counter() - start:.1f} s)")

@@ -211,7 +211,7 @@ def test_int4_layers_the_output_cannot_afford_go_int8_by_measured_sensitivity():
     model, example, held_out = small_gpt2()
     everywhere, chosen = gpt2_int4(model, example, floor=-math.inf), gpt2_int4(model, example)
     weights = {r.layer: r.weight for r in chosen.report.quantization.layers}
-    kept = [layer for layer, weight in weights.items() if weight.startswith("int8 per output channel (int4 alone")]
+    kept = [layer for layer, weight in weights.items() if weight.startswith("int8") and "int4 alone" in weight]
     assert kept and len(kept) < len(weights) // 2  # the few layers that cannot take int4, not all of them
     assert all(isinstance(everywhere.graph_module.get_submodule(k), Int4WeightLinear) for k in kept)
     assert all(isinstance(chosen.graph_module.get_submodule(k), Int8WeightLinear) for k in kept)
