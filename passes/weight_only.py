@@ -31,13 +31,13 @@ from torch import Tensor, fx, nn
 
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import call_count, module_of, replace_submodule
-from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.context import PassContext, clone_inputs
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
 from fxforge.quant.config import LayerQuant, QuantOptions, layer_name
 from fxforge.quant.qspec import QSpec
 from fxforge.quant.reference import quantize_weight
-from fxforge.quant.sqnr import capture, outputs_sqnr_db
+from fxforge.quant.sqnr import capture, outputs_sqnr_db, sample_inputs
 
 from .insert_observers import quant_options
 from .weight_only_bits import Candidate, hold_floor
@@ -204,15 +204,15 @@ def _choose_bits(gm: fx.GraphModule, before: fx.GraphModule, int4: list[Candidat
                  ctx: PassContext, floor_db: float) -> list[str]:
     """int4 layers the output cannot afford go int8 (``hold_floor``); each layer's weight text says what it got
     and why; returns the report notes."""
-    inputs = ctx.fresh_inputs()
+    inputs = sample_inputs(ctx.fresh_inputs())  # a large example batch would make each run costly
     start = time.perf_counter()
     with torch.no_grad():
-        reference = before(*inputs)
+        reference = before(*clone_inputs(inputs))
         runs = [0]
 
         def measure() -> float:
             runs[0] += 1
-            return outputs_sqnr_db(reference, gm(*ctx.fresh_inputs()))
+            return outputs_sqnr_db(reference, gm(*clone_inputs(inputs)))
 
         all_int4 = measure()
         if all_int4 >= floor_db:
