@@ -9,7 +9,9 @@ Rewrites (reference numerics; lower-weight-only packs them for torch's weight-on
     Conv1D(x)      -> the same, on the Linear it equals (Conv1D keeps its weight as [in, out])
     embedding(W)   -> W's rows on the int8 grid (fp32 lookup)
 ``weight_bits`` and ``group_size`` come from quant_config, globally or per layer; a layer whose width the
-int4 groups do not divide keeps int8. Why correct: the modules compute the same product with each weight
+int4 groups do not divide keeps int8. Where int4 everywhere leaves the model output below ``min_output_sqnr_db``
+on the example inputs, the int4 layers that cost it most per byte saved go int8, by measured sensitivity
+(``weight_only_bits``). Why correct: the modules compute the same product with each weight
 replaced by its rounded value; the report gives each layer's output SQNR against fp32.
 Preconditions: quantization options in the context (an int8 target with quantization="weight-only").
 """
@@ -17,7 +19,10 @@ Preconditions: quantization options in the context (an int8 target with quantiza
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +31,18 @@ from torch import Tensor, fx, nn
 
 from fxforge.graph.fused import FusedLinear
 from fxforge.graph.matching import call_count, module_of, replace_submodule
-from fxforge.pipeline.context import PassContext
+from fxforge.pipeline.context import PassContext, clone_inputs
 from fxforge.pipeline.pass_api import Pass, PassResult, register_pass
 from fxforge.pipeline.report import QuantLayerRecord, QuantSummary
 from fxforge.quant.config import LayerQuant, QuantOptions, layer_name
 from fxforge.quant.qspec import QSpec
 from fxforge.quant.reference import quantize_weight
-from fxforge.quant.sqnr import capture, outputs_sqnr_db
+from fxforge.quant.sqnr import capture, outputs_sqnr_db, sample_inputs
 
 from .insert_observers import quant_options
+from .weight_only_bits import Candidate, hold_floor
+
+log = logging.getLogger(__name__)
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 _INT8_ROWS = QSpec(torch.qint8, -127, 127, symmetric=True, axis=0)  # what _weight_int8pack_mm takes
@@ -96,6 +104,13 @@ class WeightOnlyLinear(nn.Module):
         q = self.qweight.float().reshape(self.out_features, -1, self.group_size)
         return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(self.out_features, -1)
 
+    def packed_bytes(self) -> int:
+        """The weight's size once packed: 8 or 4 bits a value, plus fp32 scales (and zeros, int4)."""
+        values = self.out_features * self.in_features
+        if self.bits == 8:
+            return values + 4 * self.out_features
+        return values // 2 + 8 * values // self.group_size
+
     def describe(self) -> str:
         if self.bits == 4:
             return f"int4 groups of {self.group_size}"
@@ -136,8 +151,16 @@ def _untie_weight(gm: fx.GraphModule, path: str, linear: nn.Linear) -> None:
             reader.target = name
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions) -> str | None:
-    """Quantize one node's layer; returns what its weight got, or None when it has no weight to quantize."""
+def _placer(gm: fx.GraphModule, path: str, mod: nn.Module) -> Callable[[nn.Module], None]:
+    """Puts a quantized version of the layer at ``path`` into the graph (inside its FusedLinear if it has one)."""
+    if isinstance(mod, FusedLinear):
+        return lambda quantized: setattr(mod, "linear", quantized)
+    return lambda quantized: replace_submodule(gm, path, quantized)
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions, int4: list[Candidate]) -> str | None:
+    """Quantize one node's layer; returns what its weight got, or None when it has no weight to quantize.
+    An int4 layer joins ``int4`` with its int8 twin (``hold_floor`` may choose that)."""
     path = str(node.target)
     mod = module_of(gm, node)
     if mod is None or opts.skipped(path) or call_count(gm, path) != 1:
@@ -151,10 +174,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, opts: QuantOptions) -> str | Non
     bits, group, why = _bits_for(settings, linear)
     quantized = WeightOnlyLinear(linear, bits, group, settings.per_channel)
     _untie_weight(gm, path, linear)
-    if isinstance(mod, FusedLinear):
-        mod.linear = quantized
-    else:
-        replace_submodule(gm, path, quantized)
+    place = _placer(gm, path, mod)
+    place(quantized)
+    if bits == 4:
+        twin = WeightOnlyLinear(linear, 8, 0, settings.per_channel)
+        int4.append(Candidate(node.name, quantized, twin, place, twin.packed_bytes() - quantized.packed_bytes()))
     return quantized.describe() + why
 
 
@@ -172,22 +196,63 @@ def _records(gm: fx.GraphModule, before: fx.GraphModule, layers: dict[str, str],
     return records
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _choose_bits(gm: fx.GraphModule, before: fx.GraphModule, int4: list[Candidate], layers: dict[str, str],
+                 ctx: PassContext, floor_db: float) -> list[str]:
+    """int4 layers the output cannot afford go int8 (``hold_floor``); each layer's weight text says what it got
+    and why; returns the report notes."""
+    inputs = sample_inputs(ctx.fresh_inputs())  # a large example batch would make each run costly
+    start = time.perf_counter()
+    with torch.no_grad():
+        reference = before(*clone_inputs(inputs))
+        runs = [0]
+
+        def measure() -> float:
+            runs[0] += 1
+            return outputs_sqnr_db(reference, gm(*clone_inputs(inputs)))
+
+        all_int4 = measure()
+        if all_int4 >= floor_db:
+            return [f"int4 output SQNR {all_int4:.1f} dB on the example inputs holds the {floor_db:.0f} dB floor"]
+        final = hold_floor(int4, measure, floor_db, all_int4)
+    kept = [c for c in int4 if c.int8_kept]
+    for c in int4:
+        got = c.int8 if c.int8_kept else c.int4
+        why = f"; int8 to hold the {floor_db:.0f} dB output floor" if c.int8_kept else ""
+        layers[c.name] = f"{got.describe()}, {_size(got.packed_bytes())} (int4 alone: output {c.alone_db:.1f} dB{why})"
+    note = (f"int4 output SQNR {all_int4:.1f} dB is below the {floor_db:.0f} dB floor: {len(kept)} of {len(int4)} "
+            f"int4 layers kept int8 (+{_size(sum(c.saved for c in kept))} weights), output {final:.1f} dB "
+            f"({runs[0]} runs of the graph, {time.perf_counter() - start:.1f} s)")
+    log.info("quantize-weight-only: %s", note)
+    return [note]
+
+
 @register_pass
 @dataclass(frozen=True)
 class QuantizeWeightOnly(Pass):
     """Linear/Conv1D weights -> int8 per channel or int4 per group (quant_config weight_bits, group_size);
-    Embedding rows -> int8; activations stay fp32."""
+    Embedding rows -> int8; activations stay fp32. int4 layers whose rounding costs the model output most stay
+    int8 until the output SQNR on the example inputs reaches ``min_output_sqnr_db`` (-inf: every int4 layer
+    stays int4)."""
 
     name = "quantize-weight-only"
     provides = frozenset({"quantized"})
+    min_output_sqnr_db: float = 18.0
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = quant_options(ctx, self.name)
         ctx.shapes(gm)
         before = copy.deepcopy(gm)
+        int4: list[Candidate] = []
         layers = {n.name: d for n in list(gm.graph.nodes) if n.op == "call_module"
-                  and (d := _rewrite(gm, n, opts)) is not None}
+                  and (d := _rewrite(gm, n, opts, int4)) is not None}
         gm.recompile()
+        notes = [f"{len(layers)} layers quantized (weight-only)"]
+        if int4:
+            notes += _choose_bits(gm, before, int4, layers, ctx, self.min_output_sqnr_db)
         ctx.report.quantization = QuantSummary(mode="weight-only", backend=opts.backend,
                                                layers=_records(gm, before, layers, ctx), skipped=list(opts.skip))
-        return PassResult(gm, bool(layers), [f"{len(layers)} layers quantized (weight-only)"])
+        return PassResult(gm, bool(layers), notes)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import re
+import statistics
+
 import pytest
 import torch
+import torch.nn.functional as F
 from quant_helpers import sqnr
 from torch import nn
 
 import fxforge
 from fxforge.backends.weight_only import Int4WeightLinear, Int8WeightLinear
 from fxforge.passes.weight_only import WeightOnlyLinear
+from fxforge.passes.weight_only_bits import Candidate, hold_floor
 from fxforge.pipeline.fragments import with_options, without
 from fxforge.quant.sqnr import outputs_sqnr_db
 from helpers import assert_unchanged, state_snapshot
@@ -155,3 +161,77 @@ def test_a_tied_lm_head_is_quantized_and_the_embedding_keeps_its_fp32_copy():
     got = got if isinstance(got, torch.Tensor) else getattr(got, "logits", got[0])
     assert not (outputs_sqnr_db(want, got) < 30)
     assert_unchanged(model, snapshot)
+
+
+def test_hold_floor_keeps_the_costliest_layers_per_byte_in_int8():
+    # additive noise: each layer adds its cost to the output noise energy in int4, 1e-6 in int8
+    costs, saved = {"a": 0.004, "b": 0.0004, "c": 0.0004, "d": 0.0003}, {"a": 100, "b": 100, "c": 100, "d": 10}
+    placed: dict[str, str] = {}
+    candidates = [Candidate(name, "int4", "int8", lambda bits, n=name: placed.__setitem__(n, bits), saved[name])
+                  for name in costs]
+    for c in candidates:
+        c.place(c.int4)
+
+    def measure() -> float:
+        return -10 * math.log10(sum(costs[n] if bits == "int4" else 1e-6 for n, bits in placed.items()))
+
+    final = hold_floor(candidates, measure, 30.0, measure())  # 30 dB: a noise budget of 0.001
+    assert {c.name for c in candidates if c.int8_kept} == {"a", "d"}  # "d" costs less than "b" but saves a tenth
+    assert placed == {"a": "int8", "b": "int4", "c": "int4", "d": "int8"}
+    assert not (final < 30.0)
+    for c in candidates:  # alone: itself in int4, the three others in int8
+        assert c.alone_db == pytest.approx(-10 * math.log10(costs[c.name] + 3e-6))
+
+
+def small_gpt2() -> tuple[nn.Module, dict, dict]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_embd=128, n_head=2, vocab_size=512, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    example, held_out = ({"input_ids": torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(seed)),
+                          "use_cache": False} for seed in (0, 1))
+    return model, example, held_out
+
+
+def gpt2_int4(model: nn.Module, example: dict, floor: float | None = None, **config) -> fxforge.CompiledModule:
+    pipeline = fxforge.pipeline_for("x86", "weight-only")
+    if floor is not None:
+        pipeline = with_options(pipeline, "quantize-weight-only", min_output_sqnr_db=floor)
+    return fxforge.compile(model, "x86", example_inputs=example, quantization="weight-only", pipeline=pipeline,
+                           quant_config=fxforge.QuantConfig(weight_bits=4, group_size=32, **config))
+
+
+def min_cosine(model: nn.Module, compiled: nn.Module, inputs: dict) -> float:
+    with torch.inference_mode():
+        want, got = model(**inputs).logits, compiled(**inputs)[0]
+    return F.cosine_similarity(want.flatten(0, -2).double(), got.flatten(0, -2).double()).min().item()
+
+
+def test_int4_layers_the_output_cannot_afford_go_int8_by_measured_sensitivity():
+    model, example, held_out = small_gpt2()
+    everywhere, chosen = gpt2_int4(model, example, floor=-math.inf), gpt2_int4(model, example)
+    weights = {r.layer: r.weight for r in chosen.report.quantization.layers}
+    kept = [layer for layer, weight in weights.items() if weight.startswith("int8") and "int4 alone" in weight]
+    assert kept and len(kept) < len(weights) // 2  # the few layers that cannot take int4, not all of them
+    assert all(isinstance(everywhere.graph_module.get_submodule(k), Int4WeightLinear) for k in kept)
+    assert all(isinstance(chosen.graph_module.get_submodule(k), Int8WeightLinear) for k in kept)
+    assert min_cosine(model, chosen, held_out) >= 0.992  # int4 everywhere: about 0.989 on held-out tokens
+    assert min_cosine(model, chosen, held_out) > min_cosine(model, everywhere, held_out) + 0.002
+
+
+def test_the_layers_chosen_for_int8_buy_more_output_sqnr_than_the_least_sensitive_ones():
+    model, example, _ = small_gpt2()
+    chosen = gpt2_int4(model, example)
+    alone = {r.layer: float(re.search(r"int4 alone: output ([-\d.]+) dB", r.weight).group(1))
+             for r in chosen.report.quantization.layers if "int4 alone" in r.weight}
+    kept = [layer for layer in alone if isinstance(chosen.graph_module.get_submodule(layer), Int8WeightLinear)]
+    assert kept and all(alone[k] < statistics.median(alone.values()) for k in kept)  # they cost the output most
+    least = sorted(alone, key=alone.get)[-len(kept):]  # the same number of layers, those int4 costs least
+    config = {"names": {name: {"weight_bits": 8} for name in least}}
+    elsewhere = fxforge.compile(model, "x86", example_inputs=example, quantization="weight-only",
+                                pipeline=with_options(fxforge.pipeline_for("x86", "weight-only"),
+                                                      "quantize-weight-only", min_output_sqnr_db=-math.inf),
+                                quant_config={"weight_bits": 4, "group_size": 32, **config})
+    with torch.inference_mode():
+        want = model(**example).logits
+        assert outputs_sqnr_db(want, chosen(**example)[0]) > outputs_sqnr_db(want, elsewhere(**example)[0]) + 1
