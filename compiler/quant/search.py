@@ -62,7 +62,7 @@ def configured_per_channel(opts: QuantOptions, node: fx.Node) -> bool:
     return opts.config.resolve(plan["layer"], plan["op_type"], plan["kind"]).per_channel
 
 
-def parse_activation(text: str) -> tuple[str, dict[str, float]]:
+def parse_activation(text: str) -> tuple[str, dict[str, float | None]]:
     """``"percentile:99.9"`` -> ("percentile", {"percentile": 99.9}); ValueError on anything unknown."""
     kind, _, arg = text.partition(":")
     if kind == "percentile" and arg:
