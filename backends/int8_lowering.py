@@ -24,7 +24,6 @@ lower-fbgemm pack those for oneDNN (the reference form where torch has no oneDNN
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -55,7 +54,7 @@ _q = torch.ops.quantized
 _CONV_OPS = {"conv1d", "conv2d", "conv3d"}  # convs with int8 kernels of the same name (quantized.conv2d, ...)
 _BINARY = {"add", "mul"}  # ops with int8 kernels (quantized.add / mul, with or without a fused relu)
 _UNARY = {"hardswish": _q.hardswish, "sigmoid": _q.sigmoid}
-_INT8_POOLS = {"avgpool", "mean"}  # share ops with int8 kernels that keep the input's qparams
+_INT8_POOLS = {"avgpool"}  # share ops with int8 kernels that keep the input's qparams (windowed average pooling)
 _GATE_QPARAMS = (1.0 / 256, 0)  # the output qparams of torch's quint8 sigmoid-like kernels ([0, 1] in 256 steps)
 # int8 ops whose output qparams are fixed (quint8): lowered only where the reference quantizes with these
 _FIXED_OUTPUT = {"hardsigmoid": (torch.nn.functional.hardsigmoid, _GATE_QPARAMS)}
@@ -367,7 +366,7 @@ def _lower_share(low: _Lowering, q: fx.Node, op: fx.Node) -> fx.Node | None:
     if stored(op).get("role") != "share" or stored(op).get("kind") not in _INT8_POOLS or not _is_dq(op.args[0]) \
             or len(op.all_input_nodes) != 1:
         return None
-    if (low.engine == "qnnpack" and _qnnpack_pool_differs(op, module_of(low.gm, op))) or _upsamples_one_pixel(op):
+    if low.engine == "qnnpack" and _qnnpack_pool_differs(op, module_of(low.gm, op)):
         return None
     op.replace_input_with(op.args[0], op.args[0].args[0])
     q.replace_all_uses_with(op)
@@ -386,15 +385,6 @@ def _qnnpack_pool_differs(op: fx.Node, module: nn.Module | None) -> bool:
     padding = options.get("padding", 0)
     padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
     return pool_window(op, module) == 1 or (padded and not options.get("count_include_pad", True))
-
-
-def _upsamples_one_pixel(op: fx.Node) -> bool:
-    """Adaptive average pooling from 1x1 maps to larger ones: torch's int8 kernel gets it wrong (measured on
-    every engine: (N>1, C>1, 1, 1) -> 2x2 is off by whole input ranges; 1x1 maps are NCHW and channels-last
-    at once), so the op keeps its reference form (dequantize -> pool -> quantize)."""
-    before, after = tensor_shape(op.args[0]), tensor_shape(op)
-    return before is not None and after is not None and len(before) > 2 and math.prod(before[2:]) == 1 \
-        and math.prod(after[2:]) > 1
 
 
 _MODULE_RULES = (_lower_weighted, _lower_batchnorm, _lower_unary)  # regions around a module call

@@ -1,8 +1,9 @@
 """search-observers: per layer, the observer and weight scheme with the best local SQNR (optional, static int8).
 
-For each quantization point, in graph order, tries the configured observer against ``minmax``, ``histogram``
-and ``percentile`` ranges, and for each conv/linear per-channel against per-tensor weights, keeping the choice
-whose int8 output is closest to the layer's fp32 op on the same inputs (``fxforge.quant.search``)::
+For each quantization point, in graph order, tries the configured observer against ``minmax``, ``histogram``,
+``mse`` (histogram without its clipping bound) and ``percentile`` ranges, and for each conv/linear
+per-channel against per-tensor weights, keeping the choice whose int8 output is closest to the layer's fp32
+op on the same inputs (``fxforge.quant.search``)::
 
     Before: y = conv(x); y1 = observer_3(y)        # observer_3: histogram(mse), weights per-channel
     After:  y = conv(x); y1 = observer_3(y)        # observer_3: percentile(99.9), weights per-tensor

@@ -43,13 +43,13 @@ class OpInfo:
 # op -> kind: runs in fp32 between dequantize and quantize, its output with qparams of its own
 _COMPUTE = {"add": "add", "mul": "mul", "matmul": "matmul", "bmm": "bmm", "hardswish": "hardswish",
             "sigmoid": "sigmoid", "silu": "silu", "hardsigmoid": "hardsigmoid", "tanh": "tanh", "gelu": "gelu",
-            "leaky_relu": "leaky_relu"}
+            "leaky_relu": "leaky_relu", "mean": "mean"}  # mean: as adaptive average pooling (_avg_pool_role)
 # op -> kind: compute ops as module calls only (the module holds the weight or statistics insert-qdq reads)
 _LAYERS = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv-transpose",
            "conv_transpose2d": "conv-transpose", "conv_transpose3d": "conv-transpose", "linear": "linear",
            "batch_norm": "batchnorm"}
 # op -> kind: the output keeps (or is requantized with) its input's qparams
-_SHARE = {"mean": "mean", "adaptive_max_pool2d": "maxpool"}
+_SHARE = {"adaptive_max_pool2d": "maxpool"}
 # op -> kind: runs on the int8 tensor itself and keeps its qparams, exactly
 _DIRECT = {"flatten": "flatten", "unflatten": "unflatten", "reshape": "reshape", "view": "view",
            "permute": "permute", "transpose": "transpose", "contiguous": "contiguous", "squeeze": "squeeze",
@@ -105,10 +105,15 @@ def _pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
 
 
 def _avg_pool_role(node: fx.Node, mod: nn.Module | None = None) -> str:
-    """Average pooling keeps its input's qparams (an average stays inside its inputs' range), except with a
-    divisor_override, which divides the window's sum by another count: sum / 2 over a 3x3 window reaches
-    4.5x the inputs' range, so it gets qparams of its own."""
-    return COMPUTE if (pool_options(node, mod) or {}).get("divisor_override") is not None else SHARE
+    """Average pooling over a window keeps its input's qparams (an average stays inside its inputs' range),
+    except with a divisor_override, which divides the window's sum by another count: sum / 2 over a 3x3
+    window reaches 4.5x the inputs' range, so it gets qparams of its own. Adaptive pooling (and ``mean``)
+    averages whole feature maps: the means spread over a small part of the inputs' range (measured on
+    mobilenet_v3's squeeze-excitation pools: a tenth), so on the inputs' grid they keep three or four bits
+    (local SQNR ~20 dB, the worst op of that net); they get qparams of their own (the op runs in fp32
+    between dequantize and quantize), as onnxruntime's GlobalAveragePool does."""
+    options = pool_options(node, mod)  # None: adaptive pooling
+    return COMPUTE if options is None or options.get("divisor_override") is not None else SHARE
 
 
 def _wrapped_info(mod: nn.Module, node: fx.Node) -> OpInfo | None:

@@ -1,7 +1,8 @@
 """Per-layer search of observer and weight scheme on the calibration data (the ``search-observers`` pass).
 
 For every quantization point of an observed, calibrated graph, in graph order, the configured observer is
-tried against ``minmax``, ``histogram``, ``percentile:99.99`` and ``percentile:99.9`` (``entropy`` on request),
+tried against ``minmax``, ``histogram``, ``mse`` (the histogram's MSE range without its clipping bound),
+``percentile:99.99`` and ``percentile:99.9`` (``entropy`` on request),
 all computed from one histogram per qparam group, and each conv/linear's weights per-channel against
 per-tensor. The choice with the best *local* SQNR is kept: the layer's int8 output against its fp32 op (original
 weights) on the same, already quantized, inputs, summed over the search batches (the report's "local dB").
@@ -50,8 +51,8 @@ from .reference import quantize_weight
 from .sqnr import apply_op
 
 WEIGHT_SCHEME_KEY = "weight_per_channel"  # fxmeta key on a compute node: the searched weight scheme
-DEFAULT_ACTIVATIONS = ("minmax", "histogram", "percentile:99.99", "percentile:99.9")
-ACTIVATION_CHOICES = ("minmax", "histogram", "percentile:<p>", "entropy")
+DEFAULT_ACTIVATIONS = ("minmax", "histogram", "mse", "percentile:99.99", "percentile:99.9")
+ACTIVATION_CHOICES = ("minmax", "histogram", "mse", "percentile:<p>", "entropy")
 WEIGHT_CHOICES = {"per-channel": True, "per-tensor": False}
 
 
@@ -61,7 +62,7 @@ def configured_per_channel(opts: QuantOptions, node: fx.Node) -> bool:
     return opts.config.resolve(plan["layer"], plan["op_type"], plan["kind"]).per_channel
 
 
-def parse_activation(text: str) -> tuple[str, dict[str, float]]:
+def parse_activation(text: str) -> tuple[str, dict[str, float | None]]:
     """``"percentile:99.9"`` -> ("percentile", {"percentile": 99.9}); ValueError on anything unknown."""
     kind, _, arg = text.partition(":")
     if kind == "percentile" and arg:
@@ -71,6 +72,8 @@ def parse_activation(text: str) -> tuple[str, dict[str, float]]:
         return kind, {"percentile": p}
     if kind in ("minmax", "histogram", "entropy") and not arg:
         return kind, {}
+    if kind == "mse" and not arg:  # the histogram's MSE range without its clipping bound
+        return "histogram", {"max_clipped": None}
     raise ValueError(f"unknown activation choice {text!r}; valid: {', '.join(ACTIVATION_CHOICES)}")
 
 
@@ -183,9 +186,6 @@ class ObserverSearch:
             return options  # trained QAT qparams are kept
         seen = {(options[0].scale, options[0].zero_point)}
         for choice in self.activations:
-            if choice == "histogram" and type(configured) is HistogramObserver \
-                    and configured.bins == histograms[gid].bins:
-                continue  # the configured observer itself (the default): same qparams
             observer = observer_from_histogram(choice, histograms[gid])
             option = self._option(observer.describe(), observer)
             if (option.scale, option.zero_point) not in seen:  # same qparams: same numerics, nothing to try

@@ -68,7 +68,8 @@ class PooledNet(nn.Module):
         self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1), 1))
+        # a windowed pool (adaptive ones have qparams of their own): requantized with its input's qparams
+        return self.fc(torch.flatten(F.avg_pool2d(torch.relu(self.bn(self.conv(x))), 8), 1))
 
 
 def test_qat_simulates_the_requantization_after_average_pooling():

@@ -143,7 +143,7 @@ def test_histogram_mse_at_least_as_good_as_torch_ao(name: str, spec: QSpec) -> N
     # Measured ours / torch.ao (0-255, 0-127, symmetric): outliers 0.89, 0.65, 0.70; heavy-tail 0.98, 0.70,
     # 0.86; relu 0.93, 1.00, 0.99.
     data = DATA[name]()
-    ours = fake_quant_mse(data, *feed(HistogramObserver(), data).qparams(spec), spec)
+    ours = fake_quant_mse(data, *feed(HistogramObserver(max_clipped=None), data).qparams(spec), spec)
     theirs = fake_quant_mse(data, *torch_ao_histogram_qparams(data, spec), spec)
     assert ours <= 1.05 * theirs, (ours, theirs)
 
@@ -152,11 +152,29 @@ def test_histogram_mse_at_least_as_good_as_torch_ao(name: str, spec: QSpec) -> N
 @pytest.mark.parametrize("name", ["outliers", "heavy-tail"])
 def test_histogram_beats_minmax_on_outliers(name: str, spec: QSpec) -> None:
     data = DATA[name]()
-    ours = fake_quant_mse(data, *feed(HistogramObserver(), data).qparams(spec), spec)
+    ours = fake_quant_mse(data, *feed(HistogramObserver(max_clipped=None), data).qparams(spec), spec)
     minmax = fake_quant_mse(data, *feed(MinMaxObserver(), data).qparams(spec), spec)
     # MSE weighs outliers heavily, so clipping them pays only in part: measured 0.82 / 0.60 (outliers,
     # 0-255 / 0-127) and 0.67 / 0.40 (heavy tail)
     assert ours < 0.85 * minmax, (ours, minmax)
+
+
+@pytest.mark.parametrize("spec", [FULL, SYMMETRIC], ids=["0-255", "symmetric"])
+def test_histogram_clips_at_most_max_clipped_of_the_values(spec: QSpec) -> None:
+    """A narrow bulk with a sparse wide component (1%): the MSE range alone clips 6e-5 of it (measured, both
+    specs); the bound keeps each side's clipped fraction under max_clipped (the candidates end beyond its
+    quantiles) and still clips: the MSE chooses inside the bound."""
+    g = gen(8)
+    data = torch.randn(200_000, generator=g) * 0.2
+    wide = torch.rand(data.numel(), generator=g) < 0.01
+    data[wide] = torch.randn(int(wide.sum()), generator=g) * 5
+    bounded = feed(HistogramObserver(), data)
+    lo, hi = bounded.calculate_range(spec)
+    for clipped in ((data < lo).float().mean().item(), (data > hi).float().mean().item()):
+        assert clipped <= bounded.max_clipped + 1.5 / data.numel()  # count rounding: a value either way
+    assert lo > data.min() or hi < data.max()
+    mse_lo, mse_hi = feed(HistogramObserver(max_clipped=None), data).calculate_range(spec)
+    assert ((data < mse_lo) | (data > mse_hi)).float().mean() > 4 * bounded.max_clipped  # the bound did bind
 
 
 def test_histogram_range_contains_zero() -> None:
@@ -292,7 +310,8 @@ def test_make_observer_errors() -> None:
 def test_registry_and_descriptions() -> None:
     assert list(OBSERVERS) == ["minmax", "moving-average", "histogram", "percentile", "entropy"]
     assert all(cls.kind == kind for kind, cls in OBSERVERS.items())
-    assert make_observer("histogram").describe() == "histogram(mse, 2048 bins)"
+    assert make_observer("histogram").describe() == "histogram(mse, 2048 bins, clipping <= 1e-05)"
+    assert make_observer("histogram", max_clipped=None).describe() == "histogram(mse, 2048 bins)"
     assert make_observer("percentile").describe() == "percentile(99.99)"
     assert make_observer("entropy", bins=512).describe() == "entropy(kl, 512 bins)"
     assert make_observer("minmax", axis=0).describe() == "minmax(axis=0)"

@@ -61,7 +61,10 @@ def test_resnet18_int8_stages_show_quantize_dequantize_and_kernels(compiled_mode
     kernels = nodes_with(lowered, "role-fused")
     assert any("quantized.conv2d_relu" in t and "1x64x16x16 quantized" in t and "out scale" in t for t in kernels)
     assert any("quantized.conv2d_add_relu" in t for t in kernels)  # x86 runs residual adds inside the conv
-    assert len(nodes_with(lowered, "role-quantize")) == 1 and len(nodes_with(lowered, "role-dequantize")) == 1
+    # the input's quantize and the output's dequantize, plus the global average pool's pair (its means get
+    # qparams of their own: it runs in fp32 between them)
+    quantize = nodes_with(lowered, "role-quantize")
+    assert len(quantize) == 2 and "1x512x1x1" in quantize[1] and len(nodes_with(lowered, "role-dequantize")) == 2
 
 
 def test_mobilenet_v2_stages(compiled_models, tmp_path):
