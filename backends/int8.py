@@ -30,10 +30,11 @@ def _fuse(engine: str) -> tuple[PassSpec, PassSpec]:
     return PassSpec("fuse-conv", (("post_ops", conv_post_ops),)), PassSpec("fuse-linear", (("post_ops", "relu"),))
 
 
-def static_recipe(engine: str) -> str:
+def static_recipe(engine: str, fusion: tuple[PassSpec, ...] | None = None) -> str:
     """The static int8 passes of ``engine`` up to its reference int8 graph (its qparam rules come with the target's
-    ``quant_backend``): what its own lowering starts from, and another executor's (openvino-int8)."""
-    return compose("canonicalize", "fold-bn", *_fuse(engine), "static-int8")
+    ``quant_backend``): what its own lowering starts from, and another executor's (openvino-int8), which may fuse
+    what its kernels fuse instead (``fusion``: the fuse-conv / fuse-linear specs)."""
+    return compose("canonicalize", "fold-bn", *(_fuse(engine) if fusion is None else fusion), "static-int8")
 
 
 def runtime_engine(engine: str) -> str | None:

@@ -17,7 +17,6 @@ from torch import nn
 
 import fxforge
 from fxforge.backends import openvino
-from fxforge.backends.int8 import static_recipe
 from fxforge.errors import BackendUnavailableError, ConfigError, ExportError
 from fxforge.pipeline.targets import resolve_target
 from fxforge.quant.sqnr import outputs_sqnr_db
@@ -49,7 +48,7 @@ def int8_pair() -> tuple[nn.Module, fxforge.CompiledModule, fxforge.CompiledModu
     """(model, openvino-int8 compile, x86 reference int8 graph), both calibrated on the same batches."""
     model = toy_model()
     compiled = fxforge.compile(model, "openvino-int8", example_inputs=X, calibration=CALIBRATION)
-    reference = fxforge.compile(model, "x86", example_inputs=X, calibration=CALIBRATION, pipeline=static_recipe("x86"))
+    reference = fxforge.compile(model, "x86", example_inputs=X, calibration=CALIBRATION, pipeline=openvino.INT8_RECIPE)
     return model, compiled, reference
 
 
@@ -105,6 +104,31 @@ def test_int8_matches_the_reference_graph_and_x86(int8_pair):
     note = " ".join(compiled.report.passes[-1].notes)
     assert "Convolution u8" in note or "Convolution i8" in note, note
     assert not compiled.report.warnings
+
+
+class ConvSilu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(nn.functional.silu(self.conv1(x)))
+
+
+@needs_openvino
+def test_int8_quantizes_after_silu_not_between_conv_and_silu():
+    """OpenVINO fuses conv + silu into one int8 kernel only without a quantize / dequantize pair between them."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = ConvSilu().eval()
+    compiled = fxforge.compile(model, "openvino-int8", example_inputs=X, calibration=CALIBRATION)
+    graph = onnx.load_from_string(compiled.graph_module.get_submodule(openvino.MODULE_NAME).onnx).graph
+    consumers = {name: [n.op_type for n in graph.node if name in n.input] for n in graph.node for name in n.output}
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert "QuantizeLinear" not in consumers[first_conv.output[0]], consumers[first_conv.output[0]]
+    assert {"Sigmoid", "Mul"} & set(consumers[first_conv.output[0]])
+    assert sqnr(model, compiled, X) >= 38.0  # reaches 41 dB; false on NaN
 
 
 @needs_openvino
