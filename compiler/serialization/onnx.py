@@ -137,11 +137,11 @@ def _dynamic_shapes(compiled: Any, inputs: tuple) -> tuple[dict[int, Any], ...] 
     return tuple(shapes)
 
 
-def _translations(qdq: bool) -> dict[Any, Callable[..., Any]]:
+def _translations() -> dict[Any, Callable[..., Any]]:
     """fxforge's fake-quantize op as ONNX QuantizeLinear -> DequantizeLinear, its dequantize as DequantizeLinear;
-    in a QDQ graph (``qdq``) hardsigmoid as Add -> Clip -> Div rather than HardSigmoid: OpenVINO reads that
-    pattern as its HSigmoid and fuses it with the quantize-dequantize pairs around it into one int8 node (its
-    ONNX HardSigmoid is a float reference kernel between them)."""
+    hardsigmoid as Add -> Clip -> Div (torch's formula) rather than HardSigmoid: OpenVINO reads that pattern as
+    its HSigmoid, fused with the ops (and in a QDQ graph the quantize-dequantize pairs) around it, where its ONNX
+    HardSigmoid is a float reference kernel of its own; ONNX Runtime runs either form."""
     try:  # optional dependencies ([export] extra), needed only to export
         import onnx  # noqa: F401  (torch.onnx writes the file with it)
         from onnxscript import opset18 as op
@@ -158,11 +158,8 @@ def _translations(qdq: bool) -> dict[Any, Callable[..., Any]]:
         three, six = op.CastLike(3.0, x), op.CastLike(6.0, x)
         return op.Div(op.Clip(op.Add(x, three), op.CastLike(0.0, x), six), six)
 
-    table: dict[Any, Callable[..., Any]] = {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize,
-                                          **dynamic_translations(op)}
-    if qdq:
-        table[torch.ops.aten.hardsigmoid.default] = onnx_hardsigmoid
-    return table
+    return {FAKE_QUANTIZE: onnx_fake_quantize, DEQUANTIZE: onnx_dequantize,
+            torch.ops.aten.hardsigmoid.default: onnx_hardsigmoid, **dynamic_translations(op)}
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:
@@ -183,7 +180,7 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int | None = None, dy
         graph_inputs(compiled.signature, example_inputs)
     shapes = _dynamic_shapes(compiled, inputs) if dynamic else None
     path = Path(path)
-    translations = _translations(compiled.quant_options is not None)  # a missing package is said before tracing
+    translations = _translations()  # a missing package is said before tracing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))

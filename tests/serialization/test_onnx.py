@@ -353,14 +353,16 @@ def squeeze_excite_x86() -> tuple[nn.Module, fxforge.CompiledModule]:
     return model, fxforge.compile(model, "x86", example_inputs=(data[0],), calibration=data)
 
 
-def test_int8_hardsigmoid_is_written_as_add_clip_div(squeeze_excite_x86, tmp_path: Path) -> None:
+def test_hardsigmoid_is_written_as_add_clip_div(squeeze_excite_x86, tmp_path: Path) -> None:
     model, compiled = squeeze_excite_x86
     int8 = op_counts(export_onnx(compiled, tmp_path / "se_int8.onnx"))
     assert int8["HardSigmoid"] == 0 and int8["Clip"] == int8["Div"] == 1, int8
     fp32 = op_counts(export_onnx(fxforge.compile(model, "cpu", example_inputs=(rand(2, 3, 16, 16),)),
                                  tmp_path / "se_fp32.onnx"))
-    assert fp32["HardSigmoid"] == 1 and fp32["Clip"] == 0, fp32  # the fp32 export keeps ONNX's op
+    assert fp32["HardSigmoid"] == 0 and fp32["Clip"] == fp32["Div"] == 1, fp32
     x = rand(2, 3, 16, 16)
+    (fp32_out,), = run_standalone(tmp_path / "se_fp32.onnx", [{"x": x}], tmp_path)
+    torch.testing.assert_close(fp32_out, model(x), rtol=1e-4, atol=1e-5)
     (got,), = run_standalone(tmp_path / "se_int8.onnx", [{"x": x}], tmp_path)
     assert outputs_sqnr_db(compiled(x), got) >= 30.0  # fails on NaN
 
