@@ -380,6 +380,7 @@ class HistogramObserver(HistogramBasedObserver):
     choice wherever it clips little."""
 
     kind = "histogram"
+    max_clipped: float | None = None  # observers saved before the bound existed (recalibratable .fxf) search unbounded
 
     def __init__(self, axis: int | None = None, bins: int = 2048, max_clipped: float | None = 1e-5) -> None:
         if max_clipped is not None and not 0.0 <= max_clipped < 0.5:

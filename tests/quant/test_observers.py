@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import pickle
 
 import pytest
 import torch
@@ -175,6 +176,21 @@ def test_histogram_clips_at_most_max_clipped_of_the_values(spec: QSpec) -> None:
     assert lo > data.min() or hi < data.max()
     mse_lo, mse_hi = feed(HistogramObserver(max_clipped=None), data).calculate_range(spec)
     assert ((data < mse_lo) | (data > mse_hi)).float().mean() > 4 * bounded.max_clipped  # the bound did bind
+
+
+@pytest.mark.parametrize("spec", [FULL, SYMMETRIC], ids=["0-255", "symmetric"])
+def test_a_histogram_saved_before_the_bound_searches_unbounded(spec: QSpec) -> None:
+    """An observer unpickled from a file written before ``max_clipped`` existed has no such attribute: it keeps
+    the range it was saved to compute (the unbounded MSE search), not an AttributeError at recalibration."""
+    g = gen(8)
+    data = torch.randn(50_000, generator=g) * 0.2
+    data[:500] = torch.randn(500, generator=g) * 5
+    old = HistogramObserver()
+    del old.__dict__["max_clipped"]
+    old = pickle.loads(pickle.dumps(old))
+    unbounded = feed(HistogramObserver(max_clipped=None), data).calculate_range(spec)
+    assert feed(old, data).calculate_range(spec) == unbounded
+    assert feed(HistogramObserver(), data).calculate_range(spec) != unbounded  # the bound binds on this data
 
 
 def test_histogram_range_contains_zero() -> None:
