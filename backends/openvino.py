@@ -316,26 +316,22 @@ def no_scripted_twin(module: nn.Module) -> None:
                                  "(compiled.export('model.onnx')), or compile for 'cpu' / 'x86'")
 
 
-register_target(Target(
-    name="openvino",
-    description="fp32 on OpenVINO's CPU runtime: BN folded by fxforge, the graph as ONNX compiled by OpenVINO "
-                f"(needs {INSTALL})",
-    pipeline=compose("canonicalize", "fold-bn", "lower-openvino"),
-    availability=unavailable_reason,
-))
+_FLOAT_TARGETS = {  # name: (lowering, availability, description)
+    "openvino": ("lower-openvino", unavailable_reason,
+                 "fp32 on OpenVINO's CPU runtime: BN folded by fxforge, the graph as ONNX compiled by OpenVINO"),
+    "openvino-bf16": ("lower-openvino-bf16", bf16_unavailable_reason,
+                      "bf16 on OpenVINO's CPU runtime (CPUs with AVX512-BF16 / AMX); fp32 in and out, output SQNR "
+                      "vs fp32 in the report"),
+}
+for _name, (_lowering, _availability, _description) in _FLOAT_TARGETS.items():
+    register_target(Target(name=_name, description=f"{_description} (needs {INSTALL})",
+                           pipeline=compose("canonicalize", "fold-bn", _lowering), availability=_availability))
 register_target(Target(
     name="openvino-int8",
-    description="static int8 quantized by fxforge (the x86 target's recipe), run by OpenVINO's CPU runtime from "
-                f"the QDQ ONNX graph (needs {INSTALL})",
+    description="static int8 quantized by fxforge (the x86 target's qparam rules), run by OpenVINO's CPU runtime "
+                f"from the QDQ ONNX graph (needs {INSTALL})",
     pipeline=compose(INT8_RECIPE, "lower-openvino"),
     availability=unavailable_reason,
     quant_backend="x86",
     quantized_engine=runtime_engine("x86"),
-))
-register_target(Target(
-    name="openvino-bf16",
-    description="bf16 on OpenVINO's CPU runtime (CPUs with AVX512-BF16 / AMX); fp32 in and out, output SQNR vs "
-                f"fp32 in the report (needs {INSTALL})",
-    pipeline=compose("canonicalize", "fold-bn", "lower-openvino-bf16"),
-    availability=bf16_unavailable_reason,
 ))
