@@ -3,7 +3,8 @@ packed weights (``torch.export`` programs, the eager side of the ONNX ops).
 
 ``dynamic_linear`` is ``quantized::linear_dynamic``: the input's per-tensor uint8 qparams from its min/max
 (``choose_qparams``: ATen's ``ChooseQuantizationParams``, 7 bits with ``reduce_range``); the input rounded as
-fbgemm's ``Quantize`` does, ``round(x * (1 / scale)) + zero_point`` in float32; an exact integer GEMM
+fbgemm's ``Quantize`` does, ``round(x * (1 / scale)) + zero_point`` in float32 (torch < 2.14:
+``round(x * (1 / scale) + zero_point)``, which differs at ties); an exact integer GEMM
 (``torch._int_mm`` on the input shifted to int8, plus the shift times each weight row's sum); then fbgemm's float
 epilogue ``fma(float(acc), x_scale * w_scale, bias)``, the fused multiply-add computed in float64 and rounded to
 float32 once (which equals it except where the float64 value falls on a float32 tie: not met in the tests).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 __all__ = ["choose_qparams", "dynamic_linear", "dynamic_rnn_layer", "int8_parts"]
 
@@ -58,9 +60,17 @@ def choose_qparams(x: Tensor, reduce_range: bool) -> tuple[Tensor, Tensor]:
     return scale.float(), torch.round(zero_point).clamp(0, qmax)
 
 
+# the torch release whose fbgemm adds the zero point after rounding; before it, before rounding (measured on 2.13:
+# the two differ where x / scale is a tie, e.g. on bf16-valued inputs)
+_ROUNDS_BEFORE_ZERO_POINT = TorchVersion(torch.__version__) >= (2, 14)
+
+
 def _quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
-    """uint8 codes (as int32) of ``x``: fbgemm's ``round(x * (1 / scale)) + zero_point`` in float32, clamped."""
-    return (torch.round(x * (1.0 / scale)) + zero_point.float()).clamp(0, qmax).to(torch.int32)
+    """uint8 codes (as int32) of ``x`` as the installed torch's fbgemm ``Quantize`` computes them, clamped."""
+    scaled = x * (1.0 / scale)
+    codes = torch.round(scaled) + zero_point.float() if _ROUNDS_BEFORE_ZERO_POINT else \
+        torch.round(scaled + zero_point.float())
+    return codes.clamp(0, qmax).to(torch.int32)
 
 
 def _int_matmul(codes: Tensor, weight: Tensor) -> Tensor:
