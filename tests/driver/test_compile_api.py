@@ -29,11 +29,16 @@ def test_compile_returns_a_compiled_module_with_target_pipeline_and_report():
     assert rel_error(c(x), m(x)) <= 1e-5
 
 
-def test_auto_target_is_cpu_without_a_gpu():
+def test_auto_target_is_a_cpu_float_target_without_a_gpu():
+    """The fastest float target measured here (cpu, cpu-bf16, openvino... as this machine has them), never int8."""
+    from fxforge.pipeline.targets import resolve_target
+    from fxforge.search.auto import candidates
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     c = fxforge.compile(Small().eval(), example_inputs=torch.randn(1, 3, 8, 8))
-    assert c.target == "cpu"
+    assert c.target in {t.name for t in candidates(int8=False)} and resolve_target(c.target).device == "cpu"
+    assert c.report.auto.chosen == c.target and c.quant_options is None
 
 
 def test_forward_runs_under_inference_mode():
